@@ -1,0 +1,3 @@
+"""llm_jax: sharded Transformer language models in JAX/Flax."""
+
+__version__ = "0.1.0"

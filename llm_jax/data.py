@@ -1,0 +1,230 @@
+"""Input pipeline: a text source -> tokenizer -> one token stream per split -> per-host batches.
+
+Sources (`config.data.source`):
+- `stdlib`: the Python standard library's own `.py` files, present wherever Python is: the offline
+  default (a tiny code model).
+- `text`: a local UTF-8 text file (`config.data.path`), split by position: the first
+  `1 - val_fraction` for training, the rest for validation (as nanoGPT splits Shakespeare).
+- `tfds`: a tensorflow-datasets catalogue dataset (`config.data.tfds_name`) read through
+  `tfds.data_source` (array_record files, no TensorFlow import). It must already be prepared in
+  `config.data.tfds_data_dir`; offline, an unprepared dataset is a clear error.
+
+Batches are windows of `seq_len + 1` tokens at positions drawn from a generator seeded with
+`(seed, step)`: the batch of step N is a pure function of N, so the iterator's whole state is the
+step number (saved in every checkpoint) and a resumed run sees exactly the batches it would have.
+Each process computes only its own rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sysconfig
+import time
+import zlib
+from typing import Iterator
+
+import numpy as np
+
+from llm_jax import tokenizer as tok_lib
+
+# Directories of the standard library left out of the default corpus: tests, the IDE, vendored
+# packages and generated tables are not the code a model should learn from.
+_STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo", "__pycache__")
+
+
+@dataclasses.dataclass
+class Splits:
+    """Raw text of the training and validation splits (lists of documents)."""
+
+    train: list[str]
+    val: list[str]
+
+
+def stdlib_documents() -> list[tuple[str, str]]:
+    """(relative path, source) for every .py file of the standard library outside tests."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        rel = os.path.relpath(path, root)
+        if any(part in _STDLIB_SKIP for part in rel.split(os.sep)[:-1]):
+            continue
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        docs.append((rel, text))
+    if not docs:
+        raise FileNotFoundError(f"found no .py files under the standard library at {root}")
+    return docs
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file, with errors that name the path and what to do."""
+    if not path:
+        raise ValueError("config.data.path is empty: give a text file with --config.data.path=FILE")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data.path={path!r} does not exist or is not a file; give a readable text file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise OSError(f"config.data.path={path!r} cannot be read: {e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"config.data.path={path!r} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"config.data.path={path!r} is empty; give a file with text in it")
+    return text
+
+
+def tfds_documents(name: str, split: str, data_dir: str | None, text_key: str, max_docs: int) -> list[str]:
+    """Text documents of a prepared tfds dataset, via array_record data sources (no TensorFlow)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - tfds is a dependency
+        raise ImportError("config.data.source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets") from e
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises several types for "not prepared" / unknown names
+        raise RuntimeError(
+            f"tfds dataset {name!r} (split {split!r}, data_dir={data_dir!r}) is not available: {type(e).__name__}: {e}\n"
+            f"It must be downloaded and prepared as array_record first, on a machine with network access:\n"
+            f"  tfds build {name} --file_format=array_record" + (f" --data_dir={data_dir}" if data_dir else "") + "\n"
+            "or train on a local file instead: --config.data.source=text --config.data.path=FILE"
+        ) from None
+    n = len(source) if max_docs <= 0 else min(len(source), max_docs)
+    docs = []
+    for i in range(n):
+        text = source[i][text_key]
+        docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    return docs
+
+
+def load_splits(cfg) -> Splits:
+    """Reads the configured source into train/validation documents."""
+    if cfg.source == "stdlib":
+        docs = stdlib_documents()
+        # Split by file, stably (hash of the path): validation is unseen files, not the tail of one.
+        val = [t for rel, t in docs if zlib.crc32(rel.encode()) % 1000 < cfg.val_fraction * 1000]
+        train = [t for rel, t in docs if zlib.crc32(rel.encode()) % 1000 >= cfg.val_fraction * 1000]
+        if cfg.max_chars > 0:
+            train = _truncate(train, cfg.max_chars)
+            val = _truncate(val, max(cfg.max_chars // 10, 1))
+        return Splits(train, val)
+    if cfg.source == "text":
+        text = read_text_file(cfg.path)
+        cut = int(len(text) * (1.0 - cfg.val_fraction))
+        if cfg.max_chars > 0:
+            text, cut = text[: cfg.max_chars], min(cut, int(cfg.max_chars * (1.0 - cfg.val_fraction)))
+        return Splits([text[:cut]], [text[cut:]])
+    if cfg.source == "tfds":
+        train = tfds_documents(cfg.tfds_name, cfg.tfds_train_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs)
+        val = tfds_documents(cfg.tfds_name, cfg.tfds_val_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs)
+        return Splits(train, val)
+    raise ValueError(f"config.data.source={cfg.source!r}: use 'stdlib', 'text' or 'tfds'")
+
+
+def _truncate(docs: list[str], max_chars: int) -> list[str]:
+    out, n = [], 0
+    for d in docs:
+        if n >= max_chars:
+            break
+        out.append(d[: max_chars - n])
+        n += len(out[-1])
+    return out
+
+
+def build_tokenizer(cfg, train_docs: list[str]) -> tok_lib.Tokenizer:
+    """A new tokenizer of the configured kind, trained on the training split where it needs to be."""
+    if cfg.tokenizer == "byte":
+        return tok_lib.ByteTokenizer()
+    if cfg.tokenizer == "char":
+        return tok_lib.CharTokenizer.train("".join(train_docs))
+    if cfg.tokenizer == "sentencepiece":
+        return tok_lib.SentencePieceTokenizer.train(train_docs, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars)
+    if cfg.tokenizer == "hf":
+        if not cfg.tokenizer_path:
+            raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
+        return tok_lib.HFTokenizer.from_file(cfg.tokenizer_path)
+    raise ValueError(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
+
+
+def tokenize(docs: list[str], tokenizer: tok_lib.Tokenizer) -> np.ndarray:
+    """Documents -> one int32 stream, documents separated by EOS where the tokenizer has one."""
+    parts = []
+    sep = None if tokenizer.eos_id is None else np.asarray([tokenizer.eos_id], np.int32)
+    for d in docs:
+        parts.append(tokenizer.encode_array(d))
+        if sep is not None:
+            parts.append(sep)
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+
+@dataclasses.dataclass
+class LMData:
+    """Token streams of both splits plus the tokenizer that made them."""
+
+    tokenizer: tok_lib.Tokenizer
+    train_tokens: np.ndarray  # [n_train] int32
+    val_tokens: np.ndarray  # [n_val] int32
+
+    def check(self, seq_len: int) -> None:
+        for name, toks in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            if len(toks) < seq_len + 2:
+                raise ValueError(
+                    f"the {name} split has {len(toks)} tokens, fewer than seq_len+2={seq_len + 2}; "
+                    "use more data, a smaller config.data.seq_len or a different config.data.val_fraction"
+                )
+
+    def train_batch(self, step: int, global_batch: int, seq_len: int, seed: int,
+                    process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+        """This process's rows of the global training batch of `step`: inputs/targets [rows, seq_len]."""
+        starts = np.random.default_rng([seed, step]).integers(0, len(self.train_tokens) - seq_len - 1, size=global_batch)
+        rows = global_batch // process_count
+        return windows(self.train_tokens, starts[process_index * rows : (process_index + 1) * rows], seq_len)
+
+    def eval_batches(self, num_batches: int, global_batch: int, seq_len: int, seed: int,
+                     process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+        """A fixed set of validation batches (the same every evaluation, so evals compare)."""
+        rng = np.random.default_rng([seed, 2**31 - 1])
+        rows = global_batch // process_count
+        out = []
+        for _ in range(num_batches):
+            starts = rng.integers(0, len(self.val_tokens) - seq_len - 1, size=global_batch)
+            out.append(windows(self.val_tokens, starts[process_index * rows : (process_index + 1) * rows], seq_len))
+        return out
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """Next-token pairs from windows of `tokens` beginning at `starts`: inputs/targets [len(starts), seq_len]."""
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    chunk = tokens[idx]
+    return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
+
+
+def batches(data: LMData, start_step: int, global_batch: int, seq_len: int, seed: int,
+            process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    step = start_step
+    while True:
+        yield data.train_batch(step, global_batch, seq_len, seed, process_index, process_count)
+        step += 1
+
+
+def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
+    """Reads the source, builds (or loads from `tokenizer_dir`) the tokenizer, tokenizes both splits."""
+    t0 = time.time()
+    splits = load_splits(cfg)
+    if not any(d.strip() for d in splits.train):
+        raise ValueError(f"the training split of source={cfg.source!r} is empty; check config.data")
+    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
+        tokenizer = tok_lib.load(tokenizer_dir)
+    else:
+        tokenizer = build_tokenizer(cfg, splits.train)
+    train = tokenize(splits.train, tokenizer)
+    val = tokenize(splits.val, tokenizer)
+    log(f"data: {cfg.source} -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), "
+        f"{len(train):,} train / {len(val):,} val tokens in {time.time() - t0:.1f}s")
+    return LMData(tokenizer, train, val)

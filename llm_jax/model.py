@@ -1,0 +1,361 @@
+"""Decoder-only Transformer language model in `flax.linen`.
+
+One frozen `ModelConfig` is the model's only input. Every parameter carries logical axis names
+(`embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`, `norm`, `layers`) and the main activations are
+constrained at block boundaries (`activation_batch`, `activation_length`, `activation_embed`, ...);
+`llm_jax.sharding` maps those names to mesh axes, so this file never mentions a mesh.
+
+Shapes in docstrings: b = batch, t = query length, s = key length, e = embed, h = query heads,
+k = key/value heads, g = h // k (queries per kv head), d = head dim, v = vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Array = jax.Array
+
+# A large finite negative instead of -inf: a query row that sees no key (a left-padding position)
+# then gets a uniform softmax rather than NaN, and its output is ignored anyway.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines the network. Frozen: hashable, safe as a jit static argument."""
+
+    vocab_size: int
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: multi-head; < num_heads: grouped-query attention
+    embed_dim: int = 128
+    mlp_dim: int = 512
+    head_dim: Optional[int] = None  # None: embed_dim // num_heads
+    max_len: int = 256  # size of the learned position table and of the KV cache
+    positions: str = "learned"  # 'learned' | 'rope'
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
+    norm_eps: float = 1e-5
+    mlp_activation: str = "gelu"  # 'gelu' | 'swiglu'
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    tie_embeddings: bool = True
+    scan_layers: bool = False
+    remat: str = "none"  # 'none' | 'full' | 'dots'
+    attention: str = "einsum"  # 'einsum' (reference) | 'dot_product' (jax.nn.dot_product_attention)
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of the (master) weights
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        need(self.vocab_size > 0, f"vocab_size={self.vocab_size} must be positive")
+        need(self.num_layers > 0, f"num_layers={self.num_layers} must be positive")
+        need(self.num_heads > 0, f"num_heads={self.num_heads} must be positive")
+        need(
+            self.head_dim is not None or self.embed_dim % self.num_heads == 0,
+            f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+            "change one of them or set head_dim",
+        )
+        need(
+            self.num_heads % self.kv_heads == 0,
+            f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}",
+        )
+        need(self.positions in ("learned", "rope"), f"positions={self.positions!r}: use 'learned' or 'rope'")
+        need(
+            self.positions != "rope" or self.dim_per_head % 2 == 0,
+            f"rope needs an even head_dim, got {self.dim_per_head}",
+        )
+        need(self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'")
+        need(self.mlp_activation in ("gelu", "swiglu"), f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'swiglu'")
+        need(self.remat in ("none", "full", "dots"), f"remat={self.remat!r}: use 'none', 'full' or 'dots'")
+        need(self.attention in ("einsum", "dot_product"), f"attention={self.attention!r}: use 'einsum' or 'dot_product'")
+        need(self.dtype in _DTYPES, f"dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
+        need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: use one of {sorted(_DTYPES)}")
+        need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.embed_dim // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def _init(cfg: ModelConfig, axes: tuple[str, ...], scale: float = 1.0):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), axes)
+
+
+def _zeros(axes):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _dense(cfg, features, axes, name, in_axis=-1, scale=1.0):
+    """DenseGeneral with logical axes on the kernel; the bias takes the output axes' names."""
+    num_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features,
+        axis=in_axis,
+        use_bias=cfg.use_bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        kernel_init=_init(cfg, axes, scale),
+        bias_init=_zeros(axes[-num_out:]),
+        name=name,
+    )
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    # Norm statistics in float32 whatever the compute dtype: bf16 variance loses too many bits.
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, scale_init=scale_init, name=name)
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        use_bias=cfg.use_bias,
+        scale_init=scale_init,
+        bias_init=_zeros(("norm",)),
+        name=name,
+    )
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding (Llama / GPT-NeoX "half" layout).
+
+    x: [b, t, heads, d]; positions: [b, t] int. Returns x rotated, same shape and dtype.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [d/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str) -> Array:
+    """Scaled dot-product attention with grouped-query support.
+
+    q: [b, t, h, d]; k, v: [b, s, k, d] with h a multiple of k; mask: [b, t, s] bool (True = may
+    attend) or None for plain causal (t == s). Returns [b, t, h, d].
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if impl == "dot_product":
+        # On GPU this dispatches to cuDNN flash attention when shapes and dtypes allow.
+        if mask is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    if mask is None:
+        mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    # Logits and softmax in float32 whatever the compute dtype (bf16 softmax is not stable).
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    """Causal self-attention, multi-head or grouped-query, with an optional KV cache.
+
+    With `decode=True` the module keeps `cached_key`/`cached_value` [b, max_len, k, d], the
+    position of every cached slot `cached_pos` [b, max_len] (-1 = empty or padding) and a shared
+    write index. Left-padded prompts give their pad tokens position -1, so they are never attended.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, deterministic: bool, decode: bool) -> Array:
+        """x: [b, t, e]; positions: [b, t] int (-1 marks padding). Returns [b, t, e]."""
+        cfg = self.cfg
+        h, k, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        q = _dense(cfg, (h, d), ("embed", "heads", "kv"), "query")(x)
+        key = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "key")(x)
+        value = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "value")(x)
+        if cfg.positions == "rope":
+            pos = jnp.maximum(positions, 0)
+            q, key = rope(q, pos, cfg.rope_theta), rope(key, pos, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
+
+        mask = None  # plain causal
+        if decode:
+            key, value, mask = self._update_cache(key, value, positions)
+        out = attend(q, key, value, mask, cfg.attention)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "kv"))
+        # Residual projections are scaled down with depth (GPT-2): keeps the residual stream's
+        # variance from growing with the number of layers at init.
+        out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
+        return _dense(cfg, cfg.embed_dim, ("heads", "kv", "embed"), "out", in_axis=(-2, -1), scale=out_scale)(out)
+
+    def _update_cache(self, key, value, positions):
+        """Writes this call's keys/values at the cache index; returns all cached ones and the mask."""
+        cfg = self.cfg
+        b, t, k, d = key.shape
+        axes = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
+        ck = self.variable("cache", "cached_key", nn.with_logical_partitioning(jnp.zeros, axes), (b, cfg.max_len, k, d), key.dtype)
+        cv = self.variable("cache", "cached_value", nn.with_logical_partitioning(jnp.zeros, axes), (b, cfg.max_len, k, d), value.dtype)
+        cp = self.variable(
+            "cache", "cached_pos",
+            nn.with_logical_partitioning(lambda s: jnp.full(s, -1, jnp.int32), ("cache_batch", "cache_length")),
+            (b, cfg.max_len),
+        )
+        idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if self.is_initializing():
+            return key, value, _positions_mask(positions, positions)
+        i = idx.value
+        ck.value = jax.lax.dynamic_update_slice(nn.unbox(ck.value), key, (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(nn.unbox(cv.value), value, (0, i, 0, 0))
+        cp.value = jax.lax.dynamic_update_slice(nn.unbox(cp.value), positions.astype(jnp.int32), (0, i))
+        idx.value = i + t
+        return nn.unbox(ck.value), nn.unbox(cv.value), _positions_mask(positions, nn.unbox(cp.value))
+
+
+def _positions_mask(q_pos: Array, k_pos: Array) -> Array:
+    """[b, t] query positions, [b, s] key positions -> [b, t, s]: key is real and not in the future."""
+    return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [b, t, e] -> [b, t, e]."""
+        cfg = self.cfg
+        if cfg.mlp_activation == "swiglu":
+            gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_0")(x)
+            up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_1")(x)
+            hidden = nn.silu(gate) * up
+        else:
+            hidden = nn.gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi")(x), approximate=True)
+        hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
+        return _dense(cfg, cfg.embed_dim, ("mlp", "embed"), "wo", scale=out_scale)(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, deterministic: bool, decode: bool):
+        cfg = self.cfg
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        y = Attention(cfg, name="attn")(make_norm(cfg, "ln_1")(x), positions, deterministic, decode)
+        x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        y = Mlp(cfg, name="mlp")(make_norm(cfg, "ln_2")(x))
+        x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None  # (carry, per-layer output) so the same block works under nn.scan
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM: tokens [b, t] -> logits [b, t, v] (float32)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Optional[Array] = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        """tokens: [b, t] int; positions: [b, t] int, default 0..t-1 (-1 marks left padding).
+
+        `decode=True` reads and appends to the KV cache (collection 'cache', made by `init` with
+        decode=True on a [b, max_len] input); otherwise attention is plain causal over `tokens`.
+        """
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.embed_dim,
+            embedding_init=_init(cfg, ("vocab", "embed")),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            name="embed",
+        )
+        x = embed(tokens)
+        if cfg.positions == "learned":
+            pos_embed = self.param("pos_embed", _init(cfg, ("length", "embed"), 0.5), (cfg.max_len, cfg.embed_dim), cfg.weight_dtype)
+            x = x + jnp.take(nn.unbox(pos_embed), jnp.maximum(positions, 0), axis=0).astype(cfg.compute_dtype)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+        block = Block
+        if cfg.remat != "none":
+            # deterministic and decode (args 3, 4 counting self) are Python bools: static.
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers, static_argnums=(3, 4))
+        if cfg.scan_layers:
+            # One compiled block applied num_layers times: compile time stays flat with depth.
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x, _ = stack(x, positions, deterministic, decode)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, name=f"layers_{i}")(x, positions, deterministic, decode)
+
+        x = make_norm(cfg, "ln_f")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x.astype(cfg.compute_dtype))
+        else:
+            logits = nn.DenseGeneral(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype,
+                kernel_init=_init(cfg, ("embed", "vocab")),
+                name="lm_head",
+            )(x)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
+
+
+def count_params(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
