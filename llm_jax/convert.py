@@ -1,0 +1,53 @@
+"""Hugging Face <-> llm_jax run directories (GPT-2 and Llama checkpoints).
+
+Import a local Hugging Face directory (config.json, *.safetensors, tokenizer.json) as a run,
+fine-tune it, and write it back:
+
+    python -m llm_jax.convert from_hf --hf_dir /models/gpt2 --workdir runs/gpt2_ft
+    python -m llm_jax.main --config configs/hf_finetune.py:runs/gpt2_ft --workdir runs/gpt2_ft \
+        --config.data.path=../shared/data/tinyshakespeare/input.txt
+    python -m llm_jax.convert to_hf --workdir runs/gpt2_ft --hf_dir runs/gpt2_ft_hf
+
+`from_hf` writes workdir/config.json, workdir/tokenizer/, workdir/hf/ (the original small files)
+and workdir/checkpoints/0, which `llm_jax.main` restores and trains from. The layer layout is part
+of the checkpoint: pass `--scan_layers` here to fine-tune with `model.scan_layers=True`. `--mesh`
+(data,fsdp,tensor; -1 fills in) is where the weights are placed while converting; the checkpoint
+restores onto any mesh. `to_hf` writes the latest checkpoint (or `--step`) as config.json +
+model.safetensors (+ tokenizer.json), loadable with transformers' `from_pretrained`.
+"""
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (read by from_hf, written by to_hf).")
+flags.DEFINE_string("workdir", None, "llm_jax run directory (written by from_hf, read by to_hf).")
+flags.DEFINE_bool("scan_layers", False, "from_hf: store the layers stacked for nn.scan (model.scan_layers=True).")
+flags.DEFINE_string("mesh", "1,-1,1", "from_hf: data,fsdp,tensor mesh sizes to place the weights on while converting.")
+flags.DEFINE_integer("step", -1, "to_hf: checkpoint step to export (-1: the latest).")
+flags.DEFINE_string("dtype", "", "to_hf: cast the weights to float32, bfloat16 or float16 (default: as trained).")
+flags.mark_flags_as_required(["hf_dir", "workdir"])
+
+COMMANDS = ("from_hf", "to_hf")
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"give one command, {' or '.join(COMMANDS)}; got {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from llm_jax import hf  # after flag parsing: jax starts with the platform flags in force
+
+    if argv[1] == "from_hf":
+        try:
+            data, fsdp, tensor = (int(s) for s in FLAGS.mesh.split(","))
+        except ValueError:
+            raise app.UsageError(f"--mesh={FLAGS.mesh!r}: give three integers data,fsdp,tensor, e.g. 1,-1,1") from None
+        config = hf.run_config(FLAGS.hf_dir)
+        config.model.scan_layers = FLAGS.scan_layers
+        config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+        hf.import_run(FLAGS.hf_dir, FLAGS.workdir, config)
+    else:
+        hf.export_run(FLAGS.workdir, FLAGS.hf_dir, step=None if FLAGS.step < 0 else FLAGS.step, dtype=FLAGS.dtype or None)
+
+
+if __name__ == "__main__":
+    app.run(main)
