@@ -8,6 +8,8 @@ Sources (`config.data.source`):
 - `tfds`: a tensorflow-datasets catalogue dataset (`config.data.tfds_name`) read through
   `tfds.data_source` (array_record files, no TensorFlow import). It must already be prepared in
   `config.data.tfds_data_dir`; offline, an unprepared dataset is a clear error.
+- `jsonl`: prompt-completion examples for fine-tuning (`PromptCompletionData`, at the end of this
+  file): loss on the completion tokens only.
 
 Batches are windows of `seq_len + 1` tokens at positions drawn from a generator seeded with
 `(seed, step)`: the batch of step N is a pure function of N, so the iterator's whole state is the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import sysconfig
 import time
@@ -215,6 +218,8 @@ def batches(data: LMData, start_step: int, global_batch: int, seq_len: int, seed
 
 def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
     """Reads the source, builds (or loads from `tokenizer_dir`) the tokenizer, tokenizes both splits."""
+    if cfg.source == "jsonl":
+        return load_prompt_completion_data(cfg, tokenizer_dir, log)
     t0 = time.time()
     splits = load_splits(cfg)
     if not any(d.strip() for d in splits.train):
@@ -228,3 +233,165 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
     log(f"data: {cfg.source} -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), "
         f"{len(train):,} train / {len(val):,} val tokens in {time.time() - t0:.1f}s")
     return LMData(tokenizer, train, val)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt-completion fine-tuning: source='jsonl'
+
+
+def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str]]:
+    """(prompt, completion) of every non-empty line of a JSONL file; errors name the line and field."""
+    if not path:
+        raise ValueError(f"{key} is empty: give a JSONL file of {{\"prompt\": ..., \"completion\": ...}} lines")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
+    examples = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8 text; convert the file to UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}")
+            for field in ("prompt", "completion"):
+                if field not in obj:
+                    raise ValueError(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
+                if not isinstance(obj[field], str):
+                    raise ValueError(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+            examples.append((obj["prompt"], obj["completion"]))
+    if not examples:
+        raise ValueError(f"{key}={path!r} holds no examples; each line needs a 'prompt' and a 'completion'")
+    return examples
+
+
+def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Packs tokenized (prompt, completion + EOS) examples, in order, into rows of `width` tokens.
+
+    Returns (tokens [rows, width] int32, mask [rows, width] bool: True on completion and EOS
+    tokens, the only ones learned; False on prompts and padding, number of examples truncated).
+    Whole examples go into a row while they fit; the rest of the row is padding. An example longer
+    than a row keeps its last `width` tokens: the completion and the context nearest to it.
+    """
+    rows, masks, truncated = [], [], 0
+    row, mask = [], []
+
+    def flush():
+        if row:
+            rows.append(np.pad(np.concatenate(row), (0, width - sum(map(len, row))), constant_values=pad_id))
+            masks.append(np.pad(np.concatenate(mask), (0, width - sum(map(len, mask)))))
+            row.clear()
+            mask.clear()
+
+    for prompt, completion in examples:
+        toks = np.concatenate([prompt, completion]).astype(np.int32)
+        learn = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(completion), bool)])
+        if len(toks) > width:
+            toks, learn, truncated = toks[-width:], learn[-width:], truncated + 1
+        if sum(map(len, row)) + len(toks) > width:
+            flush()
+        row.append(toks)
+        mask.append(learn)
+    flush()
+    return np.stack(rows), np.stack(masks), truncated
+
+
+@dataclasses.dataclass
+class PromptCompletionData:
+    """Prompt-completion examples (fine-tuning), with the interface of `LMData`.
+
+    Each example is `prompt` then `completion` then EOS, tokenized separately (as the generate CLI
+    encodes a prompt); examples are packed in file order into rows of seq_len + 1 tokens, and the
+    batch's `weights` [rows, seq_len] are 1 only where the target is a completion token or its EOS,
+    so `train.token_loss` learns (and evaluates) the completions alone. Training rows are drawn
+    with replacement by a generator seeded with (seed, step); evaluation takes the validation rows
+    in order.
+    """
+
+    tokenizer: tok_lib.Tokenizer
+    train_examples: list  # [(prompt ids, completion ids + EOS)] int32 arrays
+    val_examples: list
+    _packed: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def rows(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(tokens, mask [rows, seq_len + 1], examples truncated) of 'train' or 'val', packed once per seq_len."""
+        if (split, seq_len) not in self._packed:
+            examples = self.train_examples if split == "train" else self.val_examples
+            self._packed[split, seq_len] = pack_examples(examples, seq_len + 1)
+        return self._packed[split, seq_len]
+
+    def check(self, seq_len: int) -> None:
+        for name, split in (("training", "train"), ("validation", "val")):
+            tokens, _, truncated = self.rows(split, seq_len)
+            if truncated == len(self.train_examples if split == "train" else self.val_examples):
+                raise ValueError(
+                    f"every {name} example is longer than seq_len+1={seq_len + 1} tokens, so all lose the start "
+                    "of their prompt; raise config.data.seq_len (and config.model.max_len)"
+                )
+
+    def train_batch(self, step: int, global_batch: int, seq_len: int, seed: int,
+                    process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch of `step`: inputs/targets/weights [rows, seq_len]."""
+        tokens, mask, _ = self.rows("train", seq_len)
+        idx = np.random.default_rng([seed, step]).integers(0, len(tokens), size=global_batch)
+        rows = global_batch // process_count
+        return _shifted(tokens, mask, idx[process_index * rows : (process_index + 1) * rows])
+
+    def eval_batches(self, num_batches: int, global_batch: int, seq_len: int, seed: int,
+                     process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+        """The validation rows in order (wrapping around if there are fewer than asked), the same every time."""
+        tokens, mask, _ = self.rows("val", seq_len)
+        rows = global_batch // process_count
+        out = []
+        for b in range(num_batches):
+            idx = (b * global_batch + np.arange(global_batch)) % len(tokens)
+            out.append(_shifted(tokens, mask, idx[process_index * rows : (process_index + 1) * rows]))
+        return out
+
+
+def _shifted(tokens: np.ndarray, mask: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `idx` of packed tokens/mask [n, seq_len + 1] -> inputs, targets, weights [len(idx), seq_len]."""
+    return {"inputs": tokens[idx, :-1], "targets": tokens[idx, 1:], "weights": mask[idx, 1:].astype(np.float32)}
+
+
+def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print) -> PromptCompletionData:
+    """source='jsonl': reads `cfg.path` (and `cfg.val_path`, or the last `val_fraction` of the
+    examples), builds or loads the tokenizer, tokenizes every example."""
+    t0 = time.time()
+    train = read_jsonl_examples(cfg.path)
+    if cfg.val_path:
+        val = read_jsonl_examples(cfg.val_path, "config.data.val_path")
+    else:
+        n_val = max(1, int(len(train) * cfg.val_fraction))
+        if n_val >= len(train):
+            raise ValueError(
+                f"config.data.path={cfg.path!r} has {len(train)} examples: too few to hold out "
+                f"val_fraction={cfg.val_fraction} for validation; add examples or give config.data.val_path"
+            )
+        train, val = train[:-n_val], train[-n_val:]
+    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
+        tokenizer = tok_lib.load(tokenizer_dir)
+    else:
+        tokenizer = build_tokenizer(cfg, [p + c for p, c in train])
+    if tokenizer.eos_id is None:
+        raise ValueError(
+            f"config.data.source='jsonl' ends each completion with EOS, but the {tokenizer.kind!r} tokenizer has none; "
+            "use config.data.tokenizer='byte' or 'sentencepiece'"
+        )
+    eos = np.asarray([tokenizer.eos_id], np.int32)
+
+    def encode(examples):
+        return [(tokenizer.encode_array(p), np.concatenate([tokenizer.encode_array(c), eos])) for p, c in examples]
+
+    data = PromptCompletionData(tokenizer, encode(train), encode(val))
+    n_tokens = sum(len(p) + len(c) for p, c in data.train_examples)
+    log(f"data: jsonl -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), {len(train):,} train / "
+        f"{len(val):,} val examples ({n_tokens:,} train tokens) in {time.time() - t0:.1f}s")
+    return data

@@ -1,0 +1,61 @@
+"""The generate CLI (python -m llm_jax.generate) on a tiny trained run: end to end in a subprocess,
+the same text as the trainer's decode code, and clear errors for what can be wrong."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import pytest
+
+from llm_jax import decode
+from llm_jax import generate as gen_cli
+
+from decode_fixtures import REPO, qa_run
+
+
+def test_cli_end_to_end_matches_in_process_decoding(tmp_path):
+    workdir, _ = qa_run()
+    prompts = ["up abc =", "up jihgfe ="]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompts[1], "completion": "ignored"}) + "\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_jax.generate", "--workdir", workdir, "--prompt", prompts[0],
+         "--prompt_file", str(tmp_path / "p.jsonl"), "--max_new_tokens", "12", "--format", "jsonl"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+
+    model, params, tokenizer, _, rules, step = gen_cli.load_model(workdir)
+    assert step == 40
+    with nn.logical_axis_rules(rules):
+        expected = decode.complete(model, params, tokenizer, prompts, 12)
+    assert [r["completion"] for r in rows] == expected
+    assert all(len(c) < 12 for c in expected)  # stopped at EOS: the run learned to end its completions
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(gen_cli.GenerateError, match="config.json does not exist"):
+        gen_cli.load_model(str(tmp_path))
+    workdir, _ = qa_run()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(os.path.join(workdir, "config.json"), bare)
+    with pytest.raises(gen_cli.GenerateError, match="tokenizer"):
+        gen_cli.load_model(str(bare))
+    shutil.copytree(os.path.join(workdir, "tokenizer"), bare / "tokenizer")
+    with pytest.raises(gen_cli.GenerateError, match="has no checkpoints"):
+        gen_cli.load_model(str(bare))
+    with pytest.raises(gen_cli.GenerateError, match="no checkpoint of step 7"):
+        gen_cli.load_model(workdir, step=7)
+    with pytest.raises(gen_cli.GenerateError, match="no prompt"):
+        gen_cli.read_prompts([], None)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(gen_cli.GenerateError, match="p.jsonl:2: expected a JSON object with a 'prompt'"):
+        gen_cli.read_prompts([], str(tmp_path / "p.jsonl"))
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    assert gen_cli.read_prompts(["zero"], str(tmp_path / "p.txt")) == ["zero", "one", "two"]
