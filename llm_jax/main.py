@@ -2,16 +2,28 @@
 
 The only absl flags of the trainer live here. The config file's `get_config(arg)` builds the
 config, command-line overrides are applied to it, and a key that does not exist is an error.
+
+Multi-process (one process per host, JAX's own runtime): give every process the same command plus
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`; under SLURM, Open MPI or on a
+multi-host Cloud TPU slice these are detected and the flags can be left out.
+
+SIGTERM (preemption) finishes the current step, saves a checkpoint and exits 0; the same command
+resumes. A workdir holding another model's run is refused unless `--config.train.overwrite=True`,
+which moves it aside (never deletes it).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import train
+from llm_jax import distributed, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config.json, metrics, tokenizer. Resumed if present.")
+flags.DEFINE_string("coordinator_address", "", "Multi-process: HOST:PORT of process 0's coordinator (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
+flags.DEFINE_bool("auto_distributed", True, "Initialize jax.distributed when SLURM / Open MPI / a TPU slice is detected.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -20,6 +32,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --workdir and --config.KEY=VALUE")
     # Orbax logs every save step at INFO; our own progress lines are printed, so keep absl quiet.
     logging.set_verbosity(logging.WARNING)
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.auto_distributed)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

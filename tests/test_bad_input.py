@@ -1,0 +1,146 @@
+"""Bad input costs a clear error and nothing else: for each kind of mistake, the message names it
+and the workdir of an existing run (checkpoints, config.json, tokenizer, metrics) is left exactly
+as it was (same files, bytes and modification times)."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import runlib as R
+from llm_jax import train
+
+
+def _config(corpus, **over):
+    """configs/default.py:tiny on a local text file with a character vocabulary, plus dotted overrides."""
+    base = {"data.source": "text", "data.path": corpus, "data.tokenizer": "char", "train.num_steps": 2,
+            "train.checkpoint_every": 1, "train.log_every": 1, "train.eval_every": 2, "train.eval_steps": 1,
+            "train.sample_tokens": 0}
+    return R.tiny_config({**base, **over})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny run (checkpoints 1 and 2) and its corpus."""
+    os.environ.setdefault("LLM_JAX_CPU_PEAK_FLOPS", "1e11")
+    root = tmp_path_factory.mktemp("bad_input")
+    corpus = R.write_corpus(str(root / "corpus.txt"))
+    wd = str(root / "run")
+    train.train_and_evaluate(_config(corpus), wd)
+    assert R.finished_steps(wd) == [1, 2]
+    return {"workdir": wd, "corpus": corpus, "root": root}
+
+
+@pytest.fixture
+def workdir(run, tmp_path):
+    """A private copy of the finished run (copy2 keeps modification times)."""
+    wd = str(tmp_path / "run")
+    shutil.copytree(run["workdir"], wd, copy_function=shutil.copy2)
+    return wd
+
+
+def _refused(run, workdir, match, error=ValueError, **over):
+    """Runs with `over`; asserts the error message and that `workdir` did not change at all."""
+    before = R.snapshot(workdir)
+    with pytest.raises(error, match=match):
+        train.train_and_evaluate(_config(run["corpus"], **over), workdir)
+    assert R.snapshot(workdir) == before, "the existing run must be untouched"
+
+
+def test_unknown_config_key_in_a_config_file(run, workdir):
+    c = _config(run["corpus"])
+    c.train.chekpoint_every = 5  # a config file's typo: ConfigDicts accept new keys until locked
+    before = R.snapshot(workdir)
+    with pytest.raises(ValueError, match=r"config\.train\.chekpoint_every \(did you mean config\.train\.checkpoint_every\?\)"):
+        train.train_and_evaluate(c, workdir)
+    assert R.snapshot(workdir) == before
+
+
+def test_unknown_config_key_on_the_command_line(run, workdir):
+    before = R.snapshot(workdir)
+    cmd = [sys.executable, "-m", "llm_jax.main", "--config=configs/default.py:tiny", f"--workdir={workdir}",
+           "--config.train.num_stesp=3"]
+    p = subprocess.run(cmd, cwd=R.REPO, env=R.env(8), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "num_stesp" in p.stderr, p.stderr[-2000:]
+    assert R.snapshot(workdir) == before
+
+
+def test_bad_train_values(run, workdir):
+    _refused(run, workdir, r"config\.train\.on_nan='ignore': use 'stop' or 'skip'", **{"train.on_nan": "ignore"})
+    _refused(run, workdir, r"config\.train\.log_every=0 must be positive", **{"train.log_every": 0})
+
+
+def test_mesh_that_does_not_divide_the_devices(run, workdir):
+    _refused(run, workdir, r"needs 3 devices but 8 are available", **{"mesh.data": 3})
+    _refused(run, workdir, r"fixed axes multiply to 3, which does not divide the 8", **{"mesh.fsdp": 3})
+
+
+def test_batch_not_divisible_by_data_parallel_size(run, workdir):
+    _refused(run, workdir, r"batch_size=12 is not divisible by data\*fsdp=8", **{"train.batch_size": 12})
+
+
+def test_empty_corpus(run, workdir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n")
+    _refused(run, workdir, r"empty.txt' is empty", **{"data.path": str(empty)})
+
+
+def test_non_utf8_corpus(run, workdir, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 100)
+    _refused(run, workdir, r"latin1.txt' is not UTF-8 text \(bad byte at offset 3\)", **{"data.path": str(latin1)})
+
+
+def test_missing_or_unreadable_data_path(run, workdir, tmp_path):
+    _refused(run, workdir, r"nope.txt' does not exist", FileNotFoundError, **{"data.path": str(tmp_path / "nope.txt")})
+    _refused(run, workdir, r"is not a file", FileNotFoundError, **{"data.path": str(tmp_path)})
+    if os.geteuid() != 0:  # root reads files whatever their mode
+        locked = tmp_path / "locked.txt"
+        locked.write_text("some text\n" * 100)
+        locked.chmod(0)
+        _refused(run, workdir, r"cannot be read", OSError, **{"data.path": str(locked)})
+
+
+def test_seq_len_beyond_the_position_table(run, workdir):
+    _refused(run, workdir, r"seq_len=100 is longer than the model's position table config\.model\.max_len=64",
+             **{"data.seq_len": 100})
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint(run, workdir, tmp_path):
+    # Another tokenizer kind than the run's.
+    _refused(run, workdir, r"holds the 'char' tokenizer this run was trained with, but config\.data\.tokenizer='byte'",
+             **{"data.tokenizer": "byte"})
+    # The run's tokenizer replaced by a bigger vocabulary: the embedding no longer fits.
+    meta_path = os.path.join(workdir, "tokenizer", "llm_jax_tokenizer.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["chars"] += "".join(chr(0x4E00 + i) for i in range(100))
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    _refused(run, workdir, r"params/embed/embedding is \(128, 32\) in the checkpoint but \(256, 32\) here.* "
+             r"The vocabulary size differs")
+    # The tokenizer deleted and rebuilt from other text: same vocabulary size, other characters.
+    shutil.rmtree(os.path.join(workdir, "tokenizer"))
+    other = tmp_path / "other.txt"
+    other.write_text(open(run["corpus"]).read().swapcase().replace("e", "\u00e9"))
+    _refused(run, workdir, r"checkpoint \S+/2 was trained with tokenizer .*'kind': 'char'.* but this run's tokenizer "
+             r"\(built from config\.data\) is", **{"data.path": str(other)})
+
+
+def test_workdir_holding_a_different_model(run, workdir):
+    _refused(run, workdir, r"holds the run of a different model: model\.num_layers is 2 there but 3 now.*"
+             r"--config\.train\.overwrite=True", **{"model.num_layers": 3})
+    # Told to start over: the old run is moved aside intact, and a new one starts in its place.
+    before = R.snapshot(workdir)
+    last = train.train_and_evaluate(_config(run["corpus"], **{"model.num_layers": 3, "train.overwrite": True,
+                                                              "train.num_steps": 1}), workdir)
+    assert last["step"] == 1
+    (aside,) = glob.glob(workdir + ".old-*")
+    assert R.snapshot(aside) == before
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["num_layers"] == 3
+    assert R.finished_steps(workdir) == [1]
