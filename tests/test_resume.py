@@ -105,7 +105,6 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     assert losses == ref_losses, "every logged loss equals the uninterrupted run's (each step logged once)"
     assert R.metric(wd, "eval/loss") == R.metric(ref, "eval/loss")
     R.assert_bitwise_equal(R.read_state(wd, N_STEPS), R.read_state(ref, N_STEPS))
-    print(f"\n{len(kill_points)} interruptions, each resumed exactly:\n  " + "\n  ".join(kill_points))
     assert len(kill_points) == 5
 
     # The finished 2-device data-parallel run continues on 8 devices as data=1 x fsdp=4 x tensor=2
@@ -117,6 +116,8 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert f"checkpoints/{N_STEPS} (step {N_STEPS})" in out and f"training steps {N_STEPS}..{N_STEPS + 1}" in out
     assert R.logged_steps(ref) == list(range(1, N_STEPS + 2))
+    with capsys.disabled():
+        print(f"\n{len(kill_points)} interruptions, each resumed exactly:\n  " + "\n  ".join(kill_points))
 
 
 # ----------------------------------------------------------------------------------------------
