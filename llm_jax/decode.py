@@ -21,7 +21,7 @@ import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh
 
-from llm_jax.model import TransformerLM
+from llm_jax.model import TransformerLM, output_kernel
 
 
 class Generation(NamedTuple):
@@ -77,7 +77,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 def init_cache(model: TransformerLM, batch: int, length: int, mesh: Optional[Mesh] = None) -> tuple[Any, Any]:
     """(cache, logical specs): an empty KV cache of `length` slots for `batch` rows.
 
-    Every layer holds cached_key/cached_value [batch, length, k, d] (zeros), cached_pos
+    Every layer holds cached_key/cached_value [batch, k, length, d] (zeros), cached_pos
     [batch, length] (-1: empty) and a write index (0); with scan_layers all get a leading layer axis.
     Built from shapes only (no model computation); constrained to its logical sharding on `mesh`
     (None: the context mesh of `jax.set_mesh`, if any).
@@ -99,10 +99,25 @@ def init_cache(model: TransformerLM, batch: int, length: int, mesh: Optional[Mes
     return nn.with_logical_constraint(cache, specs, mesh=mesh), specs
 
 
-def _apply_cached(model, params, cache, specs, mesh, tokens, positions):
-    """One cached forward: tokens, positions [b, t] -> (logits of the last position [b, v], new cache)."""
-    logits, mut = model.apply({"params": params, "cache": cache}, tokens, positions, decode=True, mutable=["cache"])
-    return logits[:, -1], nn.with_logical_constraint(mut["cache"], specs, mesh=mesh)
+def _apply_cached(model, params, head, cache, specs, mesh, tokens, positions):
+    """One cached forward: tokens, positions [b, t] -> (logits of the last position [b, v] f32, new cache).
+
+    Only the last position goes through the output projection `head` [e, v] (`_output_head`), in
+    the compute dtype like the model's own head: a prefill never computes [b, P, v] logits.
+    """
+    hidden, mut = model.apply({"params": params, "cache": cache}, tokens, positions, decode=True,
+                              return_hidden=True, mutable=["cache"])
+    dtype = model.cfg.compute_dtype
+    logits = jnp.dot(hidden[:, -1].astype(dtype), head.astype(dtype)).astype(jnp.float32)
+    logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_vocab"), mesh=mesh)
+    return logits, nn.with_logical_constraint(mut["cache"], specs, mesh=mesh)
+
+
+def _output_head(model, params):
+    """The output projection as [e, v]: a tied embedding [v, e] is transposed once, before the
+    loop, so every step multiplies by a row-major matrix (on CPU ~25% faster than by its transpose)."""
+    kernel, vocab_first = output_kernel(model.cfg, params)
+    return kernel.T if vocab_first else kernel
 
 
 def params_mesh(params) -> Optional[Mesh]:
@@ -168,7 +183,8 @@ def _generate(model, params, tokens, positions, rng, temperature, top_k, top_p, 
         return jnp.isin(tok, stops) if stop_ids else jnp.zeros(tok.shape, bool)
 
     cache, specs = init_cache(model, b, length, mesh)
-    logits, cache = _apply_cached(model, params, cache, specs, mesh, tokens, positions)
+    head = _output_head(model, params)
+    logits, cache = _apply_cached(model, params, head, cache, specs, mesh, tokens, positions)
     first = sample(logits, jax.random.fold_in(rng, 0))
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     next_pos = positions[:, -1] + 1  # [b] position of the first new token
@@ -181,7 +197,7 @@ def _generate(model, params, tokens, positions, rng, temperature, top_k, top_p, 
     def body(carry):
         i, cache, out, last, done, lengths = carry
         pos = next_pos + i - 1  # position of `last`, the token fed in this step
-        logits, cache = _apply_cached(model, params, cache, specs, mesh, last[:, None], pos[:, None])
+        logits, cache = _apply_cached(model, params, head, cache, specs, mesh, last[:, None], pos[:, None])
         tok = jnp.where(done, pad_id, sample(logits, jax.random.fold_in(rng, i)))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | is_stop(tok)

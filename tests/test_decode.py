@@ -59,26 +59,31 @@ def gen(model, params, prompts, n, seed=0, **kw):
 
 
 def test_cached_logits_equal_full_forward_at_every_position(mp):
-    """Prefill 4 tokens, then one token per call: every position's logits match the uncached pass,
+    """Prefill 4 tokens (the model with decode=True), then one token per call (the decode loop's own
+    step, with its separate output projection): every position's logits match the uncached pass,
     for a full row and a left-padded one."""
     model, params = mp
     rng = np.random.default_rng(0)
     full_row = rng.integers(0, 64, WIDTH)
     short_row = rng.integers(0, 64, WIDTH - 5)
     tokens, positions = decode.left_pad([full_row, short_row])
-    cache, _ = decode.init_cache(model, 2, WIDTH)
+    cache, specs = decode.init_cache(model, 2, WIDTH)
 
     @jax.jit
-    def cached(cache, tok, pos):
+    def prefill(cache, tok, pos):
         logits, mut = model.apply({"params": params, "cache": cache}, tok, pos, decode=True, mutable=["cache"])
         return logits, mut["cache"]
 
-    outs = []
-    logits, cache = cached(cache, tokens[:, :4], positions[:, :4])
-    outs.append(logits)
+    @jax.jit
+    def step(cache, tok, pos):
+        head = decode._output_head(model, params)
+        return decode._apply_cached(model, params, head, cache, specs, None, tok, pos)
+
+    logits, cache = prefill(cache, tokens[:, :4], positions[:, :4])
+    outs = [logits]
     for t in range(4, WIDTH):
-        logits, cache = cached(cache, tokens[:, t : t + 1], positions[:, t : t + 1])
-        outs.append(logits)
+        logits, cache = step(cache, tokens[:, t : t + 1], positions[:, t : t + 1])
+        outs.append(logits[:, None])
     got = np.asarray(jnp.concatenate(outs, axis=1))  # [2, WIDTH, v]
 
     np.testing.assert_allclose(got[0], full_forward(model, params, full_row), atol=1e-5, rtol=1e-5)
@@ -185,6 +190,10 @@ def test_generation_on_2x4_mesh_equals_single_device():
         texts = decode.complete(model, sharded, _Tok(), [" ".join(map(str, p)) for p in PROMPTS], 8, stop_ids=[])
     np.testing.assert_array_equal(got, expected)
     assert texts == [" ".join(map(str, row)) for row in expected]
+    # Under jax.set_mesh the model's own activation constraints take effect too (sharding.use_mesh).
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        got, _ = gen(model, sharded, PROMPTS, 8, mesh=mesh)
+    np.testing.assert_array_equal(got, expected)
     key_sharding = cache["layers_0"]["attn"]["cached_key"].sharding
     assert isinstance(key_sharding, NamedSharding)
-    assert key_sharding.spec[0] in ("data", ("data", "fsdp"), ("data",)) and key_sharding.spec[2] == "tensor"
+    assert key_sharding.spec[0] in ("data", ("data", "fsdp"), ("data",)) and key_sharding.spec[1] == "tensor"
