@@ -1,0 +1,81 @@
+"""Memory-light cross-entropy: the output projection and the softmax, chunk by chunk of the sequence.
+
+The plain loss materializes float32 logits [b, t, v] (and their gradient, and on CPU a transposed
+copy): at t = 2048, v = 32k that is 256 MiB per sequence. `chunked_cross_entropy` instead runs a
+`lax.scan` over sequence chunks of `chunk` positions, and, because the loss is the last op of the
+graph, computes the gradients in the same pass (as Liger's fused linear cross-entropy does): per
+chunk, logits -> log-sum-exp -> loss, then dlogits = softmax - onehot -> d(hidden) and the running
+d(kernel). Only [b, chunk, v] logits are ever alive; the backward pass is two multiplies by the
+incoming cotangent, with no recomputation, so the FLOPs are those of the plain path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[b, t, ...] -> [t // chunk, b, chunk, ...] (scan axis first, batch sharding kept)."""
+    b, t = x.shape[:2]
+    return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+    n, b, c = x.shape[:3]
+    return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _xent(hidden, kernel, targets, weights, chunk, vocab_first):
+    return _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first)[0]
+
+
+def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first):
+    """hidden [b, t, e]; kernel [v, e] (vocab_first) or [e, v]; targets [b, t] int; weights [b, t] f32."""
+    logits_eq = "bce,ve->bcv" if vocab_first else "bce,ev->bcv"
+    dkernel_eq = "bcv,bce->ve" if vocab_first else "bcv,bce->ev"
+    f32 = jnp.float32
+
+    def body(dkernel, xs):
+        h, tgt, w = xs
+        # float32 logits and softmax whatever the compute dtype (bf16 log-sum-exp loses the loss).
+        logits = jnp.einsum(logits_eq, h, kernel, preferred_element_type=f32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        onehot = jax.nn.one_hot(tgt, logits.shape[-1], dtype=f32)
+        loss = ((lse - (logits * onehot).sum(-1)) * w).sum()
+        dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * w[..., None]).astype(h.dtype)
+        dh = jnp.einsum("bcv,ve->bce" if vocab_first else "bcv,ev->bce", dlogits, kernel, preferred_element_type=f32)
+        dkernel = dkernel + jnp.einsum(dkernel_eq, dlogits, h, preferred_element_type=f32)
+        return dkernel, (loss, dh.astype(h.dtype))
+
+    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights.astype(f32), chunk))
+    dkernel, (losses, dh) = jax.lax.scan(body, jnp.zeros(kernel.shape, f32), xs)
+    return losses.sum(), (_unchunk(dh), dkernel.astype(kernel.dtype))
+
+
+def _xent_bwd(chunk, vocab_first, res, g):
+    dh, dkernel = res
+    # No cotangent for the integer targets, nor for the weights (data, not parameters).
+    return (g * dh).astype(dh.dtype), (g * dkernel).astype(dkernel.dtype), None, None
+
+
+_xent.defvjp(_xent_fwd, _xent_bwd)
+
+
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array | None,
+                          chunk: int, vocab_first: bool) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and token count, as `train.token_loss` of the projected logits.
+
+    hidden: [b, t, e] final (normed) hidden states in the compute dtype; kernel: the output
+    projection, [v, e] when `vocab_first` (tied embedding table) else [e, v]; targets [b, t] int;
+    weights [b, t] or None. `chunk` must divide t. Gradients flow to `hidden` and `kernel`.
+    """
+    b, t = targets.shape
+    if t % chunk:
+        raise ValueError(f"loss chunk size {chunk} does not divide the sequence length {t}; pick a divisor of {t}")
+    count = jnp.float32(b * t) if weights is None else weights.sum()
+    w = jnp.ones((b, t), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return _xent(hidden, kernel.astype(hidden.dtype), targets, w, chunk, vocab_first), count
