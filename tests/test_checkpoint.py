@@ -1,0 +1,124 @@
+"""Checkpoint save -> restore equal to the bit, onto the same and onto other mesh shapes."""
+
+import math
+import os
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import flax.linen as nn
+import pytest
+
+from llm_jax import checkpoint as ckpt_lib
+from llm_jax import optim, sharding, train
+from llm_jax.config import base_config
+from llm_jax.model import ModelConfig, TransformerLM
+
+SEQ = 16
+CFG = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, embed_dim=32, mlp_dim=64, max_len=SEQ,
+                  tie_embeddings=False)
+
+
+def mesh_of(shape):
+    return sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
+                              jax.devices()[:math.prod(shape)])
+
+
+def state_shardings(mesh):
+    abstract = jax.eval_shape(train.init_state_fn(TransformerLM(CFG), optim.make_optimizer(base_config().optim), SEQ),
+                              jax.random.key(0))
+    return abstract, sharding.boxed_shardings(abstract, mesh, sharding.LOGICAL_RULES)
+
+
+def random_state(mesh, seed=0):
+    """A train state whose every leaf is random (no zeros or ones that could restore by accident),
+    placed with the run's shardings on `mesh`."""
+    abstract, shardings = state_shardings(mesh)
+    rng = np.random.default_rng(seed)
+
+    def leaf(x):
+        if np.issubdtype(x.dtype, np.integer):
+            return rng.integers(1, 10_000, x.shape).astype(x.dtype)
+        return rng.standard_normal(x.shape).astype(x.dtype)
+
+    values = jax.tree.map(leaf, nn.meta.unbox(abstract))
+    return jax.device_put(values, shardings), shardings
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint of a random state at step 7, saved from an FSDP+tensor mesh 1x4x2."""
+    workdir = str(tmp_path_factory.mktemp("ckpt"))
+    state, shardings = random_state(mesh_of((1, 4, 2)))
+    mngr = ckpt_lib.manager(workdir, keep=3)
+    ckpt_lib.save(mngr, 7, state, {"step": 7, "note": "hello"})
+    mngr.wait_until_finished()
+    mngr.close()
+    return workdir, jax.device_get(state), shardings
+
+
+def assert_bit_equal(restored, expected):
+    flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
+    flat_r = jax.tree.leaves(restored)
+    assert len(flat_r) == len(flat_e)
+    for (path, e), r in zip(flat_e, flat_r):
+        r = np.asarray(r)
+        assert r.dtype == e.dtype and r.shape == e.shape, jax.tree_util.keystr(path)
+        # Compare the raw bytes: equal to the bit (also NaN payloads and -0.0).
+        assert r.tobytes() == np.asarray(e).tobytes(), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2), (8, 1, 1), (1, 1, 8), (2, 2, 2), (1, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_restore_is_bit_exact_on_any_mesh(saved, shape):
+    workdir, expected, _ = saved
+    mesh = mesh_of(shape)
+    _, shardings = state_shardings(mesh)
+    mngr = ckpt_lib.manager(workdir, keep=3)
+    assert mngr.latest_step() == 7
+    restored, data_state = ckpt_lib.restore(mngr, 7, ckpt_lib.abstract_like(expected, shardings))
+    mngr.close()
+    assert data_state == {"step": 7, "note": "hello"}
+    assert_bit_equal(restored, expected)
+    # Every array lands directly in the shardings asked for, on this mesh.
+    for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+        assert x.sharding.mesh == mesh and x.sharding.spec == s.spec
+    emb = restored.params["embed"]["embedding"]  # [vocab 128, embed 32]: vocab over tensor, embed over fsdp
+    expect = (128 // mesh.shape["tensor"], 32 // mesh.shape["fsdp"])
+    assert {sh.data.shape for sh in emb.addressable_shards} == {expect}
+
+
+def test_restored_state_trains_like_the_original(saved):
+    """A state restored onto another mesh is a working TrainState (its step counter and structure)."""
+    workdir, expected, _ = saved
+    _, shardings = state_shardings(mesh_of((2, 1, 4)))
+    mngr = ckpt_lib.manager(workdir, keep=3)
+    restored, _ = ckpt_lib.restore(mngr, 7, ckpt_lib.abstract_like(expected, shardings))
+    mngr.close()
+    assert isinstance(restored, train.TrainState)
+    assert int(restored.step) == int(expected.step)
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+
+
+def test_layout_keep_last_n_and_latest(tmp_path):
+    state, _ = random_state(mesh_of((8, 1, 1)), seed=1)
+    mngr = ckpt_lib.manager(str(tmp_path), keep=2)
+    for step in (1, 2, 3):
+        ckpt_lib.save(mngr, step, state, {"step": step})
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [2, 3] and mngr.latest_step() == 3
+    mngr.close()
+    # workdir/checkpoints/<step>/, complete (no temporary directories left behind)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+    # A new manager on the same directory sees the same steps (what a resumed run does).
+    mngr = ckpt_lib.manager(str(tmp_path), keep=2)
+    assert mngr.latest_step() == 3
+    _, data = ckpt_lib.restore(mngr, 2, ckpt_lib.abstract_like(jax.device_get(state), state_shardings(mesh_of((8, 1, 1)))[1]))
+    assert data == {"step": 2}
+    mngr.close()
+
+
+def test_empty_workdir_has_no_checkpoint(tmp_path):
+    mngr = ckpt_lib.manager(str(tmp_path), keep=2)
+    assert mngr.latest_step() is None and mngr.all_steps() == []
+    mngr.close()

@@ -1,0 +1,139 @@
+"""Configs: presets, derived values, locking; unknown keys and impossible meshes fail clearly."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llm_jax import config as config_lib
+from llm_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def cli_env():
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags += " --xla_force_host_platform_device_count=8"
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    return env
+
+
+@pytest.mark.parametrize("name, args", [
+    ("default", ["", "tiny"]),
+    ("shakespeare_char", [""]),
+    ("gpt2", ["tiny", "small", "medium", "large", "xl"]),
+    ("llama", ["tiny", "1b", "7b"]),
+])
+def test_every_preset_builds_a_valid_model_config(name, args):
+    for arg in args:
+        c = config_lib.finalize(load_config(name, arg))
+        mc = config_lib.model_config(c, tokenizer_vocab=257)
+        assert mc.vocab_size >= 257 and mc.vocab_size % max(c.model.vocab_multiple, 1) == 0
+        assert c.data.seq_len <= mc.max_len
+        assert c.train.batch_size % c.train.grad_accum_steps == 0
+        assert json.loads(config_lib.to_json(c)) == c.to_dict()
+    with pytest.raises(ValueError, match="unknown|argument"):
+        load_config(name, "nonsense")
+
+
+def test_presets_have_the_published_shapes():
+    s = config_lib.model_config(load_config("shakespeare_char"), 65)
+    # nanoGPT's CPU recipe for shakespeare_char
+    assert (s.num_layers, s.num_heads, s.embed_dim, s.vocab_size) == (4, 4, 128, 65)
+    sc = load_config("shakespeare_char")
+    assert (sc.data.seq_len, sc.data.tokenizer, sc.data.val_fraction) == (64, "char", 0.1)
+    assert sc.train.target_eval_loss == 1.88 and sc.train.eval_steps >= 20
+    g = config_lib.model_config(load_config("gpt2", "small"), 50257)
+    assert (g.num_layers, g.num_heads, g.embed_dim, g.mlp_dim, g.max_len) == (12, 12, 768, 3072, 1024)
+    assert (g.positions, g.norm, g.mlp_activation, g.tie_embeddings, g.use_bias) == ("learned", "layernorm", "gelu", True, True)
+    assert g.vocab_size == 50304  # 50257 padded to a multiple of 128, as nanoGPT does
+    ll = config_lib.model_config(load_config("llama", "7b"), 32000)
+    assert (ll.num_layers, ll.num_heads, ll.kv_heads, ll.embed_dim, ll.mlp_dim) == (32, 32, 32, 4096, 11008)
+    assert (ll.positions, ll.norm, ll.mlp_activation, ll.tie_embeddings, ll.use_bias) == ("rope", "rmsnorm", "swiglu", False, False)
+    assert config_lib.model_config(load_config("llama", "1b"), 32000).kv_heads == 8  # grouped-query
+
+
+def test_finalize_fills_derived_values_and_locks():
+    c = config_lib.base_config()
+    c.train.num_steps, c.train.batch_size = 123, 48
+    f = config_lib.finalize(c)
+    assert f.optim.decay_steps == 123 and f.train.eval_batch_size == 48
+    assert c.optim.decay_steps == 0  # the input is not modified
+    with pytest.raises(AttributeError, match="nonexistent"):
+        f.train.nonexistent = 1
+    with pytest.raises(AttributeError, match="num_step"):
+        f.train.num_step = 1
+    c.optim.decay_steps = 7
+    assert config_lib.finalize(c).optim.decay_steps == 7  # explicit values are kept
+
+
+def test_model_config_vocabulary_and_length_checks():
+    c = config_lib.base_config()
+    assert config_lib.model_config(c, 257).vocab_size == 384  # padded up to vocab_multiple=128
+    c.model.vocab_multiple = 1
+    assert config_lib.model_config(c, 257).vocab_size == 257
+    c.model.vocab_size = 200
+    with pytest.raises(ValueError, match=r"vocab_size=200 is smaller than the tokenizer's vocabulary \(257\)"):
+        config_lib.model_config(c, 257)
+    c.model.vocab_size = 0
+    c.data.seq_len, c.model.max_len = 512, 256
+    with pytest.raises(ValueError, match=r"seq_len=512 is longer than .*max_len=256"):
+        config_lib.model_config(c, 257)
+
+
+def test_unknown_config_key_on_the_command_line_fails_clearly(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_jax.main", "--config", "configs/default.py:tiny", f"--workdir={workdir}",
+         "--config.train.num_step=3"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    # One line that names the flag, the key, and the likely fix.
+    assert "--config.train.num_step" in last and "no key 'num_step'" in last, proc.stderr[-2000:]
+    assert 'Did you mean "num_steps"' in last
+    assert not workdir.exists()  # nothing was started
+
+
+def _tiny(tmp_path, **mesh):
+    c = load_config("default", "tiny")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, this is a small text file.\n" * 50)
+    c.data.update(source="text", path=str(text))
+    c.mesh.update(mesh)
+    return c
+
+
+@pytest.mark.parametrize("mesh, message", [
+    (dict(data=3), r"needs 3 devices but 8 are available; make the product 8 or set one axis to -1"),
+    (dict(data=-1, tensor=3), r"fixed axes multiply to 3, which does not divide the 8 available devices"),
+    (dict(data=2, fsdp=2, tensor=4), r"needs 16 devices but 8 are available"),
+])
+def test_impossible_mesh_shape_fails_clearly(tmp_path, mesh, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(_tiny(tmp_path, **mesh), str(tmp_path / "run"))
+
+
+def test_mesh_that_does_not_fit_the_model_fails_clearly(tmp_path):
+    c = _tiny(tmp_path, data=1, fsdp=2, tensor=4)
+    c.model.update(num_heads=2, embed_dim=36)  # 2 heads over tensor=4; width 36 over fsdp=2 is fine
+    with pytest.raises(ValueError, match=r"num_heads=2 is not divisible by mesh tensor=4") as e:
+        train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert "config.mesh" in str(e.value)
+    c = _tiny(tmp_path, data=8)
+    c.train.batch_size = 12
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
+        train.train_and_evaluate(c, str(tmp_path / "run2"))

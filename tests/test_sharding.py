@@ -1,0 +1,376 @@
+"""Meshes, partition specs, and numerical equivalence of one train step across mesh shapes.
+
+The loss and the gradients of one step on meshes (data, fsdp, tensor) = 1x1x1, 8x1x1, 1x8x1,
+2x2x2 and 2x1x4 must equal the single-device result (float32, rtol 1e-5, atol 1e-6).
+"""
+
+import dataclasses
+import functools
+import math
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llm_jax import optim, sharding, train
+from llm_jax.config import base_config
+from llm_jax.model import ModelConfig, TransformerLM
+
+RTOL, ATOL = 1e-5, 1e-6
+SEQ, BATCH = 16, 16
+MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)]
+
+# Heads, kv heads, mlp, vocab and embed all divide 8 (or the tensor axes used with them).
+# "gpt_gqa": every kind of sharded parameter (biases, learned positions, tied embedding used twice,
+# grouped kv heads, two MLP input kernels) on all five meshes. "llama_scan": the other code paths
+# (RoPE, RMSNorm, GELU, untied head, scan over layers, remat, jax.nn.dot_product_attention) on 2x1x4.
+GPT_GQA = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, num_kv_heads=4, embed_dim=32, mlp_dim=64, max_len=SEQ,
+                      positions="learned", norm="layernorm", mlp_activation="swiglu", use_bias=True, tie_embeddings=True)
+LLAMA_SCAN = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, embed_dim=32, mlp_dim=64, max_len=SEQ,
+                         positions="rope", norm="rmsnorm", mlp_activation="gelu", use_bias=False, tie_embeddings=False,
+                         scan_layers=True, remat="dots", attention="dot_product")
+CONFIGS = {"gpt_gqa": GPT_GQA, "llama_scan": LLAMA_SCAN}
+
+
+def mesh_of(shape):
+    n = math.prod(shape)
+    return sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]), jax.devices()[:n])
+
+
+def optimizer():
+    c = base_config().optim
+    # No warmup, so the first step really moves the weights.
+    # AdamW's first step is lr * g / (|g| + eps): a gradient element within float noise (~1e-9,
+    # the summation order differs across meshes) of zero moves its weight by up to
+    # lr * noise / eps, so eps must be far above the noise for the weights to agree to 1e-6.
+    c.update(lr=1e-2, warmup_steps=0, decay_steps=100, eps=1e-3)
+    return optim.make_optimizer(c)
+
+
+def make_batch(cfg, seed=0):
+    r = np.random.default_rng(seed)
+    toks = r.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+
+
+def mean_loss(params, batch, model):
+    total, count = train.loss_sum(params, model, batch, None, deterministic=True)
+    return total / count
+
+
+# Programs that run once are compiled for compile speed (the SPMD partitioning is the same).
+FAST = {"xla_backend_optimization_level": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def ref_state(name):
+    """The initial train state (seed 0), computed on one device without any mesh (numpy leaves)."""
+    model = TransformerLM(CONFIGS[name])
+    init = train.init_state_fn(model, optimizer(), SEQ)
+    return jax.device_get(jax.jit(lambda r: nn.meta.unbox(init(r)), compiler_options=FAST)(jax.random.key(0)))
+
+
+@functools.lru_cache(maxsize=None)
+def ref_grads(name):
+    """Single device, no mesh, no sharding: (loss, grads) of the mean token loss."""
+    model = TransformerLM(CONFIGS[name])
+    grad_fn = jax.jit(jax.value_and_grad(functools.partial(mean_loss, model=model)), compiler_options=FAST)
+    return jax.device_get(grad_fn(ref_state(name).params, make_batch(model.cfg)))
+
+
+@functools.lru_cache(maxsize=None)
+def ref_step(name):
+    """Single device: the new state and metrics of one train step, from the reference gradients
+    and the run's optimizer (what train_step computes)."""
+    state = ref_state(name)
+    loss, grads = ref_grads(name)
+    tx = optimizer()
+
+    def update(state, grads):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+    new = jax.device_get(jax.jit(update, compiler_options=FAST)(state, grads))
+    grad_norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in jax.tree.leaves(grads)))
+    return new, {"loss": loss, "grad_norm": grad_norm}
+
+
+def assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
+    flat_a = jax.tree.leaves(actual)
+    assert len(flat_a) == len(flat_e)
+    for (path, e), a in zip(flat_e, flat_a):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def state_shardings(name, mesh):
+    abstract = jax.eval_shape(train.init_state_fn(TransformerLM(CONFIGS[name]), optimizer(), SEQ), jax.random.key(0))
+    return sharding.boxed_shardings(abstract, mesh, sharding.LOGICAL_RULES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and gradients equal across meshes
+
+
+@pytest.mark.parametrize("name, shape", [("gpt_gqa", s) for s in MESHES] + [("llama_scan", (2, 1, 4))],
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
+def test_loss_and_grads_equal_single_device(name, shape):
+    cfg = CONFIGS[name]
+    ref_loss, ref_g = ref_grads(name)
+    mesh, rules = mesh_of(shape), sharding.LOGICAL_RULES
+    sharding.check_divisible(mesh, cfg, BATCH)
+    param_sh = state_shardings(name, mesh).params
+    params = jax.device_put(ref_state(name).params, param_sh)
+    batch = sharding.host_to_global(make_batch(cfg), mesh)
+    grad_fn = jax.jit(
+        jax.value_and_grad(functools.partial(mean_loss, model=TransformerLM(cfg))),
+        in_shardings=(param_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(NamedSharding(mesh, P()), param_sh),
+        compiler_options=FAST,
+    )
+    with sharding.use_mesh(mesh, rules):
+        loss, grads = grad_fn(params, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=ATOL)
+    assert_trees_close(grads, ref_g)
+    # Real gradients, not zeros, so the comparison means something. (Not the key bias: it adds the
+    # same q.b to every logit of a row, which the softmax ignores; with RoPE it does not.)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        if cfg.positions == "rope" or "['key']['bias']" not in jax.tree_util.keystr(path):
+            assert np.abs(np.asarray(g)).max() > 1e-6, jax.tree_util.keystr(path)
+
+
+def test_sharded_train_step_with_grad_accumulation_equals_single_device():
+    """The jitted train step (state donated) of `make_steps` on a 2x2x2 mesh, from a state made by
+    `create_sharded_state`, accumulating over 2 micro-batches: the same loss, gradient norm, new
+    weights and optimizer state as one update on the whole batch on one device."""
+    name = "gpt_gqa"
+    cfg = CONFIGS[name]
+    ref_new, ref_metrics = ref_step(name)
+    mesh, rules = mesh_of((2, 2, 2)), sharding.LOGICAL_RULES
+    model, tx = TransformerLM(cfg), optimizer()
+    state, state_sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
+    # Born sharded, and the same weights as the single-device init (compiled differently, so
+    # compared to float precision).
+    assert_trees_close(state, ref_state(name), rtol=1e-6, atol=1e-7)
+    q = state.params["layers_0"]["attn"]["query"]["kernel"]  # [embed 32 / fsdp 2, heads 8 / tensor 2, kv 4]
+    assert {s.data.shape for s in q.addressable_shards} == {(16, 4, 4)}
+    state = jax.device_put(ref_state(name), state_sh)  # exactly the reference's weights
+    p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=2)
+    rng = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
+    new_state, metrics = p_train(state, sharding.host_to_global(make_batch(cfg), mesh), rng)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=RTOL, atol=ATOL)
+    assert int(new_state.step) == 1
+    assert_trees_close(new_state.params, ref_new.params)
+    assert_trees_close(new_state.opt_state, ref_new.opt_state)
+    for x, s in zip(jax.tree.leaves(new_state), jax.tree.leaves(state_sh)):
+        assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+
+
+def test_the_reference_step_changes_the_weights():
+    """Guards the equivalence test above against comparing a no-op update."""
+    new, _ = ref_step("gpt_gqa")
+    before = jax.tree_util.tree_flatten_with_path(ref_state("gpt_gqa").params)[0]
+    for (path, a), b in zip(before, jax.tree.leaves(new.params)):
+        if "['key']['bias']" not in jax.tree_util.keystr(path):  # no gradient (see above)
+            assert np.abs(a - b).max() > 1e-5, jax.tree_util.keystr(path)  # >> the 1e-6 tolerance
+
+
+# ----------------------------------------------------------------------------------------------
+# Partition specs, parameter by parameter
+
+FSDP, TP = "fsdp", "tensor"
+# The logical rules map each parameter to one PartitionSpec whatever the mesh sizes:
+#   embed -> fsdp; vocab, heads, kv_heads, mlp -> tensor; kv, length, norm, layers -> replicated.
+# path -> (shape, spec). Shapes: vocab 128, embed 64, heads 8, kv 8, mlp 128, max_len 16.
+EXPECTED = {
+    "embed/embedding": ((128, 64), (TP, FSDP)),
+    "pos_embed": ((16, 64), (None, FSDP)),
+    "ln_f/scale": ((64,), (None,)),
+    "ln_f/bias": ((64,), (None,)),
+    "lm_head/kernel": ((64, 128), (FSDP, TP)),
+}
+for _i in range(2):
+    _l = f"layers_{_i}/"
+    EXPECTED.update({
+        _l + "ln_1/scale": ((64,), (None,)),
+        _l + "ln_1/bias": ((64,), (None,)),
+        _l + "ln_2/scale": ((64,), (None,)),
+        _l + "ln_2/bias": ((64,), (None,)),
+        _l + "attn/query/kernel": ((64, 8, 8), (FSDP, TP, None)),
+        _l + "attn/query/bias": ((8, 8), (TP, None)),
+        _l + "attn/key/kernel": ((64, 8, 8), (FSDP, TP, None)),
+        _l + "attn/key/bias": ((8, 8), (TP, None)),
+        _l + "attn/value/kernel": ((64, 8, 8), (FSDP, TP, None)),
+        _l + "attn/value/bias": ((8, 8), (TP, None)),
+        _l + "attn/out/kernel": ((8, 8, 64), (TP, None, FSDP)),
+        _l + "attn/out/bias": ((64,), (FSDP,)),
+        _l + "mlp/wi/kernel": ((64, 128), (FSDP, TP)),
+        _l + "mlp/wi/bias": ((128,), (TP,)),
+        _l + "mlp/wo/kernel": ((128, 64), (TP, FSDP)),
+        _l + "mlp/wo/bias": ((64,), (FSDP,)),
+    })
+# Per-device shard shapes on the FSDP mesh 1x8x1 (embed dim / 8) and the tensor-parallel mesh
+# 1x1x8 (vocab, heads, mlp / 8), for one of each kind of parameter.
+SHARD_SHAPES = {
+    "embed/embedding": {"fsdp": (128, 8), "tensor": (16, 64)},
+    "pos_embed": {"fsdp": (16, 8), "tensor": (16, 64)},
+    "ln_f/scale": {"fsdp": (64,), "tensor": (64,)},
+    "lm_head/kernel": {"fsdp": (8, 128), "tensor": (64, 16)},
+    "layers_0/attn/query/kernel": {"fsdp": (8, 8, 8), "tensor": (64, 1, 8)},
+    "layers_0/attn/query/bias": {"fsdp": (8, 8), "tensor": (1, 8)},
+    "layers_0/attn/out/kernel": {"fsdp": (8, 8, 8), "tensor": (1, 8, 64)},
+    "layers_0/attn/out/bias": {"fsdp": (8,), "tensor": (64,)},
+    "layers_0/mlp/wi/kernel": {"fsdp": (8, 128), "tensor": (64, 16)},
+    "layers_0/mlp/wi/bias": {"fsdp": (128,), "tensor": (16,)},
+    "layers_1/mlp/wo/kernel": {"fsdp": (128, 8), "tensor": (16, 64)},
+}
+
+SPEC_MODEL = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, embed_dim=64, mlp_dim=128, max_len=SEQ,
+                         positions="learned", norm="layernorm", mlp_activation="gelu", use_bias=True,
+                         tie_embeddings=False)
+
+
+def _path(p):
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p)
+
+
+def _padded(spec, ndim):
+    spec = tuple(spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _abstract_state(cfg):
+    model = TransformerLM(cfg)
+    return jax.eval_shape(train.init_state_fn(model, optimizer(), SEQ), jax.random.key(0))
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "tensor"])
+def test_parameter_partition_specs(kind):
+    mesh = mesh_of((1, 8, 1) if kind == "fsdp" else (1, 1, 8))
+    abstract = _abstract_state(SPEC_MODEL)
+    shardings = sharding.boxed_shardings(abstract, mesh, sharding.LOGICAL_RULES)
+    got = {_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings.params)[0]}
+    assert set(got) == set(EXPECTED), set(got) ^ set(EXPECTED)
+    for path, s in got.items():
+        shape, spec = EXPECTED[path]
+        assert isinstance(s, NamedSharding) and s.mesh == mesh
+        assert _padded(s.spec, len(shape)) == spec, (path, s.spec)
+        if path in SHARD_SHAPES:
+            assert s.shard_shape(shape) == SHARD_SHAPES[path][kind], path
+    # Every parameter is split over all 8 devices except the norms and biases that are not.
+    split = {p for p, s in got.items() if math.prod(s.shard_shape(EXPECTED[p][0])) < math.prod(EXPECTED[p][0])}
+    unsplit = {p for p in got if p.endswith(("scale", "/bias"))}
+    if kind == "fsdp":  # biases of the embed dim are split too
+        unsplit -= {p for p in unsplit if p.endswith(("out/bias", "wo/bias"))}
+    else:  # position table: no vocab/heads/mlp dim
+        unsplit = (unsplit | {"pos_embed"}) - {p for p in unsplit if p.endswith(("query/bias", "key/bias", "value/bias", "wi/bias"))}
+    assert split == set(got) - unsplit
+    # Optimizer moments are sharded like their parameters; the step counter is replicated.
+    adam = shardings.opt_state[1][0]
+    for tree in (adam.mu, adam.nu):
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings.params)):
+            assert a == b
+    assert _padded(shardings.step.spec, 0) == ()
+
+
+def test_partition_specs_with_scanned_layers_and_swiglu():
+    cfg = dataclasses.replace(LLAMA_SCAN, embed_dim=64, mlp_activation="swiglu")
+    expect = {  # a leading 'layers' axis, replicated
+        "layers/attn/query/kernel": (None, FSDP, TP, None),
+        "layers/attn/key/kernel": (None, FSDP, TP, None),
+        "layers/attn/out/kernel": (None, TP, None, FSDP),
+        "layers/mlp/wi_0/kernel": (None, FSDP, TP),
+        "layers/mlp/wi_1/kernel": (None, FSDP, TP),
+        "layers/mlp/wo/kernel": (None, TP, FSDP),
+        "layers/ln_1/scale": (None, None),
+        "lm_head/kernel": (FSDP, TP),
+    }
+    shardings = sharding.boxed_shardings(_abstract_state(cfg).params, mesh_of((1, 2, 4)), sharding.LOGICAL_RULES)
+    got = {_path(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    assert set(expect) <= set(got)
+    for path, spec in expect.items():
+        assert _padded(got[path], len(spec)) == spec, (path, got[path])
+
+
+def test_batch_sharding_and_host_to_global():
+    mesh = mesh_of((2, 2, 2))
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+    assert sharding.data_parallel_size(mesh) == 4
+    local = {"inputs": np.arange(8 * 3).reshape(8, 3).astype(np.int32)}
+    g = sharding.host_to_global(local, mesh)["inputs"]
+    np.testing.assert_array_equal(np.asarray(g), local["inputs"])
+    # rows over data x fsdp (4 ways), replicated over tensor
+    assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
+
+
+def test_activations_are_constrained_in_the_mesh_context():
+    """Inside `sharding.use_mesh` the model's logical activation constraints are really applied."""
+    mesh = mesh_of((2, 2, 2))
+    model = TransformerLM(GPT_GQA)
+    params = nn.meta.unbox(_abstract_state(model.cfg).params)
+    tokens = jax.ShapeDtypeStruct((8, SEQ), jnp.int32)
+    with sharding.use_mesh(mesh, sharding.LOGICAL_RULES):
+        jaxpr = str(jax.make_jaxpr(lambda p, t: model.apply({"params": p}, t))(params, tokens))
+    # per layer: block in and out, q, attention output, mlp hidden; then the logits
+    assert jaxpr.count("sharding_constraint") >= 5 * model.cfg.num_layers + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh shapes: -1 fill-in and clear errors
+
+
+def test_resolve_mesh_shape_fills_in_minus_one():
+    assert sharding.resolve_mesh_shape([-1, 1, 1], 8) == (8, 1, 1)
+    assert sharding.resolve_mesh_shape([2, -1, 2], 8) == (2, 2, 2)
+    assert sharding.resolve_mesh_shape([1, 1, -1], 8) == (1, 1, 8)
+    assert sharding.resolve_mesh_shape([2, 1, 4], 8) == (2, 1, 4)
+    mesh = sharding.make_mesh(SimpleNamespace(data=-1, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+
+
+@pytest.mark.parametrize("shape, devices, message", [
+    ([3, -1, 1], 8, r"multiply to 3, which does not divide the 8 available devices"),
+    ([2, 2, 1], 8, r"needs 4 devices but 8 are available"),
+    ([4, 4, 1], 8, r"needs 16 devices but 8 are available"),
+    ([-1, -1, 1], 8, r"at most one axis may be -1"),
+    ([0, 1, -1], 8, r"sizes must be positive or -1"),
+    ([8, 1], 8, r"must have 3 entries"),
+])
+def test_impossible_mesh_shapes_fail_clearly(shape, devices, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.resolve_mesh_shape(shape, devices)
+
+
+def test_make_mesh_with_too_few_devices_fails_clearly():
+    with pytest.raises(ValueError, match=r"needs 8 devices but 4 are available"):
+        sharding.make_mesh(SimpleNamespace(data=2, fsdp=2, tensor=2), jax.devices()[:4])
+
+
+def test_check_divisible_names_the_bad_sizes():
+    cfg = ModelConfig(vocab_size=128, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=12, mlp_dim=64)
+    with pytest.raises(ValueError) as e:
+        sharding.check_divisible(mesh_of((1, 1, 8)), cfg, 16)
+    msg = str(e.value)
+    assert "num_heads=4 is not divisible by mesh tensor=8" in msg
+    assert "num_kv_heads=2 is not divisible by mesh tensor=8" in msg
+    assert "mlp_dim" not in msg and "vocab" not in msg
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
+        sharding.check_divisible(mesh_of((2, 4, 1)), dataclasses.replace(cfg, embed_dim=16), 12)
+    with pytest.raises(ValueError, match=r"embed_dim=12 is not divisible by mesh fsdp=8"):
+        sharding.check_divisible(mesh_of((1, 8, 1)), cfg, 16)
+    sharding.check_divisible(mesh_of((2, 2, 2)), dataclasses.replace(cfg, embed_dim=16), 16)  # fits: no error
+
+
+def test_logical_rule_overrides_from_config():
+    c = SimpleNamespace(mesh=SimpleNamespace(rules={"embed": None, "extra": "data"}))
+    rules = dict(sharding.logical_rules(c))
+    assert rules["embed"] is None and rules["extra"] == "data" and rules["mlp"] == "tensor"
+    assert sharding.logical_rules(None) == sharding.LOGICAL_RULES
