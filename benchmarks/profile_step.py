@@ -85,6 +85,18 @@ def main():
     items = [(k, v) for k, v in totals.items() if not any(s in k for s in skip)]
     total = sum(v for _, v in items)
     print(f"wall {wall * 1e3:.1f} ms/step; op events total {total / 1e6 / args.steps:.1f} ms/step (summed over threads)")
+    # The same time grouped by where in the model it comes from (layers folded together).
+    groups = collections.Counter()
+    for name, ns in items:
+        shape, op = where.get(name, ("", name.split(".")[0]))
+        op = re.sub(r"layers_\d+/", "layers/", op)
+        groups["bwd " if "transpose(" in op else "fwd "] += 0  # keep the two passes apart below
+        key = ("bwd " if "transpose(" in op else "fwd ") + re.sub(r"(transpose\(|jvp\(|\)|TransformerLM/?)", "", op)
+        groups[key] += ns
+    print(f"by scope (top {args.top // 2}):")
+    for key, ns in groups.most_common(args.top // 2):
+        print(f"{ns / 1e6 / args.steps:8.2f} ms {100 * ns / total:5.1f}%  {key[-90:]}")
+    print("by op:")
     for name, ns in sorted(items, key=lambda kv: -kv[1])[: args.top]:
         shape, op = where.get(name, ("", ""))
         print(f"{ns / 1e6 / args.steps:8.2f} ms {100 * ns / total:5.1f}% x{counts[name] // args.steps:<3d} {name[:28]:28s} {shape[:22]:22s} {op[-70:]}")
