@@ -32,22 +32,34 @@ def base_config() -> ml_collections.ConfigDict:
     m.max_len = 256  # position table / KV cache size; >= data.seq_len
     m.positions = "learned"  # 'learned' | 'rope'
     m.rope_theta = 10000.0
+    # Hugging Face rope scaling (imported Llama 3.x / long-context checkpoints).
+    m.rope_scaling = ml_collections.ConfigDict(dict(
+        type="none",  # 'none' | 'linear' | 'llama3'
+        factor=1.0,
+        low_freq_factor=1.0,  # llama3 only
+        high_freq_factor=4.0,  # llama3 only
+        original_max_len=8192,  # llama3 only: the pre-training context
+    ))
     m.norm = "layernorm"  # 'layernorm' | 'rmsnorm'
     m.norm_eps = 1e-5
     m.mlp_activation = "gelu"  # 'gelu' | 'swiglu'
     m.use_bias = True
+    m.attention_bias = -1  # -1: same as use_bias; 0/1: q/k/v/out projection biases off/on
+    m.mlp_bias = -1  # -1: same as use_bias; 0/1: MLP biases off/on
     m.dropout_rate = 0.0
     m.tie_embeddings = True
     m.scan_layers = False
     m.remat = "none"  # 'none' | 'full' | 'dots'
     m.attention = "einsum"  # 'einsum' | 'dot_product'
+    m.loss_chunk = 0  # >0: cross-entropy in sequence chunks of this size, never the full [b, t, v] logits
     m.dtype = "float32"  # compute dtype ('bfloat16' for mixed precision)
     m.param_dtype = "float32"  # master weights
     m.init_std = 0.02
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds'
-    d.path = ""  # source='text': a UTF-8 text file
+    d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion fine-tuning)
+    d.path = ""  # source='text': a UTF-8 text file; 'jsonl': {"prompt", "completion"} lines
+    d.val_path = ""  # source='jsonl': validation examples (default: the last val_fraction of path)
     d.val_fraction = 0.1
     d.max_chars = 0  # >0: use at most this many characters of the source (quick runs)
     d.tfds_name = ""  # source='tfds': e.g. 'tiny_shakespeare', 'lm1b', 'c4/en'
@@ -85,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.target_eval_loss = 0.0  # >0: stop (and save) once the validation loss reaches it
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
+    t.on_nan = "stop"  # non-finite loss/grads: 'stop' (raise, naming the step) | 'skip' (drop that update)
+    t.overwrite = False  # workdir holds another model's run: True moves it aside (never deleted) and starts over
     t.sample_every = 0  # 0: only at the end
     t.sample_prompt = ""
     t.sample_tokens = 200
@@ -136,15 +150,23 @@ def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> Mod
         max_len=m.max_len,
         positions=m.positions,
         rope_theta=m.rope_theta,
+        rope_scaling=m.rope_scaling.type,
+        rope_scaling_factor=m.rope_scaling.factor,
+        rope_low_freq_factor=m.rope_scaling.low_freq_factor,
+        rope_high_freq_factor=m.rope_scaling.high_freq_factor,
+        rope_original_max_len=m.rope_scaling.original_max_len,
         norm=m.norm,
         norm_eps=m.norm_eps,
         mlp_activation=m.mlp_activation,
         use_bias=m.use_bias,
+        attention_bias=None if m.attention_bias < 0 else bool(m.attention_bias),
+        mlp_bias=None if m.mlp_bias < 0 else bool(m.mlp_bias),
         dropout_rate=m.dropout_rate,
         tie_embeddings=m.tie_embeddings,
         scan_layers=m.scan_layers,
         remat=m.remat,
         attention=m.attention,
+        loss_chunk=m.loss_chunk,
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         init_std=m.init_std,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -42,15 +43,24 @@ class ModelConfig:
     max_len: int = 256  # size of the learned position table and of the KV cache
     positions: str = "learned"  # 'learned' | 'rope'
     rope_theta: float = 10000.0
+    # Hugging Face rope scaling: 'none' | 'linear' (frequencies / factor) | 'llama3' (Llama 3.1).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the context length of pre-training
     norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
     norm_eps: float = 1e-5
     mlp_activation: str = "gelu"  # 'gelu' | 'swiglu'
     use_bias: bool = True
+    attention_bias: Optional[bool] = None  # q/k/v/out projection biases; None: use_bias
+    mlp_bias: Optional[bool] = None  # MLP biases; None: use_bias
     dropout_rate: float = 0.0
     tie_embeddings: bool = True
     scan_layers: bool = False
     remat: str = "none"  # 'none' | 'full' | 'dots'
     attention: str = "einsum"  # 'einsum' (reference) | 'dot_product' (jax.nn.dot_product_attention)
+    loss_chunk: int = 0  # >0: the training loss projects and soft-maxes this many positions at a time
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the (master) weights
     init_std: float = 0.02
@@ -77,10 +87,17 @@ class ModelConfig:
             self.positions != "rope" or self.dim_per_head % 2 == 0,
             f"rope needs an even head_dim, got {self.dim_per_head}",
         )
+        need(self.rope_scaling in ("none", "linear", "llama3"), f"rope_scaling={self.rope_scaling!r}: use 'none', 'linear' or 'llama3'")
+        need(self.rope_scaling_factor > 0, f"rope_scaling_factor={self.rope_scaling_factor} must be positive")
+        need(
+            self.rope_scaling != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor,
+            f"llama3 rope scaling needs rope_high_freq_factor={self.rope_high_freq_factor} > rope_low_freq_factor={self.rope_low_freq_factor}",
+        )
         need(self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'")
         need(self.mlp_activation in ("gelu", "swiglu"), f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'swiglu'")
         need(self.remat in ("none", "full", "dots"), f"remat={self.remat!r}: use 'none', 'full' or 'dots'")
         need(self.attention in ("einsum", "dot_product"), f"attention={self.attention!r}: use 'einsum' or 'dot_product'")
+        need(self.loss_chunk >= 0, f"loss_chunk={self.loss_chunk} must be 0 (off) or a positive chunk length")
         need(self.dtype in _DTYPES, f"dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: use one of {sorted(_DTYPES)}")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
@@ -88,6 +105,14 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def attention_use_bias(self) -> bool:
+        return self.use_bias if self.attention_bias is None else self.attention_bias
+
+    @property
+    def mlp_use_bias(self) -> bool:
+        return self.use_bias if self.mlp_bias is None else self.mlp_bias
 
     @property
     def dim_per_head(self) -> int:
@@ -106,21 +131,34 @@ class ModelConfig:
 # Building blocks
 
 
+class _Logical(nn.LogicallyPartitioned):
+    """LogicallyPartitioned that constrains only a value of its own rank. flax's DenseGeneral unboxes
+    its kernel/bias once while still flattened (also in `apply`, for a shape check); under
+    `jax.set_mesh` constraining that flat value with the full names would be an error."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
+def _logical(init, axes):
+    return lambda *args: _Logical(init(*args), tuple(axes))
+
+
 def _init(cfg: ModelConfig, axes: tuple[str, ...], scale: float = 1.0):
-    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), axes)
+    return _logical(nn.initializers.normal(cfg.init_std * scale), axes)
 
 
 def _zeros(axes):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+    return _logical(nn.initializers.zeros_init(), axes)
 
 
-def _dense(cfg, features, axes, name, in_axis=-1, scale=1.0):
+def _dense(cfg, features, axes, name, in_axis=-1, scale=1.0, use_bias=None):
     """DenseGeneral with logical axes on the kernel; the bias takes the output axes' names."""
     num_out = len(features) if isinstance(features, tuple) else 1
     return nn.DenseGeneral(
         features=features,
         axis=in_axis,
-        use_bias=cfg.use_bias,
+        use_bias=cfg.use_bias if use_bias is None else use_bias,
         dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype,
         kernel_init=_init(cfg, axes, scale),
@@ -145,13 +183,31 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     )
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: ModelConfig) -> Array:
+    """RoPE inverse frequencies [d/2] float32, scaled as Hugging Face's `rope_scaling` says."""
+    d = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        # Llama 3.1: wavelengths longer than the pre-training context / low_freq_factor are slowed
+        # by `factor`, those shorter than context / high_freq_factor kept, a linear blend between
+        # (transformers' _compute_llama3_parameters, same float32 order of operations).
+        f, lo, hi, ctx = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > ctx / lo, inv_freq / f, inv_freq)
+        smooth = (ctx / wavelen - lo) / (hi - lo)
+        medium = ~(wavelen < ctx / hi) & ~(wavelen > ctx / lo)
+        inv_freq = jnp.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled)
+    return inv_freq
+
+
+def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     """Rotary position embedding (Llama / GPT-NeoX "half" layout).
 
-    x: [b, t, heads, d]; positions: [b, t] int. Returns x rotated, same shape and dtype.
+    x: [b, t, heads, d]; positions: [b, t] int; inv_freq: [d/2] from `rope_frequencies`.
+    Returns x rotated, same shape and dtype.
     """
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [d/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
@@ -174,7 +230,7 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str) -> Ar
             return jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
     if mask is None:
-        mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]
+        return _causal_attention(q, k, v)
     qg = q.reshape(b, t, kv, h // kv, d)
     # Logits and softmax in float32 whatever the compute dtype (bf16 softmax is not stable).
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -185,11 +241,53 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str) -> Ar
     return out.reshape(b, t, h, d)
 
 
+def _causal_blocks(t: int) -> int:
+    """Query blocks for causal attention over t positions: blocks of >= 128 rows, at most 8."""
+    n = 1
+    while n < 8 and t % (2 * n) == 0 and t // (2 * n) >= 128:
+        n *= 2
+    return n
+
+
+def _causal_attention(q: Array, k: Array, v: Array) -> Array:
+    """Plain causal self-attention (t == s), the einsum path's training case.
+
+    Queries go in blocks; block i attends to keys [0, end of block i) only, so the fully masked
+    upper-right blocks are never computed (at 2 blocks, 25% fewer attention FLOPs and softmax
+    elements). Masked logits contribute exact zeros, so this equals the full masked softmax.
+    Multi-head attention uses 4-d [b, h, t, s] scores: the 5-d grouped form below costs XLA on CPU
+    extra broadcast/reduce passes in the backward pass (about 2x the time of this core).
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    n = _causal_blocks(t)
+    tb = t // n
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    outs = []
+    for i in range(n):
+        lo, hi = i * tb, (i + 1) * tb
+        qi, ki, vi = q[:, lo:hi], k[:, :hi], v[:, :hi]
+        visible = (jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :])  # [tb, hi], constant
+        if g == 1:
+            logits = jnp.einsum("bthd,bshd->bhts", qi, ki, preferred_element_type=jnp.float32) * scale
+            logits = jnp.where(visible, logits, _MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            outs.append(jnp.einsum("bhts,bshd->bthd", probs, vi))
+        else:
+            qg = qi.reshape(b, tb, kv, g, d)
+            logits = jnp.einsum("btkgd,bskd->bkgts", qg, ki, preferred_element_type=jnp.float32) * scale
+            logits = jnp.where(visible, logits, _MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            outs.append(jnp.einsum("bkgts,bskd->btkgd", probs, vi).reshape(b, tb, h, d))
+    return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
     """Causal self-attention, multi-head or grouped-query, with an optional KV cache.
 
-    With `decode=True` the module keeps `cached_key`/`cached_value` [b, max_len, k, d], the
-    position of every cached slot `cached_pos` [b, max_len] (-1 = empty or padding) and a shared
+    With `decode=True` the module keeps `cached_key`/`cached_value` [b, k, c, d], the
+    position of every cached slot `cached_pos` [b, c] (-1 = empty or padding) and a shared
     write index. Left-padded prompts give their pad tokens position -1, so they are never attended.
     """
 
@@ -200,12 +298,14 @@ class Attention(nn.Module):
         """x: [b, t, e]; positions: [b, t] int (-1 marks padding). Returns [b, t, e]."""
         cfg = self.cfg
         h, k, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        q = _dense(cfg, (h, d), ("embed", "heads", "kv"), "query")(x)
-        key = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "key")(x)
-        value = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "value")(x)
+        bias = cfg.attention_use_bias
+        q = _dense(cfg, (h, d), ("embed", "heads", "kv"), "query", use_bias=bias)(x)
+        key = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "key", use_bias=bias)(x)
+        value = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "value", use_bias=bias)(x)
         if cfg.positions == "rope":
             pos = jnp.maximum(positions, 0)
-            q, key = rope(q, pos, cfg.rope_theta), rope(key, pos, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q, key = rope(q, pos, inv_freq), rope(key, pos, inv_freq)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
 
         mask = None  # plain causal
@@ -216,29 +316,34 @@ class Attention(nn.Module):
         # Residual projections are scaled down with depth (GPT-2): keeps the residual stream's
         # variance from growing with the number of layers at init.
         out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
-        return _dense(cfg, cfg.embed_dim, ("heads", "kv", "embed"), "out", in_axis=(-2, -1), scale=out_scale)(out)
+        return _dense(cfg, cfg.embed_dim, ("heads", "kv", "embed"), "out", in_axis=(-2, -1), scale=out_scale, use_bias=bias)(out)
 
     def _update_cache(self, key, value, positions):
         """Writes this call's keys/values at the cache index; returns all cached ones and the mask."""
-        cfg = self.cfg
         b, t, k, d = key.shape
-        axes = ("cache_batch", "cache_length", "cache_kv_heads", "kv")
-        ck = self.variable("cache", "cached_key", nn.with_logical_partitioning(jnp.zeros, axes), (b, cfg.max_len, k, d), key.dtype)
-        cv = self.variable("cache", "cached_value", nn.with_logical_partitioning(jnp.zeros, axes), (b, cfg.max_len, k, d), value.dtype)
+        # Heads-major [b, k, c, d]: the attention dots batch over (b, k), so with this layout they
+        # read the cache in place; [b, c, k, d] made XLA transpose (copy) the whole cache every step.
+        axes = ("cache_batch", "cache_kv_heads", "cache_length", "kv")
+        # The cache length c is the length of the `init` input: a generation sizes it to
+        # prompt + new tokens rather than max_len, so a step attends over no slot it cannot use.
+        ck = self.variable("cache", "cached_key", nn.with_logical_partitioning(jnp.zeros, axes), (b, k, t, d), key.dtype)
+        cv = self.variable("cache", "cached_value", nn.with_logical_partitioning(jnp.zeros, axes), (b, k, t, d), value.dtype)
         cp = self.variable(
             "cache", "cached_pos",
             nn.with_logical_partitioning(lambda s: jnp.full(s, -1, jnp.int32), ("cache_batch", "cache_length")),
-            (b, cfg.max_len),
+            (b, t),
         )
         idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         if self.is_initializing():
             return key, value, _positions_mask(positions, positions)
         i = idx.value
-        ck.value = jax.lax.dynamic_update_slice(nn.unbox(ck.value), key, (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(nn.unbox(cv.value), value, (0, i, 0, 0))
+        ck.value = jax.lax.dynamic_update_slice(nn.unbox(ck.value), key.swapaxes(1, 2), (0, 0, i, 0))
+        cv.value = jax.lax.dynamic_update_slice(nn.unbox(cv.value), value.swapaxes(1, 2), (0, 0, i, 0))
         cp.value = jax.lax.dynamic_update_slice(nn.unbox(cp.value), positions.astype(jnp.int32), (0, i))
         idx.value = i + t
-        return nn.unbox(ck.value), nn.unbox(cv.value), _positions_mask(positions, nn.unbox(cp.value))
+        # Returned as [b, c, k, d] views for `attend`; XLA folds the swap into the dots.
+        keys, values = nn.unbox(ck.value).swapaxes(1, 2), nn.unbox(cv.value).swapaxes(1, 2)
+        return keys, values, _positions_mask(positions, nn.unbox(cp.value))
 
 
 def _positions_mask(q_pos: Array, k_pos: Array) -> Array:
@@ -254,14 +359,14 @@ class Mlp(nn.Module):
         """x: [b, t, e] -> [b, t, e]."""
         cfg = self.cfg
         if cfg.mlp_activation == "swiglu":
-            gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_0")(x)
-            up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_1")(x)
+            gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_0", use_bias=cfg.mlp_use_bias)(x)
+            up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_1", use_bias=cfg.mlp_use_bias)(x)
             hidden = nn.silu(gate) * up
         else:
-            hidden = nn.gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi")(x), approximate=True)
+            hidden = nn.gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi", use_bias=cfg.mlp_use_bias)(x), approximate=True)
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
-        return _dense(cfg, cfg.embed_dim, ("mlp", "embed"), "wo", scale=out_scale)(hidden)
+        return _dense(cfg, cfg.embed_dim, ("mlp", "embed"), "wo", scale=out_scale, use_bias=cfg.mlp_use_bias)(hidden)
 
 
 class Block(nn.Module):
@@ -299,11 +404,16 @@ class TransformerLM(nn.Module):
         positions: Optional[Array] = None,
         deterministic: bool = True,
         decode: bool = False,
+        return_hidden: bool = False,
     ) -> Array:
         """tokens: [b, t] int; positions: [b, t] int, default 0..t-1 (-1 marks left padding).
 
+        `return_hidden=True` returns the final normed hidden states [b, t, e] (compute dtype)
+        instead of the logits, for a loss that applies the output projection itself
+        (`llm_jax.loss.chunked_cross_entropy` with `output_kernel`).
+
         `decode=True` reads and appends to the KV cache (collection 'cache', made by `init` with
-        decode=True on a [b, max_len] input); otherwise attention is plain causal over `tokens`.
+        decode=True on a [b, c] input: c cache slots, c <= max_len); otherwise attention is plain causal over `tokens`.
         """
         cfg = self.cfg
         if positions is None:
@@ -342,6 +452,8 @@ class TransformerLM(nn.Module):
                 x, _ = block(cfg, name=f"layers_{i}")(x, positions, deterministic, decode)
 
         x = make_norm(cfg, "ln_f")(x)
+        if return_hidden:
+            return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         if cfg.tie_embeddings:
             logits = embed.attend(x.astype(cfg.compute_dtype))
         else:
@@ -355,6 +467,13 @@ class TransformerLM(nn.Module):
             )(x)
         logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+
+def output_kernel(cfg: ModelConfig, params: Any) -> tuple[Array, bool]:
+    """(the output projection's weight, vocab_first): the tied table [v, e] or lm_head's [e, v]."""
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"], True
+    return params["lm_head"]["kernel"], False
 
 
 def count_params(params: Any) -> int:

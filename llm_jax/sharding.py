@@ -10,6 +10,7 @@ The model names logical axes; this file alone maps them onto the physical mesh a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -94,6 +95,18 @@ def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:
     overrides = dict(getattr(getattr(config, "mesh", None), "rules", None) or {})
     rules = tuple((name, overrides.pop(name, axes)) for name, axes in LOGICAL_RULES)
     return rules + tuple(overrides.items())
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules):
+    """Context for tracing model code on `mesh`: the logical activation constraints take effect.
+
+    `jax.set_mesh`, not the legacy `with mesh:`: flax applies `with_logical_constraint` only when an
+    abstract mesh is set, which `with mesh:` does not do (every activation constraint was silently
+    dropped). Trace `init` outside it: flax's DenseGeneral constrains its flattened kernel there.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:

@@ -138,6 +138,9 @@ class SentencePieceTokenizer(Tokenizer):
             byte_fallback=True,  # never an unknown token: any text round-trips
             split_digits=True,
             remove_extra_whitespaces=False,  # code and poetry need their spaces
+            # No "▁" prepended to each encoded string: the corpus is encoded line by line
+            # (encode_array), and a dummy prefix would put a space at the start of every line.
+            add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             normalization_rule_name="identity",
             user_defined_symbols=["\n", "\t"],
