@@ -84,7 +84,8 @@ def peak_flops(devices: Sequence[jax.Device], dtype: str = "bfloat16") -> tuple[
     """(total peak FLOP/s of `devices`, how it was obtained); (None, reason) for an unknown device."""
     dev = devices[0]
     if dev.platform == "cpu":
-        return measure_cpu_matmul_flops(), "measured float32 matmul on this host"
+        how = "LLM_JAX_CPU_PEAK_FLOPS" if os.environ.get("LLM_JAX_CPU_PEAK_FLOPS") else "measured float32 matmul on this host"
+        return measure_cpu_matmul_flops(), how
     peak = _device_peak(dev.device_kind, dtype)
     if peak is None:
         return None, f"no peak known for device kind {dev.device_kind!r}"

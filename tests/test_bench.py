@@ -99,7 +99,7 @@ def test_bench_command_prints_json_last_line():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["peak_flops"] == 1e11
+    assert out["peak_flops"] == 1e11 and out["peak_flops_source"] == "LLM_JAX_CPU_PEAK_FLOPS"
     assert out["mfu"] == pytest.approx(out["tokens_per_sec"] * out["flops_per_token"] / 1e11)
 
 
