@@ -64,10 +64,7 @@ def measure_cpu_matmul_flops(n: int = 1024, seconds: float = 0.5) -> float:
     """Best float32 matmul FLOP/s of this host over all its cores (jitted `n x n @ n x n`).
 
     One process's CPU devices share the host's cores, so this is the peak of all of them together.
-    `LLM_JAX_CPU_PEAK_FLOPS` overrides the measurement (e.g. to compare runs on one scale).
     """
-    if os.environ.get("LLM_JAX_CPU_PEAK_FLOPS"):
-        return float(os.environ["LLM_JAX_CPU_PEAK_FLOPS"])
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), cpu)
     mm = jax.jit(lambda x: x @ x)
@@ -84,8 +81,10 @@ def peak_flops(devices: Sequence[jax.Device], dtype: str = "bfloat16") -> tuple[
     """(total peak FLOP/s of `devices`, how it was obtained); (None, reason) for an unknown device."""
     dev = devices[0]
     if dev.platform == "cpu":
-        how = "LLM_JAX_CPU_PEAK_FLOPS" if os.environ.get("LLM_JAX_CPU_PEAK_FLOPS") else "measured float32 matmul on this host"
-        return measure_cpu_matmul_flops(), how
+        # $LLM_JAX_CPU_PEAK_FLOPS overrides the measurement (e.g. to compare runs on one scale).
+        if os.environ.get("LLM_JAX_CPU_PEAK_FLOPS"):
+            return float(os.environ["LLM_JAX_CPU_PEAK_FLOPS"]), "LLM_JAX_CPU_PEAK_FLOPS"
+        return measure_cpu_matmul_flops(), "measured float32 matmul on this host"
     peak = _device_peak(dev.device_kind, dtype)
     if peak is None:
         return None, f"no peak known for device kind {dev.device_kind!r}"
