@@ -134,7 +134,7 @@ def create_sharded_state(model, tx, mesh, rules, rng, seq_len):
     init = init_state_fn(model, tx, seq_len)
     abstract = jax.eval_shape(init, rng)
     shardings = sharding.boxed_shardings(abstract, mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):
+    with mesh, nn.logical_axis_rules(rules):  # init is traced outside use_mesh (see its docstring)
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
 
@@ -641,7 +641,7 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
 def log_sample(log, model, params, tokenizer, tc, mesh, rules, seed) -> str:
     prompt = tc.sample_prompt or ("\n" if tokenizer.kind != "sentencepiece" else "")
     try:
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.use_mesh(mesh, rules):
             text = decode_lib.complete(model, params, tokenizer, [prompt], tc.sample_tokens, seed=seed,
                                        temperature=tc.sample_temperature, top_k=tc.sample_top_k)[0]
     except ValueError as e:  # e.g. a character the vocabulary lacks: a sample is not worth a crash
