@@ -28,9 +28,21 @@ def main():
     times = {n: [] for n in args.layers}
     env = dict(os.environ, LLM_JAX_CPU_PEAK_FLOPS=os.environ.get("LLM_JAX_CPU_PEAK_FLOPS", "1e11"))
     for r in range(args.rounds):
-        for n in (args.layers if r % 2 == 0 else args.layers[::-1]):
-            cmd = [sys.executable, "-m", "llm_jax.bench", "--config", args.config, "--steps", "1", "--warmup", "0",
-                   "--config.model.scan_layers=True", f"--config.model.num_layers={n}", *overrides]
+        for n in args.layers if r % 2 == 0 else args.layers[::-1]:
+            cmd = [
+                sys.executable,
+                "-m",
+                "llm_jax.bench",
+                "--config",
+                args.config,
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--config.model.scan_layers=True",
+                f"--config.model.num_layers={n}",
+                *overrides,
+            ]
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -39,8 +51,16 @@ def main():
             print(f"round {r + 1}: {n} layers compile {out['compile_s']:.2f}s", flush=True)
     med = {n: statistics.median(t) for n, t in times.items()}
     lo, hi = min(args.layers), max(args.layers)
-    print(json.dumps({"compile_s": {str(n): med[n] for n in args.layers}, "all": {str(n): times[n] for n in args.layers},
-                      "ratio": med[hi] / med[lo], "overrides": overrides}))
+    print(
+        json.dumps(
+            {
+                "compile_s": {str(n): med[n] for n in args.layers},
+                "all": {str(n): times[n] for n in args.layers},
+                "ratio": med[hi] / med[lo],
+                "overrides": overrides,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

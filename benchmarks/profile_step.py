@@ -29,11 +29,11 @@ def main():
 
     import jax
     import numpy as np
-    import flax.linen as nn
-    from ml_collections import config_flags
     from absl import flags
+    from ml_collections import config_flags
 
-    from llm_jax import config as config_lib, optim, sharding, train
+    from llm_jax import config as config_lib
+    from llm_jax import optim, sharding, train
     from llm_jax.model import TransformerLM
 
     config_flags.DEFINE_config_file("config", args.config)
@@ -84,7 +84,9 @@ def main():
     skip = ("PjitFunction", "ExecuteHelper", "Thunk", "PjRt", "TfrtCpu", "XlaModule", "ThunkExecutor")
     items = [(k, v) for k, v in totals.items() if not any(s in k for s in skip)]
     total = sum(v for _, v in items)
-    print(f"wall {wall * 1e3:.1f} ms/step; op events total {total / 1e6 / args.steps:.1f} ms/step (summed over threads)")
+    print(
+        f"wall {wall * 1e3:.1f} ms/step; op events total {total / 1e6 / args.steps:.1f} ms/step (summed over threads)"
+    )
     # The same time grouped by where in the model it comes from (layers folded together).
     groups = collections.Counter()
     for name, ns in items:
@@ -99,7 +101,9 @@ def main():
     print("by op:")
     for name, ns in sorted(items, key=lambda kv: -kv[1])[: args.top]:
         shape, op = where.get(name, ("", ""))
-        print(f"{ns / 1e6 / args.steps:8.2f} ms {100 * ns / total:5.1f}% x{counts[name] // args.steps:<3d} {name[:28]:28s} {shape[:22]:22s} {op[-70:]}")
+        print(
+            f"{ns / 1e6 / args.steps:8.2f} ms {100 * ns / total:5.1f}% x{counts[name] // args.steps:<3d} {name[:28]:28s} {shape[:22]:22s} {op[-70:]}"
+        )
 
 
 if __name__ == "__main__":

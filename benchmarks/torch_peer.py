@@ -49,16 +49,29 @@ def torch_worker(config_path: str, steps: int, warmup: int) -> dict:
     assert m.mlp_activation == "gelu" and m.norm == "layernorm" and m.positions == "learned", "GPT-2 configs only"
     vocab = -(-m.vocab_size // m.vocab_multiple) * m.vocab_multiple
     hf_cfg = GPT2Config(
-        vocab_size=vocab, n_positions=m.max_len, n_embd=m.embed_dim, n_layer=m.num_layers, n_head=m.num_heads,
-        n_inner=m.mlp_dim, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+        vocab_size=vocab,
+        n_positions=m.max_len,
+        n_embd=m.embed_dim,
+        n_layer=m.num_layers,
+        n_head=m.num_heads,
+        n_inner=m.mlp_dim,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
     )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(hf_cfg).float().train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n and "wpe" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n and "wpe" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.b1, o.b2),
+        eps=o.eps,
+    )
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
@@ -80,9 +93,16 @@ def torch_worker(config_path: str, steps: int, warmup: int) -> dict:
         loss = step()
         times.append(time.perf_counter() - t)
     step_time = statistics.median(times)
-    return {"tokens_per_sec": batch * seq / step_time, "step_time_s": step_time, "step_time_min_s": min(times),
-            "step_time_max_s": max(times), "num_params": sum(p.numel() for p in model.parameters()),
-            "final_loss": float(loss), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "tokens_per_sec": batch * seq / step_time,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "final_loss": float(loss),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def last_json(cmd: list[str]) -> dict:
@@ -108,10 +128,29 @@ def main():
         ap.error(f"unknown arguments {bad}; only --config.KEY=VALUE overrides pass through to llm_jax")
 
     py = sys.executable
-    jax_cmd = [py, "-m", "llm_jax.bench", "--config", args.config, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), *jax_overrides]
-    torch_cmd = [py, os.path.abspath(__file__), "--worker", "--config", args.config, "--steps", str(args.steps),
-                 "--warmup", str(args.warmup)]
+    jax_cmd = [
+        py,
+        "-m",
+        "llm_jax.bench",
+        "--config",
+        args.config,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        *jax_overrides,
+    ]
+    torch_cmd = [
+        py,
+        os.path.abspath(__file__),
+        "--worker",
+        "--config",
+        args.config,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     rounds = []
     for r in range(args.rounds):
         # Alternate which side goes first so slow drifts in machine load do not favour one.
@@ -121,8 +160,11 @@ def main():
         res = {name: last_json(cmd) for name, cmd in order}
         ratio = res["jax"]["tokens_per_sec"] / res["torch"]["tokens_per_sec"]
         rounds.append({"jax": res["jax"], "torch": res["torch"], "ratio": ratio})
-        print(f"round {r + 1}: llm_jax {res['jax']['tokens_per_sec']:,.0f} tok/s (MFU {100 * (res['jax']['mfu'] or 0):.1f}%)"
-              f" | torch {res['torch']['tokens_per_sec']:,.0f} tok/s | ratio {ratio:.3f}", flush=True)
+        print(
+            f"round {r + 1}: llm_jax {res['jax']['tokens_per_sec']:,.0f} tok/s (MFU {100 * (res['jax']['mfu'] or 0):.1f}%)"
+            f" | torch {res['torch']['tokens_per_sec']:,.0f} tok/s | ratio {ratio:.3f}",
+            flush=True,
+        )
 
     med = lambda xs: statistics.median(xs)
     j = rounds[-1]["jax"]

@@ -6,24 +6,34 @@ About 3 minutes on 2 CPU cores; prints validation loss and a generated sample, l
 `configs/default.py:tiny` is a seconds-long smoke run.
 """
 
+import ml_collections
+
 from llm_jax.config import base_config
 
 
-def get_config(arg: str = "") -> "ml_collections.ConfigDict":
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = base_config()
     c.data.source = "stdlib"
     c.data.tokenizer = "byte"
     c.data.seq_len = 128
     c.model.update(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=256)
-    c.train.update(batch_size=16, num_steps=1500, log_every=100, eval_every=500, checkpoint_every=500,
-                   sample_prompt="def ", sample_tokens=200)
+    c.train.update(
+        batch_size=16,
+        num_steps=1500,
+        log_every=100,
+        eval_every=500,
+        checkpoint_every=500,
+        sample_prompt="def ",
+        sample_tokens=200,
+    )
     c.optim.update(lr=2e-3, warmup_steps=100)
     if arg == "tiny":
         c.data.max_chars = 200_000
         c.data.seq_len = 32
         c.model.update(num_layers=2, embed_dim=32, mlp_dim=64, num_heads=2, max_len=64)
-        c.train.update(batch_size=8, num_steps=5, log_every=1, eval_every=5, eval_steps=2,
-                       checkpoint_every=5, sample_tokens=16)
+        c.train.update(
+            batch_size=8, num_steps=5, log_every=1, eval_every=5, eval_steps=2, checkpoint_every=5, sample_tokens=16
+        )
     elif arg:
         raise ValueError(f"configs/default.py: unknown argument {arg!r}; use '' or 'tiny'")
     return c

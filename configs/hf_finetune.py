@@ -16,10 +16,12 @@ An HF directory as the argument gives the same architecture from a random init (
 
 import os
 
+import ml_collections
+
 from llm_jax import hf
 
 
-def get_config(arg: str = "") -> "ml_collections.ConfigDict":
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
     path, _, variant = arg.partition(",")
     if not path:
         raise ValueError("configs/hf_finetune.py needs the run directory: --config configs/hf_finetune.py:WORKDIR")
@@ -28,13 +30,29 @@ def get_config(arg: str = "") -> "ml_collections.ConfigDict":
     c.data.path = os.path.join(os.environ.get("LLM_JAX_DATA", "../shared/data"), "tinyshakespeare", "input.txt")
     c.data.seq_len = min(256, c.model.max_len)
     c.optim.update(lr=5e-5, schedule="cosine", warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0)
-    c.train.update(batch_size=8, num_steps=300, log_every=25, eval_every=100, eval_steps=10, checkpoint_every=100,
-                   sample_prompt="ROMEO:", sample_tokens=64)
+    c.train.update(
+        batch_size=8,
+        num_steps=300,
+        log_every=25,
+        eval_every=100,
+        eval_steps=10,
+        checkpoint_every=100,
+        sample_prompt="ROMEO:",
+        sample_tokens=64,
+    )
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     if variant == "tiny":
         c.data.update(source="stdlib", max_chars=30_000, seq_len=min(32, c.model.max_len))
-        c.train.update(batch_size=8, num_steps=2, log_every=1, eval_every=2, eval_steps=1, checkpoint_every=2,
-                       sample_prompt="def ", sample_tokens=4)
+        c.train.update(
+            batch_size=8,
+            num_steps=2,
+            log_every=1,
+            eval_every=2,
+            eval_steps=1,
+            checkpoint_every=2,
+            sample_prompt="def ",
+            sample_tokens=4,
+        )
     elif variant:
         raise ValueError(f"configs/hf_finetune.py: unknown variant {variant!r}; use PATH or PATH,tiny")
     return c

@@ -7,6 +7,8 @@ for GPU/TPU with FSDP.
 Arguments: 1b (~1.2B params, context 2048), 7b (Llama-2-7B shape), `tiny` for a CPU smoke run.
 """
 
+import ml_collections
+
 from llm_jax.config import base_config
 
 SIZES = {  # layers, heads, kv heads, width, mlp
@@ -16,15 +18,33 @@ SIZES = {  # layers, heads, kv heads, width, mlp
 }
 
 
-def get_config(arg: str = "1b") -> "ml_collections.ConfigDict":
+def get_config(arg: str = "1b") -> ml_collections.ConfigDict:
     if arg not in SIZES:
         raise ValueError(f"configs/llama.py: unknown size {arg!r}; use one of {sorted(SIZES)}")
     layers, heads, kv_heads, width, mlp = SIZES[arg]
     c = base_config()
-    c.model.update(preset=f"llama-{arg}", num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, embed_dim=width,
-                   mlp_dim=mlp, max_len=2048, positions="rope", rope_theta=500000.0, norm="rmsnorm", norm_eps=1e-5,
-                   mlp_activation="swiglu", use_bias=False, tie_embeddings=False, dropout_rate=0.0, scan_layers=True,
-                   remat="dots", attention="dot_product", dtype="bfloat16", param_dtype="float32")
+    c.model.update(
+        preset=f"llama-{arg}",
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        embed_dim=width,
+        mlp_dim=mlp,
+        max_len=2048,
+        positions="rope",
+        rope_theta=500000.0,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp_activation="swiglu",
+        use_bias=False,
+        tie_embeddings=False,
+        dropout_rate=0.0,
+        scan_layers=True,
+        remat="dots",
+        attention="dot_product",
+        dtype="bfloat16",
+        param_dtype="float32",
+    )
     c.data.update(tokenizer="sentencepiece", vocab_size=32000, seq_len=2048)
     c.optim.update(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
     c.train.update(batch_size=64, num_steps=100_000, log_every=50, eval_every=2000, checkpoint_every=1000)

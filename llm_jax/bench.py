@@ -86,7 +86,9 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     num_params = count_params(state.params)
     p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps)
 
-    tokens = np.random.default_rng(config.seed).integers(0, model_cfg.vocab_size, (tc.batch_size, seq_len + 1), dtype=np.int32)
+    tokens = np.random.default_rng(config.seed).integers(
+        0, model_cfg.vocab_size, (tc.batch_size, seq_len + 1), dtype=np.int32
+    )
     batch = sharding.host_to_global({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
     step_rng = jax.device_put(jax.random.key(1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
@@ -144,14 +146,18 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
         "jax": jax.__version__,
     }
     mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
-    log(f"bench: {tps:,.0f} tokens/s, step {step_time * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max "
-        f"{max(times) * 1e3:.1f}), compile {compile_s:.1f}s, MFU {mfu_text}")
+    log(
+        f"bench: {tps:,.0f} tokens/s, step {step_time * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max "
+        f"{max(times) * 1e3:.1f}), compile {compile_s:.1f}s, MFU {mfu_text}"
+    )
     return result
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --steps, --warmup, --config.KEY=VALUE")
+        raise app.UsageError(
+            f"unexpected arguments {argv[1:]}; options are --config, --steps, --warmup, --config.KEY=VALUE"
+        )
     if FLAGS.steps < 1:
         raise app.UsageError(f"--steps={FLAGS.steps} must be at least 1")
     result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)

@@ -27,10 +27,10 @@ import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from absl import app, flags
 
 from llm_jax import decode
@@ -79,22 +79,42 @@ def hf_runner(cfg: ModelConfig, prompts: np.ndarray, new_tokens: int):
     import transformers
 
     hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.embed_dim, n_layer=cfg.num_layers,
-        n_head=cfg.num_heads, n_inner=cfg.mlp_dim, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_len,
+        n_embd=cfg.embed_dim,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.mlp_dim,
+        activation_function="gelu_new",
+        layer_norm_epsilon=cfg.norm_eps,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(hf_cfg).to(torch.float32).eval()
-    _log(f"hf: {sum(p.numel() for p in model.parameters()):,} parameters, torch {torch.__version__}, "
-         f"transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    _log(
+        f"hf: {sum(p.numel() for p in model.parameters()):,} parameters, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {torch.get_num_threads()} threads"
+    )
     input_ids = torch.as_tensor(prompts, dtype=torch.long)
     attention_mask = torch.ones_like(input_ids)
 
     def run():
         with torch.inference_mode():
-            out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+            out = model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
         assert out.shape == (len(prompts), prompts.shape[1] + new_tokens), out.shape
 
     return run
@@ -105,9 +125,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.prompt_len + FLAGS.new_tokens - 1 > FLAGS.max_len:
         raise app.UsageError(f"--prompt_len + --new_tokens - 1 must fit --max_len={FLAGS.max_len}")
-    cfg = ModelConfig(vocab_size=FLAGS.vocab, num_layers=FLAGS.layers, num_heads=FLAGS.heads, embed_dim=FLAGS.width,
-                      mlp_dim=4 * FLAGS.width, max_len=FLAGS.max_len, positions="learned", norm="layernorm",
-                      mlp_activation="gelu", use_bias=True, tie_embeddings=True, dtype="float32", param_dtype="float32")
+    cfg = ModelConfig(
+        vocab_size=FLAGS.vocab,
+        num_layers=FLAGS.layers,
+        num_heads=FLAGS.heads,
+        embed_dim=FLAGS.width,
+        mlp_dim=4 * FLAGS.width,
+        max_len=FLAGS.max_len,
+        positions="learned",
+        norm="layernorm",
+        mlp_activation="gelu",
+        use_bias=True,
+        tie_embeddings=True,
+        dtype="float32",
+        param_dtype="float32",
+    )
     prompts = np.random.default_rng(0).integers(1, FLAGS.vocab, size=(FLAGS.batch, FLAGS.prompt_len))
     new_tokens = FLAGS.batch * FLAGS.new_tokens
 
@@ -135,9 +167,18 @@ def main(argv):
         _log(f"repeat {r + 1}/{FLAGS.repeats}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
 
     result = {
-        "batch": FLAGS.batch, "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
-        "config": {"layers": cfg.num_layers, "width": cfg.embed_dim, "heads": cfg.num_heads, "mlp": cfg.mlp_dim,
-                   "vocab": cfg.vocab_size, "max_len": cfg.max_len, "dtype": cfg.dtype},
+        "batch": FLAGS.batch,
+        "prompt_len": FLAGS.prompt_len,
+        "new_tokens": FLAGS.new_tokens,
+        "config": {
+            "layers": cfg.num_layers,
+            "width": cfg.embed_dim,
+            "heads": cfg.num_heads,
+            "mlp": cfg.mlp_dim,
+            "vocab": cfg.vocab_size,
+            "max_len": cfg.max_len,
+            "dtype": cfg.dtype,
+        },
         "llm_jax_s": statistics.median(times["llm_jax"]),
         "llm_jax_tokens_per_sec": new_tokens / statistics.median(times["llm_jax"]),
         "best_llm_jax_tokens_per_sec": new_tokens / min(times["llm_jax"]),
@@ -146,12 +187,14 @@ def main(argv):
         "jax": jax.__version__,
     }
     if "hf" in times:
-        result.update({
-            "hf_s": statistics.median(times["hf"]),
-            "hf_tokens_per_sec": new_tokens / statistics.median(times["hf"]),
-            "best_hf_tokens_per_sec": new_tokens / min(times["hf"]),
-            "torch_threads": torch_threads,
-        })
+        result.update(
+            {
+                "hf_s": statistics.median(times["hf"]),
+                "hf_tokens_per_sec": new_tokens / statistics.median(times["hf"]),
+                "best_hf_tokens_per_sec": new_tokens / min(times["hf"]),
+                "torch_threads": torch_threads,
+            }
+        )
         result["ratio"] = result["llm_jax_tokens_per_sec"] / result["hf_tokens_per_sec"]
         result["best_ratio"] = result["best_llm_jax_tokens_per_sec"] / result["best_hf_tokens_per_sec"]
     print(json.dumps(result))

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -92,8 +93,11 @@ def tree_shapes(tree: Any) -> dict[str, tuple]:
 def check_shapes(where: str, saved_meta: Any, abstract_state: Any) -> None:
     """Raises IncompatibleCheckpoint naming the differences between a checkpoint and this run."""
     saved, here = tree_shapes(saved_meta), tree_shapes(abstract_state)
-    problems = [f"{p} is {saved[p]} in the checkpoint but {here[p]} here"
-                for p in sorted(saved.keys() & here.keys()) if saved[p] != here[p]]
+    problems = [
+        f"{p} is {saved[p]} in the checkpoint but {here[p]} here"
+        for p in sorted(saved.keys() & here.keys())
+        if saved[p] != here[p]
+    ]
     only_saved, only_here = sorted(saved.keys() - here.keys()), sorted(here.keys() - saved.keys())
     if only_saved:
         problems.append(f"{len(only_saved)} arrays only in the checkpoint (e.g. {', '.join(only_saved[:3])})")
@@ -105,7 +109,10 @@ def check_shapes(where: str, saved_meta: Any, abstract_state: Any) -> None:
     if any("embed" in p and "embedding" in p for p in problems):
         hint = " The vocabulary size differs: the tokenizer or config.model.vocab_size is not the one this run was trained with."
     raise IncompatibleCheckpoint(
-        f"checkpoint {where} does not match this run's model: " + "; ".join(problems[:6]) + "." + hint
+        f"checkpoint {where} does not match this run's model: "
+        + "; ".join(problems[:6])
+        + "."
+        + hint
         + " Use the config the run was started with, or start over with --config.train.overwrite=True "
         "(the old run is moved aside, not deleted)."
     )
@@ -114,9 +121,9 @@ def check_shapes(where: str, saved_meta: Any, abstract_state: Any) -> None:
 def restore_latest(
     mngr: ocp.CheckpointManager,
     abstract_state: Any,
-    check: Optional[Callable[[int, dict], None]] = None,
+    check: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[Optional[int], Any, dict, list[int]]:
+) -> tuple[int | None, Any, dict, list[int]]:
     """(step, state, data_state, bad_steps) of the newest checkpoint that restores.
 
     Newest first: a checkpoint whose files cannot be read is skipped with a warning naming it (its
@@ -197,7 +204,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = None) -> tuple[int, Any]:
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
     """(step, params) of checkpoint `step` (None: the latest) of a run, for inference.
 
     Reads only the params of the saved train state (not the optimizer state), placed as
@@ -221,8 +228,9 @@ def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = Non
     # PyTreeRestore with partial_restore: only the arrays named in `item` are read.
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
         os.path.join(where, "state"),
-        args=ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                    partial_restore=True),
+        args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+        ),
     )
     mngr.close()
     return step, restored["params"]

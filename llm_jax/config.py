@@ -33,13 +33,15 @@ def base_config() -> ml_collections.ConfigDict:
     m.positions = "learned"  # 'learned' | 'rope'
     m.rope_theta = 10000.0
     # Hugging Face rope scaling (imported Llama 3.x / long-context checkpoints).
-    m.rope_scaling = ml_collections.ConfigDict(dict(
-        type="none",  # 'none' | 'linear' | 'llama3'
-        factor=1.0,
-        low_freq_factor=1.0,  # llama3 only
-        high_freq_factor=4.0,  # llama3 only
-        original_max_len=8192,  # llama3 only: the pre-training context
-    ))
+    m.rope_scaling = ml_collections.ConfigDict(
+        dict(
+            type="none",  # 'none' | 'linear' | 'llama3'
+            factor=1.0,
+            low_freq_factor=1.0,  # llama3 only
+            high_freq_factor=4.0,  # llama3 only
+            original_max_len=8192,  # llama3 only: the pre-training context
+        )
+    )
     m.norm = "layernorm"  # 'layernorm' | 'rmsnorm'
     m.norm_eps = 1e-5
     m.mlp_activation = "gelu"  # 'gelu' | 'swiglu'

@@ -46,7 +46,9 @@ def main(argv):
         config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
         hf.import_run(FLAGS.hf_dir, FLAGS.workdir, config)
     else:
-        hf.export_run(FLAGS.workdir, FLAGS.hf_dir, step=None if FLAGS.step < 0 else FLAGS.step, dtype=FLAGS.dtype or None)
+        hf.export_run(
+            FLAGS.workdir, FLAGS.hf_dir, step=None if FLAGS.step < 0 else FLAGS.step, dtype=FLAGS.dtype or None
+        )
 
 
 if __name__ == "__main__":

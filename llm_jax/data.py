@@ -26,7 +26,7 @@ import os
 import sysconfig
 import time
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -34,7 +34,17 @@ from llm_jax import tokenizer as tok_lib
 
 # Directories of the standard library left out of the default corpus: tests, the IDE, vendored
 # packages and generated tables are not the code a model should learn from.
-_STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "ensurepip", "turtledemo", "__pycache__")
+_STDLIB_SKIP = (
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "ensurepip",
+    "turtledemo",
+    "__pycache__",
+)
 
 
 @dataclasses.dataclass
@@ -124,8 +134,12 @@ def load_splits(cfg) -> Splits:
             text, cut = text[: cfg.max_chars], min(cut, int(cfg.max_chars * (1.0 - cfg.val_fraction)))
         return Splits([text[:cut]], [text[cut:]])
     if cfg.source == "tfds":
-        train = tfds_documents(cfg.tfds_name, cfg.tfds_train_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs)
-        val = tfds_documents(cfg.tfds_name, cfg.tfds_val_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs)
+        train = tfds_documents(
+            cfg.tfds_name, cfg.tfds_train_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs
+        )
+        val = tfds_documents(
+            cfg.tfds_name, cfg.tfds_val_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs
+        )
         return Splits(train, val)
     raise ValueError(f"config.data.source={cfg.source!r}: use 'stdlib', 'text' or 'tfds'")
 
@@ -182,15 +196,25 @@ class LMData:
                     "use more data, a smaller config.data.seq_len or a different config.data.val_fraction"
                 )
 
-    def train_batch(self, step: int, global_batch: int, seq_len: int, seed: int,
-                    process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    def train_batch(
+        self, step: int, global_batch: int, seq_len: int, seed: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
         """This process's rows of the global training batch of `step`: inputs/targets [rows, seq_len]."""
-        starts = np.random.default_rng([seed, step]).integers(0, len(self.train_tokens) - seq_len - 1, size=global_batch)
+        starts = np.random.default_rng([seed, step]).integers(
+            0, len(self.train_tokens) - seq_len - 1, size=global_batch
+        )
         rows = global_batch // process_count
         return windows(self.train_tokens, starts[process_index * rows : (process_index + 1) * rows], seq_len)
 
-    def eval_batches(self, num_batches: int, global_batch: int, seq_len: int, seed: int,
-                     process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    def eval_batches(
+        self,
+        num_batches: int,
+        global_batch: int,
+        seq_len: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> list[dict[str, np.ndarray]]:
         """A fixed set of validation batches (the same every evaluation, so evals compare)."""
         rng = np.random.default_rng([seed, 2**31 - 1])
         rows = global_batch // process_count
@@ -208,8 +232,15 @@ def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, n
     return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
 
 
-def batches(data: LMData, start_step: int, global_batch: int, seq_len: int, seed: int,
-            process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+    data: LMData,
+    start_step: int,
+    global_batch: int,
+    seq_len: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
     step = start_step
     while True:
         yield data.train_batch(step, global_batch, seq_len, seed, process_index, process_count)
@@ -230,8 +261,10 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
         tokenizer = build_tokenizer(cfg, splits.train)
     train = tokenize(splits.train, tokenizer)
     val = tokenize(splits.val, tokenizer)
-    log(f"data: {cfg.source} -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), "
-        f"{len(train):,} train / {len(val):,} val tokens in {time.time() - t0:.1f}s")
+    log(
+        f"data: {cfg.source} -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), "
+        f"{len(train):,} train / {len(val):,} val tokens in {time.time() - t0:.1f}s"
+    )
     return LMData(tokenizer, train, val)
 
 
@@ -242,7 +275,7 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
 def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str]]:
     """(prompt, completion) of every non-empty line of a JSONL file; errors name the line and field."""
     if not path:
-        raise ValueError(f"{key} is empty: give a JSONL file of {{\"prompt\": ..., \"completion\": ...}} lines")
+        raise ValueError(f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} lines')
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
     examples = []
@@ -260,7 +293,9 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}")
+                raise ValueError(
+                    f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}"
+                )
             for field in ("prompt", "completion"):
                 if field not in obj:
                     raise ValueError(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
@@ -272,7 +307,9 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
     return examples
 
 
-def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+def pack_examples(
+    examples: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Packs tokenized (prompt, completion + EOS) examples, in order, into rows of `width` tokens.
 
     Returns (tokens [rows, width] int32, mask [rows, width] bool: True on completion and EOS
@@ -336,16 +373,24 @@ class PromptCompletionData:
                     "of their prompt; raise config.data.seq_len (and config.model.max_len)"
                 )
 
-    def train_batch(self, step: int, global_batch: int, seq_len: int, seed: int,
-                    process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    def train_batch(
+        self, step: int, global_batch: int, seq_len: int, seed: int, process_index: int = 0, process_count: int = 1
+    ) -> dict[str, np.ndarray]:
         """This process's rows of the global batch of `step`: inputs/targets/weights [rows, seq_len]."""
         tokens, mask, _ = self.rows("train", seq_len)
         idx = np.random.default_rng([seed, step]).integers(0, len(tokens), size=global_batch)
         rows = global_batch // process_count
         return _shifted(tokens, mask, idx[process_index * rows : (process_index + 1) * rows])
 
-    def eval_batches(self, num_batches: int, global_batch: int, seq_len: int, seed: int,
-                     process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    def eval_batches(
+        self,
+        num_batches: int,
+        global_batch: int,
+        seq_len: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> list[dict[str, np.ndarray]]:
         """The validation rows in order (wrapping around if there are fewer than asked), the same every time."""
         tokens, mask, _ = self.rows("val", seq_len)
         rows = global_batch // process_count
@@ -392,6 +437,8 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
 
     data = PromptCompletionData(tokenizer, encode(train), encode(val))
     n_tokens = sum(len(p) + len(c) for p, c in data.train_examples)
-    log(f"data: jsonl -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), {len(train):,} train / "
-        f"{len(val):,} val examples ({n_tokens:,} train tokens) in {time.time() - t0:.1f}s")
+    log(
+        f"data: jsonl -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), {len(train):,} train / "
+        f"{len(val):,} val examples ({n_tokens:,} train tokens) in {time.time() - t0:.1f}s"
+    )
     return data

@@ -13,12 +13,13 @@ finds it) or the `mesh` argument of `generate`.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from jax.sharding import Mesh
 
 from llm_jax.model import TransformerLM, output_kernel
@@ -69,12 +70,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     positions = np.full((len(prompts), width), -1, np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        positions[i, width - len(p):] = np.arange(len(p))
+        tokens[i, width - len(p) :] = p
+        positions[i, width - len(p) :] = np.arange(len(p))
     return tokens, positions
 
 
-def init_cache(model: TransformerLM, batch: int, length: int, mesh: Optional[Mesh] = None) -> tuple[Any, Any]:
+def init_cache(model: TransformerLM, batch: int, length: int, mesh: Mesh | None = None) -> tuple[Any, Any]:
     """(cache, logical specs): an empty KV cache of `length` slots for `batch` rows.
 
     Every layer holds cached_key/cached_value [batch, k, length, d] (zeros), cached_pos
@@ -105,8 +106,9 @@ def _apply_cached(model, params, head, cache, specs, mesh, tokens, positions):
     Only the last position goes through the output projection `head` [e, v] (`_output_head`), in
     the compute dtype like the model's own head: a prefill never computes [b, P, v] logits.
     """
-    hidden, mut = model.apply({"params": params, "cache": cache}, tokens, positions, decode=True,
-                              return_hidden=True, mutable=["cache"])
+    hidden, mut = model.apply(
+        {"params": params, "cache": cache}, tokens, positions, decode=True, return_hidden=True, mutable=["cache"]
+    )
     dtype = model.cfg.compute_dtype
     logits = jnp.dot(hidden[:, -1].astype(dtype), head.astype(dtype)).astype(jnp.float32)
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_vocab"), mesh=mesh)
@@ -120,7 +122,7 @@ def _output_head(model, params):
     return kernel.T if vocab_first else kernel
 
 
-def params_mesh(params) -> Optional[Mesh]:
+def params_mesh(params) -> Mesh | None:
     """The mesh the params are sharded over (NamedSharding), or None (e.g. numpy or one device)."""
     for leaf in jax.tree.leaves(params):
         sharding = getattr(leaf, "sharding", None)
@@ -142,7 +144,7 @@ def generate(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
-    mesh: Optional[Mesh] = None,
+    mesh: Mesh | None = None,
 ) -> Generation:
     """Continues left-padded prompts (tokens, positions [b, P], from `left_pad`).
 
@@ -157,15 +159,26 @@ def generate(
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     return _generate(
-        model, params, tokens, positions, rng, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-        max_new_tokens=int(max_new_tokens), greedy=temperature == 0, stop_ids=tuple(int(s) for s in stop_ids),
-        pad_id=int(pad_id), mesh=mesh,
+        model,
+        params,
+        tokens,
+        positions,
+        rng,
+        jnp.float32(temperature),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+        max_new_tokens=int(max_new_tokens),
+        greedy=temperature == 0,
+        stop_ids=tuple(int(s) for s in stop_ids),
+        pad_id=int(pad_id),
+        mesh=mesh,
     )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "stop_ids", "pad_id", "mesh"))
-def _generate(model, params, tokens, positions, rng, temperature, top_k, top_p, *,
-              max_new_tokens, greedy, stop_ids, pad_id, mesh) -> Generation:
+def _generate(
+    model, params, tokens, positions, rng, temperature, top_k, top_p, *, max_new_tokens, greedy, stop_ids, pad_id, mesh
+) -> Generation:
     b, p = tokens.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -208,9 +221,18 @@ def _generate(model, params, tokens, positions, rng, temperature, top_k, top_p, 
     return Generation(out, lengths)
 
 
-def complete(model: TransformerLM, params, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int = 0,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Optional[Sequence[int]] = None) -> list[str]:
+def complete(
+    model: TransformerLM,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    seed: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] | None = None,
+) -> list[str]:
     """Text in, text out: each prompt's continuation, cut before its stop token.
 
     `stop_ids` None means the tokenizer's EOS (if it has one). An empty prompt starts from EOS, the
@@ -229,9 +251,19 @@ def complete(model: TransformerLM, params, tokenizer, prompts: Sequence[str], ma
             f"a prompt is {longest} tokens, which fills the model's context of {model.cfg.max_len} tokens; shorten it"
         )
     tokens, positions = left_pad(encoded)
-    new = generate(model, params, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),
-                   max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-                   top_p=float(top_p), stop_ids=stop_ids, mesh=params_mesh(params))
+    new = generate(
+        model,
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(positions),
+        jax.random.key(seed),
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        stop_ids=stop_ids,
+        mesh=params_mesh(params),
+    )
     rows, lengths = jax.device_get((new.tokens, new.lengths))
     texts = []
     for row, n in zip(np.asarray(rows), np.asarray(lengths)):

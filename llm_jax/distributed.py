@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Optional
 
 import jax
 
@@ -41,17 +40,27 @@ def cluster_env_present() -> bool:
         return False
 
 
-def initialize(coordinator_address: str = "", num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, auto: bool = True) -> bool:
+def initialize(
+    coordinator_address: str = "",
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = True,
+) -> bool:
     """Starts jax.distributed if asked to (flags) or if a cluster is detected; True if started.
 
     Call before anything touches a JAX backend.
     """
     explicit = bool(coordinator_address) or num_processes is not None or process_id is not None
     if explicit:
-        missing = [name for name, v in (("--coordinator_address", coordinator_address),
-                                        ("--num_processes", num_processes),
-                                        ("--process_id", process_id)) if v in (None, "")]
+        missing = [
+            name
+            for name, v in (
+                ("--coordinator_address", coordinator_address),
+                ("--num_processes", num_processes),
+                ("--process_id", process_id),
+            )
+            if v in (None, "")
+        ]
         if missing and not cluster_env_present():
             raise ValueError(
                 f"multi-process run: also give {', '.join(missing)} (all three of --coordinator_address=HOST:PORT, "

@@ -16,10 +16,9 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 # Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' data sheets.
@@ -49,7 +48,7 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-def _device_peak(kind: str, dtype: str) -> Optional[float]:
+def _device_peak(kind: str, dtype: str) -> float | None:
     for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # longest first: 'TPU v5 lite' before 'TPU v5'
         if name.lower() in kind.lower():
             peak = PEAK_FLOPS[name]
@@ -59,7 +58,7 @@ def _device_peak(kind: str, dtype: str) -> Optional[float]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_cpu_matmul_flops(n: int = 1024, seconds: float = 0.5) -> float:
     """Best float32 matmul FLOP/s of this host over all its cores (jitted `n x n @ n x n`).
 
@@ -77,7 +76,7 @@ def measure_cpu_matmul_flops(n: int = 1024, seconds: float = 0.5) -> float:
     return 2.0 * n**3 / best
 
 
-def peak_flops(devices: Sequence[jax.Device], dtype: str = "bfloat16") -> tuple[Optional[float], str]:
+def peak_flops(devices: Sequence[jax.Device], dtype: str = "bfloat16") -> tuple[float | None, str]:
     """(total peak FLOP/s of `devices`, how it was obtained); (None, reason) for an unknown device."""
     dev = devices[0]
     if dev.platform == "cpu":
@@ -91,7 +90,7 @@ def peak_flops(devices: Sequence[jax.Device], dtype: str = "bfloat16") -> tuple[
     return peak * len(devices), f"{dev.device_kind} table x {len(devices)}"
 
 
-def mfu(tokens_per_sec: float, flops_token: float, peak: Optional[float]) -> Optional[float]:
+def mfu(tokens_per_sec: float, flops_token: float, peak: float | None) -> float | None:
     """Model FLOPs utilization in [0, 1] (None when the peak is unknown)."""
     if not peak:
         return None

@@ -20,20 +20,17 @@ import json
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import ml_collections
 from absl import app, flags, logging
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
-from llm_jax import decode
-from llm_jax import sharding
+from llm_jax import decode, sharding
 from llm_jax import tokenizer as tok_lib
 from llm_jax.model import TransformerLM
-
-
 
 FLAGS = flags.FLAGS
 
@@ -86,7 +83,9 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
                 try:
                     prompt = json.loads(line)["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise GenerateError(f"{prompt_file}:{n}: expected a JSON object with a 'prompt' field ({e})") from None
+                    raise GenerateError(
+                        f"{prompt_file}:{n}: expected a JSON object with a 'prompt' field ({e})"
+                    ) from None
                 out.append(str(prompt))
             else:
                 out.append(line)
@@ -143,8 +142,15 @@ def main(argv):
         with nn.logical_axis_rules(rules):
             for i in range(0, len(prompts), FLAGS.batch_size):
                 completions += decode.complete(
-                    model, params, tokenizer, prompts[i : i + FLAGS.batch_size], FLAGS.max_new_tokens,
-                    seed=FLAGS.seed + i, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                    model,
+                    params,
+                    tokenizer,
+                    prompts[i : i + FLAGS.batch_size],
+                    FLAGS.max_new_tokens,
+                    seed=FLAGS.seed + i,
+                    temperature=FLAGS.temperature,
+                    top_k=FLAGS.top_k,
+                    top_p=FLAGS.top_p,
                     stop_ids=stop_ids,
                 )
     except ValueError as e:  # a prompt longer than the context, a character outside the vocabulary, ...

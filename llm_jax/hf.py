@@ -30,14 +30,15 @@ import json
 import os
 import shutil
 import struct
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
-import flax.linen as nn
 from flax import traverse_util
 from jax.sharding import Mesh
 
@@ -55,11 +56,24 @@ CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json
 
 # safetensors dtype codes -> numpy (bfloat16 and float8 via ml_dtypes, which JAX depends on).
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
-_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
+_DTYPE_NAMES = {
+    np.dtype(np.float32): "float32",
+    np.dtype(ml_dtypes.bfloat16): "bfloat16",
+    np.dtype(np.float16): "float16",
+}
 
 
 class HFError(ValueError):
@@ -105,7 +119,9 @@ class SafetensorsDir:
         else:
             files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.safetensors")))
         if not files:
-            pickled = sorted(os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(hf_dir, pat)))
+            pickled = sorted(
+                os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(hf_dir, pat))
+            )
             if pickled:
                 raise HFError(
                     f"{hf_dir} has only pickled PyTorch weights ({', '.join(pickled)}). llm_jax reads safetensors "
@@ -134,12 +150,12 @@ def _map_safetensors(path: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _ST_DTYPES:
             raise HFError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which llm_jax cannot read")
         begin, end = info["data_offsets"]
-        raw = mm[8 + n + begin: 8 + n + end]
+        raw = mm[8 + n + begin : 8 + n + end]
         out[key] = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
 
 
-def load_tokenizer(hf_dir: str, hf_cfg: Optional[dict] = None) -> Optional[tok_lib.HFTokenizer]:
+def load_tokenizer(hf_dir: str, hf_cfg: dict | None = None) -> tok_lib.HFTokenizer | None:
     """The directory's tokenizer.json as an HFTokenizer (EOS from config.json), or None if absent."""
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.isfile(path):
@@ -187,7 +203,9 @@ def _rope_fields(hf_cfg: dict) -> dict:
             "rope_scaling_factor": float(params["factor"]),
             "rope_low_freq_factor": float(params["low_freq_factor"]),
             "rope_high_freq_factor": float(params["high_freq_factor"]),
-            "rope_original_max_len": int(params.get("original_max_position_embeddings") or hf_cfg["max_position_embeddings"]),
+            "rope_original_max_len": int(
+                params.get("original_max_position_embeddings") or hf_cfg["max_position_embeddings"]
+            ),
         }
     raise HFError(
         f"config.json {field}.rope_type={kind!r} is not supported: llm_jax reproduces 'default', 'linear' and "
@@ -205,11 +223,26 @@ def model_config_from_hf(hf_cfg: dict, **overrides) -> ModelConfig:
     if hf_cfg.get("quantization_config"):
         raise HFError("config.json quantization_config is set: quantized checkpoints are not supported")
     if arch == "gpt2":
-        _require(hf_cfg, "activation_function", lambda v: v in ("gelu_new", "gelu_pytorch_tanh"), "gelu_new",
-                 "llm_jax's GPT-2 MLP is the tanh-approximate GELU ('gelu_new' / 'gelu_pytorch_tanh')")
-        _require(hf_cfg, "scale_attn_weights", lambda v: v is True, True, "attention is always scaled by 1/sqrt(head_dim)")
-        _require(hf_cfg, "scale_attn_by_inverse_layer_idx", lambda v: v is False, False, "per-layer attention scaling is not implemented")
-        _require(hf_cfg, "add_cross_attention", lambda v: v is False, False, "decoder-only models have no cross-attention")
+        _require(
+            hf_cfg,
+            "activation_function",
+            lambda v: v in ("gelu_new", "gelu_pytorch_tanh"),
+            "gelu_new",
+            "llm_jax's GPT-2 MLP is the tanh-approximate GELU ('gelu_new' / 'gelu_pytorch_tanh')",
+        )
+        _require(
+            hf_cfg, "scale_attn_weights", lambda v: v is True, True, "attention is always scaled by 1/sqrt(head_dim)"
+        )
+        _require(
+            hf_cfg,
+            "scale_attn_by_inverse_layer_idx",
+            lambda v: v is False,
+            False,
+            "per-layer attention scaling is not implemented",
+        )
+        _require(
+            hf_cfg, "add_cross_attention", lambda v: v is False, False, "decoder-only models have no cross-attention"
+        )
         embed = int(hf_cfg["n_embd"])
         kw = dict(
             vocab_size=int(hf_cfg["vocab_size"]),
@@ -254,7 +287,7 @@ def model_config_from_hf(hf_cfg: dict, **overrides) -> ModelConfig:
     return ModelConfig(**kw, **overrides)
 
 
-def hf_config_from_model(cfg: ModelConfig, base: Optional[dict] = None, eos_id: Optional[int] = None) -> dict:
+def hf_config_from_model(cfg: ModelConfig, base: dict | None = None, eos_id: int | None = None) -> dict:
     """config.json for `cfg`: GPT2LMHeadModel or LlamaForCausalLM, whichever computes the same function.
 
     `base` (an imported checkpoint's original config.json) keeps its other fields (token ids, ...).
@@ -266,11 +299,24 @@ def hf_config_from_model(cfg: ModelConfig, base: Optional[dict] = None, eos_id: 
     dtype = cfg.param_dtype
     if arch == "gpt2":
         out.update(
-            architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size, n_positions=cfg.max_len,
-            n_embd=cfg.embed_dim, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim,
-            activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-            scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
-            add_cross_attention=False, resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate, attn_pdrop=0.0,
+            architectures=["GPT2LMHeadModel"],
+            model_type="gpt2",
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.max_len,
+            n_embd=cfg.embed_dim,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.mlp_dim,
+            activation_function="gelu_new",
+            layer_norm_epsilon=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
+            scale_attn_weights=True,
+            scale_attn_by_inverse_layer_idx=False,
+            reorder_and_upcast_attn=False,
+            add_cross_attention=False,
+            resid_pdrop=cfg.dropout_rate,
+            embd_pdrop=cfg.dropout_rate,
+            attn_pdrop=0.0,
             dtype=dtype,
         )
     else:
@@ -278,18 +324,35 @@ def hf_config_from_model(cfg: ModelConfig, base: Optional[dict] = None, eos_id: 
         if cfg.rope_scaling == "linear":
             rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
         elif cfg.rope_scaling == "llama3":
-            rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                        high_freq_factor=cfg.rope_high_freq_factor,
-                        original_max_position_embeddings=cfg.rope_original_max_len)
+            rope.update(
+                rope_type="llama3",
+                factor=cfg.rope_scaling_factor,
+                low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len,
+            )
         out.update(
-            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-            hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
-            hidden_act="silu", max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attention_use_bias, mlp_bias=cfg.mlp_use_bias,
-            attention_dropout=0.0, pretraining_tp=1, dtype=dtype,
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.embed_dim,
+            intermediate_size=cfg.mlp_dim,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.dim_per_head,
+            hidden_act="silu",
+            max_position_embeddings=cfg.max_len,
+            rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
+            attention_bias=cfg.attention_use_bias,
+            mlp_bias=cfg.mlp_use_bias,
+            attention_dropout=0.0,
+            pretraining_tp=1,
+            dtype=dtype,
             # Both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta + rope_scaling.
-            rope_parameters=rope, rope_theta=cfg.rope_theta,
+            rope_parameters=rope,
+            rope_theta=cfg.rope_theta,
             rope_scaling=None if rope["rope_type"] == "default" else dict(rope),
         )
     if eos_id is not None and "eos_token_id" not in out:
@@ -301,13 +364,24 @@ def hf_config_from_model(cfg: ModelConfig, base: Optional[dict] = None, eos_id: 
 
 def _export_architecture(cfg: ModelConfig) -> str:
     gpt2 = {
-        "positions": (cfg.positions, "learned"), "norm": (cfg.norm, "layernorm"), "mlp_activation": (cfg.mlp_activation, "gelu"),
-        "use_bias": (cfg.use_bias, True), "attention_bias": (cfg.attention_use_bias, True), "mlp_bias": (cfg.mlp_use_bias, True),
-        "num_kv_heads": (cfg.kv_heads, cfg.num_heads), "head_dim": (cfg.dim_per_head * cfg.num_heads, cfg.embed_dim),
+        "positions": (cfg.positions, "learned"),
+        "norm": (cfg.norm, "layernorm"),
+        "mlp_activation": (cfg.mlp_activation, "gelu"),
+        "use_bias": (cfg.use_bias, True),
+        "attention_bias": (cfg.attention_use_bias, True),
+        "mlp_bias": (cfg.mlp_use_bias, True),
+        "num_kv_heads": (cfg.kv_heads, cfg.num_heads),
+        "head_dim": (cfg.dim_per_head * cfg.num_heads, cfg.embed_dim),
         "rope_scaling": (cfg.rope_scaling, "none"),
     }
-    llama = {"positions": (cfg.positions, "rope"), "norm": (cfg.norm, "rmsnorm"), "mlp_activation": (cfg.mlp_activation, "swiglu")}
-    misfit = {name: [k for k, (v, want) in spec.items() if v != want] for name, spec in (("gpt2", gpt2), ("llama", llama))}
+    llama = {
+        "positions": (cfg.positions, "rope"),
+        "norm": (cfg.norm, "rmsnorm"),
+        "mlp_activation": (cfg.mlp_activation, "swiglu"),
+    }
+    misfit = {
+        name: [k for k, (v, want) in spec.items() if v != want] for name, spec in (("gpt2", gpt2), ("llama", llama))
+    }
     for name in ("gpt2", "llama"):
         if not misfit[name]:
             return name
@@ -335,16 +409,20 @@ def _import_views(arch: str, cfg: ModelConfig, t: Callable[[str], np.ndarray], p
             p = f"{prefix}h.{i}."
             qkv_w, qkv_b = t(p + "attn.c_attn.weight"), t(p + "attn.c_attn.bias")  # Conv1D: [in, out]
             layer = {
-                ("ln_1", "scale"): t(p + "ln_1.weight"), ("ln_1", "bias"): t(p + "ln_1.bias"),
-                ("ln_2", "scale"): t(p + "ln_2.weight"), ("ln_2", "bias"): t(p + "ln_2.bias"),
+                ("ln_1", "scale"): t(p + "ln_1.weight"),
+                ("ln_1", "bias"): t(p + "ln_1.bias"),
+                ("ln_2", "scale"): t(p + "ln_2.weight"),
+                ("ln_2", "bias"): t(p + "ln_2.bias"),
                 ("attn", "out", "kernel"): t(p + "attn.c_proj.weight").reshape(h, d, e),
                 ("attn", "out", "bias"): t(p + "attn.c_proj.bias"),
-                ("mlp", "wi", "kernel"): t(p + "mlp.c_fc.weight"), ("mlp", "wi", "bias"): t(p + "mlp.c_fc.bias"),
-                ("mlp", "wo", "kernel"): t(p + "mlp.c_proj.weight"), ("mlp", "wo", "bias"): t(p + "mlp.c_proj.bias"),
+                ("mlp", "wi", "kernel"): t(p + "mlp.c_fc.weight"),
+                ("mlp", "wi", "bias"): t(p + "mlp.c_fc.bias"),
+                ("mlp", "wo", "kernel"): t(p + "mlp.c_proj.weight"),
+                ("mlp", "wo", "bias"): t(p + "mlp.c_proj.bias"),
             }
             for j, name in enumerate(("query", "key", "value")):
-                layer[("attn", name, "kernel")] = qkv_w[:, j * e:(j + 1) * e].reshape(e, h, d)
-                layer[("attn", name, "bias")] = qkv_b[j * e:(j + 1) * e].reshape(h, d)
+                layer[("attn", name, "kernel")] = qkv_w[:, j * e : (j + 1) * e].reshape(e, h, d)
+                layer[("attn", name, "bias")] = qkv_b[j * e : (j + 1) * e].reshape(h, d)
             layers.append(layer)
     else:
         top[("embed", "embedding")] = t(prefix + "embed_tokens.weight")
@@ -390,12 +468,17 @@ def _export_tensors(arch: str, cfg: ModelConfig, top: dict, layers: list[dict]) 
             out[p + "ln_1.weight"], out[p + "ln_1.bias"] = L[("ln_1", "scale")], L[("ln_1", "bias")]
             out[p + "ln_2.weight"], out[p + "ln_2.bias"] = L[("ln_2", "scale")], L[("ln_2", "bias")]
             names = ("query", "key", "value")
-            out[p + "attn.c_attn.weight"] = np.concatenate([L[("attn", n, "kernel")].reshape(e, h * d) for n in names], axis=1)
+            out[p + "attn.c_attn.weight"] = np.concatenate(
+                [L[("attn", n, "kernel")].reshape(e, h * d) for n in names], axis=1
+            )
             out[p + "attn.c_attn.bias"] = np.concatenate([L[("attn", n, "bias")].reshape(h * d) for n in names])
             out[p + "attn.c_proj.weight"] = L[("attn", "out", "kernel")].reshape(h * d, e)
             out[p + "attn.c_proj.bias"] = L[("attn", "out", "bias")]
             out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = L[("mlp", "wi", "kernel")], L[("mlp", "wi", "bias")]
-            out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = L[("mlp", "wo", "kernel")], L[("mlp", "wo", "bias")]
+            out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = (
+                L[("mlp", "wo", "kernel")],
+                L[("mlp", "wo", "bias")],
+            )
     else:
         out["model.embed_tokens.weight"] = top[("embed", "embedding")]
         out["model.norm.weight"] = top[("ln_f", "scale")]
@@ -458,8 +541,9 @@ def default_mesh() -> Mesh:
     return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
 
 
-def load_params(hf_dir: str, cfg: ModelConfig, mesh: Optional[Mesh] = None, rules=None,
-                hf_cfg: Optional[dict] = None) -> dict:
+def load_params(
+    hf_dir: str, cfg: ModelConfig, mesh: Mesh | None = None, rules=None, hf_cfg: dict | None = None
+) -> dict:
     """The checkpoint's weights as `cfg`'s param tree, each array placed straight into its shards.
 
     Each device's shard is sliced from the memory-mapped files (`make_array_from_callback`) on the
@@ -487,8 +571,10 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh: Optional[Mesh] = None, rule
         if not missing:
             raise HFError(f"{hf_dir}: the tensors do not fit config.json ({err})") from None
     if missing:
-        raise HFError(f"{hf_dir} lacks tensors a {arch} model with this config.json needs: {missing[:8]}"
-                      + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        raise HFError(
+            f"{hf_dir} lacks tensors a {arch} model with this config.json needs: {missing[:8]}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
     unused = sorted(n for n in files.tensors if n not in used and not _ignorable(arch, n, cfg))
     if unused:
         raise HFError(f"{hf_dir} has tensors the {arch} layout does not use (an unsupported variant?): {unused[:8]}")
@@ -508,19 +594,25 @@ def load_params(hf_dir: str, cfg: ModelConfig, mesh: Optional[Mesh] = None, rule
     shardings = traverse_util.flatten_dict(sharding.boxed_shardings(boxed, mesh, rules))
     targets = traverse_util.flatten_dict(nn.meta.unbox(boxed))
     if set(targets) != set(views):
-        raise HFError(f"internal layout mismatch: model params {sorted(set(targets) ^ set(views))} have no tensor mapping")
+        raise HFError(
+            f"internal layout mismatch: model params {sorted(set(targets) ^ set(views))} have no tensor mapping"
+        )
     out = {}
     for path, target in targets.items():
         view, sh = views[path], shardings[path]
         name = "/".join(path)
         if tuple(view.shape) != tuple(target.shape):
-            raise HFError(f"{hf_dir}: parameter {name} should be {tuple(target.shape)} for this config.json but the "
-                          f"checkpoint gives {tuple(view.shape)}")
+            raise HFError(
+                f"{hf_dir}: parameter {name} should be {tuple(target.shape)} for this config.json but the "
+                f"checkpoint gives {tuple(view.shape)}"
+            )
         for dim, (size, axes) in enumerate(zip(target.shape, sh.spec)):
             parts = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
             if size % parts:
-                raise HFError(f"parameter {name} dim {dim} (size {size}) does not split over mesh axes {axes} "
-                              f"({parts} devices); choose mesh sizes that divide it")
+                raise HFError(
+                    f"parameter {name} dim {dim} (size {size}) does not split over mesh axes {axes} "
+                    f"({parts} devices); choose mesh sizes that divide it"
+                )
         dtype = target.dtype
         out[path] = jax.make_array_from_callback(
             target.shape, sh, lambda index, view=view, dtype=dtype: np.asarray(view[index], dtype=dtype)
@@ -535,7 +627,7 @@ def _name_prefix(arch: str, tensors: dict) -> str:
     return want if want + probe in tensors or probe not in tensors else ""
 
 
-def load_pretrained(hf_dir: str, mesh: Optional[Mesh] = None, rules=None, **overrides) -> tuple[TransformerLM, dict]:
+def load_pretrained(hf_dir: str, mesh: Mesh | None = None, rules=None, **overrides) -> tuple[TransformerLM, dict]:
     """(model, params) from a local Hugging Face directory; `model.apply({'params': params}, tokens)`.
 
     `mesh`: where the params go (default: the first device); with the default logical `rules`
@@ -564,9 +656,16 @@ def hf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     return _export_tensors(_export_architecture(cfg), cfg, top, layers)
 
 
-def save_pretrained(hf_dir: str, cfg: ModelConfig, params: Any, tokenizer: Optional[tok_lib.Tokenizer] = None,
-                    base_config: Optional[dict] = None, dtype: Optional[str] = None,
-                    max_shard_bytes: int = 5 * 2**30, extra_files: Optional[dict] = None) -> None:
+def save_pretrained(
+    hf_dir: str,
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: tok_lib.Tokenizer | None = None,
+    base_config: dict | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    extra_files: dict | None = None,
+) -> None:
     """Writes config.json + model.safetensors (sharded with an index past `max_shard_bytes`).
 
     `tokenizer`: an HFTokenizer is written as tokenizer.json (others have no HF form). `dtype`:
@@ -652,8 +751,11 @@ def config_model_keys(cfg: ModelConfig) -> dict:
             continue
         keys[f.name] = value
     keys["rope_scaling"] = dict(
-        type=cfg.rope_scaling, factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
-        high_freq_factor=cfg.rope_high_freq_factor, original_max_len=cfg.rope_original_max_len,
+        type=cfg.rope_scaling,
+        factor=cfg.rope_scaling_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_len=cfg.rope_original_max_len,
     )
     keys["vocab_multiple"] = 1  # the checkpoint's vocabulary exactly: padding would change the logits
     return keys
@@ -677,7 +779,9 @@ def run_config(path: str) -> ml_collections.ConfigDict:
         arch = keys.get("preset", "custom")
         tokenizer_path = os.path.join(path, "tokenizer", tok_lib.HFTokenizer.FILE)
     else:
-        raise HFError(f"{path}/config.json is neither a Hugging Face config (no 'architectures') nor a run config (no 'model')")
+        raise HFError(
+            f"{path}/config.json is neither a Hugging Face config (no 'architectures') nor a run config (no 'model')"
+        )
     unknown = sorted(set(keys) - set(c.model.keys()) - {"preset"})
     if unknown:
         raise HFError(f"model keys {unknown} of {path}/config.json are not in config.base_config(); update llm_jax")
@@ -690,8 +794,9 @@ def run_config(path: str) -> ml_collections.ConfigDict:
     return c
 
 
-def import_run(hf_dir: str, workdir: str, config: Optional[ml_collections.ConfigDict] = None,
-               log=print) -> ml_collections.ConfigDict:
+def import_run(
+    hf_dir: str, workdir: str, config: ml_collections.ConfigDict | None = None, log=print
+) -> ml_collections.ConfigDict:
     """Makes `workdir` a run that `llm_jax.main` resumes from the imported weights.
 
     Writes workdir/config.json (`config`, default `run_config(hf_dir)`), workdir/tokenizer/ (the HF
@@ -699,8 +804,7 @@ def import_run(hf_dir: str, workdir: str, config: Optional[ml_collections.Config
     and workdir/checkpoints/0 (TrainState(step=0, params, fresh opt_state), sharded on `config.mesh`).
     """
     from llm_jax import checkpoint as ckpt_lib
-    from llm_jax import optim
-    from llm_jax import train
+    from llm_jax import optim, train
 
     hf_cfg = read_config(hf_dir)
     config = run_config(hf_dir) if config is None else config
@@ -714,15 +818,26 @@ def import_run(hf_dir: str, workdir: str, config: Optional[ml_collections.Config
             "(AutoTokenizer.from_pretrained(D).save_pretrained(D)) or use hf.load_pretrained for the weights alone"
         )
     if tokenizer.vocab_size > hf_cfg["vocab_size"]:
-        raise HFError(f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json vocab_size={hf_cfg['vocab_size']}")
-    cfg = model_config_from_hf(hf_cfg, scan_layers=config.model.scan_layers, remat=config.model.remat,
-                               attention=config.model.attention, dtype=config.model.dtype,
-                               param_dtype=config.model.param_dtype, init_std=config.model.init_std,
-                               dropout_rate=config.model.dropout_rate)
+        raise HFError(
+            f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json vocab_size={hf_cfg['vocab_size']}"
+        )
+    cfg = model_config_from_hf(
+        hf_cfg,
+        scan_layers=config.model.scan_layers,
+        remat=config.model.remat,
+        attention=config.model.attention,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        init_std=config.model.init_std,
+        dropout_rate=config.model.dropout_rate,
+    )
     run_cfg = config_lib.model_config(config, tokenizer.vocab_size)
     if run_cfg != cfg:
-        diff = {f.name: (getattr(run_cfg, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                if getattr(run_cfg, f.name) != getattr(cfg, f.name)}
+        diff = {
+            f.name: (getattr(run_cfg, f.name), getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)
+            if getattr(run_cfg, f.name) != getattr(cfg, f.name)
+        }
         raise HFError(f"config.model disagrees with {hf_dir}/config.json on (config, checkpoint): {diff}")
 
     tok_dir = os.path.join(workdir, "tokenizer")
@@ -730,8 +845,10 @@ def import_run(hf_dir: str, workdir: str, config: Optional[ml_collections.Config
     config.data.tokenizer_path = os.path.join(tok_dir, tok_lib.HFTokenizer.FILE)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config)
-    log(f"importing {hf_dir} ({architecture(hf_cfg)}, {cfg.num_layers} layers, vocab {cfg.vocab_size}) "
-        f"onto mesh {dict(mesh.shape)}")
+    log(
+        f"importing {hf_dir} ({architecture(hf_cfg)}, {cfg.num_layers} layers, vocab {cfg.vocab_size}) "
+        f"onto mesh {dict(mesh.shape)}"
+    )
     params = load_params(hf_dir, cfg, mesh, rules, hf_cfg)
 
     model = TransformerLM(cfg)
@@ -757,7 +874,7 @@ def import_run(hf_dir: str, workdir: str, config: Optional[ml_collections.Config
     return config
 
 
-def restore_params(workdir: str, cfg: ModelConfig, step: Optional[int] = None) -> tuple[dict, int]:
+def restore_params(workdir: str, cfg: ModelConfig, step: int | None = None) -> tuple[dict, int]:
     """(params as host numpy arrays, step) of a run's checkpoint (default: the latest); no optimizer state."""
     import orbax.checkpoint as ocp
 
@@ -768,17 +885,21 @@ def restore_params(workdir: str, cfg: ModelConfig, step: Optional[int] = None) -
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {root}; there are {steps}")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(abstract_params(TransformerLM(cfg))))
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(abstract_params(TransformerLM(cfg)))
+    )
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
             os.path.join(root, str(step), "state"),
-            args=ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args}, partial_restore=True),
+            args=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+            ),
         )
     return restored["params"], step
 
 
-def export_run(workdir: str, hf_dir: str, step: Optional[int] = None, dtype: Optional[str] = None, log=print) -> None:
+def export_run(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = None, log=print) -> None:
     """Writes a run's checkpoint (default: the latest) as a Hugging Face directory."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = config_lib.base_config()

@@ -75,8 +75,9 @@ def _xent_bwd(chunk, vocab_first, res, g):
 _xent.defvjp(_xent_fwd, _xent_bwd)
 
 
-def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array | None,
-                          chunk: int, vocab_first: bool) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array | None, chunk: int, vocab_first: bool
+) -> tuple[jax.Array, jax.Array]:
     """Summed cross-entropy and token count, as `train.token_loss` of the projected logits.
 
     hidden: [b, t, e] final (normed) hidden states in the compute dtype; kernel: the output

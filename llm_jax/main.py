@@ -25,7 +25,9 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config.json, m
 flags.DEFINE_string("coordinator_address", "", "Multi-process: HOST:PORT of process 0's coordinator (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
-flags.DEFINE_bool("auto_distributed", True, "Initialize jax.distributed when SLURM / Open MPI / a TPU slice is detected.")
+flags.DEFINE_bool(
+    "auto_distributed", True, "Initialize jax.distributed when SLURM / Open MPI / a TPU slice is detected."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +36,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --workdir and --config.KEY=VALUE")
     # Orbax logs every save step at INFO; our own progress lines are printed, so keep absl quiet.
     logging.set_verbosity(logging.WARNING)
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.auto_distributed)
+    distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.auto_distributed
+    )
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
@@ -53,8 +57,10 @@ def parse_flags(argv):
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         if not bad:
             raise
-        sys.exit(f"FATAL Flags parsing error: {bad[0]}: the config has no key {key!r}. {hint}".rstrip()
-                 + " The keys are those of llm_jax/config.py (base_config).")
+        sys.exit(
+            f"FATAL Flags parsing error: {bad[0]}: the config has no key {key!r}. {hint}".rstrip()
+            + " The keys are those of llm_jax/config.py (base_config)."
+        )
 
 
 if __name__ == "__main__":

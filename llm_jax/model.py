@@ -12,13 +12,12 @@ k = key/value heads, g = h // k (queries per kv head), d = head dim, v = vocab.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Array = jax.Array
 
@@ -36,10 +35,10 @@ class ModelConfig:
     vocab_size: int
     num_layers: int = 4
     num_heads: int = 4
-    num_kv_heads: Optional[int] = None  # None: multi-head; < num_heads: grouped-query attention
+    num_kv_heads: int | None = None  # None: multi-head; < num_heads: grouped-query attention
     embed_dim: int = 128
     mlp_dim: int = 512
-    head_dim: Optional[int] = None  # None: embed_dim // num_heads
+    head_dim: int | None = None  # None: embed_dim // num_heads
     max_len: int = 256  # size of the learned position table and of the KV cache
     positions: str = "learned"  # 'learned' | 'rope'
     rope_theta: float = 10000.0
@@ -53,8 +52,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mlp_activation: str = "gelu"  # 'gelu' | 'swiglu'
     use_bias: bool = True
-    attention_bias: Optional[bool] = None  # q/k/v/out projection biases; None: use_bias
-    mlp_bias: Optional[bool] = None  # MLP biases; None: use_bias
+    attention_bias: bool | None = None  # q/k/v/out projection biases; None: use_bias
+    mlp_bias: bool | None = None  # MLP biases; None: use_bias
     dropout_rate: float = 0.0
     tie_embeddings: bool = True
     scan_layers: bool = False
@@ -87,16 +86,23 @@ class ModelConfig:
             self.positions != "rope" or self.dim_per_head % 2 == 0,
             f"rope needs an even head_dim, got {self.dim_per_head}",
         )
-        need(self.rope_scaling in ("none", "linear", "llama3"), f"rope_scaling={self.rope_scaling!r}: use 'none', 'linear' or 'llama3'")
+        need(
+            self.rope_scaling in ("none", "linear", "llama3"),
+            f"rope_scaling={self.rope_scaling!r}: use 'none', 'linear' or 'llama3'",
+        )
         need(self.rope_scaling_factor > 0, f"rope_scaling_factor={self.rope_scaling_factor} must be positive")
         need(
             self.rope_scaling != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor,
             f"llama3 rope scaling needs rope_high_freq_factor={self.rope_high_freq_factor} > rope_low_freq_factor={self.rope_low_freq_factor}",
         )
         need(self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'")
-        need(self.mlp_activation in ("gelu", "swiglu"), f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'swiglu'")
+        need(
+            self.mlp_activation in ("gelu", "swiglu"), f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'swiglu'"
+        )
         need(self.remat in ("none", "full", "dots"), f"remat={self.remat!r}: use 'none', 'full' or 'dots'")
-        need(self.attention in ("einsum", "dot_product"), f"attention={self.attention!r}: use 'einsum' or 'dot_product'")
+        need(
+            self.attention in ("einsum", "dot_product"), f"attention={self.attention!r}: use 'einsum' or 'dot_product'"
+        )
         need(self.loss_chunk >= 0, f"loss_chunk={self.loss_chunk} must be 0 (off) or a positive chunk length")
         need(self.dtype in _DTYPES, f"dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: use one of {sorted(_DTYPES)}")
@@ -181,7 +187,13 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     # Norm statistics in float32 whatever the compute dtype: bf16 variance loses too many bits.
     scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, scale_init=scale_init, name=name)
+        return nn.RMSNorm(
+            epsilon=cfg.norm_eps,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            scale_init=scale_init,
+            name=name,
+        )
     return nn.LayerNorm(
         epsilon=cfg.norm_eps,
         dtype=cfg.compute_dtype,
@@ -203,7 +215,12 @@ def rope_frequencies(cfg: ModelConfig) -> Array:
         # Llama 3.1: wavelengths longer than the pre-training context / low_freq_factor are slowed
         # by `factor`, those shorter than context / high_freq_factor kept, a linear blend between
         # (transformers' _compute_llama3_parameters, same float32 order of operations).
-        f, lo, hi, ctx = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+        f, lo, hi, ctx = (
+            cfg.rope_scaling_factor,
+            cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor,
+            cfg.rope_original_max_len,
+        )
         wavelen = 2 * math.pi / inv_freq
         scaled = jnp.where(wavelen > ctx / lo, inv_freq / f, inv_freq)
         smooth = (ctx / wavelen - lo) / (hi - lo)
@@ -226,7 +243,7 @@ def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str) -> Array:
     """Scaled dot-product attention with grouped-query support.
 
     q: [b, t, h, d]; k, v: [b, s, k, d] with h a multiple of k; mask: [b, t, s] bool (True = may
@@ -278,7 +295,7 @@ def _causal_attention(q: Array, k: Array, v: Array) -> Array:
     for i in range(n):
         lo, hi = i * tb, (i + 1) * tb
         qi, ki, vi = q[:, lo:hi], k[:, :hi], v[:, :hi]
-        visible = (jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :])  # [tb, hi], constant
+        visible = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]  # [tb, hi], constant
         if g == 1:
             logits = jnp.einsum("bthd,bshd->bhts", qi, ki, preferred_element_type=jnp.float32) * scale
             logits = jnp.where(visible, logits, _MASK_VALUE)
@@ -326,7 +343,9 @@ class Attention(nn.Module):
         # Residual projections are scaled down with depth (GPT-2): keeps the residual stream's
         # variance from growing with the number of layers at init.
         out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
-        return _dense(cfg, cfg.embed_dim, ("heads", "kv", "embed"), "out", in_axis=(-2, -1), scale=out_scale, use_bias=bias)(out)
+        return _dense(
+            cfg, cfg.embed_dim, ("heads", "kv", "embed"), "out", in_axis=(-2, -1), scale=out_scale, use_bias=bias
+        )(out)
 
     def _update_cache(self, key, value, positions):
         """Writes this call's keys/values at the cache index; returns all cached ones and the mask."""
@@ -336,10 +355,15 @@ class Attention(nn.Module):
         axes = ("cache_batch", "cache_kv_heads", "cache_length", "kv")
         # The cache length c is the length of the `init` input: a generation sizes it to
         # prompt + new tokens rather than max_len, so a step attends over no slot it cannot use.
-        ck = self.variable("cache", "cached_key", nn.with_logical_partitioning(jnp.zeros, axes), (b, k, t, d), key.dtype)
-        cv = self.variable("cache", "cached_value", nn.with_logical_partitioning(jnp.zeros, axes), (b, k, t, d), value.dtype)
+        ck = self.variable(
+            "cache", "cached_key", nn.with_logical_partitioning(jnp.zeros, axes), (b, k, t, d), key.dtype
+        )
+        cv = self.variable(
+            "cache", "cached_value", nn.with_logical_partitioning(jnp.zeros, axes), (b, k, t, d), value.dtype
+        )
         cp = self.variable(
-            "cache", "cached_pos",
+            "cache",
+            "cached_pos",
             nn.with_logical_partitioning(lambda s: jnp.full(s, -1, jnp.int32), ("cache_batch", "cache_length")),
             (b, t),
         )
@@ -373,7 +397,9 @@ class Mlp(nn.Module):
             up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_1", use_bias=cfg.mlp_use_bias)(x)
             hidden = nn.silu(gate) * up
         else:
-            hidden = nn.gelu(_dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi", use_bias=cfg.mlp_use_bias)(x), approximate=True)
+            hidden = nn.gelu(
+                _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi", use_bias=cfg.mlp_use_bias)(x), approximate=True
+            )
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
         return _dense(cfg, cfg.embed_dim, ("mlp", "embed"), "wo", scale=out_scale, use_bias=cfg.mlp_use_bias)(hidden)
@@ -411,7 +437,7 @@ class TransformerLM(nn.Module):
     def __call__(
         self,
         tokens: Array,
-        positions: Optional[Array] = None,
+        positions: Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
         return_hidden: bool = False,
@@ -438,14 +464,18 @@ class TransformerLM(nn.Module):
         )
         x = embed(tokens)
         if cfg.positions == "learned":
-            pos_embed = self.param("pos_embed", _init(cfg, ("length", "embed"), 0.5), (cfg.max_len, cfg.embed_dim), cfg.weight_dtype)
+            pos_embed = self.param(
+                "pos_embed", _init(cfg, ("length", "embed"), 0.5), (cfg.max_len, cfg.embed_dim), cfg.weight_dtype
+            )
             x = x + jnp.take(nn.unbox(pos_embed), jnp.maximum(positions, 0), axis=0).astype(cfg.compute_dtype)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
         block = Block
         if cfg.remat != "none":
             # deterministic and decode (args 3, 4 counting self) are Python bools: static.
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers, static_argnums=(3, 4))
+            block = nn.remat(
+                Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers, static_argnums=(3, 4)
+            )
         if cfg.scan_layers:
             # One compiled block applied num_layers times: compile time stays flat with depth.
             stack = nn.scan(

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
-import flax.linen as nn
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -158,6 +160,7 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
         problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp={fsdp}")
     if problems:
         raise ValueError(
-            f"mesh {dict(mesh.shape)} does not fit this run: " + "; ".join(problems)
+            f"mesh {dict(mesh.shape)} does not fit this run: "
+            + "; ".join(problems)
             + ". Change the mesh sizes (config.mesh.*) or the sizes named."
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -144,7 +144,10 @@ class SentencePieceTokenizer(Tokenizer):
             allow_whitespace_only_pieces=True,
             normalization_rule_name="identity",
             user_defined_symbols=["\n", "\t"],
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
             minloglevel=2,
         )
         return cls(proto.getvalue())

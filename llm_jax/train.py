@@ -14,27 +14,26 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import flax
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
 from llm_jax import data as data_lib
 from llm_jax import decode as decode_lib
-from llm_jax import distributed
-from llm_jax import optim
-from llm_jax import sharding
-from llm_jax import tokenizer as tok_lib
+from llm_jax import distributed, optim, sharding
 from llm_jax import flops as flops_lib
 from llm_jax import loss as loss_lib
-from llm_jax.model import ModelConfig, TransformerLM, count_params, output_kernel
+from llm_jax import tokenizer as tok_lib
+from llm_jax.model import TransformerLM, count_params, output_kernel
 
 
 @flax.struct.dataclass
@@ -59,16 +58,27 @@ def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None)
 def loss_sum(params, model: TransformerLM, batch: dict, rng, deterministic: bool):
     rngs = {} if rng is None else {"dropout": rng}
     if model.cfg.loss_chunk:  # memory-light: never the full [b, t, v] float32 logits (llm_jax.loss)
-        hidden = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, return_hidden=True)
+        hidden = model.apply(
+            {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, return_hidden=True
+        )
         kernel, vocab_first = output_kernel(model.cfg, params)
         chunk = min(model.cfg.loss_chunk, hidden.shape[1])
-        return loss_lib.chunked_cross_entropy(hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first)
+        return loss_lib.chunked_cross_entropy(
+            hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first
+        )
     logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
     return token_loss(logits, batch["targets"], batch.get("weights"))
 
 
-def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model: TransformerLM,
-               tx: optax.GradientTransformation, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: dict,
+    base_rng: jax.Array,
+    *,
+    model: TransformerLM,
+    tx: optax.GradientTransformation,
+    grad_accum_steps: int = 1,
+) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` (inputs/targets [B, t]), split into `grad_accum_steps` micro-batches.
 
     The loss is the mean over all tokens of the batch whatever the accumulation, so accumulating
@@ -82,6 +92,7 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model: Tr
     if grad_accum_steps == 1:
         (total, count), grads = grad_fn(state.params, model, batch, rng, deterministic)
     else:
+
         def split(x):
             # Strided split: micro-batch i takes rows i, i+k, ... so each keeps the batch's sharding.
             x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
@@ -166,6 +177,7 @@ def make_steps(model, tx, mesh, rules, state_shardings, grad_accum_steps: int, o
         def run(*args):
             with sharding.use_mesh(mesh, rules):
                 return fn(*args)
+
         run.jitted = fn
         return run
 
@@ -366,8 +378,11 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> bool:
 
 def _model_diffs(old: dict, new: dict) -> list[str]:
     old_f, new_f = _flatten(old), _flatten(new)
-    return [f"model.{k} is {old_f[k]!r} there but {new_f[k]!r} now" for k in sorted(old_f.keys() & new_f.keys())
-            if k not in _RUNTIME_MODEL_KEYS and old_f[k] != new_f[k]]
+    return [
+        f"model.{k} is {old_f[k]!r} there but {new_f[k]!r} now"
+        for k in sorted(old_f.keys() & new_f.keys())
+        if k not in _RUNTIME_MODEL_KEYS and old_f[k] != new_f[k]
+    ]
 
 
 def _aside_name(workdir: str) -> str:
@@ -462,7 +477,9 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
     model_cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
     sharding.check_divisible(mesh, model_cfg, tc.batch_size)
     sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
-    if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % sharding.data_parallel_size(mesh):
+    if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % sharding.data_parallel_size(
+        mesh
+    ):
         raise ValueError(
             f"config.train.batch_size={tc.batch_size} must split into grad_accum_steps={tc.grad_accum_steps} "
             f"micro-batches that each divide over data*fsdp={sharding.data_parallel_size(mesh)} devices"
@@ -508,9 +525,11 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
     if state is None:
         state, state_sh = create_sharded_state(model, tx, mesh, rules, init_rng, seq_len)
     n_params = count_params(state.params)
-    log(f"model: {n_params:,} parameters, {model_cfg.num_layers} layers, width {model_cfg.embed_dim}, "
+    log(
+        f"model: {n_params:,} parameters, {model_cfg.num_layers} layers, width {model_cfg.embed_dim}, "
         f"vocab {model_cfg.vocab_size}; mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-        f"devices in {jax.process_count()} process{'es' if jax.process_count() > 1 else ''}")
+        f"devices in {jax.process_count()} process{'es' if jax.process_count() > 1 else ''}"
+    )
     if latest is not None:
         log(f"resumed from {mngr.directory}/{latest} (step {start_step})")
 
@@ -518,8 +537,10 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
     pi, pc = jax.process_index(), jax.process_count()
     eval_batches = data.eval_batches(tc.eval_steps, tc.eval_batch_size, seq_len, config.seed, pi, pc)
     # Made by a jit with a replicated output: under several processes the mesh is not all addressable.
-    dropout_rng = jax.jit(lambda: jax.random.split(jax.random.key(config.seed))[1],
-                          out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))()
+    dropout_rng = jax.jit(
+        lambda: jax.random.split(jax.random.key(config.seed))[1],
+        out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )()
     metrics_log = MetricsLog(workdir, pi == 0, keep_until=start_step)
     tokens_per_step = tc.batch_size * seq_len
     # MFU as llm_jax.bench reports it: model FLOPs per token over the devices' peak (measured on CPU).
@@ -564,8 +585,18 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
         if step == saved_step:
             return
         fetch()  # never save a state whose loss has not been checked
-        ckpt_lib.save(mngr, step, state, {"step": step, "window_losses": window, "window_skipped": window_skipped,
-                                          "skipped_steps": total_skipped, "tokenizer": tokenizer_id})
+        ckpt_lib.save(
+            mngr,
+            step,
+            state,
+            {
+                "step": step,
+                "window_losses": window,
+                "window_skipped": window_skipped,
+                "skipped_steps": total_skipped,
+                "tokenizer": tokenizer_id,
+            },
+        )
         saved_step = step
 
     log(f"setup took {time.time() - t_start:.1f}s; training steps {start_step}..{tc.num_steps}")
@@ -587,15 +618,27 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
                 eta = (tc.num_steps - step) * (now - t_log) / max(step - step_log, 1)
                 t_log, step_log = now, step
                 mfu = flops_lib.mfu(tps, flops_token, peak_flops)
-                last.update({"step": step, "train/loss": loss, "train/grad_norm": grad_norm,
-                             "train/tokens_per_sec": tps, "train/mfu": mfu, "time_s": now - t_start})
+                last.update(
+                    {
+                        "step": step,
+                        "train/loss": loss,
+                        "train/grad_norm": grad_norm,
+                        "train/tokens_per_sec": tps,
+                        "train/mfu": mfu,
+                        "time_s": now - t_start,
+                    }
+                )
                 if tc.on_nan == "skip":
                     last.update({"train/skipped_steps": total_skipped})
-                metrics_log.write(step, {k: v for k, v in last.items()
-                                         if k not in ("step", "preempted") and not k.startswith("eval/")})
+                metrics_log.write(
+                    step,
+                    {k: v for k, v in last.items() if k not in ("step", "preempted") and not k.startswith("eval/")},
+                )
                 skipped = f" | {window_skipped} skipped" if window_skipped else ""
                 mfu_text = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
-                log(f"step {step:6d} | loss {loss:.4f}{skipped} | {tps:,.0f} tok/s{mfu_text} | eta {eta:.0f}s | {now - t_start:.0f}s")
+                log(
+                    f"step {step:6d} | loss {loss:.4f}{skipped} | {tps:,.0f} tok/s{mfu_text} | eta {eta:.0f}s | {now - t_start:.0f}s"
+                )
                 window, window_skipped = [], 0
 
             reached = False
@@ -603,9 +646,15 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
                 fetch()
                 eval_loss = evaluate(p_eval, state.params, eval_batches, mesh)
                 now = time.time()
-                last.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0)), "time_s": now - t_start})
-                metrics_log.write(step, {"eval/loss": eval_loss, "eval/perplexity": last["eval/perplexity"], "time_s": now - t_start})
-                log(f"step {step:6d} | eval loss {eval_loss:.4f} | perplexity {last['eval/perplexity']:.2f} | {now - t_start:.1f}s")
+                last.update(
+                    {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0)), "time_s": now - t_start}
+                )
+                metrics_log.write(
+                    step, {"eval/loss": eval_loss, "eval/perplexity": last["eval/perplexity"], "time_s": now - t_start}
+                )
+                log(
+                    f"step {step:6d} | eval loss {eval_loss:.4f} | perplexity {last['eval/perplexity']:.2f} | {now - t_start:.1f}s"
+                )
                 reached = tc.target_eval_loss > 0 and eval_loss <= tc.target_eval_loss
                 if reached:
                     log(f"reached target eval loss {tc.target_eval_loss} at step {step} after {now - t_start:.1f}s")
@@ -621,8 +670,10 @@ def _train(config, workdir, log, preemption, t_start) -> dict:
                 save()
                 mngr.wait_until_finished()
                 last["preempted"] = True
-                log(f"preempted (SIGTERM): saved step {step} to {mngr.directory}/{step}; exiting. "
-                    "Run the same command again to resume.")
+                log(
+                    f"preempted (SIGTERM): saved step {step} to {mngr.directory}/{step}; exiting. "
+                    "Run the same command again to resume."
+                )
                 break
         mngr.wait_until_finished()
     finally:
@@ -642,8 +693,16 @@ def log_sample(log, model, params, tokenizer, tc, mesh, rules, seed) -> str:
     prompt = tc.sample_prompt or ("\n" if tokenizer.kind != "sentencepiece" else "")
     try:
         with sharding.use_mesh(mesh, rules):
-            text = decode_lib.complete(model, params, tokenizer, [prompt], tc.sample_tokens, seed=seed,
-                                       temperature=tc.sample_temperature, top_k=tc.sample_top_k)[0]
+            text = decode_lib.complete(
+                model,
+                params,
+                tokenizer,
+                [prompt],
+                tc.sample_tokens,
+                seed=seed,
+                temperature=tc.sample_temperature,
+                top_k=tc.sample_top_k,
+            )[0]
     except ValueError as e:  # e.g. a character the vocabulary lacks: a sample is not worth a crash
         log(f"sample skipped: {e}")
         return ""

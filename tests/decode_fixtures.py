@@ -29,7 +29,7 @@ def qa_config(**train):
     return c
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qa_run() -> tuple[str, dict]:
     """(workdir, final metrics) of 40 steps of configs/qa_finetune.py:tiny on 400 examples."""
     from llm_jax import train

@@ -76,21 +76,29 @@ def tiny_config(overrides: dict | None = None):
 
 def env(devices: int) -> dict:
     e = dict(os.environ)
-    e.update({
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_COMPILATION_CACHE_DIR": _CACHE,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "PYTHONPATH": REPO + os.pathsep + e.get("PYTHONPATH", ""),
-        "PYTHONUNBUFFERED": "1",
-        "LLM_JAX_CPU_PEAK_FLOPS": "1e11",  # skip the trainer's matmul benchmark (for its MFU line)
-    })
+    e.update(
+        {
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": _CACHE,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            "PYTHONPATH": REPO + os.pathsep + e.get("PYTHONPATH", ""),
+            "PYTHONUNBUFFERED": "1",
+            "LLM_JAX_CPU_PEAK_FLOPS": "1e11",  # skip the trainer's matmul benchmark (for its MFU line)
+        }
+    )
     return e
 
 
-def start(workdir: str, overrides: dict, devices: int = 8, extra_flags=(), log_path: str | None = None,
-          config: str = "configs/default.py:tiny") -> subprocess.Popen:
+def start(
+    workdir: str,
+    overrides: dict,
+    devices: int = 8,
+    extra_flags=(),
+    log_path: str | None = None,
+    config: str = "configs/default.py:tiny",
+) -> subprocess.Popen:
     """Starts `python -m llm_jax.main` in the background; stdout+stderr go to `log_path`."""
     cmd = [sys.executable, "-m", "llm_jax.main", f"--config={config}", f"--workdir={workdir}"]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]

@@ -10,16 +10,24 @@ import subprocess
 import sys
 
 import pytest
-
 import runlib as R
+
 from llm_jax import train
 
 
 def _config(corpus, **over):
     """configs/default.py:tiny on a local text file with a character vocabulary, plus dotted overrides."""
-    base = {"data.source": "text", "data.path": corpus, "data.tokenizer": "char", "train.num_steps": 2,
-            "train.checkpoint_every": 1, "train.log_every": 1, "train.eval_every": 2, "train.eval_steps": 1,
-            "train.sample_tokens": 0}
+    base = {
+        "data.source": "text",
+        "data.path": corpus,
+        "data.tokenizer": "char",
+        "train.num_steps": 2,
+        "train.checkpoint_every": 1,
+        "train.log_every": 1,
+        "train.eval_every": 2,
+        "train.eval_steps": 1,
+        "train.sample_tokens": 0,
+    }
     return R.tiny_config({**base, **over})
 
 
@@ -55,15 +63,23 @@ def test_unknown_config_key_in_a_config_file(run, workdir):
     c = _config(run["corpus"])
     c.train.chekpoint_every = 5  # a config file's typo: ConfigDicts accept new keys until locked
     before = R.snapshot(workdir)
-    with pytest.raises(ValueError, match=r"config\.train\.chekpoint_every \(did you mean config\.train\.checkpoint_every\?\)"):
+    with pytest.raises(
+        ValueError, match=r"config\.train\.chekpoint_every \(did you mean config\.train\.checkpoint_every\?\)"
+    ):
         train.train_and_evaluate(c, workdir)
     assert R.snapshot(workdir) == before
 
 
 def test_unknown_config_key_on_the_command_line(run, workdir):
     before = R.snapshot(workdir)
-    cmd = [sys.executable, "-m", "llm_jax.main", "--config=configs/default.py:tiny", f"--workdir={workdir}",
-           "--config.train.num_stesp=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llm_jax.main",
+        "--config=configs/default.py:tiny",
+        f"--workdir={workdir}",
+        "--config.train.num_stesp=3",
+    ]
     p = subprocess.run(cmd, cwd=R.REPO, env=R.env(8), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "num_stesp" in p.stderr, p.stderr[-2000:]
     assert R.snapshot(workdir) == before
@@ -106,14 +122,22 @@ def test_missing_or_unreadable_data_path(run, workdir, tmp_path):
 
 
 def test_seq_len_beyond_the_position_table(run, workdir):
-    _refused(run, workdir, r"seq_len=100 is longer than the model's position table config\.model\.max_len=64",
-             **{"data.seq_len": 100})
+    _refused(
+        run,
+        workdir,
+        r"seq_len=100 is longer than the model's position table config\.model\.max_len=64",
+        **{"data.seq_len": 100},
+    )
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint(run, workdir, tmp_path):
     # Another tokenizer kind than the run's.
-    _refused(run, workdir, r"holds the 'char' tokenizer this run was trained with, but config\.data\.tokenizer='byte'",
-             **{"data.tokenizer": "byte"})
+    _refused(
+        run,
+        workdir,
+        r"holds the 'char' tokenizer this run was trained with, but config\.data\.tokenizer='byte'",
+        **{"data.tokenizer": "byte"},
+    )
     # The run's tokenizer replaced by a bigger vocabulary: the embedding no longer fits.
     meta_path = os.path.join(workdir, "tokenizer", "llm_jax_tokenizer.json")
     with open(meta_path) as f:
@@ -121,23 +145,38 @@ def test_tokenizer_that_does_not_match_the_checkpoint(run, workdir, tmp_path):
     meta["chars"] += "".join(chr(0x4E00 + i) for i in range(100))
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    _refused(run, workdir, r"params/embed/embedding is \(128, 32\) in the checkpoint but \(256, 32\) here.* "
-             r"The vocabulary size differs")
+    _refused(
+        run,
+        workdir,
+        r"params/embed/embedding is \(128, 32\) in the checkpoint but \(256, 32\) here.* "
+        r"The vocabulary size differs",
+    )
     # The tokenizer deleted and rebuilt from other text: same vocabulary size, other characters.
     shutil.rmtree(os.path.join(workdir, "tokenizer"))
     other = tmp_path / "other.txt"
     other.write_text(open(run["corpus"]).read().swapcase().replace("e", "\u00e9"))
-    _refused(run, workdir, r"checkpoint \S+/2 was trained with tokenizer .*'kind': 'char'.* but this run's tokenizer "
-             r"\(built from config\.data\) is", **{"data.path": str(other)})
+    _refused(
+        run,
+        workdir,
+        r"checkpoint \S+/2 was trained with tokenizer .*'kind': 'char'.* but this run's tokenizer "
+        r"\(built from config\.data\) is",
+        **{"data.path": str(other)},
+    )
 
 
 def test_workdir_holding_a_different_model(run, workdir):
-    _refused(run, workdir, r"holds the run of a different model: model\.num_layers is 2 there but 3 now.*"
-             r"--config\.train\.overwrite=True", **{"model.num_layers": 3})
+    _refused(
+        run,
+        workdir,
+        r"holds the run of a different model: model\.num_layers is 2 there but 3 now.*"
+        r"--config\.train\.overwrite=True",
+        **{"model.num_layers": 3},
+    )
     # Told to start over: the old run is moved aside intact, and a new one starts in its place.
     before = R.snapshot(workdir)
-    last = train.train_and_evaluate(_config(run["corpus"], **{"model.num_layers": 3, "train.overwrite": True,
-                                                              "train.num_steps": 1}), workdir)
+    last = train.train_and_evaluate(
+        _config(run["corpus"], **{"model.num_layers": 3, "train.overwrite": True, "train.num_steps": 1}), workdir
+    )
     assert last["step"] == 1
     (aside,) = glob.glob(workdir + ".old-*")
     assert R.snapshot(aside) == before

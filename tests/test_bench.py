@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from llm_jax import bench
+from llm_jax import bench, flops
 from llm_jax import config as config_lib
-from llm_jax import flops
 from llm_jax.model import ModelConfig, TransformerLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +34,18 @@ def test_flops_per_token_gpt2_by_hand():
 
 
 def test_flops_per_token_llama_gqa_swiglu():
-    cfg = ModelConfig(vocab_size=1000, num_layers=2, num_heads=8, num_kv_heads=2, embed_dim=64, mlp_dim=96,
-                      mlp_activation="swiglu", tie_embeddings=False, use_bias=False, positions="rope")
+    cfg = ModelConfig(
+        vocab_size=1000,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        embed_dim=64,
+        mlp_dim=96,
+        mlp_activation="swiglu",
+        tie_embeddings=False,
+        use_bias=False,
+        positions="rope",
+    )
     d = 8
     per_layer = 64 * (8 + 2 * 2) * d + 8 * d * 64 + 3 * 64 * 96
     assert flops.flops_per_token(cfg, 128) == 6 * (2 * per_layer + 64 * 1000) + 6 * 128 * 8 * d * 2
@@ -46,17 +55,20 @@ def test_flops_per_token_llama_gqa_swiglu():
     assert 6 * (2 * per_layer + 64 * 1000) == 6 * (n - 1000 * 64 - 64 * 5)  # 5 norm scales of width 64
 
 
-@pytest.mark.parametrize("kind,dtype,peak", [
-    ("NVIDIA H200", "bfloat16", 989e12),
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
-    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
-    ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
-    ("TPU v4", "bfloat16", 275e12),
-    ("TPU v5 lite", "bfloat16", 197e12),
-    ("TPU v5p", "float32", 459e12),
-    ("TPU v6 lite", "bfloat16", 918e12),
-    ("Some Future Chip", "bfloat16", None),
-])
+@pytest.mark.parametrize(
+    "kind,dtype,peak",
+    [
+        ("NVIDIA H200", "bfloat16", 989e12),
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+        ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
+        ("TPU v4", "bfloat16", 275e12),
+        ("TPU v5 lite", "bfloat16", 197e12),
+        ("TPU v5p", "float32", 459e12),
+        ("TPU v6 lite", "bfloat16", 918e12),
+        ("Some Future Chip", "bfloat16", None),
+    ],
+)
 def test_peak_table(kind, dtype, peak):
     assert flops._device_peak(kind, dtype) == peak
 
@@ -70,8 +82,15 @@ def test_mfu_and_cpu_peak(monkeypatch):
 
 
 def _tiny_overrides():
-    return {"model.num_layers": 1, "model.embed_dim": 64, "model.mlp_dim": 128, "model.num_heads": 2,
-            "model.vocab_size": 512, "model.max_len": 32, "data.seq_len": 32}
+    return {
+        "model.num_layers": 1,
+        "model.embed_dim": 64,
+        "model.mlp_dim": 128,
+        "model.num_heads": 2,
+        "model.vocab_size": 512,
+        "model.max_len": 32,
+        "data.seq_len": 32,
+    }
 
 
 def test_bench_run_reports_every_key():
@@ -80,8 +99,18 @@ def test_bench_run_reports_every_key():
         section, key = k.split(".")
         config[section][key] = v
     out = bench.run(config, steps=2, warmup=1, log=lambda *a: None)
-    for key in ("tokens_per_sec", "step_time_s", "step_time_min_s", "step_time_max_s", "compile_s",
-                "flops_per_token", "mfu", "peak_memory_bytes", "num_params", "mesh"):
+    for key in (
+        "tokens_per_sec",
+        "step_time_s",
+        "step_time_min_s",
+        "step_time_max_s",
+        "compile_s",
+        "flops_per_token",
+        "mfu",
+        "peak_memory_bytes",
+        "num_params",
+        "mesh",
+    ):
         assert out[key] is not None, key
     assert out["tokens_per_sec"] == pytest.approx(8 * 32 / out["step_time_s"])
     assert out["step_time_min_s"] <= out["step_time_s"] <= out["step_time_max_s"]
@@ -95,9 +124,26 @@ def test_bench_command_prints_json_last_line():
     """The command line: config file + overrides + --steps; last stdout line is one JSON object."""
     args = [f"--config.{k}={v}" for k, v in _tiny_overrides().items()]
     env = dict(os.environ, LLM_JAX_CPU_PEAK_FLOPS="1e11")  # skip the peak measurement: a fixed scale
-    proc = subprocess.run([sys.executable, "-m", "llm_jax.bench", "--config", "configs/bench_cpu.py", "--steps", "1",
-                           "--warmup", "0", "--config.model.loss_chunk=16", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_jax.bench",
+            "--config",
+            "configs/bench_cpu.py",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--config.model.loss_chunk=16",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["peak_flops"] == 1e11 and out["peak_flops_source"] == "LLM_JAX_CPU_PEAK_FLOPS"
@@ -113,13 +159,24 @@ def test_scan_compiles_the_same_program_at_any_depth():
     from llm_jax import train
 
     def lowered_size(layers):
-        cfg = ModelConfig(vocab_size=256, num_layers=layers, num_heads=2, embed_dim=32, mlp_dim=64, max_len=16,
-                          scan_layers=True, remat="dots")
+        cfg = ModelConfig(
+            vocab_size=256,
+            num_layers=layers,
+            num_heads=2,
+            embed_dim=32,
+            mlp_dim=64,
+            max_len=16,
+            scan_layers=True,
+            remat="dots",
+        )
         model = TransformerLM(cfg)
         tx = optax.adamw(1e-3)
         state = jax.eval_shape(train.init_state_fn(model, tx, 16), jax.random.key(0))
         state = nn.meta.unbox(state)
-        batch = {"inputs": jax.ShapeDtypeStruct((2, 16), jnp.int32), "targets": jax.ShapeDtypeStruct((2, 16), jnp.int32)}
+        batch = {
+            "inputs": jax.ShapeDtypeStruct((2, 16), jnp.int32),
+            "targets": jax.ShapeDtypeStruct((2, 16), jnp.int32),
+        }
         step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx))
         return len(step.lower(state, batch).as_text())
 

@@ -4,9 +4,9 @@ import math
 import os
 from types import SimpleNamespace
 
+import flax.linen as nn
 import jax
 import numpy as np
-import flax.linen as nn
 import pytest
 
 from llm_jax import checkpoint as ckpt_lib
@@ -15,18 +15,21 @@ from llm_jax.config import base_config
 from llm_jax.model import ModelConfig, TransformerLM
 
 SEQ = 16
-CFG = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, embed_dim=32, mlp_dim=64, max_len=SEQ,
-                  tie_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=128, num_layers=2, num_heads=8, embed_dim=32, mlp_dim=64, max_len=SEQ, tie_embeddings=False
+)
 
 
 def mesh_of(shape):
-    return sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
-                              jax.devices()[:math.prod(shape)])
+    return sharding.make_mesh(
+        SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]), jax.devices()[: math.prod(shape)]
+    )
 
 
 def state_shardings(mesh):
-    abstract = jax.eval_shape(train.init_state_fn(TransformerLM(CFG), optim.make_optimizer(base_config().optim), SEQ),
-                              jax.random.key(0))
+    abstract = jax.eval_shape(
+        train.init_state_fn(TransformerLM(CFG), optim.make_optimizer(base_config().optim), SEQ), jax.random.key(0)
+    )
     return abstract, sharding.boxed_shardings(abstract, mesh, sharding.LOGICAL_RULES)
 
 
@@ -68,8 +71,9 @@ def assert_bit_equal(restored, expected):
         assert r.tobytes() == np.asarray(e).tobytes(), jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2), (8, 1, 1), (1, 1, 8), (2, 2, 2), (1, 1, 1)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(1, 4, 2), (8, 1, 1), (1, 1, 8), (2, 2, 2), (1, 1, 1)], ids=lambda s: "x".join(map(str, s))
+)
 def test_restore_is_bit_exact_on_any_mesh(saved, shape):
     workdir, expected, _ = saved
     mesh = mesh_of(shape)
@@ -113,7 +117,9 @@ def test_layout_keep_last_n_and_latest(tmp_path):
     # A new manager on the same directory sees the same steps (what a resumed run does).
     mngr = ckpt_lib.manager(str(tmp_path), keep=2)
     assert mngr.latest_step() == 3
-    _, data = ckpt_lib.restore(mngr, 2, ckpt_lib.abstract_like(jax.device_get(state), state_shardings(mesh_of((8, 1, 1)))[1]))
+    _, data = ckpt_lib.restore(
+        mngr, 2, ckpt_lib.abstract_like(jax.device_get(state), state_shardings(mesh_of((8, 1, 1)))[1])
+    )
     assert data == {"step": 2}
     mngr.close()
 

@@ -30,12 +30,15 @@ def cli_env():
     return env
 
 
-@pytest.mark.parametrize("name, args", [
-    ("default", ["", "tiny"]),
-    ("shakespeare_char", [""]),
-    ("gpt2", ["tiny", "small", "medium", "large", "xl"]),
-    ("llama", ["tiny", "1b", "7b"]),
-])
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("default", ["", "tiny"]),
+        ("shakespeare_char", [""]),
+        ("gpt2", ["tiny", "small", "medium", "large", "xl"]),
+        ("llama", ["tiny", "1b", "7b"]),
+    ],
+)
 def test_every_preset_builds_a_valid_model_config(name, args):
     for arg in args:
         c = config_lib.finalize(load_config(name, arg))
@@ -57,11 +60,23 @@ def test_presets_have_the_published_shapes():
     assert sc.train.target_eval_loss == 1.88 and sc.train.eval_steps >= 20
     g = config_lib.model_config(load_config("gpt2", "small"), 50257)
     assert (g.num_layers, g.num_heads, g.embed_dim, g.mlp_dim, g.max_len) == (12, 12, 768, 3072, 1024)
-    assert (g.positions, g.norm, g.mlp_activation, g.tie_embeddings, g.use_bias) == ("learned", "layernorm", "gelu", True, True)
+    assert (g.positions, g.norm, g.mlp_activation, g.tie_embeddings, g.use_bias) == (
+        "learned",
+        "layernorm",
+        "gelu",
+        True,
+        True,
+    )
     assert g.vocab_size == 50304  # 50257 padded to a multiple of 128, as nanoGPT does
     ll = config_lib.model_config(load_config("llama", "7b"), 32000)
     assert (ll.num_layers, ll.num_heads, ll.kv_heads, ll.embed_dim, ll.mlp_dim) == (32, 32, 32, 4096, 11008)
-    assert (ll.positions, ll.norm, ll.mlp_activation, ll.tie_embeddings, ll.use_bias) == ("rope", "rmsnorm", "swiglu", False, False)
+    assert (ll.positions, ll.norm, ll.mlp_activation, ll.tie_embeddings, ll.use_bias) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        False,
+        False,
+    )
     assert config_lib.model_config(load_config("llama", "1b"), 32000).kv_heads == 8  # grouped-query
 
 
@@ -96,9 +111,20 @@ def test_model_config_vocabulary_and_length_checks():
 def test_unknown_config_key_on_the_command_line_fails_clearly(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_jax.main", "--config", "configs/default.py:tiny", f"--workdir={workdir}",
-         "--config.train.num_step=3"],
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llm_jax.main",
+            "--config",
+            "configs/default.py:tiny",
+            f"--workdir={workdir}",
+            "--config.train.num_step=3",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
@@ -117,11 +143,14 @@ def _tiny(tmp_path, **mesh):
     return c
 
 
-@pytest.mark.parametrize("mesh, message", [
-    (dict(data=3), r"needs 3 devices but 8 are available; make the product 8 or set one axis to -1"),
-    (dict(data=-1, tensor=3), r"fixed axes multiply to 3, which does not divide the 8 available devices"),
-    (dict(data=2, fsdp=2, tensor=4), r"needs 16 devices but 8 are available"),
-])
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (dict(data=3), r"needs 3 devices but 8 are available; make the product 8 or set one axis to -1"),
+        (dict(data=-1, tensor=3), r"fixed axes multiply to 3, which does not divide the 8 available devices"),
+        (dict(data=2, fsdp=2, tensor=4), r"needs 16 devices but 8 are available"),
+    ],
+)
 def test_impossible_mesh_shape_fails_clearly(tmp_path, mesh, message):
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(_tiny(tmp_path, **mesh), str(tmp_path / "run"))

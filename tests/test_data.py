@@ -42,8 +42,9 @@ def _hf_tokenizer():
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["hello world, hello there\n", "def f(x): return x\n"] * 20, trainer)
     return tok_lib.HFTokenizer(tok.to_str(), eos_id=tok.token_to_id("<eos>"))
 
@@ -197,8 +198,9 @@ def test_text_source_split_by_position(tmp_path):
     text = "".join(f"line {i}: héllo\n" for i in range(100))
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    d = data_lib.load_data(_data_cfg(source="text", path=str(path), val_fraction=0.1, tokenizer="byte"),
-                           log=lambda *a: None)
+    d = data_lib.load_data(
+        _data_cfg(source="text", path=str(path), val_fraction=0.1, tokenizer="byte"), log=lambda *a: None
+    )
     cut = int(len(text) * 0.9)
     # Byte tokens of the first 90% (then end-of-document), and of the last 10%.
     np.testing.assert_array_equal(d.train_tokens, list(text[:cut].encode()) + [256])
@@ -210,14 +212,16 @@ def test_saved_tokenizer_is_reused(tmp_path):
     path.write_text("abcabc\n" * 20)
     tok_dir = tmp_path / "tok"
     tok_lib.CharTokenizer.train("cba\nxyz").save(str(tok_dir))  # a run's tokenizer with more chars
-    d = data_lib.load_data(_data_cfg(source="text", path=str(path), tokenizer="char"), tokenizer_dir=str(tok_dir),
-                           log=lambda *a: None)
+    d = data_lib.load_data(
+        _data_cfg(source="text", path=str(path), tokenizer="char"), tokenizer_dir=str(tok_dir), log=lambda *a: None
+    )
     assert d.tokenizer.vocab_size == 7  # loaded, not rebuilt from this text (which has 4 chars)
 
 
 def test_shakespeare_char_split_matches_nanogpt(shakespeare_path):
-    d = data_lib.load_data(_data_cfg(source="text", path=shakespeare_path, tokenizer="char", val_fraction=0.1),
-                           log=lambda *a: None)
+    d = data_lib.load_data(
+        _data_cfg(source="text", path=shakespeare_path, tokenizer="char", val_fraction=0.1), log=lambda *a: None
+    )
     # nanoGPT's data/shakespeare_char/prepare.py: 65 characters, 1,003,854 train / 111,540 val tokens.
     assert d.tokenizer.vocab_size == 65
     assert (len(d.train_tokens), len(d.val_tokens)) == (1_003_854, 111_540)
@@ -232,12 +236,15 @@ def test_stdlib_source():
     assert not set(splits.val) & set(splits.train)
 
 
-@pytest.mark.parametrize("content, kind, message", [
-    (None, FileNotFoundError, r"does not exist or is not a file"),
-    (b"", ValueError, r"is empty; give a file with text in it"),
-    (b"  \n\t\n", ValueError, r"is empty; give a file with text in it"),
-    (b"caf\xe9 latin-1\n", ValueError, r"is not UTF-8 text \(bad byte at offset 3\); convert it to UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, kind, message",
+    [
+        (None, FileNotFoundError, r"does not exist or is not a file"),
+        (b"", ValueError, r"is empty; give a file with text in it"),
+        (b"  \n\t\n", ValueError, r"is empty; give a file with text in it"),
+        (b"caf\xe9 latin-1\n", ValueError, r"is not UTF-8 text \(bad byte at offset 3\); convert it to UTF-8"),
+    ],
+)
 def test_text_file_errors(tmp_path, content, kind, message):
     path = tmp_path / "data.txt"
     if content is not None:

@@ -3,10 +3,10 @@ tokens, batching of prompts of different lengths, and a 2x4 (data x tensor) mesh
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import pytest
 from jax.sharding import Mesh, NamedSharding
 
@@ -18,13 +18,21 @@ _COMMON = dict(vocab_size=64, num_layers=2, embed_dim=32, mlp_dim=64, max_len=32
 CONFIGS = {
     "learned": ModelConfig(num_heads=4, positions="learned", **_COMMON),
     # rope + grouped-query attention (4 query heads share 2 kv heads), Llama-style, layers scanned.
-    "rope_gqa": ModelConfig(num_heads=4, num_kv_heads=2, positions="rope", norm="rmsnorm", mlp_activation="swiglu",
-                            use_bias=False, scan_layers=True, **_COMMON),
+    "rope_gqa": ModelConfig(
+        num_heads=4,
+        num_kv_heads=2,
+        positions="rope",
+        norm="rmsnorm",
+        mlp_activation="swiglu",
+        use_bias=False,
+        scan_layers=True,
+        **_COMMON,
+    ),
 }
 PROMPTS = [[5, 9, 2], [7, 1, 3, 3, 8, 6, 4], [11, 12, 13, 14, 15]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_and_params(name):
     model = TransformerLM(CONFIGS[name])
     params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]))()
@@ -39,7 +47,7 @@ def mp(request):
 WIDTH = 16  # every uncached forward pass is [1, WIDTH] (right-padded): one compilation per model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(model):
     return jax.jit(lambda params, x: model.apply({"params": params}, x))
 
@@ -53,8 +61,9 @@ def full_forward(model, params, row):
 
 def gen(model, params, prompts, n, seed=0, **kw):
     tokens, positions = decode.left_pad(prompts)
-    out = decode.generate(model, params, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),
-                          max_new_tokens=n, **kw)
+    out = decode.generate(
+        model, params, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed), max_new_tokens=n, **kw
+    )
     return np.asarray(out.tokens), np.asarray(out.lengths)
 
 
@@ -95,7 +104,7 @@ def greedy_reference(model, params, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(np.argmax(full_forward(model, params, seq)[-1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_greedy_equals_no_cache_reference_and_batching(mp):

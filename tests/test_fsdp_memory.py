@@ -46,5 +46,7 @@ def test_fsdp8_state_is_at_most_a_sixth_of_replicated():
     # XLA's view of the compiled step's per-device arguments (state + a key) agrees.
     assert rep_analysed == pytest.approx(rep_shards, rel=0.01)
     assert fsdp_analysed <= rep_analysed / 6, (fsdp_analysed, rep_analysed)
-    print(f"per-device state bytes: replicated {rep_shards:,}, fsdp=8 {fsdp_shards:,} "
-          f"(ratio {fsdp_shards / rep_shards:.3f}); compiled arguments {rep_analysed:,} vs {fsdp_analysed:,}")
+    print(
+        f"per-device state bytes: replicated {rep_shards:,}, fsdp=8 {fsdp_shards:,} "
+        f"(ratio {fsdp_shards / rep_shards:.3f}); compiled arguments {rep_analysed:,} vs {fsdp_analysed:,}"
+    )

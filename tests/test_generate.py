@@ -9,11 +9,10 @@ import sys
 
 import flax.linen as nn
 import pytest
+from decode_fixtures import REPO, qa_run
 
 from llm_jax import decode
 from llm_jax import generate as gen_cli
-
-from decode_fixtures import REPO, qa_run
 
 
 def test_cli_end_to_end_matches_in_process_decoding(tmp_path):
@@ -22,9 +21,26 @@ def test_cli_end_to_end_matches_in_process_decoding(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompts[1], "completion": "ignored"}) + "\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_jax.generate", "--workdir", workdir, "--prompt", prompts[0],
-         "--prompt_file", str(tmp_path / "p.jsonl"), "--max_new_tokens", "12", "--format", "jsonl"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llm_jax.generate",
+            "--workdir",
+            workdir,
+            "--prompt",
+            prompts[0],
+            "--prompt_file",
+            str(tmp_path / "p.jsonl"),
+            "--max_new_tokens",
+            "12",
+            "--format",
+            "jsonl",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]

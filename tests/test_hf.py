@@ -37,8 +37,17 @@ def make_hf(path, kind, max_shard_size=None, **kw):
         base = dict(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1)
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**base, **kw}))
     else:
-        base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+        base = dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**base, **kw}))
     with torch.no_grad():
         for p in model.parameters():
@@ -77,15 +86,33 @@ CASES = {
     "gpt2-untied-scan": ("gpt2", {"tie_word_embeddings": False, "n_inner": 48}, {"scan_layers": True}, {}),
     "llama-gqa-untied-mlpbias-llama3rope-scan": (
         "llama",
-        {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "mlp_bias": True,
-         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 16}},
-        {"scan_layers": True}, {}),
+        {
+            "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-5,
+            "mlp_bias": True,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+        {"scan_layers": True},
+        {},
+    ),
     "llama-tied-bias-linearrope-headdim-sharded-files": (
         "llama",
-        {"tie_word_embeddings": True, "num_key_value_heads": 4, "head_dim": 16, "attention_bias": True,
-         "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-        {}, {"max_shard_size": "20KB"}),
+        {
+            "tie_word_embeddings": True,
+            "num_key_value_heads": 4,
+            "head_dim": 16,
+            "attention_bias": True,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        },
+        {},
+        {"max_shard_size": "20KB"},
+    ),
 }
 MAX_DIFF = {}
 
@@ -125,21 +152,37 @@ def test_export_native_model(tmp_path, kind):
     """A model initialised by llm_jax (not from HF) -> save_pretrained -> from_pretrained: same logits."""
     from llm_jax.model import ModelConfig, TransformerLM
 
-    arch = dict(positions="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False, tie_embeddings=False,
-                num_kv_heads=2, rope_theta=500000.0) if kind == "llama" else {}
-    cfg = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, max_len=32, init_std=0.1, **arch)
+    arch = (
+        dict(
+            positions="rope",
+            norm="rmsnorm",
+            mlp_activation="swiglu",
+            use_bias=False,
+            tie_embeddings=False,
+            num_kv_heads=2,
+            rope_theta=500000.0,
+        )
+        if kind == "llama"
+        else {}
+    )
+    cfg = ModelConfig(
+        vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, max_len=32, init_std=0.1, **arch
+    )
     model = TransformerLM(cfg)
     # Random everything (norm scales and biases too), drawn on the host for the model's param shapes.
     rng = np.random.RandomState(2)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: (path[-1].key == "scale") + 0.2 * rng.standard_normal(x.shape).astype(np.float32),
-        nn.meta.unbox(hf.abstract_params(model)))
+        nn.meta.unbox(hf.abstract_params(model)),
+    )
     toks = tokens(vocab=128)
     ours = np.asarray(jax.jit(model.apply)({"params": params}, toks))
     hf.save_pretrained(str(tmp_path), cfg, params)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     diff = float(np.abs(torch_logits(back, toks) - ours).max())
-    print(f"\nllm_jax {kind} exported: max |logit diff| transformers vs llm_jax = {diff:.3g} (logits up to {np.abs(ours).max():.2f})")
+    print(
+        f"\nllm_jax {kind} exported: max |logit diff| transformers vs llm_jax = {diff:.3g} (logits up to {np.abs(ours).max():.2f})"
+    )
     assert diff < 1e-5
     again = hf.load_pretrained(str(tmp_path))[1]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), params)
@@ -194,8 +237,15 @@ def test_refuses_pickles_and_unsupported_configs(tmp_path):
         hf.load_pretrained(bad(activation_function="relu"))
     with pytest.raises(hf.HFError, match="scale_attn_by_inverse_layer_idx"):
         hf.load_pretrained(bad(scale_attn_by_inverse_layer_idx=True))
-    llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16}
+    llama = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+    }
     with pytest.raises(hf.HFError, match=r"rope_scaling\.rope_type='yarn'"):
         hf.model_config_from_hf({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(hf.HFError, match="hidden_act='gelu'"):
@@ -216,8 +266,12 @@ def _tokenizer_json(vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 50, "import os\nprint(os.path)\n" * 50], trainer)
     return tok
 
@@ -254,8 +308,13 @@ def test_run_import_finetune_export(tmp_path):
 
     # The command line, as documented in llm_jax/convert.py.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-    subprocess.run([sys.executable, "-m", "llm_jax.convert", "to_hf", "--workdir", str(work), "--hf_dir", str(out)],
-                   check=True, env=env, cwd=str(tmp_path), capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "llm_jax.convert", "to_hf", "--workdir", str(work), "--hf_dir", str(out)],
+        check=True,
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+    )
     cfg = hf.model_config_from_hf(hf.read_config(str(out)))
     params, step = hf.restore_params(str(work), cfg)
     assert step == 2

@@ -8,26 +8,40 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+from decode_fixtures import qa_run, write_upper_jsonl
 
 from llm_jax import data as data_lib
 from llm_jax import tokenizer as tok_lib
 
-from decode_fixtures import qa_run, write_upper_jsonl
-
 
 def jsonl_cfg(path, **kw):
-    base = dict(source="jsonl", path=str(path), val_path="", val_fraction=0.1, tokenizer="byte", vocab_size=0,
-                tokenizer_path="", seq_len=32)
+    base = dict(
+        source="jsonl",
+        path=str(path),
+        val_path="",
+        val_fraction=0.1,
+        tokenizer="byte",
+        vocab_size=0,
+        tokenizer_path="",
+        seq_len=32,
+    )
     return ml_collections.ConfigDict({**base, **kw})
 
 
 def test_weights_mark_completions_and_eos_only(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps(e) for e in [
-        {"prompt": "Q: 1+1?\nA:", "completion": " 2"},
-        {"prompt": "Q: sky?\nA:", "completion": " blue", "source": "extra fields are ignored"},
-        {"prompt": "Q: x?\nA:", "completion": ""},
-    ] * 4) + "\n\n")
+    path.write_text(
+        "\n".join(
+            json.dumps(e)
+            for e in [
+                {"prompt": "Q: 1+1?\nA:", "completion": " 2"},
+                {"prompt": "Q: sky?\nA:", "completion": " blue", "source": "extra fields are ignored"},
+                {"prompt": "Q: x?\nA:", "completion": ""},
+            ]
+            * 4
+        )
+        + "\n\n"
+    )
     data = data_lib.load_data(jsonl_cfg(path), log=lambda *a: None)
     tok = data.tokenizer
     assert len(data.train_examples) == 11 and len(data.val_examples) == 1  # last 10% (at least one)
@@ -53,19 +67,27 @@ def test_weights_mark_completions_and_eos_only(tmp_path):
 
 def test_long_examples_keep_their_completion(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"prompt": "x" * 50, "completion": "abc"}) + "\n" + json.dumps({"prompt": "p", "completion": "q"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "x" * 50, "completion": "abc"})
+        + "\n"
+        + json.dumps({"prompt": "p", "completion": "q"})
+        + "\n"
+    )
     data = data_lib.load_data(jsonl_cfg(path, val_path=str(path)), log=lambda *a: None)
     tokens, mask, truncated = data.rows("train", 16)
     assert truncated == 1
     assert data.tokenizer.decode(tokens[0][mask[0]]) == "abc" and tokens[0][-1] == data.tokenizer.eos_id
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "completion": "b"', "not valid JSON"),
-    ('["a", "b"]', "expected a JSON object"),
-    ('{"prompt": "a"}', "missing field 'completion'"),
-    ('{"prompt": 3, "completion": "b"}', "field 'prompt' must be a string"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "completion": "b"', "not valid JSON"),
+        ('["a", "b"]', "expected a JSON object"),
+        ('{"prompt": "a"}', "missing field 'completion'"),
+        ('{"prompt": 3, "completion": "b"}', "field 'prompt' must be a string"),
+    ],
+)
 def test_malformed_lines_name_line_and_field(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok", "completion": "fine"}\n\n' + line + "\n")

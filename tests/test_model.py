@@ -4,20 +4,53 @@ remat, logical axis names, known parameter counts)."""
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import optax
 import pytest
 
 from llm_jax import sharding
-from llm_jax.model import Attention, ModelConfig, Mlp, TransformerLM, attend, count_params, make_norm, rope, rope_frequencies
+from llm_jax.model import (
+    Attention,
+    Mlp,
+    ModelConfig,
+    TransformerLM,
+    attend,
+    count_params,
+    make_norm,
+    rope,
+    rope_frequencies,
+)
 
-GPT = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, max_len=32,
-                  positions="learned", norm="layernorm", mlp_activation="gelu", use_bias=True, tie_embeddings=True)
-LLAMA = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32,
-                    positions="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False, tie_embeddings=False)
+GPT = ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    num_heads=4,
+    embed_dim=32,
+    mlp_dim=64,
+    max_len=32,
+    positions="learned",
+    norm="layernorm",
+    mlp_activation="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+)
+LLAMA = ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=32,
+    mlp_dim=64,
+    max_len=32,
+    positions="rope",
+    norm="rmsnorm",
+    mlp_activation="swiglu",
+    use_bias=False,
+    tie_embeddings=False,
+)
 
 
 def _rng(i=0):
@@ -34,14 +67,14 @@ def _tokens(cfg, b=2, t=12, seed=0):
 FAST = {"xla_backend_optimization_level": 0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(cfg):
     """Unboxed parameters of `cfg` (seed 0)."""
     init = lambda: nn.meta.unbox(TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])  # noqa: E731
     return jax.jit(init, compiler_options=FAST)()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _empty_cache(cfg, b):
     init = lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((b, cfg.max_len), jnp.int32), decode=True)  # noqa: E731
     return jax.jit(lambda: nn.meta.unbox(init()["cache"]), compiler_options=FAST)()
@@ -58,8 +91,9 @@ def _logits(cfg, params, tokens):
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
 def _decode(cfg, params, cache, tokens, positions):
     """One cached forward: (logits, new cache)."""
-    logits, mut = TransformerLM(cfg).apply({"params": params, "cache": cache}, tokens, positions, decode=True,
-                                           mutable=["cache"])
+    logits, mut = TransformerLM(cfg).apply(
+        {"params": params, "cache": cache}, tokens, positions, decode=True, mutable=["cache"]
+    )
     return logits, mut["cache"]
 
 
@@ -78,7 +112,7 @@ def _rope_reference(x, pos, theta):
     """Independent reference: pairs (x[i], x[i + d/2]) as complex numbers times exp(i * pos * f_i)."""
     d = x.shape[-1]
     freqs = theta ** (-np.arange(0, d, 2) / d)  # [d/2]
-    z = x[..., : d // 2] + 1j * x[..., d // 2:]
+    z = x[..., : d // 2] + 1j * x[..., d // 2 :]
     z = z * np.exp(1j * pos[:, :, None, None] * freqs)
     return np.concatenate([z.real, z.imag], axis=-1)
 
@@ -261,8 +295,10 @@ def test_attention_param_shapes_gqa():
     init = lambda: Attention(cfg).init(jax.random.key(0), x, jnp.zeros((1, 5), jnp.int32), True, False)  # noqa: E731
     params = nn.meta.unbox(jax.eval_shape(init)["params"])
     assert jax.tree.map(lambda a: a.shape, params) == {
-        "query": {"kernel": (16, 4, 4)}, "key": {"kernel": (16, 2, 4)},
-        "value": {"kernel": (16, 2, 4)}, "out": {"kernel": (4, 4, 16)},
+        "query": {"kernel": (16, 4, 4)},
+        "key": {"kernel": (16, 2, 4)},
+        "value": {"kernel": (16, 2, 4)},
+        "out": {"kernel": (4, 4, 16)},
     }
 
 
@@ -293,7 +329,7 @@ def test_kv_cache_decoding_matches_full_forward(cfg):
     logits, cache = _decode(cfg, params, _empty_cache(cfg, 2), tokens[:, :9], pos[:, :9])  # prefill
     np.testing.assert_allclose(logits, full[:, :9], rtol=1e-5, atol=1e-5)
     for i in range(9, 12):  # then one token at a time
-        logits, cache = _decode(cfg, params, cache, tokens[:, i:i + 1], pos[:, i:i + 1])
+        logits, cache = _decode(cfg, params, cache, tokens[:, i : i + 1], pos[:, i : i + 1])
         np.testing.assert_allclose(logits[:, 0], full[:, i], rtol=1e-5, atol=1e-5)
 
 
@@ -303,13 +339,16 @@ def test_left_padding_with_position_minus_one_is_ignored(cfg):
     prompt = _tokens(cfg, b=1, t=9, seed=8)
     # Row 0: the prompt alone. Rows 1, 2: the prompt left-padded by 3 tokens at position -1, with
     # different pad ids (the pad tokens must be invisible whatever they are).
-    tokens = jnp.concatenate([
-        jnp.concatenate([prompt, jnp.zeros((1, 3), jnp.int32)], axis=1),  # right-padded, unused tail
-        jnp.concatenate([jnp.asarray([[0, 0, 0]], jnp.int32), prompt], axis=1),
-        jnp.concatenate([jnp.asarray([[17, 33, 5]], jnp.int32), prompt], axis=1),
-    ])
-    positions = jnp.asarray([list(range(9)) + [-1, -1, -1], [-1, -1, -1] + list(range(9)),
-                             [-1, -1, -1] + list(range(9))], jnp.int32)
+    tokens = jnp.concatenate(
+        [
+            jnp.concatenate([prompt, jnp.zeros((1, 3), jnp.int32)], axis=1),  # right-padded, unused tail
+            jnp.concatenate([jnp.asarray([[0, 0, 0]], jnp.int32), prompt], axis=1),
+            jnp.concatenate([jnp.asarray([[17, 33, 5]], jnp.int32), prompt], axis=1),
+        ]
+    )
+    positions = jnp.asarray(
+        [list(range(9)) + [-1, -1, -1], [-1, -1, -1] + list(range(9)), [-1, -1, -1] + list(range(9))], jnp.int32
+    )
     out, cache = _decode(cfg, params, _empty_cache(cfg, 3), tokens, positions)
     assert np.abs(np.asarray(out[0, :9]) - np.asarray(out[1, :9])).max() > 1e-3  # it does depend on position
     for row in (1, 2):
@@ -332,7 +371,9 @@ def test_scan_layers_equals_unrolled():
     ref_shapes = jax.tree.map(lambda a: a.shape, nn.meta.unbox(abstract["params"]))
     assert jax.tree.map(lambda a: a.shape, scan_params) == ref_shapes
     tokens = _tokens(cfg)
-    np.testing.assert_allclose(_logits(cfg, params, tokens), _logits(scan_cfg, scan_params, tokens), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _logits(cfg, params, tokens), _logits(scan_cfg, scan_params, tokens), rtol=1e-5, atol=1e-5
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
@@ -357,8 +398,10 @@ def test_remat_gives_the_same_loss_and_grads(remat):
 def test_dropout():
     cfg = dataclasses.replace(GPT, dropout_rate=0.5)
     params, tokens = _params(GPT), _tokens(GPT)
-    run = jax.jit(lambda rng: TransformerLM(cfg).apply({"params": params}, tokens, deterministic=False, rngs={"dropout": rng}),
-                  compiler_options=FAST)
+    run = jax.jit(
+        lambda rng: TransformerLM(cfg).apply({"params": params}, tokens, deterministic=False, rngs={"dropout": rng}),
+        compiler_options=FAST,
+    )
     d1, d1b, d2 = (run(jax.random.key(k)) for k in (1, 1, 2))
     np.testing.assert_array_equal(d1, d1b)  # the masks are a function of the key
     det = _logits(GPT, params, tokens)
@@ -390,13 +433,19 @@ def _boxed_leaves(tree):
 
 @pytest.mark.parametrize(
     "cfg",
-    [GPT, LLAMA, dataclasses.replace(LLAMA, scan_layers=True, use_bias=True), dataclasses.replace(GPT, scan_layers=True, tie_embeddings=False)],
+    [
+        GPT,
+        LLAMA,
+        dataclasses.replace(LLAMA, scan_layers=True, use_bias=True),
+        dataclasses.replace(GPT, scan_layers=True, tie_embeddings=False),
+    ],
     ids=["gpt", "llama", "llama_scan_bias", "gpt_scan_untied"],
 )
 def test_every_parameter_and_cache_variable_has_logical_axis_names(cfg):
     known = {name for name, _ in sharding.LOGICAL_RULES}
     variables = jax.eval_shape(
-        lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((2, cfg.max_len), jnp.int32), decode=True))
+        lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((2, cfg.max_len), jnp.int32), decode=True)
+    )
     leaves = _boxed_leaves(variables["params"])
     assert len(leaves) >= 10
     for path, leaf in leaves:
@@ -417,16 +466,28 @@ def test_every_parameter_and_cache_variable_has_logical_axis_names(cfg):
 
 
 def test_gpt2_small_has_124m_parameters():
-    cfg = ModelConfig(vocab_size=50257, num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, max_len=1024,
-                      scan_layers=True)
+    cfg = ModelConfig(
+        vocab_size=50257, num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072, max_len=1024, scan_layers=True
+    )
     shapes = jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     assert count_params(shapes["params"]) == 124_439_808
 
 
 def test_llama2_7b_has_6_74b_parameters():
-    cfg = ModelConfig(vocab_size=32000, num_layers=32, num_heads=32, embed_dim=4096, mlp_dim=11008, max_len=4096,
-                      positions="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False,
-                      tie_embeddings=False, scan_layers=True)
+    cfg = ModelConfig(
+        vocab_size=32000,
+        num_layers=32,
+        num_heads=32,
+        embed_dim=4096,
+        mlp_dim=11008,
+        max_len=4096,
+        positions="rope",
+        norm="rmsnorm",
+        mlp_activation="swiglu",
+        use_bias=False,
+        tie_embeddings=False,
+        scan_layers=True,
+    )
     shapes = jax.eval_shape(lambda: TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     assert count_params(shapes["params"]) == 6_738_415_616
 

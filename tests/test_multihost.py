@@ -10,7 +10,6 @@ import os
 import socket
 
 import numpy as np
-
 import runlib as R
 
 STEPS = 4

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 import runlib as R
+
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
 from llm_jax import optim, sharding, train
@@ -96,7 +96,11 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     assert f"checkpoints/{good} (step {good})" in out
     assert os.path.isdir(os.path.join(wd, ckpt_lib.CORRUPT_DIR, str(bad))), "the bad checkpoint is kept aside"
     saved = R.finished_steps(wd)[-1]
-    assert "preempted" in out and saved == R.last_logged_step(wd) and seen <= saved < N_STEPS, (seen, saved, out[-2000:])
+    assert "preempted" in out and saved == R.last_logged_step(wd) and seen <= saved < N_STEPS, (
+        seen,
+        saved,
+        out[-2000:],
+    )
     # 6. The last start finishes the run.
     out = R.finish(restart())
     assert f"checkpoints/{saved} (step {saved})" in out
@@ -126,8 +130,16 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
 
 # orbax leaves the failed read of the other array as an un-awaited error: expected here.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["delete_largest_file", "truncate_largest_file", "truncate_tree_metadata",
-                                    "delete_state_dir", "truncate_loop_state"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "delete_largest_file",
+        "truncate_largest_file",
+        "truncate_tree_metadata",
+        "delete_state_dir",
+        "truncate_loop_state",
+    ],
+)
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
     state = {"w": jnp.arange(65536.0).reshape(256, 256), "b": jnp.ones((8,), jnp.int32)}
     mngr = ckpt_lib.manager(str(tmp_path), 5, async_save=False)
@@ -135,8 +147,9 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
         ckpt_lib.save(mngr, step, jax.tree.map(lambda x: x * step, state), {"step": step})
     mngr.close()
     latest = os.path.join(R.ckpt_root(str(tmp_path)), "3")
-    largest = max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(latest, "state")) for f in fs),
-                  key=os.path.getsize)  # the array data
+    largest = max(
+        (os.path.join(r, f) for r, _, fs in os.walk(os.path.join(latest, "state")) for f in fs), key=os.path.getsize
+    )  # the array data
     if damage == "delete_largest_file":
         os.remove(largest)
     elif damage == "truncate_largest_file":
@@ -152,7 +165,10 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
 
     logs = []
     reader = ckpt_lib.manager(str(tmp_path), 5, read_only=True)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), state)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        state,
+    )
     step, restored, data_state, bad = ckpt_lib.restore_latest(reader, abstract, log=logs.append)
     reader.close()
     assert (step, data_state, bad) == (2, {"step": 2}, [3])
@@ -169,7 +185,9 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     mngr.close()
     os.remove(os.path.join(R.ckpt_root(str(tmp_path)), "1", "state", "_METADATA"))
     reader = ckpt_lib.manager(str(tmp_path), 5, read_only=True)
-    abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    abstract = {
+        "w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    }
     with pytest.raises(RuntimeError, match=r"no checkpoint in \S+ can be restored: step 1: "):
         ckpt_lib.restore_latest(reader, abstract, log=lambda m: None)
 
@@ -264,11 +282,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
 def test_nan_loss_skip_drops_that_update(tmp_path, corpus, monkeypatch, capsys):
     _poison(monkeypatch, at_step=3)
     wd = str(tmp_path / "run")
-    last = train.train_and_evaluate(_inprocess_config(corpus, on_nan="skip", checkpoint_every=1, keep_checkpoints=10), wd)
+    last = train.train_and_evaluate(
+        _inprocess_config(corpus, on_nan="skip", checkpoint_every=1, keep_checkpoints=10), wd
+    )
     assert last["step"] == 6 and last["train/skipped_steps"] == 1 and np.isfinite(last["train/loss"])
     assert "skipped: loss inf" in capsys.readouterr().out
     s2, s3 = R.read_state(wd, 2), R.read_state(wd, 3)
     assert int(s3["['step']"]) == 3  # the step advanced (next batch, next dropout key) ...
-    R.assert_bitwise_equal({k: v for k, v in s3.items() if k != "['step']"},
-                           {k: v for k, v in s2.items() if k != "['step']"})  # ... but nothing else changed
+    R.assert_bitwise_equal(
+        {k: v for k, v in s3.items() if k != "['step']"}, {k: v for k, v in s2.items() if k != "['step']"}
+    )  # ... but nothing else changed
     assert all(np.isfinite(v).all() for v in R.read_state(wd, 6).values())

@@ -9,13 +9,14 @@ import functools
 import math
 from types import SimpleNamespace
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax import optim, sharding, train
 from llm_jax.config import base_config
@@ -29,11 +30,36 @@ MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)]
 # "gpt_gqa": every kind of sharded parameter (biases, learned positions, tied embedding used twice,
 # grouped kv heads, two MLP input kernels) on all five meshes. "llama_scan": the other code paths
 # (RoPE, RMSNorm, GELU, untied head, scan over layers, remat, jax.nn.dot_product_attention) on 2x1x4.
-GPT_GQA = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, num_kv_heads=4, embed_dim=32, mlp_dim=64, max_len=SEQ,
-                      positions="learned", norm="layernorm", mlp_activation="swiglu", use_bias=True, tie_embeddings=True)
-LLAMA_SCAN = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, embed_dim=32, mlp_dim=64, max_len=SEQ,
-                         positions="rope", norm="rmsnorm", mlp_activation="gelu", use_bias=False, tie_embeddings=False,
-                         scan_layers=True, remat="dots", attention="dot_product")
+GPT_GQA = ModelConfig(
+    vocab_size=128,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=4,
+    embed_dim=32,
+    mlp_dim=64,
+    max_len=SEQ,
+    positions="learned",
+    norm="layernorm",
+    mlp_activation="swiglu",
+    use_bias=True,
+    tie_embeddings=True,
+)
+LLAMA_SCAN = ModelConfig(
+    vocab_size=128,
+    num_layers=2,
+    num_heads=8,
+    embed_dim=32,
+    mlp_dim=64,
+    max_len=SEQ,
+    positions="rope",
+    norm="rmsnorm",
+    mlp_activation="gelu",
+    use_bias=False,
+    tie_embeddings=False,
+    scan_layers=True,
+    remat="dots",
+    attention="dot_product",
+)
 CONFIGS = {"gpt_gqa": GPT_GQA, "llama_scan": LLAMA_SCAN}
 
 
@@ -67,7 +93,7 @@ def mean_loss(params, batch, model):
 FAST = {"xla_backend_optimization_level": 0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_state(name):
     """The initial train state (seed 0), computed on one device without any mesh (numpy leaves)."""
     model = TransformerLM(CONFIGS[name])
@@ -75,7 +101,7 @@ def ref_state(name):
     return jax.device_get(jax.jit(lambda r: nn.meta.unbox(init(r)), compiler_options=FAST)(jax.random.key(0)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_grads(name):
     """Single device, no mesh, no sharding: (loss, grads) of the mean token loss."""
     model = TransformerLM(CONFIGS[name])
@@ -83,7 +109,7 @@ def ref_grads(name):
     return jax.device_get(grad_fn(ref_state(name).params, make_batch(model.cfg)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_step(name):
     """Single device: the new state and metrics of one train step, from the reference gradients
     and the run's optimizer (what train_step computes)."""
@@ -93,7 +119,9 @@ def ref_step(name):
 
     def update(state, grads):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+        return state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
 
     new = jax.device_get(jax.jit(update, compiler_options=FAST)(state, grads))
     grad_norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in jax.tree.leaves(grads)))
@@ -106,7 +134,9 @@ def assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
     flat_a = jax.tree.leaves(actual)
     assert len(flat_a) == len(flat_e)
     for (path, e), a in zip(flat_e, flat_a):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def state_shardings(name, mesh):
@@ -118,8 +148,11 @@ def state_shardings(name, mesh):
 # Loss and gradients equal across meshes
 
 
-@pytest.mark.parametrize("name, shape", [("gpt_gqa", s) for s in MESHES] + [("llama_scan", (2, 1, 4))],
-                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
+@pytest.mark.parametrize(
+    "name, shape",
+    [("gpt_gqa", s) for s in MESHES] + [("llama_scan", (2, 1, 4))],
+    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x,
+)
 def test_loss_and_grads_equal_single_device(name, shape):
     cfg = CONFIGS[name]
     ref_loss, ref_g = ref_grads(name)
@@ -198,24 +231,26 @@ EXPECTED = {
 }
 for _i in range(2):
     _l = f"layers_{_i}/"
-    EXPECTED.update({
-        _l + "ln_1/scale": ((64,), (None,)),
-        _l + "ln_1/bias": ((64,), (None,)),
-        _l + "ln_2/scale": ((64,), (None,)),
-        _l + "ln_2/bias": ((64,), (None,)),
-        _l + "attn/query/kernel": ((64, 8, 8), (FSDP, TP, None)),
-        _l + "attn/query/bias": ((8, 8), (TP, None)),
-        _l + "attn/key/kernel": ((64, 8, 8), (FSDP, TP, None)),
-        _l + "attn/key/bias": ((8, 8), (TP, None)),
-        _l + "attn/value/kernel": ((64, 8, 8), (FSDP, TP, None)),
-        _l + "attn/value/bias": ((8, 8), (TP, None)),
-        _l + "attn/out/kernel": ((8, 8, 64), (TP, None, FSDP)),
-        _l + "attn/out/bias": ((64,), (FSDP,)),
-        _l + "mlp/wi/kernel": ((64, 128), (FSDP, TP)),
-        _l + "mlp/wi/bias": ((128,), (TP,)),
-        _l + "mlp/wo/kernel": ((128, 64), (TP, FSDP)),
-        _l + "mlp/wo/bias": ((64,), (FSDP,)),
-    })
+    EXPECTED.update(
+        {
+            _l + "ln_1/scale": ((64,), (None,)),
+            _l + "ln_1/bias": ((64,), (None,)),
+            _l + "ln_2/scale": ((64,), (None,)),
+            _l + "ln_2/bias": ((64,), (None,)),
+            _l + "attn/query/kernel": ((64, 8, 8), (FSDP, TP, None)),
+            _l + "attn/query/bias": ((8, 8), (TP, None)),
+            _l + "attn/key/kernel": ((64, 8, 8), (FSDP, TP, None)),
+            _l + "attn/key/bias": ((8, 8), (TP, None)),
+            _l + "attn/value/kernel": ((64, 8, 8), (FSDP, TP, None)),
+            _l + "attn/value/bias": ((8, 8), (TP, None)),
+            _l + "attn/out/kernel": ((8, 8, 64), (TP, None, FSDP)),
+            _l + "attn/out/bias": ((64,), (FSDP,)),
+            _l + "mlp/wi/kernel": ((64, 128), (FSDP, TP)),
+            _l + "mlp/wi/bias": ((128,), (TP,)),
+            _l + "mlp/wo/kernel": ((128, 64), (TP, FSDP)),
+            _l + "mlp/wo/bias": ((64,), (FSDP,)),
+        }
+    )
 # Per-device shard shapes on the FSDP mesh 1x8x1 (embed dim / 8) and the tensor-parallel mesh
 # 1x1x8 (vocab, heads, mlp / 8), for one of each kind of parameter.
 SHARD_SHAPES = {
@@ -232,9 +267,19 @@ SHARD_SHAPES = {
     "layers_1/mlp/wo/kernel": {"fsdp": (128, 8), "tensor": (16, 64)},
 }
 
-SPEC_MODEL = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, embed_dim=64, mlp_dim=128, max_len=SEQ,
-                         positions="learned", norm="layernorm", mlp_activation="gelu", use_bias=True,
-                         tie_embeddings=False)
+SPEC_MODEL = ModelConfig(
+    vocab_size=128,
+    num_layers=2,
+    num_heads=8,
+    embed_dim=64,
+    mlp_dim=128,
+    max_len=SEQ,
+    positions="learned",
+    norm="layernorm",
+    mlp_activation="gelu",
+    use_bias=True,
+    tie_embeddings=False,
+)
 
 
 def _path(p):
@@ -270,7 +315,9 @@ def test_parameter_partition_specs(kind):
     if kind == "fsdp":  # biases of the embed dim are split too
         unsplit -= {p for p in unsplit if p.endswith(("out/bias", "wo/bias"))}
     else:  # position table: no vocab/heads/mlp dim
-        unsplit = (unsplit | {"pos_embed"}) - {p for p in unsplit if p.endswith(("query/bias", "key/bias", "value/bias", "wi/bias"))}
+        unsplit = (unsplit | {"pos_embed"}) - {
+            p for p in unsplit if p.endswith(("query/bias", "key/bias", "value/bias", "wi/bias"))
+        }
     assert split == set(got) - unsplit
     # Optimizer moments are sharded like their parameters; the step counter is replicated.
     adam = shardings.opt_state[1][0]
@@ -336,14 +383,17 @@ def test_resolve_mesh_shape_fills_in_minus_one():
     assert mesh.axis_names == ("data", "fsdp", "tensor")
 
 
-@pytest.mark.parametrize("shape, devices, message", [
-    ([3, -1, 1], 8, r"multiply to 3, which does not divide the 8 available devices"),
-    ([2, 2, 1], 8, r"needs 4 devices but 8 are available"),
-    ([4, 4, 1], 8, r"needs 16 devices but 8 are available"),
-    ([-1, -1, 1], 8, r"at most one axis may be -1"),
-    ([0, 1, -1], 8, r"sizes must be positive or -1"),
-    ([8, 1], 8, r"must have 3 entries"),
-])
+@pytest.mark.parametrize(
+    "shape, devices, message",
+    [
+        ([3, -1, 1], 8, r"multiply to 3, which does not divide the 8 available devices"),
+        ([2, 2, 1], 8, r"needs 4 devices but 8 are available"),
+        ([4, 4, 1], 8, r"needs 16 devices but 8 are available"),
+        ([-1, -1, 1], 8, r"at most one axis may be -1"),
+        ([0, 1, -1], 8, r"sizes must be positive or -1"),
+        ([8, 1], 8, r"must have 3 entries"),
+    ],
+)
 def test_impossible_mesh_shapes_fail_clearly(shape, devices, message):
     with pytest.raises(ValueError, match=message):
         sharding.resolve_mesh_shape(shape, devices)

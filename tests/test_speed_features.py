@@ -6,13 +6,12 @@ Each switch is compared on the same weights (scan gets the unrolled weights stac
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-import flax.linen as nn
 
 from llm_jax import config as config_lib
 from llm_jax import optim, sharding, train
@@ -58,8 +57,13 @@ def _close(a, b, rtol, atol=0.0):
     """Leafwise allclose; atol is relative to the largest entry of the whole tree `b` (some
     gradients, e.g. the key bias's, are zero in exact arithmetic and pure rounding here)."""
     scale = max(float(np.abs(np.asarray(y, np.float32)).max()) for y in jax.tree.leaves(b))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
-                                                         rtol=rtol, atol=atol * scale), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol * scale
+        ),
+        a,
+        b,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +114,9 @@ def test_dot_product_attention_matches_einsum(reference):
 
 
 def test_dot_product_attention_gqa_and_rope_matches_einsum():
-    cfg = _cfg(num_kv_heads=2, positions="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False,
-               tie_embeddings=False)
+    cfg = _cfg(
+        num_kv_heads=2, positions="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False, tie_embeddings=False
+    )
     params, batch = _params(cfg), _batch()
     loss, grads = _loss_and_grads(cfg, params, batch)
     loss2, grads2 = _loss_and_grads(dataclasses.replace(cfg, attention="dot_product"), params, batch)
@@ -165,8 +170,9 @@ def test_grad_accumulation_and_fast_path_give_the_same_update():
         model = TransformerLM(cfg)
         state, sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), T)
         if cfg.scan_layers:  # same starting weights as the unrolled run
-            ref_state, _ = train.create_sharded_state(TransformerLM(dataclasses.replace(cfg, scan_layers=False)),
-                                                      tx, mesh, rules, jax.random.key(0), T)
+            ref_state, _ = train.create_sharded_state(
+                TransformerLM(dataclasses.replace(cfg, scan_layers=False)), tx, mesh, rules, jax.random.key(0), T
+            )
             params = jax.device_put(_stack_layers(ref_state.params, cfg.num_layers), sh.params)
             state = state.replace(params=params, opt_state=jax.device_put(tx.init(params), sh.opt_state))
         p_train, _ = train.make_steps(model, tx, mesh, rules, sh, accum)
@@ -196,10 +202,12 @@ def test_scan_decode_matches_full_forward(remat):
     tok = _batch()["inputs"][:, :8]
     full = model.apply({"params": params}, tok)
     cache = model.init(jax.random.key(0), jnp.zeros((B, 8), jnp.int32), decode=True)["cache"]
-    step = jax.jit(lambda p, c, x, pos: model.apply({"params": p, "cache": c}, x, positions=pos, decode=True, mutable=["cache"]))
+    step = jax.jit(
+        lambda p, c, x, pos: model.apply({"params": p, "cache": c}, x, positions=pos, decode=True, mutable=["cache"])
+    )
     outs = []
     for i in range(8):
-        out, mut = step(params, cache, tok[:, i:i + 1], jnp.full((B, 1), i, jnp.int32))
+        out, mut = step(params, cache, tok[:, i : i + 1], jnp.full((B, 1), i, jnp.int32))
         cache = mut["cache"]
         outs.append(out)
     np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)

@@ -25,15 +25,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the compilations of the in-process runs through the persistent compilation cache. A short
 # warmup and a decay horizon that does not depend on num_steps: a run stopped at step 3 and
 # resumed to 6 follows the schedule of a 6-step run.
-OVERRIDES = {"optim.lr": 1e-2, "optim.warmup_steps": 1, "optim.decay_steps": 6,
-             "train.log_every": 1, "train.eval_every": 3, "train.checkpoint_every": 2}
+OVERRIDES = {
+    "optim.lr": 1e-2,
+    "optim.warmup_steps": 1,
+    "optim.decay_steps": 6,
+    "train.log_every": 1,
+    "train.eval_every": 3,
+    "train.checkpoint_every": 2,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """A persistent compilation cache for this module (the runs below compile the same programs)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     old = {n: getattr(jax.config, n) for n in names}
     path = str(tmp_path_factory.mktemp("jax_cache"))
     jax.config.update("jax_compilation_cache_dir", path)
@@ -130,7 +139,7 @@ def test_resume_continues_from_the_last_saved_step(runs):
     # Run B restored step 3 and did steps 4..6 only: run A's records are still there, untouched
     # (their timings included), and every step is logged once.
     assert "resumed" in runs["b_log"]
-    assert resumed[:len(runs["a_metrics"])] == runs["a_metrics"]
+    assert resumed[: len(runs["a_metrics"])] == runs["a_metrics"]
     steps = [m["step"] for m in resumed if "train/loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert sorted(eval_losses(resumed)) == [3, 6]
@@ -150,13 +159,29 @@ def test_cli_end_to_end(tmp_path, compile_cache):
     flags = env.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         flags += " --xla_force_host_platform_device_count=8"
-    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env.update(
+        XLA_FLAGS=flags,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=compile_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
     overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + ["--config.train.num_steps=2"]
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_jax.main", "--config", "configs/default.py:tiny", f"--workdir={workdir}", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "llm_jax.main",
+            "--config",
+            "configs/default.py:tiny",
+            f"--workdir={workdir}",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "eval loss" in proc.stdout and "sample:" in proc.stdout
