@@ -27,9 +27,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llm_jax import config as config_lib
+from llm_jax import family as family_lib
 from llm_jax import flops as flops_lib
 from llm_jax import optim, sharding, train
-from llm_jax.model import TransformerLM, count_params
+from llm_jax.model import count_params
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
@@ -78,7 +79,7 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     rules = sharding.logical_rules(config)
     model_cfg = config_lib.model_config(config, bench_vocab(config))
     sharding.check_divisible(mesh, model_cfg, tc.batch_size)
-    model = TransformerLM(model_cfg)
+    model = family_lib.build(model_cfg)
     tx = optim.make_optimizer(config.optim)
 
     rng = jax.random.key(config.seed)

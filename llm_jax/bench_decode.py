@@ -29,12 +29,12 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from llm_jax import decode
-from llm_jax.model import ModelConfig, TransformerLM, count_params
+from llm_jax import family as family_lib
+from llm_jax.model import ModelConfig, count_params
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 8, "Prompts per batch.")
@@ -56,11 +56,11 @@ def _log(*args):
 
 def llm_jax_runner(cfg: ModelConfig, prompts: np.ndarray, new_tokens: int):
     """(run, first_call_s): run() greedily generates `new_tokens` for `prompts` [b, p] and waits for it."""
-    model = TransformerLM(cfg)
-    params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
+    model = family_lib.build(cfg)
+    params = jax.jit(lambda: nn.meta.unbox(family_lib.init_params(model, jax.random.key(0), 8)))()
     _log(f"llm_jax: {count_params(params):,} parameters")
-    tokens, positions = decode.left_pad(prompts.tolist())
-    args = (model, params, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(0))
+    tokens, start = decode.left_pad(prompts.tolist())
+    args = (model, params, tokens, start, jax.random.key(0))
     kwargs = dict(max_new_tokens=new_tokens, temperature=0.0)
 
     def run():

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -174,7 +175,6 @@ def _all_processes(ok: bool) -> bool:
     """True if `ok` on every process: they must agree on which checkpoint they resume from."""
     if jax.process_count() == 1:
         return ok
-    import numpy as np
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
@@ -204,33 +204,42 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
-    """(step, params) of checkpoint `step` (None: the latest) of a run, for inference.
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[int, Any, dict]:
+    """(step, params, loop data) of checkpoint `step` (None: the latest) of a run: the one params-only restore.
 
-    Reads only the params of the saved train state (not the optimizer state), placed as
-    `abstract_params` (ShapeDtypeStructs with shardings) says. Touches nothing on disk. Raises
-    FileNotFoundError when the run has no checkpoint, IncompatibleCheckpoint when shapes differ.
+    Reads only the params of the saved train state (never the optimizer state). A leaf of
+    `abstract_params` (ShapeDtypeStructs) that carries a sharding is restored as a jax.Array in its
+    shards; one without (sharding None) as a host numpy array (for export). Touches nothing on disk.
+    Raises FileNotFoundError when the run has no such checkpoint, IncompatibleCheckpoint when shapes differ.
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir} has no checkpoints (no {directory}); train it first with llm_jax.main")
     mngr = manager(workdir, keep=1, async_save=False, read_only=True)
-    steps = mngr.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"{directory} holds no finished checkpoint; train longer or wait for a save")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; it has {sorted(steps)}")
-    where = os.path.join(directory, str(step))
-    check_shapes(where, {"params": mngr.item_metadata(step)["state"]["params"]}, {"params": abstract_params})
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint; train longer or wait for a save")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; it has {sorted(steps)}")
+        where = os.path.join(directory, str(step))
+        check_shapes(where, {"params": mngr.item_metadata(step)["state"]["params"]}, {"params": abstract_params})
+        data = dict(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {})
+    finally:
+        mngr.close()
+
+    def restore_arg(x):
+        if getattr(x, "sharding", None) is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
+        return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+
     item = {"params": abstract_params}
     # PyTreeRestore with partial_restore: only the arrays named in `item` are read.
-    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        os.path.join(where, "state"),
-        args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
-        ),
-    )
-    mngr.close()
-    return step, restored["params"]
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            os.path.join(where, "state"),
+            args=ocp.args.PyTreeRestore(item=item, restore_args=jax.tree.map(restore_arg, item), partial_restore=True),
+        )
+    return step, restored["params"], data

@@ -1,62 +1,59 @@
-"""The run config's full set of keys (configs/*.py start from `base_config()`) and the model config
-derived from it.
+"""The run config: every key (configs/*.py start from `base_config()`), its checks, and how a saved
+run's config is read back.
 
 Configs are `ml_collections.ConfigDict`s, nested by concern: `model`, `data`, `optim`, `train`,
 `mesh`. Files in `configs/` override what they need; the command line overrides the rest
-(`--config.optim.lr=1e-3`). Every key exists here, so a mistyped key on the command line is an error.
+(`--config.optim.lr=1e-3`). Every key exists here, so a mistyped key is an error.
+
+`config.model` is `ModelConfig`'s fields, generated from the dataclass (None = unset, typed so the
+command line can set it), and `model_config` reads it back with `ModelConfig(**config.model)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import os
+import typing
 
 import ml_collections
+from ml_collections import config_dict
 
 from llm_jax.model import ModelConfig
+
+# Keys a config may carry although base_config() lacks them (free-form dicts).
+OPTIONAL_KEYS = ("mesh.rules",)
+# Keys renamed when config.model became ModelConfig's fields: old key -> new key.
+RENAMED_KEYS = {
+    "model.rope_scaling.type": "model.rope_scaling",
+    "model.rope_scaling.factor": "model.rope_scaling_factor",
+    "model.rope_scaling.low_freq_factor": "model.rope_low_freq_factor",
+    "model.rope_scaling.high_freq_factor": "model.rope_high_freq_factor",
+    "model.rope_scaling.original_max_len": "model.rope_original_max_len",
+}
+# Run configs saved before then used 0 or -1 for "unset" where ModelConfig uses None.
+_LEGACY_UNSET = {"vocab_size": 0, "num_kv_heads": 0, "head_dim": 0, "attention_bias": -1, "mlp_bias": -1}
+
+
+def model_section() -> ml_collections.ConfigDict:
+    """`config.model`: one key per ModelConfig field, with its default; None defaults become typed
+    placeholders, so `--config.model.num_kv_heads=2` works on the command line."""
+    hints = typing.get_type_hints(ModelConfig)
+    m = ml_collections.ConfigDict()
+    for f in dataclasses.fields(ModelConfig):
+        if f.default is None:
+            (kind,) = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+            m[f.name] = config_dict.placeholder(kind)
+        else:
+            m[f.name] = f.default
+    return m
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-
-    c.model = m = ml_collections.ConfigDict()
-    m.preset = "custom"  # informational: 'gpt2', 'llama', ...
-    m.vocab_size = 0  # 0: the tokenizer's, padded up to vocab_multiple
-    m.vocab_multiple = 128  # pad the vocab so it splits over tensor parallelism and matmul tiles
-    m.num_layers = 4
-    m.num_heads = 4
-    m.num_kv_heads = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention
-    m.embed_dim = 128
-    m.mlp_dim = 512
-    m.head_dim = 0  # 0: embed_dim // num_heads
-    m.max_len = 256  # position table / KV cache size; >= data.seq_len
-    m.positions = "learned"  # 'learned' | 'rope'
-    m.rope_theta = 10000.0
-    # Hugging Face rope scaling (imported Llama 3.x / long-context checkpoints).
-    m.rope_scaling = ml_collections.ConfigDict(
-        dict(
-            type="none",  # 'none' | 'linear' | 'llama3'
-            factor=1.0,
-            low_freq_factor=1.0,  # llama3 only
-            high_freq_factor=4.0,  # llama3 only
-            original_max_len=8192,  # llama3 only: the pre-training context
-        )
-    )
-    m.norm = "layernorm"  # 'layernorm' | 'rmsnorm'
-    m.norm_eps = 1e-5
-    m.mlp_activation = "gelu"  # 'gelu' | 'swiglu'
-    m.use_bias = True
-    m.attention_bias = -1  # -1: same as use_bias; 0/1: q/k/v/out projection biases off/on
-    m.mlp_bias = -1  # -1: same as use_bias; 0/1: MLP biases off/on
-    m.dropout_rate = 0.0
-    m.tie_embeddings = True
-    m.scan_layers = False
-    m.remat = "none"  # 'none' | 'full' | 'dots'
-    m.attention = "einsum"  # 'einsum' | 'dot_product'
-    m.loss_chunk = 0  # >0: cross-entropy in sequence chunks of this size, never the full [b, t, v] logits
-    m.dtype = "float32"  # compute dtype ('bfloat16' for mixed precision)
-    m.param_dtype = "float32"  # master weights
-    m.init_std = 0.02
+    c.model = model_section()
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion fine-tuning)
@@ -114,6 +111,66 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (empty dicts stay leaves)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def renamed_key_message(key: str) -> str | None:
+    """'config.OLD is now config.NEW' for a key renamed since a run or script was written, else None."""
+    key = key.removeprefix("config.")
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return f"config.{key} is now config.{new}"
+    return None
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+    """Unknown keys are errors: a config file that sets `c.train.chekpoint_every` must not run silently."""
+    known = flatten(base_config().to_dict())
+    given = flatten(config.to_dict())
+    bad = [k for k in given if k not in known and not any(k == o or k.startswith(o + ".") for o in OPTIONAL_KEYS)]
+    if not bad:
+        return
+    hints = []
+    for k in bad:
+        close = difflib.get_close_matches(k, known, n=1)
+        renamed = renamed_key_message(k)
+        hints.append(renamed or f"config.{k}" + (f" (did you mean config.{close[0]}?)" if close else ""))
+    raise ValueError(
+        f"unknown config key{'s' if len(bad) > 1 else ''}: {', '.join(hints)}. Every key is defined in "
+        "llm_jax/config.py:base_config(); fix the spelling in the config file or on the command line"
+    )
+
+
+def check_train(tc) -> None:
+    """Values of `config.train` that no later step would catch before they do harm."""
+    if tc.on_nan not in ("stop", "skip"):
+        raise ValueError(f"config.train.on_nan={tc.on_nan!r}: use 'stop' or 'skip'")
+    for name in (
+        "num_steps",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "batch_size",
+        "grad_accum_steps",
+        "eval_steps",
+    ):
+        if tc[name] <= 0:
+            raise ValueError(f"config.train.{name}={tc[name]} must be positive")
+
+
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Fills in derived defaults (0 = 'same as ...'); returns a new, locked config."""
     c = ml_collections.ConfigDict(config.to_dict())
@@ -126,54 +183,54 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> ModelConfig:
-    """The frozen ModelConfig of a run: vocabulary from the tokenizer, padded to `vocab_multiple`."""
-    m = config.model
-    vocab = m.vocab_size or tokenizer_vocab
-    if vocab < tokenizer_vocab:
-        raise ValueError(
-            f"config.model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
-            "set it to 0 (use the tokenizer's) or to at least that"
-        )
-    if m.vocab_multiple > 1:
-        vocab = -(-vocab // m.vocab_multiple) * m.vocab_multiple
-    if config.data.seq_len > m.max_len:
+    """The frozen ModelConfig of a run: `ModelConfig(**config.model)`, its vocabulary resolved."""
+    cfg = ModelConfig(**config.model.to_dict()).resolved(tokenizer_vocab)
+    if config.data.seq_len > cfg.max_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} is longer than the model's position table "
-            f"config.model.max_len={m.max_len}; raise max_len or shorten seq_len"
+            f"config.model.max_len={cfg.max_len}; raise max_len or shorten seq_len"
         )
-    return ModelConfig(
-        vocab_size=vocab,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads or None,
-        embed_dim=m.embed_dim,
-        mlp_dim=m.mlp_dim,
-        head_dim=m.head_dim or None,
-        max_len=m.max_len,
-        positions=m.positions,
-        rope_theta=m.rope_theta,
-        rope_scaling=m.rope_scaling.type,
-        rope_scaling_factor=m.rope_scaling.factor,
-        rope_low_freq_factor=m.rope_scaling.low_freq_factor,
-        rope_high_freq_factor=m.rope_scaling.high_freq_factor,
-        rope_original_max_len=m.rope_scaling.original_max_len,
-        norm=m.norm,
-        norm_eps=m.norm_eps,
-        mlp_activation=m.mlp_activation,
-        use_bias=m.use_bias,
-        attention_bias=None if m.attention_bias < 0 else bool(m.attention_bias),
-        mlp_bias=None if m.mlp_bias < 0 else bool(m.mlp_bias),
-        dropout_rate=m.dropout_rate,
-        tie_embeddings=m.tie_embeddings,
-        scan_layers=m.scan_layers,
-        remat=m.remat,
-        attention=m.attention,
-        loss_chunk=m.loss_chunk,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        init_std=m.init_std,
-    )
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved runs
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=1, sort_keys=True)
+
+
+def upgrade(saved: dict) -> dict:
+    """A run's saved config dict in today's key layout (runs written before a key was renamed)."""
+    saved = json.loads(json.dumps(saved))  # a deep copy
+    model = saved.get("model")
+    if not isinstance(model, dict):
+        return saved
+    rope = model.get("rope_scaling")
+    if isinstance(rope, dict):
+        for old, new in RENAMED_KEYS.items():
+            leaf = old.rsplit(".", 1)[1]
+            if leaf in rope:
+                model[new.split(".", 1)[1]] = rope[leaf]
+    for key, unset in _LEGACY_UNSET.items():
+        if key in model and model[key] == unset:
+            model[key] = None
+        elif key in ("attention_bias", "mlp_bias") and model.get(key) in (0, 1):
+            model[key] = bool(model[key])
+    return saved
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """A run's config.json laid over today's defaults (so runs saved before a key existed load).
+
+    Raises FileNotFoundError when `workdir` has no config.json.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: --workdir must be a run directory written by llm_jax.main")
+    with open(path) as f:
+        saved = upgrade(json.load(f))
+    config = base_config()
+    config.update(saved)
+    return config

@@ -3,9 +3,10 @@
     python -m llm_jax.generate --workdir runs/x --prompt "def fib(n):" [--prompt "..."]
         [--prompt_file F] [--max_new_tokens 200] [--temperature 0] [--top_k 0] [--top_p 1] [--seed 0]
 
-Reads the run's `config.json` and tokenizer, rebuilds its model, restores only the params of the
-latest checkpoint (sharded on the run's mesh when it fits this machine, else on all devices
-data-parallel) and prints each prompt followed by its completion. Decoding is
+Loads the run (`llm_jax.run.load_run`: its config, tokenizer, model and the params of the latest
+checkpoint, sharded on the run's mesh when it fits this machine, else on all devices data-parallel)
+and prints each prompt followed by its completion, of any length: past the context the model was
+trained at, the window slides (`llm_jax.decode`). Decoding is
 `llm_jax.decode.complete`, the code the trainer samples with. Greedy (temperature 0) by default, so
 the output is reproducible; with sampling, `--seed` makes it so.
 
@@ -20,17 +21,10 @@ import json
 import os
 import sys
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 from absl import app, flags, logging
 
-from llm_jax import checkpoint as ckpt_lib
-from llm_jax import config as config_lib
-from llm_jax import decode, sharding
-from llm_jax import tokenizer as tok_lib
-from llm_jax.model import TransformerLM
+from llm_jax import decode
+from llm_jax.run import load_run
 
 FLAGS = flags.FLAGS
 
@@ -55,18 +49,6 @@ def define_flags():
 
 class GenerateError(Exception):
     """A problem with the command's inputs; main prints the message alone."""
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's config.json laid over today's defaults (so runs saved before a key existed load)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise GenerateError(f"{path} does not exist: --workdir must be a run directory written by llm_jax.main")
-    with open(path) as f:
-        saved = json.load(f)
-    config = config_lib.base_config()
-    config.update(saved)
-    return config
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -94,34 +76,6 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
     return out
 
 
-def inference_mesh(config) -> jax.sharding.Mesh:
-    """The run's mesh if it fits the devices here, else all devices data-parallel (params replicated)."""
-    try:
-        return sharding.make_mesh(config.mesh)
-    except ValueError:
-        return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-
-
-def load_model(workdir: str, step: int | None = None):
-    """(model, params, tokenizer, mesh, rules, step) of a run, the params sharded on `mesh`."""
-    config = load_run_config(workdir)
-    tok_dir = os.path.join(workdir, "tokenizer")
-    try:
-        tokenizer = tok_lib.load(tok_dir)
-    except FileNotFoundError as e:
-        raise GenerateError(f"{e}: --workdir must be a run directory written by llm_jax.main") from None
-    model = TransformerLM(config_lib.model_config(config, tokenizer.vocab_size))
-    mesh = inference_mesh(config)
-    rules = sharding.logical_rules(config)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    abstract = ckpt_lib.abstract_like(nn.meta.unbox(boxed), sharding.boxed_shardings(boxed, mesh, rules))
-    try:
-        step, params = ckpt_lib.restore_params(workdir, abstract, step)
-    except (FileNotFoundError, ckpt_lib.IncompatibleCheckpoint) as e:
-        raise GenerateError(str(e)) from None
-    return model, params, tokenizer, mesh, rules, step
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; put the prompt in --prompt TEXT")
@@ -132,28 +86,24 @@ def main(argv):
             stop_ids = None if FLAGS.stop_ids is None else [int(s) for s in FLAGS.stop_ids]
         except ValueError:
             raise GenerateError(f"--stop_ids={','.join(FLAGS.stop_ids)}: give comma-separated token ids") from None
-        model, params, tokenizer, _, rules, step = load_model(FLAGS.workdir, FLAGS.step)
-    except GenerateError as e:
+        run = load_run(FLAGS.workdir, FLAGS.step)
+    except (GenerateError, FileNotFoundError, ValueError) as e:
         sys.exit(f"generate: error: {e}")
-    print(f"generate: {FLAGS.workdir} step {step}, {len(prompts)} prompt(s)", file=sys.stderr)
+    print(
+        f"generate: {FLAGS.workdir} step {run.step} (trained context {run.context} tokens), {len(prompts)} prompt(s)",
+        file=sys.stderr,
+    )
     completions = []
     try:
-        # The params carry their shardings; decode shards the KV cache on their mesh by these rules.
-        with nn.logical_axis_rules(rules):
+        # The params carry their shardings; decode shards the cache on their mesh by the run's rules.
+        with run.use_mesh():
             for i in range(0, len(prompts), FLAGS.batch_size):
                 completions += decode.complete(
-                    model,
-                    params,
-                    tokenizer,
-                    prompts[i : i + FLAGS.batch_size],
-                    FLAGS.max_new_tokens,
-                    seed=FLAGS.seed + i,
-                    temperature=FLAGS.temperature,
-                    top_k=FLAGS.top_k,
-                    top_p=FLAGS.top_p,
-                    stop_ids=stop_ids,
-                )
-    except ValueError as e:  # a prompt longer than the context, a character outside the vocabulary, ...
+                    run.model, run.params, run.tokenizer, prompts[i : i + FLAGS.batch_size], FLAGS.max_new_tokens,
+                    seed=FLAGS.seed + i, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                    stop_ids=stop_ids, context=run.context,
+                )  # fmt: skip
+    except ValueError as e:  # a character outside the vocabulary, ...
         sys.exit(f"generate: error: {e}")
     for n, (prompt, completion) in enumerate(zip(prompts, completions)):
         if FLAGS.format == "jsonl":

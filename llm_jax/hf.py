@@ -43,8 +43,10 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from llm_jax import config as config_lib
+from llm_jax import family as family_lib
 from llm_jax import sharding
 from llm_jax import tokenizer as tok_lib
+from llm_jax import workdir as workdir_lib
 from llm_jax.model import ModelConfig, TransformerLM
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
@@ -281,6 +283,7 @@ def model_config_from_hf(hf_cfg: dict, **overrides) -> ModelConfig:
             **_rope_fields(hf_cfg),
         )
     overrides.setdefault("dropout_rate", 0.0)
+    kw["vocab_multiple"] = 1  # the checkpoint's vocabulary exactly: padding would change the logits
     forbidden = set(overrides) & set(kw)
     if forbidden:
         raise HFError(f"{sorted(forbidden)} come from config.json and cannot be overridden on import")
@@ -531,9 +534,7 @@ class _Stacked:
 # Import
 
 
-def abstract_params(model: TransformerLM) -> Any:
-    """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the model's params: no memory allocated."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+abstract_params = family_lib.abstract_params
 
 
 def default_mesh() -> Mesh:
@@ -738,29 +739,6 @@ def _write_json(path: str, obj: dict) -> None:
 # Run directories
 
 
-def config_model_keys(cfg: ModelConfig) -> dict:
-    """`config.model` keys (see config.base_config) that make `config.model_config` give back `cfg`."""
-    keys = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in ("num_kv_heads", "head_dim"):
-            value = value or 0
-        elif f.name in ("attention_bias", "mlp_bias"):
-            value = -1 if value is None else int(value)
-        elif f.name.startswith("rope_") and f.name != "rope_theta":
-            continue
-        keys[f.name] = value
-    keys["rope_scaling"] = dict(
-        type=cfg.rope_scaling,
-        factor=cfg.rope_scaling_factor,
-        low_freq_factor=cfg.rope_low_freq_factor,
-        high_freq_factor=cfg.rope_high_freq_factor,
-        original_max_len=cfg.rope_original_max_len,
-    )
-    keys["vocab_multiple"] = 1  # the checkpoint's vocabulary exactly: padding would change the logits
-    return keys
-
-
 def run_config(path: str) -> ml_collections.ConfigDict:
     """`base_config()` with the model keys of a Hugging Face directory or of a run made by `import_run`.
 
@@ -771,23 +749,19 @@ def run_config(path: str) -> ml_collections.ConfigDict:
         found = json.load(f)
     c = config_lib.base_config()
     if "architectures" in found:  # a Hugging Face directory
-        keys = config_model_keys(model_config_from_hf(found))
-        arch = architecture(found)
+        keys = dataclasses.asdict(model_config_from_hf(found, preset=f"hf:{architecture(found)}"))
         tokenizer_path = os.path.join(path, "tokenizer.json")
     elif "model" in found:  # a run directory
-        keys = dict(found["model"])
-        arch = keys.get("preset", "custom")
+        keys = dict(config_lib.upgrade(found)["model"])
         tokenizer_path = os.path.join(path, "tokenizer", tok_lib.HFTokenizer.FILE)
     else:
         raise HFError(
             f"{path}/config.json is neither a Hugging Face config (no 'architectures') nor a run config (no 'model')"
         )
-    unknown = sorted(set(keys) - set(c.model.keys()) - {"preset"})
+    unknown = sorted(set(keys) - set(c.model.keys()))
     if unknown:
         raise HFError(f"model keys {unknown} of {path}/config.json are not in config.base_config(); update llm_jax")
     c.model.update(keys)
-    if "architectures" in found:
-        c.model.preset = f"hf:{arch}"
     c.data.tokenizer = "hf"
     c.data.tokenizer_path = tokenizer_path if os.path.isfile(tokenizer_path) else ""
     c.data.seq_len = min(c.data.seq_len, c.model.max_len)
@@ -830,6 +804,7 @@ def import_run(
         param_dtype=config.model.param_dtype,
         init_std=config.model.init_std,
         dropout_rate=config.model.dropout_rate,
+        preset=config.model.preset,
     )
     run_cfg = config_lib.model_config(config, tokenizer.vocab_size)
     if run_cfg != cfg:
@@ -851,15 +826,13 @@ def import_run(
     )
     params = load_params(hf_dir, cfg, mesh, rules, hf_cfg)
 
-    model = TransformerLM(cfg)
     tx = optim.make_optimizer(config.optim)
-    abstract = jax.eval_shape(train.init_state_fn(model, tx, 1), jax.random.key(0))
-    state_sh = sharding.boxed_shardings(abstract, mesh, rules)
+    _, state_sh = train.abstract_state(family_lib.build(cfg), tx, mesh, rules, 1)
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), state_sh.step)
     state = train.TrainState(step=step, params=params, opt_state=opt_state)
 
-    train.prepare_workdir(workdir, config)
+    workdir_lib.prepare(workdir, config)
     if jax.process_index() == 0:
         tokenizer.save(tok_dir)
         os.makedirs(os.path.join(workdir, "hf"), exist_ok=True)
@@ -867,46 +840,20 @@ def import_run(
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, "hf", name))
     mngr = ckpt_lib.manager(workdir, config.train.keep_checkpoints, async_save=False)
-    ckpt_lib.save(mngr, 0, state, {"step": 0})
+    # The context it was pre-trained at: what decoding may use (llm_jax.run.trained_context).
+    ckpt_lib.save(mngr, 0, state, {"step": 0, "trained_context": cfg.max_len})
     mngr.wait_until_finished()
     mngr.close()
     log(f"wrote {workdir}: config.json, tokenizer/, hf/, checkpoints/0")
     return config
 
 
-def restore_params(workdir: str, cfg: ModelConfig, step: int | None = None) -> tuple[dict, int]:
-    """(params as host numpy arrays, step) of a run's checkpoint (default: the latest); no optimizer state."""
-    import orbax.checkpoint as ocp
-
-    root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {root}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {root}; there are {steps}")
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(abstract_params(TransformerLM(cfg)))
-    )
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            os.path.join(root, str(step), "state"),
-            args=ocp.args.PyTreeRestore(
-                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
-            ),
-        )
-    return restored["params"], step
-
-
 def export_run(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = None, log=print) -> None:
     """Writes a run's checkpoint (default: the latest) as a Hugging Face directory."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = config_lib.base_config()
-        config.update(json.load(f))
-    tokenizer = tok_lib.load(os.path.join(workdir, "tokenizer"))
-    cfg = config_lib.model_config(config, tokenizer.vocab_size)
-    params, step = restore_params(workdir, cfg, step)
+    from llm_jax.run import load_run
+
+    run = load_run(workdir, step, on_host=True)
+    cfg, params, tokenizer, step = run.model.cfg, run.params, run.tokenizer, run.step
     carried = os.path.join(workdir, "hf")
     base = None
     if os.path.isfile(os.path.join(carried, "config.json")):

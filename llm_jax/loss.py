@@ -1,4 +1,5 @@
-"""Memory-light cross-entropy: the output projection and the softmax, chunk by chunk of the sequence.
+"""Losses: `token_loss` (summed cross-entropy of full logits) and the memory-light
+`chunked_cross_entropy`: the output projection and the softmax, chunk by chunk of the sequence.
 
 The plain loss materializes float32 logits [b, t, v] (and their gradient, and on CPU a transposed
 copy): at t = 2048, v = 32k that is 256 MiB per sequence. `chunked_cross_entropy` instead runs a
@@ -15,6 +16,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and token count. logits [b, t, v] f32; targets [b, t]; weights [b, t] or None."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if weights is None:
+        return ce.sum(), jnp.float32(ce.size)
+    return (ce * weights).sum(), weights.sum()
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -78,7 +88,7 @@ _xent.defvjp(_xent_fwd, _xent_bwd)
 def chunked_cross_entropy(
     hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array | None, chunk: int, vocab_first: bool
 ) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy and token count, as `train.token_loss` of the projected logits.
+    """Summed cross-entropy and token count, as `token_loss` of the projected logits.
 
     hidden: [b, t, e] final (normed) hidden states in the compute dtype; kernel: the output
     projection, [v, e] when `vocab_first` (tied embedding table) else [e, v]; targets [b, t] int;

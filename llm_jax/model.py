@@ -28,18 +28,31 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _runtime(default):
+    """A field that changes how the model computes, not its parameters: a resumed run may change it."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything that defines the network. Frozen: hashable, safe as a jit static argument."""
+    """Everything that defines the network. Frozen: hashable, safe as a jit static argument.
 
-    vocab_size: int
+    The run config's `config.model` section is made of exactly these fields (llm_jax/config.py builds
+    it from them), and `ModelConfig(**config.model)` reads it back: a new field is one edit here.
+    None means "unset" wherever a field has a derived default.
+    """
+
+    family: str = "lm"  # the model family (llm_jax/family.py): 'lm' = decoder-only, 'encdec' = encoder-decoder
+    preset: str = _runtime("custom")  # informational: 'gpt2-small', 'llama-1b', 'hf:gpt2', ...
+    vocab_size: int | None = None  # None: the tokenizer's; either way padded up to vocab_multiple
+    vocab_multiple: int = 128  # so the vocabulary splits over tensor parallelism and matmul tiles
     num_layers: int = 4
     num_heads: int = 4
-    num_kv_heads: int | None = None  # None: multi-head; < num_heads: grouped-query attention
+    num_kv_heads: int | None = None  # None: multi-head; fewer than num_heads: grouped-query attention
     embed_dim: int = 128
     mlp_dim: int = 512
     head_dim: int | None = None  # None: embed_dim // num_heads
-    max_len: int = 256  # size of the learned position table and of the KV cache
+    max_len: int = 256  # size of the learned position table; the longest sequence the model accepts
     positions: str = "learned"  # 'learned' | 'rope'
     rope_theta: float = 10000.0
     # Hugging Face rope scaling: 'none' | 'linear' (frequencies / factor) | 'llama3' (Llama 3.1).
@@ -54,13 +67,13 @@ class ModelConfig:
     use_bias: bool = True
     attention_bias: bool | None = None  # q/k/v/out projection biases; None: use_bias
     mlp_bias: bool | None = None  # MLP biases; None: use_bias
-    dropout_rate: float = 0.0
+    dropout_rate: float = _runtime(0.0)
     tie_embeddings: bool = True
-    scan_layers: bool = False
-    remat: str = "none"  # 'none' | 'full' | 'dots'
-    attention: str = "einsum"  # 'einsum' (reference) | 'dot_product' (jax.nn.dot_product_attention)
-    loss_chunk: int = 0  # >0: the training loss projects and soft-maxes this many positions at a time
-    dtype: str = "float32"  # compute dtype of activations and matmuls
+    scan_layers: bool = False  # one compiled block applied num_layers times (params stacked on 'layers')
+    remat: str = _runtime("none")  # 'none' | 'full' | 'dots'
+    attention: str = _runtime("einsum")  # 'einsum' (reference) | 'dot_product' (jax.nn.dot_product_attention)
+    loss_chunk: int = _runtime(0)  # >0: the training loss projects and soft-maxes this many positions at a time
+    dtype: str = _runtime("float32")  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the (master) weights
     init_std: float = 0.02
 
@@ -69,7 +82,11 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
 
-        need(self.vocab_size > 0, f"vocab_size={self.vocab_size} must be positive")
+        need(
+            self.vocab_size is None or self.vocab_size > 0,
+            f"vocab_size={self.vocab_size} must be positive (leave it unset for the tokenizer's vocabulary)",
+        )
+        need(self.vocab_multiple > 0, f"vocab_multiple={self.vocab_multiple} must be positive")
         need(self.num_layers > 0, f"num_layers={self.num_layers} must be positive")
         need(self.num_heads > 0, f"num_heads={self.num_heads} must be positive")
         need(
@@ -107,6 +124,16 @@ class ModelConfig:
         need(self.dtype in _DTYPES, f"dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: use one of {sorted(_DTYPES)}")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+
+    def resolved(self, tokenizer_vocab: int) -> ModelConfig:
+        """This config with its final vocabulary: vocab_size (or the tokenizer's) padded to vocab_multiple."""
+        vocab = self.vocab_size or tokenizer_vocab
+        if vocab < tokenizer_vocab:
+            raise ValueError(
+                f"config.model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
+                "leave it unset (the tokenizer's) or set it to at least that"
+            )
+        return dataclasses.replace(self, vocab_size=-(-vocab // self.vocab_multiple) * self.vocab_multiple)
 
     @property
     def kv_heads(self) -> int:
@@ -514,6 +541,10 @@ def output_kernel(cfg: ModelConfig, params: Any) -> tuple[Array, bool]:
     if cfg.tie_embeddings:
         return params["embed"]["embedding"], True
     return params["lm_head"]["kernel"], False
+
+
+# Fields a resumed run may change (see `_runtime`).
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("runtime"))
 
 
 def count_params(params: Any) -> int:

@@ -7,6 +7,7 @@ trained with. `load(dir)` reads any of them back.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -220,6 +221,16 @@ def load(directory: str) -> Tokenizer:
     if kind == "hf":
         return HFTokenizer.from_file(os.path.join(directory, HFTokenizer.FILE), meta.get("eos_id"))
     raise ValueError(f"{path}: unknown tokenizer kind {kind!r}")
+
+
+def fingerprint(tokenizer: Tokenizer) -> dict:
+    """Identifies a tokenizer (kind, vocab size, hash of its files): saved with every checkpoint."""
+    h = hashlib.sha256(json.dumps(tokenizer._meta(), sort_keys=True).encode())
+    for attr in ("proto", "json_str"):  # SentencePiece model / HF tokenizer.json
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            h.update(v if isinstance(v, bytes) else v.encode())
+    return {"kind": tokenizer.kind, "vocab_size": int(tokenizer.vocab_size), "sha256": h.hexdigest()[:16]}
 
 
 def _atomic_write(path: str, data) -> None:

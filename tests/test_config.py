@@ -103,6 +103,9 @@ def test_model_config_vocabulary_and_length_checks():
     with pytest.raises(ValueError, match=r"vocab_size=200 is smaller than the tokenizer's vocabulary \(257\)"):
         config_lib.model_config(c, 257)
     c.model.vocab_size = 0
+    with pytest.raises(ValueError, match=r"vocab_size=0 must be positive \(leave it unset"):
+        config_lib.model_config(c, 257)
+    c.model.vocab_size = None  # unset: the tokenizer's
     c.data.seq_len, c.model.max_len = 512, 256
     with pytest.raises(ValueError, match=r"seq_len=512 is longer than .*max_len=256"):
         config_lib.model_config(c, 257)

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 
 from llm_jax import decode, sharding
+from llm_jax import family as family_lib
 from llm_jax.model import ModelConfig, TransformerLM
 
 # Larger than the training init so that random models give varied, well-separated greedy tokens.
@@ -60,38 +61,34 @@ def full_forward(model, params, row):
 
 
 def gen(model, params, prompts, n, seed=0, **kw):
-    tokens, positions = decode.left_pad(prompts)
-    out = decode.generate(
-        model, params, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed), max_new_tokens=n, **kw
-    )
+    tokens, start = decode.left_pad(prompts)
+    out = decode.generate(model, params, tokens, start, jax.random.key(seed), max_new_tokens=n, **kw)
     return np.asarray(out.tokens), np.asarray(out.lengths)
 
 
 def test_cached_logits_equal_full_forward_at_every_position(mp):
-    """Prefill 4 tokens (the model with decode=True), then one token per call (the decode loop's own
-    step, with its separate output projection): every position's logits match the uncached pass,
+    """Prefill 4 tokens (the model with decode=True), then one token per call (the family's decoding
+    step `tokens_to_logits`, with its separate output projection): every position's logits match the uncached pass,
     for a full row and a left-padded one."""
     model, params = mp
     rng = np.random.default_rng(0)
     full_row = rng.integers(0, 64, WIDTH)
     short_row = rng.integers(0, 64, WIDTH - 5)
-    tokens, positions = decode.left_pad([full_row, short_row])
-    cache, specs = decode.init_cache(model, 2, WIDTH)
+    tokens, start = decode.left_pad([full_row, short_row])
+    family = family_lib.of(model)
+    cache = family.init_cache(model, params, 2, WIDTH, start)
 
     @jax.jit
-    def prefill(cache, tok, pos):
-        logits, mut = model.apply({"params": params, "cache": cache}, tok, pos, decode=True, mutable=["cache"])
-        return logits, mut["cache"]
+    def prefill(cache, tok):
+        pos = cache.next_pos[:, None] + jnp.arange(tok.shape[1])
+        logits, mut = model.apply({"params": params, "cache": cache.layers}, tok, pos, decode=True, mutable=["cache"])
+        return logits, cache.replace(layers=mut["cache"], next_pos=cache.next_pos + tok.shape[1])
 
-    @jax.jit
-    def step(cache, tok, pos):
-        head = decode._output_head(model, params)
-        return decode._apply_cached(model, params, head, cache, specs, None, tok, pos)
-
-    logits, cache = prefill(cache, tokens[:, :4], positions[:, :4])
+    step = jax.jit(family.tokens_to_logits(model, params))
+    logits, cache = prefill(cache, tokens[:, :4])
     outs = [logits]
     for t in range(4, WIDTH):
-        logits, cache = step(cache, tokens[:, t : t + 1], positions[:, t : t + 1])
+        logits, cache = step(tokens[:, t : t + 1], cache)
         outs.append(logits[:, None])
     got = np.asarray(jnp.concatenate(outs, axis=1))  # [2, WIDTH, v]
 
@@ -169,16 +166,57 @@ class _Tok:
         return " ".join(str(i) for i in ids)
 
 
-def test_complete_cuts_at_stop_and_checks_length():
+def test_complete_cuts_at_stop_and_crops_long_prompts():
     model, params = model_and_params("learned")
     free, _ = gen(model, params, PROMPTS[:1], 8)
     prompt = " ".join(map(str, PROMPTS[0]))
     text = decode.complete(model, params, _Tok(), [prompt], 8, stop_ids=[int(free[0, 3])])[0]
     assert text == " ".join(map(str, free[0, :3]))
-    with pytest.raises(ValueError, match="context"):
-        decode.complete(model, params, _Tok(), [" ".join(["1"] * 40)], 4)
-    with pytest.raises(ValueError, match="max_len"):
-        gen(model, params, [[1] * 30], 8)
+    # A prompt longer than the context keeps its last `context` tokens (nanoGPT's crop).
+    long = list(np.random.default_rng(1).integers(0, 60, 40))
+    got = decode.complete(model, params, _Tok(), [" ".join(map(str, long))], 4, stop_ids=[], context=16)[0]
+    assert got == " ".join(map(str, crop_reference(model, params, long, 4, 16)))
+    with pytest.raises(ValueError, match="context=64 must be in"):
+        gen(model, params, [[1] * 30], 8, context=64)  # past the position table of 32
+
+
+def crop_reference(model, params, prompt, n, context):
+    """Greedy decoding without a cache that feeds the model only the last `context` tokens, at
+    positions 0..context-1, at every step (nanoGPT's generate): the reference of the sliding window."""
+    seq = list(prompt)
+    for _ in range(n):
+        window = seq[-context:]
+        seq.append(int(np.argmax(full_forward(model, params, window)[-1])))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_generation_past_the_context_slides_its_window(name):
+    """4x the trained context: greedy tokens equal the cropping reference, for prompts of different
+    lengths in one batch, and no position at or past the context ever reaches the model."""
+    model, params = model_and_params(name)
+    context, n = 8, 32
+    seen = []
+
+    def spy(step):
+        def record(tokens, cache):  # every position fed to the model, seen on the host
+            positions = cache.next_pos[:, None] + jnp.arange(tokens.shape[1])
+            jax.debug.callback(lambda p: seen.append(int(np.asarray(p).max())), positions)
+            return step(tokens, cache)
+
+        return record
+
+    family = family_lib.of(model)
+    original = family.tokens_to_logits
+    family.tokens_to_logits = lambda m, p: spy(original(m, p))
+    try:
+        got, lengths = gen(model, params, PROMPTS, n, context=context)
+    finally:
+        del family.tokens_to_logits
+    assert seen and max(seen) < context, max(seen)
+    assert (lengths == n).all()
+    for i, prompt in enumerate(PROMPTS):
+        assert got[i].tolist() == crop_reference(model, params, prompt, n, context), f"prompt {i}"
 
 
 def test_generation_on_2x4_mesh_equals_single_device():
@@ -194,7 +232,8 @@ def test_generation_on_2x4_mesh_equals_single_device():
     assert decode.params_mesh(sharded) is mesh
     with mesh, nn.logical_axis_rules(rules):
         got, _ = gen(model, sharded, PROMPTS, 8, mesh=mesh)
-        cache = jax.jit(lambda: decode.init_cache(model, 4, 10, mesh)[0])()
+        start = jnp.zeros((4,), jnp.int32)
+        cache = jax.jit(lambda: family_lib.of(model).init_cache(model, sharded, 4, 10, start, mesh=mesh).layers)()
         # complete() finds the mesh on the params (same compiled loop as the line above).
         texts = decode.complete(model, sharded, _Tok(), [" ".join(map(str, p)) for p in PROMPTS], 8, stop_ids=[])
     np.testing.assert_array_equal(got, expected)

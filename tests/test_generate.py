@@ -7,12 +7,12 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
 import pytest
 from decode_fixtures import REPO, qa_run
 
 from llm_jax import decode
 from llm_jax import generate as gen_cli
+from llm_jax.run import load_run
 
 
 def test_cli_end_to_end_matches_in_process_decoding(tmp_path):
@@ -46,28 +46,28 @@ def test_cli_end_to_end_matches_in_process_decoding(tmp_path):
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == prompts
 
-    model, params, tokenizer, _, rules, step = gen_cli.load_model(workdir)
-    assert step == 40
-    with nn.logical_axis_rules(rules):
-        expected = decode.complete(model, params, tokenizer, prompts, 12)
+    run = load_run(workdir)
+    assert run.step == 40 and run.context == 64  # the run's data.seq_len
+    with run.use_mesh():
+        expected = decode.complete(run.model, run.params, run.tokenizer, prompts, 12, context=run.context)
     assert [r["completion"] for r in rows] == expected
     assert all(len(c) < 12 for c in expected)  # stopped at EOS: the run learned to end its completions
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(gen_cli.GenerateError, match="config.json does not exist"):
-        gen_cli.load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        load_run(str(tmp_path))
     workdir, _ = qa_run()
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(os.path.join(workdir, "config.json"), bare)
-    with pytest.raises(gen_cli.GenerateError, match="tokenizer"):
-        gen_cli.load_model(str(bare))
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        load_run(str(bare))
     shutil.copytree(os.path.join(workdir, "tokenizer"), bare / "tokenizer")
-    with pytest.raises(gen_cli.GenerateError, match="has no checkpoints"):
-        gen_cli.load_model(str(bare))
-    with pytest.raises(gen_cli.GenerateError, match="no checkpoint of step 7"):
-        gen_cli.load_model(workdir, step=7)
+    with pytest.raises(FileNotFoundError, match="has no checkpoints"):
+        load_run(str(bare))
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+        load_run(workdir, step=7)
     with pytest.raises(gen_cli.GenerateError, match="no prompt"):
         gen_cli.read_prompts([], None)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')

@@ -22,6 +22,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
 from llm_jax import hf, sharding, train  # noqa: E402
+from llm_jax.run import load_run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96
@@ -315,15 +316,13 @@ def test_run_import_finetune_export(tmp_path):
         cwd=str(tmp_path),
         capture_output=True,
     )
-    cfg = hf.model_config_from_hf(hf.read_config(str(out)))
-    params, step = hf.restore_params(str(work), cfg)
+    run = load_run(str(work), on_host=True)
+    params, step = run.params, run.step
     assert step == 2
     changed = read_tensors(out)["model.layers.0.mlp.up_proj.weight"]
     assert not np.array_equal(changed, read_tensors(src)["model.layers.0.mlp.up_proj.weight"])
     toks = tokens(vocab=vocab)
-    from llm_jax.model import TransformerLM
-
-    ours = np.asarray(jax.jit(TransformerLM(cfg).apply)({"params": params}, toks))
+    ours = np.asarray(jax.jit(run.model.apply)({"params": params}, toks))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert float(np.abs(torch_logits(back, toks) - ours).max()) < 1e-4
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llm_jax import family as family_lib
 from llm_jax import optim, sharding, train
 from llm_jax.config import base_config
 from llm_jax.model import ModelConfig, TransformerLM
@@ -85,7 +86,7 @@ def make_batch(cfg, seed=0):
 
 
 def mean_loss(params, batch, model):
-    total, count = train.loss_sum(params, model, batch, None, deterministic=True)
+    total, count = family_lib.of(model).loss_sum(model, params, batch, None, True)
     return total / count
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import family as family_lib
 from llm_jax import optim, sharding, train
 from llm_jax.model import ModelConfig, TransformerLM
 
@@ -48,7 +49,7 @@ def _stack_layers(params, num_layers):
 
 def _loss_and_grads(cfg, params, batch):
     model = TransformerLM(cfg)
-    fn = lambda p: train.loss_sum(p, model, batch, None, True)
+    fn = lambda p: family_lib.of(model).loss_sum(model, p, batch, None, True)
     (total, count), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
     return float(total / count), grads
 
