@@ -2,7 +2,7 @@
 batch 8, vocabulary 8192, float32, AdamW.
 
     python -m llm_jax.bench --config configs/bench_cpu.py --steps 10
-    python benchmarks/torch_peer.py            # the same step in PyTorch + transformers, side by side
+    python experiments/torch_peer.py            # the same step in PyTorch + transformers, side by side
 
 The benchmark feeds random tokens, so there is no data set or tokenizer to build; `data.*` only
 gives the sequence length. The config also trains (`python -m llm_jax.main`) on the stdlib corpus.

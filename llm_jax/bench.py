@@ -70,27 +70,35 @@ def bench_vocab(config) -> int:
     return 256  # byte / char tokenizers: at most a byte's worth of symbols
 
 
+def time_steps(compiled, state, batch, rng, steps: int, warmup: int) -> tuple[list[float], float, float]:
+    """(seconds of each timed step, CPU seconds per step, last loss) of `compiled` after `warmup` steps."""
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(state)
+    times = []
+    cpu0 = time.process_time()
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    return times, (time.process_time() - cpu0) / steps, float(metrics["loss"])
+
+
 def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=sys.stderr)) -> dict:
     """Benchmarks `config`'s train step; returns the result dict (what the command prints)."""
     config = config_lib.finalize(config)
-    tc = config.train
-    seq_len = config.data.seq_len
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config)
+    tc, seq_len = config.train, config.data.seq_len
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
     model_cfg = config_lib.model_config(config, bench_vocab(config))
     sharding.check_divisible(mesh, model_cfg, tc.batch_size)
     model = family_lib.build(model_cfg)
     tx = optim.make_optimizer(config.optim)
-
-    rng = jax.random.key(config.seed)
-    state, state_sh = train.create_sharded_state(model, tx, mesh, rules, rng, seq_len)
+    state, state_sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(config.seed), seq_len)
     num_params = count_params(state.params)
     p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps)
-
-    tokens = np.random.default_rng(config.seed).integers(
-        0, model_cfg.vocab_size, (tc.batch_size, seq_len + 1), dtype=np.int32
-    )
-    batch = sharding.host_to_global({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+    host = family_lib.of(model).random_batch(model_cfg, tc.batch_size, seq_len, config.seed)
+    batch = sharding.host_to_global(host, mesh)
     step_rng = jax.device_put(jax.random.key(1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     log(f"bench: {num_params:,} params, mesh {dict(mesh.shape)}, batch {tc.batch_size} x {seq_len}; compiling")
@@ -98,54 +106,24 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     with sharding.use_mesh(mesh, rules):  # the context the trainer's step runs in
         compiled = p_train.jitted.lower(state, batch, step_rng).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled_memory(compiled)
+    times, cpu_per_step, loss = time_steps(compiled, state, batch, step_rng, steps, warmup)
 
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch, step_rng)
-    jax.block_until_ready(state)
-    times = []
-    cpu0 = time.process_time()
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, batch, step_rng)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
-    cpu_per_step = (time.process_time() - cpu0) / steps
-    loss = float(metrics["loss"])
-
-    tokens_per_step = tc.batch_size * seq_len
     step_time = float(np.median(times))
-    tps = tokens_per_step / step_time
+    tps = tc.batch_size * seq_len / step_time
     fpt = flops_lib.flops_per_token(model_cfg, seq_len)
     peak, peak_source = flops_lib.peak_flops(mesh.devices.flatten().tolist(), model_cfg.dtype)
     mfu = flops_lib.mfu(tps, fpt, peak)
     result = {
-        "config": config.model.preset,
-        "tokens_per_sec": tps,
-        "step_time_s": step_time,
-        "step_time_min_s": float(np.min(times)),
-        "step_time_max_s": float(np.max(times)),
-        "steps": steps,
+        "config": config.model.preset, "tokens_per_sec": tps, "step_time_s": step_time,
+        "step_time_min_s": float(np.min(times)), "step_time_max_s": float(np.max(times)), "steps": steps,
         "cpu_time_per_step_s": cpu_per_step,  # this process's CPU seconds (all threads) per step
-        "compile_s": compile_s,
-        "flops_per_token": fpt,
-        "model_tflops_per_sec": tps * fpt / 1e12,
-        "mfu": mfu,
-        "peak_flops": peak,
-        "peak_flops_source": peak_source,
-        **memory,
-        "num_params": num_params,
+        "compile_s": compile_s, "flops_per_token": fpt, "model_tflops_per_sec": tps * fpt / 1e12, "mfu": mfu,
+        "peak_flops": peak, "peak_flops_source": peak_source, **compiled_memory(compiled), "num_params": num_params,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "batch_size": tc.batch_size,
-        "seq_len": seq_len,
-        "dtype": model_cfg.dtype,
-        "scan_layers": model_cfg.scan_layers,
-        "remat": model_cfg.remat,
-        "attention": model_cfg.attention,
-        "final_loss": loss,
-        "jax": jax.__version__,
-    }
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "batch_size": tc.batch_size,
+        "seq_len": seq_len, "dtype": model_cfg.dtype, "scan_layers": model_cfg.scan_layers, "remat": model_cfg.remat,
+        "attention": model_cfg.attention, "final_loss": loss, "jax": jax.__version__,
+    }  # fmt: skip
     mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
     log(
         f"bench: {tps:,.0f} tokens/s, step {step_time * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max "

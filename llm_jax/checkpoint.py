@@ -108,7 +108,10 @@ def check_shapes(where: str, saved_meta: Any, abstract_state: Any) -> None:
         return
     hint = ""
     if any("embed" in p and "embedding" in p for p in problems):
-        hint = " The vocabulary size differs: the tokenizer or config.model.vocab_size is not the one this run was trained with."
+        hint = (
+            " The vocabulary size differs: the tokenizer or config.model.vocab_size is not the one this run was "
+            "trained with."
+        )
     raise IncompatibleCheckpoint(
         f"checkpoint {where} does not match this run's model: "
         + "; ".join(problems[:6])

@@ -103,7 +103,8 @@ def tfds_documents(name: str, split: str, data_dir: str | None, text_key: str, m
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types for "not prepared" / unknown names
         raise RuntimeError(
-            f"tfds dataset {name!r} (split {split!r}, data_dir={data_dir!r}) is not available: {type(e).__name__}: {e}\n"
+            f"tfds dataset {name!r} (split {split!r}, data_dir={data_dir!r}) is not available: "
+            f"{type(e).__name__}: {e}\n"
             f"It must be downloaded and prepared as array_record first, on a machine with network access:\n"
             f"  tfds build {name} --file_format=array_record" + (f" --data_dir={data_dir}" if data_dir else "") + "\n"
             "or train on a local file instead: --config.data.source=text --config.data.path=FILE"

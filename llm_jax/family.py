@@ -6,7 +6,8 @@ A family (decoder-only LM in `llm_jax/lm.py`; a new one in a file of its own) su
 - `make_model(cfg)`: the `flax.linen` module for a `ModelConfig`;
 - `init_inputs(cfg, batch, length)`: the keyword inputs `model.init` is traced with;
 - `loss_sum(model, params, batch, rng, deterministic)`: summed training loss and token count of a
-  batch (a dict of [b, t] arrays from the family's data);
+  batch (a dict of [b, t] arrays from the family's data; `random_batch` makes one of random tokens,
+  next-token `inputs` / `targets` unless the family overrides it);
 - `init_cache(model, params, batch, length, start, mesh, **inputs)`: a decoding `Cache` of `length`
   slots whose next position is `start` [b] (negative while a left-padded row is still on padding);
 - `tokens_to_logits(model, params)`: the decoding step `(tokens [b, t], cache) -> (logits [b, v]
@@ -27,6 +28,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Families shipped with llm_jax, imported on first use (each module registers its family).
 _BUILTIN = {"lm": "llm_jax.lm", "encdec": "llm_jax.encdec"}
@@ -62,6 +64,12 @@ class ModelFamily:
 
     def loss_sum(self, model, params, batch: dict, rng, deterministic: bool) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
+
+    def random_batch(self, cfg, batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
+        """A training batch of random tokens with the shapes of the family's data (for benchmarks and
+        ahead-of-time compilation): next-token `inputs` / `targets` [batch, length] by default."""
+        tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length + 1), dtype=np.int32)
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
     def init_cache(self, model, params, batch: int, length: int, start: jax.Array, mesh=None, **inputs) -> Cache:
         raise NotImplementedError

@@ -17,6 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llm_jax import config as config_lib
 from llm_jax import distributed, train
 
 FLAGS = flags.FLAGS
@@ -45,6 +46,10 @@ def main(argv):
 def parse_flags(argv):
     """absl's flag parsing; an override of a key the config does not have (`--config.train.num_step=3`)
     becomes a one-line error naming the flag, instead of ml_collections' traceback."""
+    for arg in argv[1:]:
+        renamed = config_lib.renamed_key_message(arg.split("=")[0].removeprefix("--"))
+        if renamed and arg.startswith("--config."):
+            sys.exit(f"FATAL Flags parsing error: {arg.split('=')[0]}: {renamed}; use --{renamed.split()[-1]}=VALUE")
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:

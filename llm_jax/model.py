@@ -110,7 +110,8 @@ class ModelConfig:
         need(self.rope_scaling_factor > 0, f"rope_scaling_factor={self.rope_scaling_factor} must be positive")
         need(
             self.rope_scaling != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor,
-            f"llama3 rope scaling needs rope_high_freq_factor={self.rope_high_freq_factor} > rope_low_freq_factor={self.rope_low_freq_factor}",
+            f"llama3 rope scaling needs rope_high_freq_factor={self.rope_high_freq_factor} > "
+            f"rope_low_freq_factor={self.rope_low_freq_factor}",
         )
         need(self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'")
         need(

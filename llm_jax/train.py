@@ -422,7 +422,8 @@ def run_eval(trainer: Trainer, ls: LoopState) -> None:
     ls.eval_record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "time_s": elapsed}
     trainer.metrics.write(ls.step, ls.eval_record)
     trainer.log(
-        f"step {ls.step:6d} | eval loss {loss:.4f} | perplexity {ls.eval_record['eval/perplexity']:.2f} | {elapsed:.1f}s"
+        f"step {ls.step:6d} | eval loss {loss:.4f} | perplexity {ls.eval_record['eval/perplexity']:.2f} | "
+        f"{elapsed:.1f}s"
     )
     target = trainer.config.train.target_eval_loss
     if target > 0 and loss <= target:

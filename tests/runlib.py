@@ -126,7 +126,7 @@ def finish(p: subprocess.Popen, timeout: float = 240) -> str:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
-        raise AssertionError(f"run timed out:\n{output(p)[-3000:]}")
+        raise AssertionError(f"run timed out:\n{output(p)[-3000:]}") from None
     text = output(p)
     assert p.returncode == 0, f"run exited {p.returncode}:\n{text[-4000:]}"
     return text

@@ -182,7 +182,8 @@ def test_export_native_model(tmp_path, kind):
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     diff = float(np.abs(torch_logits(back, toks) - ours).max())
     print(
-        f"\nllm_jax {kind} exported: max |logit diff| transformers vs llm_jax = {diff:.3g} (logits up to {np.abs(ours).max():.2f})"
+        f"\nllm_jax {kind} exported: max |logit diff| transformers vs llm_jax = {diff:.3g} "
+        f"(logits up to {np.abs(ours).max():.2f})"
     )
     assert diff < 1e-5
     again = hf.load_pretrained(str(tmp_path))[1]

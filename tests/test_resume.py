@@ -144,7 +144,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
     state = {"w": jnp.arange(65536.0).reshape(256, 256), "b": jnp.ones((8,), jnp.int32)}
     mngr = ckpt_lib.manager(str(tmp_path), 5, async_save=False)
     for step in (1, 2, 3):
-        ckpt_lib.save(mngr, step, jax.tree.map(lambda x: x * step, state), {"step": step})
+        ckpt_lib.save(mngr, step, jax.tree.map(lambda x, s=step: x * s, state), {"step": step})
     mngr.close()
     latest = os.path.join(R.ckpt_root(str(tmp_path)), "3")
     largest = max(

@@ -190,7 +190,7 @@ def test_grad_accumulation_and_fast_path_give_the_same_update():
 def _unstack(params, num_layers):
     out = {k: v for k, v in params.items() if k != "layers"}
     for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
     return out
 
 

@@ -6,25 +6,25 @@
 #
 # 1. Here (a machine with PyPI), once: bundle the pure-Python packages the GPU image lacks
 #    (ml_collections and PyYAML for its Python 3.12; git-ignored):
-#        bash benchmarks/h200_llama1b.sh prepare          # -> benchmarks/.h200_deps/
-# 2. On the GPU machine, from the repo root, with benchmarks/.h200_deps carried along:
-#        bash benchmarks/h200_llama1b.sh                  # writes $OUT (or .) /h200_llama1b_*.json
+#        bash experiments/h200_llama1b.sh prepare          # -> experiments/.h200_deps/
+# 2. On the GPU machine, from the repo root, with experiments/.h200_deps carried along:
+#        bash experiments/h200_llama1b.sh                  # writes $OUT (or .) /h200_llama1b_*.json
 #    Knobs: BATCHES="8 16" (global batch per run), STEPS=10, REMAT=dots, LOSS_CHUNK=512.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "prepare" ]]; then
-  rm -rf benchmarks/.h200_deps && mkdir -p benchmarks/.h200_deps
+  rm -rf experiments/.h200_deps && mkdir -p experiments/.h200_deps
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d benchmarks/.h200_deps/wheels ml_collections pyyaml
-  for w in benchmarks/.h200_deps/wheels/*.whl; do python3 -m zipfile -e "$w" benchmarks/.h200_deps/; done
-  rm -rf benchmarks/.h200_deps/wheels
-  echo "prepared benchmarks/.h200_deps: $(ls benchmarks/.h200_deps | tr '\n' ' ')"
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d experiments/.h200_deps/wheels ml_collections pyyaml
+  for w in experiments/.h200_deps/wheels/*.whl; do python3 -m zipfile -e "$w" experiments/.h200_deps/; done
+  rm -rf experiments/.h200_deps/wheels
+  echo "prepared experiments/.h200_deps: $(ls experiments/.h200_deps | tr '\n' ' ')"
   exit 0
 fi
 
 PY="${PYTHON:-python3}"
-export PYTHONPATH="$PWD:$PWD/benchmarks/.h200_deps${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/experiments/.h200_deps${PYTHONPATH:+:$PYTHONPATH}"
 # XLA's GPU flags stay at their defaults; only the allocator may take 95% of the 141 GB.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 OUT_DIR="${OUT:-.}"

@@ -1,6 +1,6 @@
 """Where does a train step's time go? Per-XLA-op totals of a few profiled steps.
 
-    .venv/bin/python benchmarks/profile_step.py [configs/bench_cpu.py] [--config.K=V ...] [--top 40]
+    .venv/bin/python experiments/profile_step.py [configs/bench_cpu.py] [--config.K=V ...] [--top 40]
 
 Traces `--steps` steps of the real train step with `jax.profiler`, then sums the host-thread
 events per op name (on CPU every XLA thunk is one event) and prints the top ones with their share.
@@ -102,7 +102,8 @@ def main():
     for name, ns in sorted(items, key=lambda kv: -kv[1])[: args.top]:
         shape, op = where.get(name, ("", ""))
         print(
-            f"{ns / 1e6 / args.steps:8.2f} ms {100 * ns / total:5.1f}% x{counts[name] // args.steps:<3d} {name[:28]:28s} {shape[:22]:22s} {op[-70:]}"
+            f"{ns / 1e6 / args.steps:8.2f} ms {100 * ns / total:5.1f}% x{counts[name] // args.steps:<3d} "
+            f"{name[:28]:28s} {shape[:22]:22s} {op[-70:]}"
         )
 
 

@@ -1,6 +1,6 @@
 """llm_jax vs PyTorch + Hugging Face transformers, one training step of the same GPT-2, side by side.
 
-    .venv/bin/python benchmarks/torch_peer.py [--rounds 3] [--steps 8] [--config configs/bench_cpu.py]
+    .venv/bin/python experiments/torch_peer.py [--rounds 3] [--steps 8] [--config configs/bench_cpu.py]
 
 Each round runs, one after the other in fresh processes (so neither shares threads or caches with
 the other), the llm_jax bench (`python -m llm_jax.bench`) and this file's PyTorch worker: a
@@ -161,7 +161,8 @@ def main():
         ratio = res["jax"]["tokens_per_sec"] / res["torch"]["tokens_per_sec"]
         rounds.append({"jax": res["jax"], "torch": res["torch"], "ratio": ratio})
         print(
-            f"round {r + 1}: llm_jax {res['jax']['tokens_per_sec']:,.0f} tok/s (MFU {100 * (res['jax']['mfu'] or 0):.1f}%)"
+            f"round {r + 1}: llm_jax {res['jax']['tokens_per_sec']:,.0f} tok/s "
+            f"(MFU {100 * (res['jax']['mfu'] or 0):.1f}%)"
             f" | torch {res['torch']['tokens_per_sec']:,.0f} tok/s | ratio {ratio:.3f}",
             flush=True,
         )

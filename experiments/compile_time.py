@@ -1,6 +1,6 @@
 """Compile time of the train step with nn.scan over layers, shallow vs deep, side by side.
 
-    .venv/bin/python benchmarks/compile_time.py [--layers 2 24] [--rounds 3] [--config configs/bench_cpu.py]
+    .venv/bin/python experiments/compile_time.py [--layers 2 24] [--rounds 3] [--config configs/bench_cpu.py]
 
 Runs `python -m llm_jax.bench --config.model.scan_layers=True --steps 1` at each depth, alternating,
 and prints the median `compile_s` per depth and the ratio deep / shallow (issue 5 asks <= 1.5).

@@ -1,0 +1,103 @@
+"""The model-family interface (llm_jax/family.py): a second family, defined only in this file, trains,
+checkpoints, resumes and decodes through the shared trainer, loader and sampler with no edit to them."""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import runlib as R
+
+from llm_jax import decode, train
+from llm_jax import family as family_lib
+from llm_jax import loss as loss_lib
+from llm_jax.run import load_run
+
+
+class Bigram(nn.Module):
+    """logits[t] = W[tokens[t]]: a bigram table, factored through the embedding width."""
+
+    cfg: object
+
+    @nn.compact
+    def __call__(self, tokens, decode=False):
+        cfg = self.cfg
+        init = nn.initializers.normal(0.02)
+        table = nn.Embed(
+            cfg.vocab_size, cfg.embed_dim, embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed"))
+        )
+        out = self.param("out", nn.with_logical_partitioning(init, ("embed", "vocab")), (cfg.embed_dim, cfg.vocab_size))
+        return jnp.einsum("bte,ev->btv", table(tokens), out).astype(jnp.float32)
+
+
+class BigramFamily(family_lib.ModelFamily):
+    name = "test_bigram"
+
+    def make_model(self, cfg):
+        return Bigram(cfg)
+
+    def init_inputs(self, cfg, batch, length):
+        return {"tokens": jnp.zeros((batch, length), jnp.int32)}
+
+    def loss_sum(self, model, params, batch, rng, deterministic):
+        logits = model.apply({"params": params}, batch["inputs"])
+        return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"))
+
+    def init_cache(self, model, params, batch, length, start, mesh=None, **inputs):
+        # A bigram needs no memory of the past: the cache is only the next position.
+        return family_lib.Cache(layers={}, next_pos=jnp.asarray(start, jnp.int32), specs=flax.core.freeze({}))
+
+    def tokens_to_logits(self, model, params):
+        def step(tokens, cache):
+            logits = model.apply({"params": params}, tokens[:, -1:])[:, 0]
+            return logits, cache.replace(next_pos=cache.next_pos + tokens.shape[1])
+
+        return step
+
+
+family_lib.register(BigramFamily())
+
+
+def _config(corpus, steps):
+    return R.tiny_config(
+        R.tiny_overrides(
+            corpus, steps, steps, **{"model.family": "test_bigram", "optim.lr": 0.05, "train.eval_every": steps}
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def bigram_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bigram")
+    corpus = R.write_corpus(str(root / "corpus.txt"))
+    workdir = str(root / "run")
+    first = train.train_and_evaluate(_config(corpus, 30), workdir)
+    return corpus, workdir, first
+
+
+def test_a_new_family_trains_and_resumes_through_the_shared_loop(bigram_run):
+    corpus, workdir, first = bigram_run
+    losses = [loss for _, loss in R.losses_list(workdir)]
+    assert losses[-1] < losses[0] - 1.0, losses  # it learns byte bigrams
+    more = train.train_and_evaluate(_config(corpus, 40), workdir)  # resumes from step 30
+    assert more["step"] == 40 and R.finished_steps(workdir)[-1] == 40
+    assert more["eval/loss"] < first["eval/loss"]
+
+
+def test_a_new_family_decodes_through_load_run_and_the_shared_sampler(bigram_run):
+    _, workdir, _ = bigram_run
+    run = load_run(workdir)
+    assert isinstance(run.model, Bigram)
+    table = np.asarray(run.params["Embed_0"]["embedding"]) @ np.asarray(run.params["out"])  # [v, v]
+    prompt = [ord(c) for c in "def "]
+    expected, last = [], prompt[-1]
+    for _ in range(3 * run.context):  # well past the trained context: the window slides
+        last = int(np.argmax(table[last]))
+        expected.append(last)
+    tokens, start = decode.left_pad([prompt])
+    with run.use_mesh():
+        out = decode.generate(
+            run.model, run.params, tokens, start, jax.random.key(0), max_new_tokens=len(expected), context=run.context
+        )
+    assert np.asarray(out.tokens)[0].tolist() == expected
