@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -46,14 +46,16 @@ class ModelConfig:
     preset: str = _runtime("custom")  # informational: 'gpt2-small', 'llama-1b', 'hf:gpt2', ...
     vocab_size: int | None = None  # None: the tokenizer's; either way padded up to vocab_multiple
     vocab_multiple: int = 128  # so the vocabulary splits over tensor parallelism and matmul tiles
-    num_layers: int = 4
+    num_layers: int = 4  # decoder blocks (the only stack of a decoder-only LM)
+    num_encoder_layers: int | None = None  # encdec: encoder blocks; None: num_layers
+    share_embeddings: bool = True  # encdec: source and target read one table (a joint vocabulary)
     num_heads: int = 4
     num_kv_heads: int | None = None  # None: multi-head; fewer than num_heads: grouped-query attention
     embed_dim: int = 128
     mlp_dim: int = 512
     head_dim: int | None = None  # None: embed_dim // num_heads
     max_len: int = 256  # size of the learned position table; the longest sequence the model accepts
-    positions: str = "learned"  # 'learned' | 'rope'
+    positions: str = "learned"  # 'learned' | 'rope' | 'sinusoidal' (the original Transformer's, no parameters)
     rope_theta: float = 10000.0
     # Hugging Face rope scaling: 'none' | 'linear' (frequencies / factor) | 'llama3' (Llama 3.1).
     rope_scaling: str = "none"
@@ -73,6 +75,7 @@ class ModelConfig:
     remat: str = _runtime("none")  # 'none' | 'full' | 'dots'
     attention: str = _runtime("einsum")  # 'einsum' (reference) | 'dot_product' (jax.nn.dot_product_attention)
     loss_chunk: int = _runtime(0)  # >0: the training loss projects and soft-maxes this many positions at a time
+    label_smoothing: float = _runtime(0.0)  # training loss only: this much target mass spread over the vocabulary
     dtype: str = _runtime("float32")  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the (master) weights
     init_std: float = 0.02
@@ -98,7 +101,16 @@ class ModelConfig:
             self.num_heads % self.kv_heads == 0,
             f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}",
         )
-        need(self.positions in ("learned", "rope"), f"positions={self.positions!r}: use 'learned' or 'rope'")
+        need(
+            self.positions in ("learned", "rope", "sinusoidal"),
+            f"positions={self.positions!r}: use 'learned', 'rope' or 'sinusoidal'",
+        )
+        need(self.num_encoder_layers is None or self.num_encoder_layers > 0, "num_encoder_layers must be positive")
+        need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        need(
+            not (self.label_smoothing and self.loss_chunk),
+            "label_smoothing is not implemented with the chunked loss; set loss_chunk=0 or label_smoothing=0",
+        )
         need(
             self.positions != "rope" or self.dim_per_head % 2 == 0,
             f"rope needs an even head_dim, got {self.dim_per_head}",
@@ -135,6 +147,10 @@ class ModelConfig:
                 "leave it unset (the tokenizer's) or set it to at least that"
             )
         return dataclasses.replace(self, vocab_size=-(-vocab // self.vocab_multiple) * self.vocab_multiple)
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.num_encoder_layers or self.num_layers
 
     @property
     def kv_heads(self) -> int:
@@ -339,18 +355,22 @@ def _causal_attention(q: Array, k: Array, v: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """Causal self-attention, multi-head or grouped-query, with an optional KV cache.
+    """Self-attention, multi-head or grouped-query, with an optional KV cache.
 
-    With `decode=True` the module keeps `cached_key`/`cached_value` [b, k, c, d], the
-    position of every cached slot `cached_pos` [b, c] (-1 = empty or padding) and a shared
-    write index. Left-padded prompts give their pad tokens position -1, so they are never attended.
+    Without a cache it is plain causal, or follows an explicit `mask` [b, t, t] (True = may attend:
+    the encoder's padding mask, packed sequences' segments). With `decode=True` the module keeps
+    `cached_key`/`cached_value` [b, k, c, d], the position of every cached slot `cached_pos` [b, c]
+    (negative = empty or padding) and a shared write index. Left-padded prompts give their pad
+    tokens negative positions, so they are never attended.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, deterministic: bool, decode: bool) -> Array:
-        """x: [b, t, e]; positions: [b, t] int (-1 marks padding). Returns [b, t, e]."""
+    def __call__(
+        self, x: Array, positions: Array, deterministic: bool, decode: bool, mask: Array | None = None
+    ) -> Array:
+        """x: [b, t, e]; positions: [b, t] int (negative marks padding). Returns [b, t, e]."""
         cfg = self.cfg
         h, k, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         bias = cfg.attention_use_bias
@@ -363,17 +383,9 @@ class Attention(nn.Module):
             q, key = rope(q, pos, inv_freq), rope(key, pos, inv_freq)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
 
-        mask = None  # plain causal
         if decode:
             key, value, mask = self._update_cache(key, value, positions)
-        out = attend(q, key, value, mask, cfg.attention)
-        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "kv"))
-        # Residual projections are scaled down with depth (GPT-2): keeps the residual stream's
-        # variance from growing with the number of layers at init.
-        out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
-        return _dense(
-            cfg, cfg.embed_dim, ("heads", "kv", "embed"), "out", in_axis=(-2, -1), scale=out_scale, use_bias=bias
-        )(out)
+        return _attention_out(cfg, attend(q, key, value, mask, cfg.attention), bias)
 
     def _update_cache(self, key, value, positions):
         """Writes this call's keys/values at the cache index; returns all cached ones and the mask."""
@@ -408,6 +420,72 @@ class Attention(nn.Module):
         return keys, values, _positions_mask(positions, nn.unbox(cp.value))
 
 
+def _attention_out(cfg: ModelConfig, out: Array, bias: bool) -> Array:
+    """The output projection of attention: [b, t, h, d] -> [b, t, e]."""
+    out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "kv"))
+    # Residual projections are scaled down with depth (GPT-2): keeps the residual stream's
+    # variance from growing with the number of layers at init.
+    out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
+    return _dense(
+        cfg, cfg.embed_dim, ("heads", "kv", "embed"), "out", in_axis=(-2, -1), scale=out_scale, use_bias=bias
+    )(out)
+
+
+class Memory(NamedTuple):
+    """What a decoder block's cross-attention reads: the encoder's output and which keys it may see."""
+
+    encoded: Array  # [b, s, e] encoder output
+    mask: Array  # [b, t, s] bool: target position t may attend to source position s
+    valid: Array  # [b, s] bool: real source tokens (kept in the decoding cache)
+
+
+class CrossAttention(nn.Module):
+    """Attention from decoder positions to the encoder's output (no positional rotation).
+
+    With `decode=True` the keys and values of the source are computed once per sentence (when
+    `memory` is given: cache set-up) and kept in the cache as `cross_key` / `cross_value`
+    [b, k, s, d] with `source_valid` [b, s]; later steps (`memory` None) read them from there.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, memory: Memory | None, decode: bool) -> Array:
+        """x: [b, t, e] -> [b, t, e]."""
+        cfg = self.cfg
+        h, k, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        bias = cfg.attention_use_bias
+        q = _dense(cfg, (h, d), ("embed", "heads", "kv"), "query", use_bias=bias)(x)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
+        key = value = mask = None
+        if memory is not None:
+            key = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "key", use_bias=bias)(memory.encoded)
+            value = _dense(cfg, (k, d), ("embed", "kv_heads", "kv"), "value", use_bias=bias)(memory.encoded)
+            mask = memory.mask
+        if decode:
+            key, value, mask = self._cached(key, value, memory, x.shape[1])
+        return _attention_out(cfg, attend(q, key, value, mask, cfg.attention), bias)
+
+    def _cached(self, key, value, memory, t: int):
+        """Stores the source's keys/values (set-up call) or reads them (decoding steps)."""
+        axes = ("cache_batch", "cache_kv_heads", "cache_length", "kv")
+        shape = None if key is None else key.swapaxes(1, 2).shape  # [b, k, s, d]
+        zeros = lambda dtype: nn.with_logical_partitioning(lambda: jnp.zeros(shape, dtype), axes)  # noqa: E731
+        ck = self.variable("cache", "cross_key", zeros(getattr(key, "dtype", None)))
+        cv = self.variable("cache", "cross_value", zeros(getattr(value, "dtype", None)))
+        valid_shape = None if memory is None else memory.valid.shape
+        cvalid = self.variable(
+            "cache",
+            "source_valid",
+            nn.with_logical_partitioning(lambda: jnp.zeros(valid_shape, bool), ("cache_batch", "cache_length")),
+        )
+        if memory is not None:
+            ck.value, cv.value, cvalid.value = key.swapaxes(1, 2), value.swapaxes(1, 2), memory.valid
+        valid = nn.unbox(cvalid.value)
+        mask = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], t, valid.shape[1]))
+        return nn.unbox(ck.value).swapaxes(1, 2), nn.unbox(cv.value).swapaxes(1, 2), mask
+
+
 def _positions_mask(q_pos: Array, k_pos: Array) -> Array:
     """[b, t] query positions, [b, s] key positions -> [b, t, s]: key is real and not in the future."""
     return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
@@ -434,18 +512,27 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross_attn(norm(x), memory),] x + mlp(norm(x)).
+
+    `cross`: a decoder block of the encoder-decoder. `fill` (decoding set-up): only store the
+    source's cross-attention keys/values in the cache; x passes through unchanged.
+    """
 
     cfg: ModelConfig
+    cross: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, deterministic: bool, decode: bool):
+    def __call__(self, x, positions, mask, memory, deterministic: bool, decode: bool, fill: bool):
         cfg = self.cfg
+        drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
+        if fill:
+            CrossAttention(cfg, name="cross_attn")(make_norm(cfg, "ln_cross")(x), memory, decode)
+            return x, None
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        y = Attention(cfg, name="attn")(make_norm(cfg, "ln_1")(x), positions, deterministic, decode)
-        x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-        y = Mlp(cfg, name="mlp")(make_norm(cfg, "ln_2")(x))
-        x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        x = x + drop(Attention(cfg, name="attn")(make_norm(cfg, "ln_1")(x), positions, deterministic, decode, mask))
+        if self.cross:
+            x = x + drop(CrossAttention(cfg, name="cross_attn")(make_norm(cfg, "ln_cross")(x), memory, decode))
+        x = x + drop(Mlp(cfg, name="mlp")(make_norm(cfg, "ln_2")(x)))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None  # (carry, per-layer output) so the same block works under nn.scan
 
@@ -454,6 +541,81 @@ _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def apply_layers(cfg: ModelConfig, name: str, num_layers: int, x: Array, *args, cross: bool = False) -> Array:
+    """x through `num_layers` Blocks, called inside a compact method as block(x, *args).
+
+    With `scan_layers` one compiled block is applied num_layers times (params stacked on the
+    'layers' axis, compile time flat with depth), named `name`; otherwise `name_0`, `name_1`, ...
+    With `remat` each block is rematerialized in the backward pass. The trailing Python values of
+    `args` (deterministic, decode, fill) are static.
+    """
+    block = Block
+    if cfg.remat != "none":
+        static = tuple(i + 2 for i, a in enumerate(args) if isinstance(a, bool))  # +2: self and x
+        block = nn.remat(
+            Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers, static_argnums=static
+        )
+    if cfg.scan_layers:
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, cross, name=name)
+        return stack(x, *args)[0]
+    for i in range(num_layers):
+        x, _ = block(cfg, cross, name=f"{name}_{i}")(x, *args)
+    return x
+
+
+def sinusoidal(positions: Array, dim: int) -> Array:
+    """The original Transformer's position encoding: positions [b, t] -> [b, t, dim] float32."""
+    inv = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def add_positions(module: nn.Module, cfg: ModelConfig, x: Array, positions: Array, name: str = "pos_embed") -> Array:
+    """x [b, t, e] plus the absolute position embedding (learned table `name`, or sinusoidal); RoPE
+    rotates queries and keys inside attention instead."""
+    if cfg.positions == "learned":
+        table = module.param(name, _init(cfg, ("length", "embed"), 0.5), (cfg.max_len, cfg.embed_dim), cfg.weight_dtype)
+        return x + jnp.take(nn.unbox(table), jnp.maximum(positions, 0), axis=0).astype(cfg.compute_dtype)
+    if cfg.positions == "sinusoidal":
+        return x + sinusoidal(positions, cfg.embed_dim).astype(cfg.compute_dtype)
+    return x
+
+
+def output_logits(cfg: ModelConfig, embed: nn.Embed, x: Array) -> Array:
+    """Final hidden states [b, t, e] -> float32 logits [b, t, v], through the tied table or lm_head."""
+    if cfg.tie_embeddings:
+        logits = embed.attend(x.astype(cfg.compute_dtype))
+    else:
+        logits = nn.DenseGeneral(
+            cfg.vocab_size,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            kernel_init=_init(cfg, ("embed", "vocab")),
+            name="lm_head",
+        )(x)
+    logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits.astype(jnp.float32)
+
+
+def make_embed(cfg: ModelConfig, name: str = "embed") -> nn.Embed:
+    return nn.Embed(
+        cfg.vocab_size,
+        cfg.embed_dim,
+        embedding_init=_init(cfg, ("vocab", "embed")),
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        name=name,
+    )
 
 
 class TransformerLM(nn.Module):
@@ -482,59 +644,14 @@ class TransformerLM(nn.Module):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.embed_dim,
-            embedding_init=_init(cfg, ("vocab", "embed")),
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-            name="embed",
-        )
-        x = embed(tokens)
-        if cfg.positions == "learned":
-            pos_embed = self.param(
-                "pos_embed", _init(cfg, ("length", "embed"), 0.5), (cfg.max_len, cfg.embed_dim), cfg.weight_dtype
-            )
-            x = x + jnp.take(nn.unbox(pos_embed), jnp.maximum(positions, 0), axis=0).astype(cfg.compute_dtype)
+        embed = make_embed(cfg)
+        x = add_positions(self, cfg, embed(tokens), positions)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-
-        block = Block
-        if cfg.remat != "none":
-            # deterministic and decode (args 3, 4 counting self) are Python bools: static.
-            block = nn.remat(
-                Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers, static_argnums=(3, 4)
-            )
-        if cfg.scan_layers:
-            # One compiled block applied num_layers times: compile time stays flat with depth.
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
-            x, _ = stack(x, positions, deterministic, decode)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, positions, deterministic, decode)
-
+        x = apply_layers(cfg, "layers", cfg.num_layers, x, positions, None, None, deterministic, decode, False)
         x = make_norm(cfg, "ln_f")(x)
         if return_hidden:
             return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        if cfg.tie_embeddings:
-            logits = embed.attend(x.astype(cfg.compute_dtype))
-        else:
-            logits = nn.DenseGeneral(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.compute_dtype,
-                param_dtype=cfg.weight_dtype,
-                kernel_init=_init(cfg, ("embed", "vocab")),
-                name="lm_head",
-            )(x)
-        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return logits.astype(jnp.float32)
+        return output_logits(cfg, embed, x)
 
 
 def output_kernel(cfg: ModelConfig, params: Any) -> tuple[Array, bool]:
