@@ -427,9 +427,12 @@ def import_run(
     Writes workdir/config.json (`config`, default `run_config(hf_dir)`), workdir/tokenizer/ (the HF
     tokenizer.json), workdir/hf/ (the original config.json and other small files, reused on export)
     and workdir/checkpoints/0 (TrainState(step=0, params, fresh opt_state), sharded on `config.mesh`).
+    Problems are reported most fundamental first: no config.json, an unsupported architecture, no
+    safetensors weights, then what a run needs on top (an empty workdir, a tokenizer).
     """
     hf_cfg = read_config(hf_dir)
     spec = hf_specs.for_config(hf_cfg)
+    check_weights(hf_dir)
     config = run_config(hf_dir) if config is None else config
     ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):

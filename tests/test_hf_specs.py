@@ -1,4 +1,10 @@
-"""Hugging Face interop without torch: the per-architecture tensor tables on tiny hand-made arrays."""
+"""Hugging Face interop without torch: the per-architecture tensor tables on tiny hand-made arrays,
+and which problem of a Hugging Face directory is reported first."""
+
+import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import numpy as np
@@ -7,6 +13,8 @@ from flax import traverse_util
 
 from llm_jax import hf, hf_specs
 from llm_jax.model import ModelConfig, TransformerLM
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small configs whose every letter has its own size, so a swapped axis cannot go unnoticed; each
 # turns on every optional tensor of its table (untied head, Llama biases).
@@ -92,3 +100,22 @@ def test_config_roundtrip():
         )
         for field in ("vocab_size", "num_layers", "embed_dim", "mlp_dim", "positions", "norm", "tie_embeddings"):
             assert getattr(back, field) == getattr(cfg, field), field
+
+
+def test_pickled_weights_are_reported_before_the_missing_tokenizer(tmp_path):
+    """Issue 10: config.json + pytorch_model.bin only -> the pickle refusal, not a request for tokenizer.json."""
+    src = tmp_path / "pickled"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(hf.hf_config_from_model(CONFIGS["gpt2"])))
+    (src / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(hf.HFError, match=r"pytorch_model\.bin.*never unpickles") as err:
+        hf.import_run(str(src), str(tmp_path / "run"), log=lambda *_: None)
+    assert "tokenizer" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+    # The same through the command line that issue 10 tried.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "llm_jax.convert", "from_hf", "--hf_dir", str(src), "--workdir", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "never unpickles" in proc.stderr and "has no tokenizer.json" not in proc.stderr
