@@ -262,6 +262,24 @@ def test_refuses_pickles_and_unsupported_configs(tmp_path):
         hf.load_pretrained(str(extra))
 
 
+def test_bare_backbone_names_and_misfit_shapes(tmp_path):
+    """Old uploads name the backbone's tensors without 'transformer.': they import the same; a tensor
+    whose shape contradicts config.json is an error naming it."""
+    src = tmp_path / "src"
+    tmodel = make_hf(src, "gpt2", tie_word_embeddings=False)
+    bare = {k.removeprefix("transformer."): v for k, v in read_tensors(src).items()}
+    assert "h.0.attn.c_attn.weight" in bare and "lm_head.weight" in bare
+    safetensors_numpy.save_file(bare, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, params = hf.load_pretrained(str(src))
+    toks = tokens()
+    assert float(np.abs(np.asarray(model.apply({"params": params}, toks)) - torch_logits(tmodel, toks)).max()) < 1e-4
+
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "n_head": 8, "n_embd": 64}))
+    with pytest.raises(hf.HFError, match=r"tensor h\.0\.attn\.c_attn\.weight is \(32, 96\).*\(64, 192\)"):
+        hf.load_pretrained(str(src))
+
+
 def _tokenizer_json(vocab_size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -1,0 +1,121 @@
+"""Hugging Face interop without torch: the per-architecture tensor tables on tiny hand-made arrays,
+and which problem of a Hugging Face directory is reported first."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from llm_jax import hf, hf_specs
+from llm_jax.model import ModelConfig, TransformerLM
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small configs whose every letter has its own size, so a swapped axis cannot go unnoticed; each
+# turns on every optional tensor of its table (untied head, Llama biases).
+CONFIGS = {
+    "gpt2": ModelConfig(vocab_size=11, num_layers=2, num_heads=2, embed_dim=6, mlp_dim=10, tie_embeddings=False),
+    "llama": ModelConfig(
+        vocab_size=11,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=6,
+        embed_dim=10,
+        mlp_dim=14,
+        positions="rope",
+        norm="rmsnorm",
+        mlp_activation="swiglu",
+        use_bias=False,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_embeddings=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("spec", hf_specs.SPECS, ids=lambda s: s.model_type)
+def test_table_is_one_inverse_mapping_of_every_param(spec):
+    """Import (to_ours) gives views of the stored tensor in our shapes; export (to_hf) inverts it; the
+    table names every parameter of the model exactly once."""
+    cfg = CONFIGS[spec.model_type]
+    assert hf_specs.for_model(cfg) is spec
+    dims = hf_specs.sizes(cfg)
+    targets = traverse_util.flatten_dict(nn.meta.unbox(hf.abstract_params(TransformerLM(cfg))))
+    rng = np.random.RandomState(0)
+    seen = []
+    for entry in spec.table:
+        assert entry.when(cfg)
+        layers = range(cfg.num_layers) if entry.per_layer else (None,)
+        for layer in layers:
+            keys = [hf._param_key(p, layer, False) for p in entry.paths()]
+            seen += keys
+            shape = entry.hf_shape(dims) or targets[keys[0]].shape  # no layout: our shape
+            x = rng.standard_normal(shape).astype(np.float32)
+            ours = entry.to_ours(x, dims)
+            for key, y in zip(keys, ours):
+                assert y.shape == targets[key].shape, (entry.hf, key)
+                assert np.shares_memory(y, x), f"{entry.hf}: import must not copy (a memory map stays one)"
+            np.testing.assert_array_equal(entry.to_hf(ours, dims), x, err_msg=entry.hf)
+    assert sorted(seen) == sorted(targets)
+
+
+def test_gpt2_fused_qkv_splits_in_order():
+    """c_attn [e, 3*h*d] is q | k | v along its output axis, each [e, h, d] on our side."""
+    entry = next(t for t in hf_specs.GPT2.table if t.hf.endswith("c_attn.weight"))
+    e, h, d = 4, 2, 2
+    x = np.arange(e * 3 * h * d).reshape(e, 3 * h * d)
+    q, k, v = entry.to_ours(x, {"e": e, "h": h, "d": d})
+    np.testing.assert_array_equal(q.reshape(e, h * d), x[:, : h * d])
+    np.testing.assert_array_equal(v.reshape(e, h * d), x[:, 2 * h * d :])
+
+
+def test_bad_table_rows_fail_at_definition():
+    with pytest.raises(ValueError, match="same letters"):
+        hf_specs.Tensor("w", "attn/query/kernel", "(h d) e -> e h")
+    with pytest.raises(ValueError, match="leading axis of ours is n"):
+        hf_specs.Tensor("w", ("a", "b"), "(h d) e -> e h d")
+
+
+def test_export_names_the_misfit_fields():
+    cfg = ModelConfig(vocab_size=11, num_layers=1, embed_dim=8, num_heads=2, positions="rope", mlp_activation="swiglu")
+    with pytest.raises(hf.HFError, match=r"GPT2LMHeadModel its fields \['positions', 'mlp_activation'\].*\['norm'\]"):
+        hf.hf_config_from_model(cfg)
+
+
+def test_config_roundtrip():
+    """config.json written for a model reads back as the same model."""
+    for cfg in CONFIGS.values():
+        back = hf.model_config_from_hf(hf.hf_config_from_model(cfg))
+        assert (back.kv_heads, back.dim_per_head, back.attention_use_bias, back.mlp_use_bias) == (
+            cfg.kv_heads,
+            cfg.dim_per_head,
+            cfg.attention_use_bias,
+            cfg.mlp_use_bias,
+        )
+        for field in ("vocab_size", "num_layers", "embed_dim", "mlp_dim", "positions", "norm", "tie_embeddings"):
+            assert getattr(back, field) == getattr(cfg, field), field
+
+
+def test_pickled_weights_are_reported_before_the_missing_tokenizer(tmp_path):
+    """Issue 10: config.json + pytorch_model.bin only -> the pickle refusal, not a request for tokenizer.json."""
+    src = tmp_path / "pickled"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(hf.hf_config_from_model(CONFIGS["gpt2"])))
+    (src / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(hf.HFError, match=r"pytorch_model\.bin.*never unpickles") as err:
+        hf.import_run(str(src), str(tmp_path / "run"), log=lambda *_: None)
+    assert "tokenizer" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+    # The same through the command line that issue 10 tried.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "llm_jax.convert", "from_hf", "--hf_dir", str(src), "--workdir", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "never unpickles" in proc.stderr and "has no tokenizer.json" not in proc.stderr
