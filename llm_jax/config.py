@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = model_section()
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion fine-tuning)
+    d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion) | 'parallel' (translation)
     d.path = ""  # source='text': a UTF-8 text file; 'jsonl': {"prompt", "completion"} lines
     d.val_path = ""  # source='jsonl': validation examples (default: the last val_fraction of path)
     d.val_fraction = 0.1
@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer_path = ""  # tokenizer='hf': a tokenizer.json
     d.tokenizer_train_chars = 5_000_000  # sentencepiece is trained on at most this much text
     d.seq_len = 128
+    # source='parallel': {path}/{split}.{lang}[.gz], aligned line by line (llm_jax/seq2seq.py).
+    d.src_lang = "en"
+    d.tgt_lang = "de"
+    d.train_split = "train"
+    d.val_split = "val"
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3
@@ -103,6 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
     t.sample_tokens = 200
     t.sample_temperature = 0.8
     t.sample_top_k = 0
+    t.decode_eval_every = 0  # >0: every this many steps (and at the end), the family's decoding metrics (BLEU)
+    t.decode_eval_examples = 0  # validation examples they use; 0: all
+
+    # Beam search (translation: llm_jax.translate and the trainer's BLEU).
+    c.decode = dc = ml_collections.ConfigDict()
+    dc.beam_size = 4
+    dc.length_penalty = 0.6  # GNMT alpha; 0: none
+    dc.max_len_a = 1.5  # a translation has at most max_len_a * source tokens + max_len_b tokens
+    dc.max_len_b = 10
+    dc.batch_size = 64
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # -1: all devices not used by the other axes

@@ -252,6 +252,10 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
     """Reads the source, builds (or loads from `tokenizer_dir`) the tokenizer, tokenizes both splits."""
     if cfg.source == "jsonl":
         return load_prompt_completion_data(cfg, tokenizer_dir, log)
+    if cfg.source == "parallel":
+        from llm_jax import seq2seq
+
+        return seq2seq.load_parallel_data(cfg, tokenizer_dir, log)
     t0 = time.time()
     splits = load_splits(cfg)
     if not any(d.strip() for d in splits.train):

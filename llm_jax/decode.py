@@ -114,8 +114,12 @@ def generate(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     mesh: Mesh | None = None,
+    **inputs,
 ) -> Generation:
     """Continues left-padded prompts (tokens [b, P] and start [b], from `left_pad`).
+
+    `inputs`: what the family's `init_cache` needs besides the prompt (the encoder-decoder's
+    `source` [b, s]; the prompt is then the decoder's, e.g. BOS).
 
     `context`: the longest context the model was trained at (default `model.cfg.max_len`); longer
     prompts keep their last `context` tokens and generation slides its window past it. A row stops
@@ -137,7 +141,7 @@ def generate(
     tokens, start = crop(np.asarray(tokens), np.asarray(start), context)
     return _generate(
         model, params, jnp.asarray(tokens), jnp.asarray(start), rng,
-        jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+        jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), inputs,
         max_new_tokens=int(max_new_tokens), context=context, greedy=temperature == 0,
         stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id), mesh=mesh,
     )  # fmt: skip
@@ -156,8 +160,8 @@ class _Loop(NamedTuple):
     jax.jit, static_argnames=("model", "max_new_tokens", "context", "greedy", "stop_ids", "pad_id", "mesh")
 )
 def _generate(
-    model, params, tokens, start, rng, temperature, top_k, top_p, *, max_new_tokens, context, greedy, stop_ids,
-    pad_id, mesh,
+    model, params, tokens, start, rng, temperature, top_k, top_p, inputs, *, max_new_tokens, context, greedy,
+    stop_ids, pad_id, mesh,
 ) -> Generation:  # fmt: skip
     family = family_lib.of(model)
     step = family.tokens_to_logits(model, params)
@@ -178,7 +182,7 @@ def _generate(
 
     # Cached phase: the prompt and the first new tokens, while they fit in `context` positions.
     slots = min(context, p + max_new_tokens - 1)  # the last new token is never fed back
-    cache = family.init_cache(model, params, b, slots, start, mesh=mesh)
+    cache = family.init_cache(model, params, b, slots, start, mesh=mesh, **inputs)
     logits, cache = step(tokens, cache)
     buf = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
     zeros = jnp.zeros((b,), jnp.int32)
@@ -197,7 +201,7 @@ def _generate(
     def sliding(loop: _Loop) -> _Loop:
         window = jax.lax.dynamic_slice(loop.buf, (0, p + loop.i - context), (b, context))
         length = p + loop.i + start  # [b] real tokens of each row so far
-        fresh = family.init_cache(model, params, b, context, jnp.minimum(0, length - context), mesh=mesh)
+        fresh = family.init_cache(model, params, b, context, jnp.minimum(0, length - context), mesh=mesh, **inputs)
         logits, _ = step(window, fresh)
         return emit(loop, logits)
 

@@ -5,9 +5,10 @@ A family (decoder-only LM in `llm_jax/lm.py`; a new one in a file of its own) su
 
 - `make_model(cfg)`: the `flax.linen` module for a `ModelConfig`;
 - `init_inputs(cfg, batch, length)`: the keyword inputs `model.init` is traced with;
-- `loss_sum(model, params, batch, rng, deterministic)`: summed training loss and token count of a
+- `loss_sum(model, params, batch, rng, train)`: summed loss and token count of a
   batch (a dict of [b, t] arrays from the family's data; `random_batch` makes one of random tokens,
-  next-token `inputs` / `targets` unless the family overrides it);
+  next-token `inputs` / `targets` unless the family overrides it). `train`: dropout (if any) and
+  label smoothing apply; False is evaluation: the plain cross-entropy;
 - `init_cache(model, params, batch, length, start, mesh, **inputs)`: a decoding `Cache` of `length`
   slots whose next position is `start` [b] (negative while a left-padded row is still on padding);
 - `tokens_to_logits(model, params)`: the decoding step `(tokens [b, t], cache) -> (logits [b, v]
@@ -62,7 +63,7 @@ class ModelFamily:
     def init_inputs(self, cfg, batch: int, length: int) -> dict[str, jax.Array]:
         raise NotImplementedError
 
-    def loss_sum(self, model, params, batch: dict, rng, deterministic: bool) -> tuple[jax.Array, jax.Array]:
+    def loss_sum(self, model, params, batch: dict, rng, train: bool) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
 
     def random_batch(self, cfg, batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
@@ -73,6 +74,11 @@ class ModelFamily:
 
     def init_cache(self, model, params, batch: int, length: int, start: jax.Array, mesh=None, **inputs) -> Cache:
         raise NotImplementedError
+
+    def decode_metrics(self, model, params, data, config) -> dict[str, float]:
+        """Validation metrics that need decoding (BLEU for translation); none by default. Called by
+        the trainer every `config.train.decode_eval_every` steps, inside the run's mesh context."""
+        return {}
 
     def tokens_to_logits(self, model, params):
         raise NotImplementedError

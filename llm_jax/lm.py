@@ -26,9 +26,11 @@ class DecoderOnly(family_lib.ModelFamily):
     def init_inputs(self, cfg, batch: int, length: int) -> dict:
         return {"tokens": jnp.zeros((batch, length), jnp.int32)}
 
-    def loss_sum(self, model, params, batch, rng, deterministic):
-        """(summed cross-entropy of `targets` given `inputs`, token count); weighted if the batch has weights."""
+    def loss_sum(self, model, params, batch, rng, train):
+        """(summed cross-entropy of `targets` given `inputs`, token count); weighted if the batch has
+        weights; with label smoothing and dropout when training."""
         rngs = {} if rng is None else {"dropout": rng}
+        deterministic = not train or model.cfg.dropout_rate == 0.0
         if model.cfg.loss_chunk:  # memory-light: never the full [b, t, v] float32 logits (llm_jax/loss.py)
             hidden = model.apply(
                 {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, return_hidden=True
@@ -39,7 +41,8 @@ class DecoderOnly(family_lib.ModelFamily):
                 hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first
             )
         logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
-        return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"))
+        smoothing = model.cfg.label_smoothing if train else 0.0
+        return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"), smoothing)
 
     def init_cache(self, model, params, batch, length, start, mesh=None, **inputs) -> family_lib.Cache:
         """An empty KV cache of `length` slots: every layer's cached_key/cached_value [b, k, length, d],

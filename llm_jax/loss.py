@@ -19,9 +19,18 @@ import jax.numpy as jnp
 import optax
 
 
-def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy and token count. logits [b, t, v] f32; targets [b, t]; weights [b, t] or None."""
+def token_loss(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array | None, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and token count. logits [b, t, v] f32; targets [b, t]; weights [b, t] or None.
+
+    `label_smoothing` e: the target distribution is (1 - e) on the target plus e spread uniformly
+    over the vocabulary (Szegedy et al.; the original Transformer used 0.1).
+    """
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if label_smoothing:
+        uniform = -jax.nn.log_softmax(logits, axis=-1).mean(axis=-1)  # cross-entropy against the uniform
+        ce = (1.0 - label_smoothing) * ce + label_smoothing * uniform
     if weights is None:
         return ce.sum(), jnp.float32(ce.size)
     return (ce * weights).sum(), weights.sum()

@@ -579,11 +579,17 @@ def sinusoidal(positions: Array, dim: int) -> Array:
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def add_positions(module: nn.Module, cfg: ModelConfig, x: Array, positions: Array, name: str = "pos_embed") -> Array:
-    """x [b, t, e] plus the absolute position embedding (learned table `name`, or sinusoidal); RoPE
+def position_table(module: nn.Module, cfg: ModelConfig, name: str = "pos_embed") -> Array | None:
+    """The learned position table [max_len, e] (a param of `module`), or None for rope / sinusoidal."""
+    if cfg.positions != "learned":
+        return None
+    return module.param(name, _init(cfg, ("length", "embed"), 0.5), (cfg.max_len, cfg.embed_dim), cfg.weight_dtype)
+
+
+def add_positions(cfg: ModelConfig, x: Array, positions: Array, table: Array | None) -> Array:
+    """x [b, t, e] plus the absolute position embedding (the learned `table`, or sinusoidal); RoPE
     rotates queries and keys inside attention instead."""
     if cfg.positions == "learned":
-        table = module.param(name, _init(cfg, ("length", "embed"), 0.5), (cfg.max_len, cfg.embed_dim), cfg.weight_dtype)
         return x + jnp.take(nn.unbox(table), jnp.maximum(positions, 0), axis=0).astype(cfg.compute_dtype)
     if cfg.positions == "sinusoidal":
         return x + sinusoidal(positions, cfg.embed_dim).astype(cfg.compute_dtype)
@@ -645,7 +651,7 @@ class TransformerLM(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         embed = make_embed(cfg)
-        x = add_positions(self, cfg, embed(tokens), positions)
+        x = add_positions(cfg, embed(tokens), positions, position_table(self, cfg))
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = apply_layers(cfg, "layers", cfg.num_layers, x, positions, None, None, deterministic, decode, False)
         x = make_norm(cfg, "ln_f")(x)

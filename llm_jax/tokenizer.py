@@ -22,9 +22,13 @@ class Tokenizer:
     kind: str = ""
     vocab_size: int = 0
     eos_id: int | None = None
+    bos_id: int | None = None  # the decoder's start token (encoder-decoder models)
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -114,9 +118,17 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_chars: int = 5_000_000):
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_chars: int = 5_000_000,
+        prose: bool = False,
+    ):  # fmt: skip
+        """Trains on the lines of `texts` (at most `max_chars` characters). The default keeps every
+        character as written (code, poetry); `prose=True` uses SentencePiece's usual settings for
+        sentences (NFKC normalisation, whitespace runs folded, a word-start marker on the first
+        word), as machine translation does."""
         import sentencepiece as spm
 
         def lines():
@@ -129,6 +141,18 @@ class SentencePieceTokenizer(Tokenizer):
                 if n >= max_chars:
                     return
 
+        if prose:
+            style = dict(normalization_rule_name="nmt_nfkc")
+        else:
+            style = dict(
+                remove_extra_whitespaces=False,  # code and poetry need their spaces
+                # No "▁" prepended to each encoded string: the corpus is encoded line by line
+                # (encode_array), and a dummy prefix would put a space at the start of every line.
+                add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True,
+                normalization_rule_name="identity",
+                user_defined_symbols=["\n", "\t"],
+            )
         proto = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines(),
@@ -138,23 +162,21 @@ class SentencePieceTokenizer(Tokenizer):
             character_coverage=1.0,
             byte_fallback=True,  # never an unknown token: any text round-trips
             split_digits=True,
-            remove_extra_whitespaces=False,  # code and poetry need their spaces
-            # No "▁" prepended to each encoded string: the corpus is encoded line by line
-            # (encode_array), and a dummy prefix would put a space at the start of every line.
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            normalization_rule_name="identity",
-            user_defined_symbols=["\n", "\t"],
+            hard_vocab_limit=False,  # a small corpus gets the vocabulary it can fill, not an error
             pad_id=0,
             unk_id=1,
             bos_id=2,
             eos_id=3,
             minloglevel=2,
+            **style,
         )
         return cls(proto.getvalue())
 
     def encode(self, text):
         return self.sp.encode(text)
+
+    def encode_batch(self, texts):
+        return self.sp.encode(list(texts))
 
     def encode_array(self, text):
         # Line by line: SentencePiece's own splitting, but no single multi-MB string in C++.
@@ -163,7 +185,8 @@ class SentencePieceTokenizer(Tokenizer):
         return np.fromiter((i for seq in ids for i in seq), dtype=np.int32)
 
     def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
+        # Ids past the vocabulary (the model's padded rows, never trained as targets) are dropped.
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def save(self, directory):
         super().save(directory)
@@ -193,7 +216,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)
 
     def _meta(self):
         return {**super()._meta(), "eos_id": self.eos_id}

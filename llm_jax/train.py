@@ -60,11 +60,10 @@ def train_step(
     draws the same masks.
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    deterministic = model.cfg.dropout_rate == 0.0
     grad_fn = jax.value_and_grad(family_lib.of(model).loss_sum, argnums=1, has_aux=True)
 
     if grad_accum_steps == 1:
-        (total, count), grads = grad_fn(model, state.params, batch, rng, deterministic)
+        (total, count), grads = grad_fn(model, state.params, batch, rng, True)
     else:
 
         def split(x):
@@ -75,7 +74,7 @@ def train_step(
         def body(carry, xs):
             acc_grads, acc_total, acc_count = carry
             mb, i = xs
-            (total, count), grads = grad_fn(model, state.params, mb, jax.random.fold_in(rng, i), deterministic)
+            (total, count), grads = grad_fn(model, state.params, mb, jax.random.fold_in(rng, i), True)
             return (jax.tree.map(jnp.add, acc_grads, grads), acc_total + total, acc_count + count), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -91,7 +90,7 @@ def train_step(
 
 def eval_step(params, batch: dict, *, model) -> dict:
     """Summed loss and token count of one batch (sums, so that means over batches are exact)."""
-    total, count = family_lib.of(model).loss_sum(model, params, batch, None, True)
+    total, count = family_lib.of(model).loss_sum(model, params, batch, None, False)
     return {"loss_sum": total, "count": count}
 
 
@@ -449,6 +448,20 @@ def sample(trainer: Trainer, ls: LoopState, seed: int | None = None) -> str:
     return prompt + text
 
 
+def run_decode_eval(trainer: Trainer, ls: LoopState) -> None:
+    """The family's decoding metrics on validation data (BLEU for translation), logged like the others."""
+    t0 = time.time()
+    with sharding.use_mesh(trainer.mesh, trainer.rules):
+        metrics = family_lib.of(trainer.model).decode_metrics(
+            trainer.model, ls.state.params, trainer.data, trainer.config
+        )
+    if metrics:
+        trainer.metrics.write(ls.step, metrics)
+        ls.eval_record.update(metrics)
+        shown = " | ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        trainer.log(f"step {ls.step:6d} | {shown} | {time.time() - t0:.1f}s to decode")
+
+
 def save(trainer: Trainer, ls: LoopState) -> None:
     """Starts an async checkpoint of the current state (once its loss has been checked)."""
     if ls.step == ls.saved_step:
@@ -474,6 +487,7 @@ def periodic_actions(tc) -> list[Periodic]:
     return [
         Periodic(tc.log_every, log_progress),
         Periodic(tc.eval_every, run_eval),
+        Periodic(tc.decode_eval_every, run_decode_eval, at_end=tc.decode_eval_every > 0),
         Periodic(tc.sample_every, sample, at_end=False),  # the final sample comes after the last save
         Periodic(tc.checkpoint_every, save),
     ]

@@ -40,7 +40,7 @@ class BigramFamily(family_lib.ModelFamily):
     def init_inputs(self, cfg, batch, length):
         return {"tokens": jnp.zeros((batch, length), jnp.int32)}
 
-    def loss_sum(self, model, params, batch, rng, deterministic):
+    def loss_sum(self, model, params, batch, rng, train):
         logits = model.apply({"params": params}, batch["inputs"])
         return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"))
 

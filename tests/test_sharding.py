@@ -86,7 +86,7 @@ def make_batch(cfg, seed=0):
 
 
 def mean_loss(params, batch, model):
-    total, count = family_lib.of(model).loss_sum(model, params, batch, None, True)
+    total, count = family_lib.of(model).loss_sum(model, params, batch, None, train=False)
     return total / count
 
 

@@ -49,7 +49,7 @@ def _stack_layers(params, num_layers):
 
 def _loss_and_grads(cfg, params, batch):
     model = TransformerLM(cfg)
-    fn = lambda p: family_lib.of(model).loss_sum(model, p, batch, None, True)
+    fn = lambda p: family_lib.of(model).loss_sum(model, p, batch, None, train=False)
     (total, count), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
     return float(total / count), grads
 
