@@ -26,15 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import family as family_lib
-from llm_jax import loss as loss_lib
+from llm_jax.lm import token_loss_sum
 from llm_jax.model import (
     Memory,
     ModelConfig,
     add_positions,
     apply_layers,
     make_embed,
+    make_head,
     make_norm,
-    output_kernel,
     output_logits,
     position_table,
 )
@@ -74,7 +74,7 @@ class EncoderDecoder(nn.Module):
         self.encoder_norm = make_norm(cfg, "encoder_norm")
         self.decoder = Stack(cfg, cfg.num_layers, cross=True)
         self.decoder_norm = make_norm(cfg, "decoder_norm")
-        self.head = OutputHead(cfg)
+        self.lm_head = make_head(cfg)
 
     def __call__(
         self, source, tokens, source_positions=None, positions=None, source_segments=None, segments=None,
@@ -92,7 +92,7 @@ class EncoderDecoder(nn.Module):
         # Causal within a segment: positions restart in every packed pair.
         mask = same_segment(segments, segments) & (positions[:, None, :] <= positions[:, :, None])
         hidden = self.decode(tokens, positions, None if decode else mask, memory, deterministic, decode)
-        return hidden if return_hidden else self.head(self.embed, hidden)
+        return hidden if return_hidden else output_logits(self.cfg, self.embed, self.lm_head, hidden)
 
     def encode(self, source, source_positions, source_segments, deterministic: bool = True) -> Array:
         """source [b, s] -> encoded [b, s, e]: bidirectional, each token seeing its own segment."""
@@ -112,7 +112,7 @@ class EncoderDecoder(nn.Module):
     def decode_logits(self, tokens, positions) -> Array:
         """One cached decoding call: logits [b, v] float32 of the last position."""
         hidden = self.decode(tokens, positions, None, None, True, True)
-        return self.head(self.embed, hidden[:, -1:])[:, 0]
+        return output_logits(self.cfg, self.embed, self.lm_head, hidden[:, -1:])[:, 0]
 
     def fill_cross_cache(self, encoded, source_valid) -> None:
         """Stores every decoder layer's cross-attention keys/values of `encoded` [b, s, e] in the cache."""
@@ -131,16 +131,6 @@ class Stack(nn.Module):
     def __call__(self, x, positions, mask, memory, deterministic: bool, decode: bool, fill: bool):
         args = (positions, mask, memory, deterministic, decode, fill)
         return apply_layers(self.cfg, "layers", self.num_layers, x, *args, cross=self.cross)
-
-
-class OutputHead(nn.Module):
-    """The output projection (tied to `embed`, or its own lm_head) as a module, for `setup`."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, embed: nn.Embed, x: Array) -> Array:
-        return output_logits(self.cfg, embed, x)
 
 
 class EncoderDecoderFamily(family_lib.ModelFamily):
@@ -169,20 +159,14 @@ class EncoderDecoderFamily(family_lib.ModelFamily):
 
     def loss_sum(self, model, params, batch, rng, train):
         """(summed cross-entropy of `targets`, token count), weighted; label smoothing when training."""
-        rngs = {} if rng is None else {"dropout": rng}
-        args = (batch["source"], batch["inputs"], batch["source_positions"], batch["positions"])
-        kwargs = dict(source_segments=batch["source_segments"], segments=batch["segments"], rngs=rngs)
-        deterministic = not train or model.cfg.dropout_rate == 0.0
-        if model.cfg.loss_chunk:
-            hidden = model.apply({"params": params}, *args, deterministic=deterministic, return_hidden=True, **kwargs)
-            kernel, vocab_first = output_kernel(model.cfg, params)
-            chunk = min(model.cfg.loss_chunk, hidden.shape[1])
-            return loss_lib.chunked_cross_entropy(
-                hidden, kernel, batch["targets"], batch["weights"], chunk, vocab_first
-            )
-        logits = model.apply({"params": params}, *args, deterministic=deterministic, **kwargs)
-        smoothing = model.cfg.label_smoothing if train else 0.0
-        return loss_lib.token_loss(logits, batch["targets"], batch["weights"], smoothing)
+        inputs = (batch["source"], batch["inputs"], batch["source_positions"], batch["positions"])
+        segments = {"source_segments": batch["source_segments"], "segments": batch["segments"]}
+        return token_loss_sum(model, params, batch, rng, train, *inputs, **segments)
+
+    def flops_per_token(self, cfg, seq_len: int) -> float:
+        from llm_jax import flops
+
+        return flops.encoder_decoder_flops_per_token(cfg, seq_len)
 
     def decode_metrics(self, model, params, data, config) -> dict[str, float]:
         """BLEU of beam-search translations of the validation sources (config.decode settings)."""

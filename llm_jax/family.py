@@ -75,6 +75,12 @@ class ModelFamily:
     def init_cache(self, model, params, batch: int, length: int, start: jax.Array, mesh=None, **inputs) -> Cache:
         raise NotImplementedError
 
+    def flops_per_token(self, cfg, seq_len: int) -> float:
+        """Training FLOPs per token (for MFU); a decoder-only Transformer's count by default."""
+        from llm_jax import flops
+
+        return flops.decoder_flops_per_token(cfg, seq_len)
+
     def decode_metrics(self, model, params, data, config) -> dict[str, float]:
         """Validation metrics that need decoding (BLEU for translation); none by default. Called by
         the trainer every `config.train.decode_eval_every` steps, inside the run's mesh context."""

@@ -39,13 +39,39 @@ _FP32_ON_GPU = 0.5  # TF32 tensor-core peak is half the bf16 one on A100/H100/H2
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token of `cfg` (a ModelConfig) at context `seq_len` (MaxText's accounting)."""
-    e, h, k, d, f, v = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.mlp_dim, cfg.vocab_size
-    mlp_mats = 3 if cfg.mlp_activation == "swiglu" else 2
-    per_layer = e * (h + 2 * k) * d + h * d * e + mlp_mats * e * f  # q, k, v, out, mlp weights
-    matmul_params = cfg.num_layers * per_layer + e * v  # + output projection (tied or not)
-    attention = 6 * seq_len * h * d * cfg.num_layers  # causal: half of 12 * t * h * d
+    """Training FLOPs per (target) token of `cfg` (a ModelConfig) at context `seq_len`, as its family
+    counts them (`ModelFamily.flops_per_token`; MaxText's accounting)."""
+    from llm_jax import family as family_lib
+
+    return family_lib.get(cfg.family).flops_per_token(cfg, seq_len)
+
+
+def _attention_params(cfg) -> int:
+    """Matmul weights of one attention: q, k, v and out projections."""
+    e, h, k, d = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    return e * (h + 2 * k) * d + h * d * e
+
+
+def _mlp_params(cfg) -> int:
+    return (3 if cfg.mlp_activation == "swiglu" else 2) * cfg.embed_dim * cfg.mlp_dim
+
+
+def decoder_flops_per_token(cfg, seq_len: int) -> float:
+    """A decoder-only LM: 6 per matmul weight, and causal attention over `seq_len` positions."""
+    matmul_params = cfg.num_layers * (_attention_params(cfg) + _mlp_params(cfg)) + cfg.embed_dim * cfg.vocab_size
+    attention = 6 * seq_len * cfg.num_heads * cfg.dim_per_head * cfg.num_layers  # causal: half of 12 * t * h * d
     return 6.0 * matmul_params + attention
+
+
+def encoder_decoder_flops_per_token(cfg, seq_len: int) -> float:
+    """An encoder-decoder, per target token with as many source tokens (a source of `seq_len`):
+    encoder blocks, decoder blocks with cross-attention, the output projection; attention full in
+    the encoder and the cross-attention, causal in the decoder."""
+    hd = cfg.num_heads * cfg.dim_per_head
+    encoder = cfg.encoder_layers * (_attention_params(cfg) + _mlp_params(cfg))
+    decoder = cfg.num_layers * (2 * _attention_params(cfg) + _mlp_params(cfg))
+    attention = 12 * seq_len * hd * cfg.encoder_layers + (6 + 12) * seq_len * hd * cfg.num_layers
+    return 6.0 * (encoder + decoder + cfg.embed_dim * cfg.vocab_size) + attention
 
 
 def _device_peak(kind: str, dtype: str) -> float | None:

@@ -16,6 +16,29 @@ from llm_jax import loss as loss_lib
 from llm_jax.model import TransformerLM, output_kernel
 
 
+def token_loss_sum(model, params, batch, rng, train: bool, *inputs, **kwargs):
+    """(summed cross-entropy of `batch['targets']`, token count) of `model.apply(params, *inputs, **kwargs)`.
+
+    Weighted by `batch['weights']` if present; label smoothing and dropout when `train`. With
+    `loss_chunk` the model returns its final hidden states and the fused chunked loss applies the
+    output projection itself (never the full [b, t, v] float32 logits).
+    """
+    cfg = model.cfg
+    rngs = {} if rng is None else {"dropout": rng}
+    deterministic = not train or cfg.dropout_rate == 0.0
+    smoothing = cfg.label_smoothing if train else 0.0
+    variables = {"params": params}
+    if cfg.loss_chunk:
+        hidden = model.apply(variables, *inputs, deterministic=deterministic, rngs=rngs, return_hidden=True, **kwargs)
+        kernel, vocab_first = output_kernel(cfg, params)
+        chunk = min(cfg.loss_chunk, hidden.shape[1])
+        return loss_lib.chunked_cross_entropy(
+            hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first, smoothing
+        )
+    logits = model.apply(variables, *inputs, deterministic=deterministic, rngs=rngs, **kwargs)
+    return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"), smoothing)
+
+
 class DecoderOnly(family_lib.ModelFamily):
     name = "lm"
     cache_fill = {"cached_pos": -1}  # -1: an empty slot, never attended
@@ -29,20 +52,7 @@ class DecoderOnly(family_lib.ModelFamily):
     def loss_sum(self, model, params, batch, rng, train):
         """(summed cross-entropy of `targets` given `inputs`, token count); weighted if the batch has
         weights; with label smoothing and dropout when training."""
-        rngs = {} if rng is None else {"dropout": rng}
-        deterministic = not train or model.cfg.dropout_rate == 0.0
-        if model.cfg.loss_chunk:  # memory-light: never the full [b, t, v] float32 logits (llm_jax/loss.py)
-            hidden = model.apply(
-                {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, return_hidden=True
-            )
-            kernel, vocab_first = output_kernel(model.cfg, params)
-            chunk = min(model.cfg.loss_chunk, hidden.shape[1])
-            return loss_lib.chunked_cross_entropy(
-                hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first
-            )
-        logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
-        smoothing = model.cfg.label_smoothing if train else 0.0
-        return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"), smoothing)
+        return token_loss_sum(model, params, batch, rng, train, batch["inputs"])
 
     def init_cache(self, model, params, batch, length, start, mesh=None, **inputs) -> family_lib.Cache:
         """An empty KV cache of `length` slots: every layer's cached_key/cached_value [b, k, length, d],

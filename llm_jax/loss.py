@@ -47,13 +47,14 @@ def _unchunk(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _xent(hidden, kernel, targets, weights, chunk, vocab_first):
-    return _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _xent(hidden, kernel, targets, weights, chunk, vocab_first, smoothing):
+    return _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing)[0]
 
 
-def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first):
-    """hidden [b, t, e]; kernel [v, e] (vocab_first) or [e, v]; targets [b, t] int; weights [b, t] f32."""
+def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing):
+    """hidden [b, t, e]; kernel [v, e] (vocab_first) or [e, v]; targets [b, t] int; weights [b, t] f32;
+    smoothing: label smoothing (a Python float)."""
     logits_eq = "bce,ve->bcv" if vocab_first else "bce,ev->bcv"
     f32 = jnp.float32
 
@@ -67,9 +68,14 @@ def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first):
         p = jnp.exp(logits - top)
         total = p.sum(-1, keepdims=True)
         target_logit = jnp.take_along_axis(logits, tgt[..., None], axis=-1)
-        loss = ((top + jnp.log(total) - target_logit)[..., 0] * w).sum()
         is_target = jnp.arange(logits.shape[-1], dtype=tgt.dtype) == tgt[..., None]
-        dlogits = ((p / total - is_target) * w[..., None]).astype(h.dtype)
+        if smoothing:  # target distribution (1 - s) * onehot + s / v: loss lse - (1 - s) l_t - s mean(l)
+            row = top + jnp.log(total) - (1.0 - smoothing) * target_logit - smoothing * logits.mean(-1, keepdims=True)
+            dlogits = p / total - (1.0 - smoothing) * is_target - smoothing / logits.shape[-1]
+        else:
+            row, dlogits = top + jnp.log(total) - target_logit, p / total - is_target
+        loss = (row[..., 0] * w).sum()
+        dlogits = (dlogits * w[..., None]).astype(h.dtype)
         dh = jnp.einsum("bcv,ve->bce" if vocab_first else "bcv,ev->bce", dlogits, kernel, preferred_element_type=f32)
         # The kernel's gradient is accumulated as [e, v] whatever the kernel's layout: h^T @ dlogits
         # reads dlogits in place, while the [v, e] form makes XLA on CPU transpose every dlogits
@@ -85,7 +91,7 @@ def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first):
     return losses.sum(), (_unchunk(dh), dkernel.astype(kernel.dtype))
 
 
-def _xent_bwd(chunk, vocab_first, res, g):
+def _xent_bwd(chunk, vocab_first, smoothing, res, g):
     dh, dkernel = res
     # No cotangent for the integer targets, nor for the weights (data, not parameters).
     return (g * dh).astype(dh.dtype), (g * dkernel).astype(dkernel.dtype), None, None
@@ -95,17 +101,24 @@ _xent.defvjp(_xent_fwd, _xent_bwd)
 
 
 def chunked_cross_entropy(
-    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array | None, chunk: int, vocab_first: bool
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array | None,
+    chunk: int,
+    vocab_first: bool,
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed cross-entropy and token count, as `token_loss` of the projected logits.
 
     hidden: [b, t, e] final (normed) hidden states in the compute dtype; kernel: the output
     projection, [v, e] when `vocab_first` (tied embedding table) else [e, v]; targets [b, t] int;
     weights [b, t] or None. `chunk` must divide t. Gradients flow to `hidden` and `kernel`.
+    `label_smoothing`: as in `token_loss`.
     """
     b, t = targets.shape
     if t % chunk:
         raise ValueError(f"loss chunk size {chunk} does not divide the sequence length {t}; pick a divisor of {t}")
     count = jnp.float32(b * t) if weights is None else weights.sum()
     w = jnp.ones((b, t), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    return _xent(hidden, kernel.astype(hidden.dtype), targets, w, chunk, vocab_first), count
+    return _xent(hidden, kernel.astype(hidden.dtype), targets, w, chunk, vocab_first, float(label_smoothing)), count

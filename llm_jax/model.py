@@ -108,10 +108,6 @@ class ModelConfig:
         need(self.num_encoder_layers is None or self.num_encoder_layers > 0, "num_encoder_layers must be positive")
         need(0.0 <= self.label_smoothing < 1.0, f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         need(
-            not (self.label_smoothing and self.loss_chunk),
-            "label_smoothing is not implemented with the chunked loss; set loss_chunk=0 or label_smoothing=0",
-        )
-        need(
             self.positions != "rope" or self.dim_per_head % 2 == 0,
             f"rope needs an even head_dim, got {self.dim_per_head}",
         )
@@ -596,19 +592,23 @@ def add_positions(cfg: ModelConfig, x: Array, positions: Array, table: Array | N
     return x
 
 
-def output_logits(cfg: ModelConfig, embed: nn.Embed, x: Array) -> Array:
-    """Final hidden states [b, t, e] -> float32 logits [b, t, v], through the tied table or lm_head."""
+def make_head(cfg: ModelConfig) -> nn.Module | None:
+    """The untied output projection `lm_head` [e, v], or None when tied to the embedding."""
     if cfg.tie_embeddings:
-        logits = embed.attend(x.astype(cfg.compute_dtype))
-    else:
-        logits = nn.DenseGeneral(
-            cfg.vocab_size,
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-            kernel_init=_init(cfg, ("embed", "vocab")),
-            name="lm_head",
-        )(x)
+        return None
+    return nn.DenseGeneral(
+        cfg.vocab_size,
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        kernel_init=_init(cfg, ("embed", "vocab")),
+        name="lm_head",
+    )
+
+
+def output_logits(cfg: ModelConfig, embed: nn.Embed, head: nn.Module | None, x: Array) -> Array:
+    """Final hidden states [b, t, e] -> float32 logits [b, t, v], through the tied table or `head`."""
+    logits = embed.attend(x.astype(cfg.compute_dtype)) if head is None else head(x)
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits.astype(jnp.float32)
 
@@ -657,7 +657,7 @@ class TransformerLM(nn.Module):
         x = make_norm(cfg, "ln_f")(x)
         if return_hidden:
             return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        return output_logits(cfg, embed, x)
+        return output_logits(cfg, embed, make_head(cfg), x)
 
 
 def output_kernel(cfg: ModelConfig, params: Any) -> tuple[Array, bool]:

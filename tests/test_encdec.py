@@ -366,3 +366,45 @@ def test_the_config_reads_multi30k_and_its_tiny_run_trains(tmp_path):
     summary = train.train_and_evaluate(c, str(tmp_path / "mt"))
     assert summary["step"] == 4 and math.isfinite(summary["eval/loss"]) and "eval/bleu" in summary
     assert base_config().data.src_lang == "en"
+
+
+@pytest.mark.parametrize("name", ["learned", "sinusoidal_scan"])
+def test_label_smoothing_in_the_chunked_loss_equals_the_full_logits_loss(name):
+    """Training loss with label smoothing 0.1: the fused chunked loss gives the loss and gradients
+    of the plain one; evaluation (train=False) is the unsmoothed cross-entropy."""
+    import dataclasses
+
+    _, params = model_and_params(name)
+    batch = mesh_batch()
+    batch = {k: v[:, :8] if v.shape[1] > 8 else v for k, v in batch.items()}  # fits max_len 16
+
+    def loss_and_grads(cfg, train):
+        model = family_lib.build(cfg)
+        fn = lambda p: family_lib.of(model).loss_sum(model, p, batch, None, train)  # noqa: E731
+        (total, count), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+        return float(total / count), grads
+
+    cfg = dataclasses.replace(CONFIGS[name], label_smoothing=0.1, vocab_size=128)
+    params = nn.meta.unbox(family_lib.init_params(family_lib.build(cfg), jax.random.key(3), 8))
+    plain, g_plain = loss_and_grads(cfg, True)
+    fused, g_fused = loss_and_grads(dataclasses.replace(cfg, loss_chunk=4), True)
+    assert fused == pytest.approx(plain, rel=1e-6)
+    # Per leaf, relative to its largest entry; leaves that are zero in exact arithmetic (the key
+    # bias: softmax ignores a constant per row) are held to the whole tree's scale.
+    top = max(float(np.abs(np.asarray(b)).max()) for b in jax.tree.leaves(g_plain))
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_plain)):
+        scale = max(float(np.abs(np.asarray(b)).max()), 1e-2 * top)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
+    evaluated, _ = loss_and_grads(cfg, False)
+    unsmoothed, _ = loss_and_grads(dataclasses.replace(cfg, label_smoothing=0.0), True)
+    assert evaluated == pytest.approx(unsmoothed, rel=1e-6) and abs(evaluated - plain) > 1e-3
+
+
+def test_encoder_decoder_flops_by_hand():
+    from llm_jax import flops
+
+    cfg = CONFIGS["learned"]  # 2 encoder + 1 decoder blocks, e 32, h 4 (d 8), mlp 64 (gelu), v 64
+    attn, mlp = 4 * 32 * 32, 2 * 32 * 64
+    matmul = 2 * (attn + mlp) + 1 * (2 * attn + mlp) + 32 * 64
+    attention = 12 * 16 * 32 * 2 + 18 * 16 * 32 * 1
+    assert flops.flops_per_token(cfg, 16) == 6 * matmul + attention
