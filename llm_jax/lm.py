@@ -2,7 +2,8 @@
 next-token prediction, decoded over its KV cache.
 
 Batches (llm_jax/data.py) hold `inputs` and `targets` [b, t] int32 and optionally `weights` [b, t]
-(prompt-completion fine-tuning learns the completions only).
+(prompt-completion fine-tuning learns the completions only) and, for packed documents
+(`config.data.packing='documents'`), `segment_ids` and `positions` [b, t] int32.
 """
 
 from __future__ import annotations
@@ -27,18 +28,21 @@ class DecoderOnly(family_lib.ModelFamily):
         return {"tokens": jnp.zeros((batch, length), jnp.int32)}
 
     def loss_sum(self, model, params, batch, rng, deterministic):
-        """(summed cross-entropy of `targets` given `inputs`, token count); weighted if the batch has weights."""
+        """(summed cross-entropy of `targets` given `inputs`, token count); weighted if the batch has
+        weights. Packed documents (`segment_ids`, `positions` [b, t]) attend within their own."""
         rngs = {} if rng is None else {"dropout": rng}
+        packed = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
         if model.cfg.loss_chunk:  # memory-light: never the full [b, t, v] float32 logits (llm_jax/loss.py)
             hidden = model.apply(
-                {"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs, return_hidden=True
-            )
+                {"params": params}, batch["inputs"], **packed, deterministic=deterministic, rngs=rngs,
+                return_hidden=True,
+            )  # fmt: skip
             kernel, vocab_first = output_kernel(model.cfg, params)
             chunk = min(model.cfg.loss_chunk, hidden.shape[1])
             return loss_lib.chunked_cross_entropy(
                 hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first
             )
-        logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
+        logits = model.apply({"params": params}, batch["inputs"], **packed, deterministic=deterministic, rngs=rngs)
         return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"))
 
     def init_cache(self, model, params, batch, length, start, mesh=None, **inputs) -> family_lib.Cache:
