@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.packing = "none"  # 'none' | 'documents' (attention and positions restart at each document)
     # Prepared token files (llm_jax/prepare.py): '' = $LLM_JAX_CACHE or ~/.cache/llm_jax; share it across hosts
     d.cache_dir = ""
-    d.prepare_workers = 0  # tokenizing processes; 0: one per core
+    d.prepare_workers = 0  # tokenizing processes; 0: one per core (none under 16 MB of text)
     d.prepare_shard_mb = 32.0  # text per shard (and per prepare task)
 
     c.optim = o = ml_collections.ConfigDict()

@@ -244,11 +244,14 @@ def _manifest(infos: list[dict], tokenizer: tok_lib.Tokenizer, cfg) -> dict:
 
 
 def _run_tasks(work: list[tuple], workers: int, log) -> None:
-    """Runs `_run_task` over `work`, in worker processes when there is enough of it; logs progress."""
-    workers = min(workers if workers > 0 else (os.cpu_count() or 1), len(work))
+    """Runs `_run_task` over `work` in `workers` processes (0: one per core, and none at all for
+    less than 16 MB of text); logs progress."""
     todo_bytes = sum(p.nbytes for _, pieces, _ in work for p in pieces)
+    if workers <= 0:
+        workers = os.cpu_count() or 1 if todo_bytes >= _IN_PROCESS_BYTES else 1
+    workers = min(workers, len(work))
     progress = _Progress(len(work), todo_bytes, log if todo_bytes >= _IN_PROCESS_BYTES else lambda *a: None)
-    if workers <= 1 or todo_bytes < _IN_PROCESS_BYTES:
+    if workers <= 1:
         for w in work:
             progress.update(_run_task(w))
         return
@@ -326,6 +329,7 @@ def _run_task(work: tuple) -> dict:
         _atomic_write(os.path.join(directory, name + ".docs.npy"), buf)
         info[split] = {"name": name, "tokens": int(sizes[split]), "docs": len(starts[split])}
     _atomic_write(_task_json(directory, index), json.dumps(info, sort_keys=True).encode())
+    time.sleep(float(os.environ.get("LLM_JAX_PREPARE_TASK_DELAY", 0)))  # tests: time to kill a prepare midway
     return info
 
 
