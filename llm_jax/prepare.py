@@ -200,9 +200,7 @@ def _build(cfg, directory: str, tokenizer: tok_lib.Tokenizer, log) -> None:
     todo = [i for i in range(len(tasks)) if not os.path.exists(_task_json(partial, i))]
     if len(todo) < len(tasks):
         log(f"prepare: resuming {partial}: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
-    _run_tasks(
-        [(i, tasks[i], partial) for i in todo], cfg.prepare_workers, sum(p.nbytes for t in tasks for p in t), log
-    )
+    _run_tasks([(i, tasks[i], partial) for i in todo], cfg.prepare_workers, log)
     infos = []
     for i in range(len(tasks)):
         with open(_task_json(partial, i)) as f:
@@ -248,7 +246,7 @@ def _run_tasks(work: list[tuple], workers: int, log) -> None:
     less than 16 MB of text); logs progress."""
     todo_bytes = sum(p.nbytes for _, pieces, _ in work for p in pieces)
     if workers <= 0:
-        workers = os.cpu_count() or 1 if todo_bytes >= _IN_PROCESS_BYTES else 1
+        workers = (os.cpu_count() or 1) if todo_bytes >= _IN_PROCESS_BYTES else 1
     workers = min(workers, len(work))
     progress = _Progress(len(work), todo_bytes, log if todo_bytes >= _IN_PROCESS_BYTES else lambda *a: None)
     if workers <= 1:
