@@ -10,7 +10,8 @@ files, record ranges of a tfds split. `read_piece` turns one piece into document
   of the path sends `val_fraction` of them to validation.
 - `text`: `config.data.path` is a UTF-8 file, a glob, or a comma-separated list of both. One plain
   file is one document split by position (the first `1 - val_fraction` trains, as nanoGPT splits
-  Shakespeare); several files are one document each, split by file like `stdlib`. `.jsonl` files
+  Shakespeare); several files are one document each, split by file like `stdlib` (if no file
+  hashes to validation, the last one validates). `.jsonl` files
   hold one document per line (field `config.data.text_key`), split per document by a hash of its
   place in the file. `.gz` files are read through gzip.
 - `tfds`: a tensorflow-datasets dataset already prepared as array_record, read through
@@ -207,9 +208,11 @@ def _whole_files(named: list[tuple[str, str]], cfg, piece_bytes: int, errors: st
     """One document per file, split by file; with max_chars, the first max_chars characters of the
     training files in order (a tenth of that of validation), cut as `_truncate` always cut them."""
     budget = {"train": cfg.max_chars, "val": max(cfg.max_chars // 10, 1)} if cfg.max_chars > 0 else None
+    splits = [_split_of(rel, cfg.val_fraction) for rel, _ in named]
+    if "val" not in splits and len(named) > 1 and cfg.val_fraction > 0:
+        splits[-1] = "val"  # few files, none hashed to validation: the last one validates
     pieces = []
-    for rel, path in named:
-        split = _split_of(rel, cfg.val_fraction)
+    for (_, path), split in zip(named, splits):
         if budget is None:
             pieces += _ranges(path, split, 0, _size(path), piece_bytes, errors)
             continue
