@@ -57,7 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion) | 'parallel' (translation)
-    d.path = ""  # source='text': a UTF-8 text file; 'jsonl': {"prompt", "completion"} lines
+    # source='text': a UTF-8 file, a glob or a comma-separated list (.jsonl: a document per line, .gz read
+    # through gzip); 'jsonl': {"prompt", "completion"} lines; 'parallel': a directory (see below)
+    d.path = ""
+    d.text_key = "text"  # source='text', .jsonl files: the field holding each document
     d.val_path = ""  # source='jsonl': validation examples (default: the last val_fraction of path)
     d.val_fraction = 0.1
     d.max_chars = 0  # >0: use at most this many characters of the source (quick runs)
@@ -72,6 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer_path = ""  # tokenizer='hf': a tokenizer.json
     d.tokenizer_train_chars = 5_000_000  # sentencepiece is trained on at most this much text
     d.seq_len = 128
+    d.packing = "none"  # 'none' | 'documents' (attention and positions restart at each document)
+    # Prepared token files (llm_jax/prepare.py): '' = $LLM_JAX_CACHE or ~/.cache/llm_jax; share it across hosts
+    d.cache_dir = ""
+    d.prepare_workers = 0  # tokenizing processes; 0: one per core (none under 16 MB of text)
+    d.prepare_shard_mb = 32.0  # text per shard (and per prepare task)
     # source='parallel': {path}/{split}.{lang}[.gz], aligned line by line (llm_jax/seq2seq.py).
     d.src_lang = "en"
     d.tgt_lang = "de"

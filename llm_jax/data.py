@@ -1,193 +1,162 @@
-"""Input pipeline: a text source -> tokenizer -> one token stream per split -> per-host batches.
+"""Input pipeline: prepared token files -> windows -> per-process batches, a pure function of (seed, step).
 
-Sources (`config.data.source`):
-- `stdlib`: the Python standard library's own `.py` files, present wherever Python is: the offline
-  default (a tiny code model).
-- `text`: a local UTF-8 text file (`config.data.path`), split by position: the first
-  `1 - val_fraction` for training, the rest for validation (as nanoGPT splits Shakespeare).
-- `tfds`: a tensorflow-datasets catalogue dataset (`config.data.tfds_name`) read through
-  `tfds.data_source` (array_record files, no TensorFlow import). It must already be prepared in
-  `config.data.tfds_data_dir`; offline, an unprepared dataset is a clear error.
-- `jsonl`: prompt-completion examples for fine-tuning (`PromptCompletionData`, at the end of this
-  file): loss on the completion tokens only.
+Every language-modelling source (`stdlib`, `text`, `tfds`: llm_jax/sources.py) is tokenized once
+by llm_jax/prepare.py into sharded token files; `load_data` prepares them on first use and opens
+them here as memory maps (`TokenFiles`), so a run's memory does not grow with the corpus and every
+process reads only the windows of its own rows. `jsonl` (prompt-completion fine-tuning, small by
+nature) is read whole: `PromptCompletionData`, at the end of this file.
 
 Batches are windows of `seq_len + 1` tokens at positions drawn from a generator seeded with
 `(seed, step)`: the batch of step N is a pure function of N, so the iterator's whole state is the
 step number (saved in every checkpoint) and a resumed run sees exactly the batches it would have.
-Each process computes only its own rows of the global batch.
+Each process computes only its own rows of the global batch. Validation uses a fixed set of
+windows of the validation split.
+
+`config.data.packing='documents'`: a window that spans documents also carries `segment_ids` (one
+per document in the row), `positions` that restart at 0 where a document starts, and `weights` that
+drop the one target per boundary that belongs to the next document; the model then never attends
+across a document boundary (llm_jax/model.py), so each document is learned as if it were alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import sysconfig
 import time
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
+from llm_jax import prepare as prepare_lib
 from llm_jax import tokenizer as tok_lib
+from llm_jax.prepare import build_tokenizer  # noqa: F401  (part of this module's interface)
 
-# Directories of the standard library left out of the default corpus: tests, the IDE, vendored
-# packages and generated tables are not the code a model should learn from.
-_STDLIB_SKIP = (
-    "test",
-    "tests",
-    "idlelib",
-    "lib2to3",
-    "site-packages",
-    "dist-packages",
-    "ensurepip",
-    "turtledemo",
-    "__pycache__",
-)
+PACKING = ("none", "documents")
 
 
-@dataclasses.dataclass
-class Splits:
-    """Raw text of the training and validation splits (lists of documents)."""
-
-    train: list[str]
-    val: list[str]
+# ----------------------------------------------------------------------------------------------
+# Token streams: one split's tokens and where its documents start
 
 
-def stdlib_documents() -> list[tuple[str, str]]:
-    """(relative path, source) for every .py file of the standard library outside tests."""
-    root = sysconfig.get_paths()["stdlib"]
-    docs = []
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
-        rel = os.path.relpath(path, root)
-        if any(part in _STDLIB_SKIP for part in rel.split(os.sep)[:-1]):
-            continue
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace")
-        docs.append((rel, text))
-    if not docs:
-        raise FileNotFoundError(f"found no .py files under the standard library at {root}")
-    return docs
+class ArrayTokens:
+    """A split held in memory (tests, small data): tokens [n] and document starts [d] (offsets)."""
+
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray | None = None):
+        self.tokens = np.asarray(tokens)
+        self.starts = np.zeros(1, np.int64) if doc_starts is None else np.asarray(doc_starts, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.tokens if dtype is None else self.tokens.astype(dtype)
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) as int32 [n]."""
+        return self.tokens[start : start + n].astype(np.int32)
+
+    def doc_starts(self, start: int, n: int) -> np.ndarray:
+        """Offsets (int64, ascending) in [start, start + n) where a document starts."""
+        return self.starts[np.searchsorted(self.starts, start) : np.searchsorted(self.starts, start + n)]
 
 
-def read_text_file(path: str) -> str:
-    """A UTF-8 text file, with errors that name the path and what to do."""
-    if not path:
-        raise ValueError("config.data.path is empty: give a text file with --config.data.path=FILE")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config.data.path={path!r} does not exist or is not a file; give a readable text file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise OSError(f"config.data.path={path!r} cannot be read: {e}") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"config.data.path={path!r} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8"
-        ) from None
-    if not text.strip():
-        raise ValueError(f"config.data.path={path!r} is empty; give a file with text in it")
-    return text
+class TokenFiles:
+    """A prepared split read through memory maps: shards are opened on first use, and a read
+    touches only the pages of its window, so memory stays flat whatever the corpus size."""
+
+    def __init__(self, directory: str, shards: list[dict], dtype: str):
+        self.directory, self.shards, self.dtype = directory, shards, np.dtype(dtype)
+        self.offsets = np.cumsum([0] + [s["tokens"] for s in shards], dtype=np.int64)
+        self._tokens: dict[int, np.ndarray] = {}
+        self._starts: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.read(0, len(self))
+        return out if dtype is None else out.astype(dtype)
+
+    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._tokens:
+            path = os.path.join(self.directory, self.shards[i]["name"])
+            self._tokens[i] = np.memmap(path + ".tokens", dtype=self.dtype, mode="r")
+            self._starts[i] = np.load(path + ".docs.npy", mmap_mode="r")
+        return self._tokens[i], self._starts[i]
+
+    def _spans(self, start: int, n: int):
+        """(shard, local start, local end, global offset of the shard) covering [start, start + n)."""
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        end = start + n
+        while start < end and i < len(self.shards):
+            base = int(self.offsets[i])
+            stop = min(end, int(self.offsets[i + 1]))
+            yield i, start - base, stop - base, base
+            start, i = stop, i + 1
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        parts = [self._shard(i)[0][lo:hi] for i, lo, hi, _ in self._spans(start, n)]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int32)
+
+    def doc_starts(self, start: int, n: int) -> np.ndarray:
+        out = []
+        for i, lo, hi, base in self._spans(start, n):
+            s = self._shard(i)[1]
+            out.append(np.asarray(s[np.searchsorted(s, lo) : np.searchsorted(s, hi)], np.int64) + base)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def tfds_documents(name: str, split: str, data_dir: str | None, text_key: str, max_docs: int) -> list[str]:
-    """Text documents of a prepared tfds dataset, via array_record data sources (no TensorFlow)."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:  # pragma: no cover - tfds is a dependency
-        raise ImportError("config.data.source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets") from e
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types for "not prepared" / unknown names
-        raise RuntimeError(
-            f"tfds dataset {name!r} (split {split!r}, data_dir={data_dir!r}) is not available: "
-            f"{type(e).__name__}: {e}\n"
-            f"It must be downloaded and prepared as array_record first, on a machine with network access:\n"
-            f"  tfds build {name} --file_format=array_record" + (f" --data_dir={data_dir}" if data_dir else "") + "\n"
-            "or train on a local file instead: --config.data.source=text --config.data.path=FILE"
-        ) from None
-    n = len(source) if max_docs <= 0 else min(len(source), max_docs)
-    docs = []
-    for i in range(n):
-        text = source[i][text_key]
-        docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-    return docs
+def _as_stream(tokens):
+    return tokens if isinstance(tokens, (ArrayTokens, TokenFiles)) else ArrayTokens(tokens)
 
 
-def load_splits(cfg) -> Splits:
-    """Reads the configured source into train/validation documents."""
-    if cfg.source == "stdlib":
-        docs = stdlib_documents()
-        # Split by file, stably (hash of the path): validation is unseen files, not the tail of one.
-        val = [t for rel, t in docs if zlib.crc32(rel.encode()) % 1000 < cfg.val_fraction * 1000]
-        train = [t for rel, t in docs if zlib.crc32(rel.encode()) % 1000 >= cfg.val_fraction * 1000]
-        if cfg.max_chars > 0:
-            train = _truncate(train, cfg.max_chars)
-            val = _truncate(val, max(cfg.max_chars // 10, 1))
-        return Splits(train, val)
-    if cfg.source == "text":
-        text = read_text_file(cfg.path)
-        cut = int(len(text) * (1.0 - cfg.val_fraction))
-        if cfg.max_chars > 0:
-            text, cut = text[: cfg.max_chars], min(cut, int(cfg.max_chars * (1.0 - cfg.val_fraction)))
-        return Splits([text[:cut]], [text[cut:]])
-    if cfg.source == "tfds":
-        train = tfds_documents(
-            cfg.tfds_name, cfg.tfds_train_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs
-        )
-        val = tfds_documents(
-            cfg.tfds_name, cfg.tfds_val_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs
-        )
-        return Splits(train, val)
-    raise ValueError(f"config.data.source={cfg.source!r}: use 'stdlib', 'text' or 'tfds'")
+# ----------------------------------------------------------------------------------------------
+# Windows and batches
 
 
-def _truncate(docs: list[str], max_chars: int) -> list[str]:
-    out, n = [], 0
-    for d in docs:
-        if n >= max_chars:
-            break
-        out.append(d[: max_chars - n])
-        n += len(out[-1])
-    return out
+def windows(tokens, starts: np.ndarray, seq_len: int, packing: str = "none") -> dict[str, np.ndarray]:
+    """Next-token pairs from windows of `tokens` (a stream or an array) beginning at `starts`:
+    inputs/targets [len(starts), seq_len]; with packing='documents' also segment_ids, positions
+    (int32) and weights (float32) of the same shape."""
+    stream = _as_stream(tokens)
+    chunk = np.stack([stream.read(int(s), seq_len + 1) for s in starts])
+    batch = {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
+    if packing == "documents":
+        segs, pos = zip(*(_segments(stream.doc_starts(int(s) + 1, seq_len) - int(s), seq_len + 1) for s in starts))
+        segs, pos = np.stack(segs), np.stack(pos)
+        batch["segment_ids"], batch["positions"] = segs[:, :-1], pos[:, :-1]
+        # The target of the last token of a document is the first of the next: not learned (no
+        # attention can see the document it opens).
+        batch["weights"] = (segs[:, 1:] == segs[:, :-1]).astype(np.float32)
+    elif packing != "none":
+        raise ValueError(f"config.data.packing={packing!r}: use one of {PACKING}")
+    return batch
 
 
-def build_tokenizer(cfg, train_docs: list[str]) -> tok_lib.Tokenizer:
-    """A new tokenizer of the configured kind, trained on the training split where it needs to be."""
-    if cfg.tokenizer == "byte":
-        return tok_lib.ByteTokenizer()
-    if cfg.tokenizer == "char":
-        return tok_lib.CharTokenizer.train("".join(train_docs))
-    if cfg.tokenizer == "sentencepiece":
-        return tok_lib.SentencePieceTokenizer.train(train_docs, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars)
-    if cfg.tokenizer == "hf":
-        if not cfg.tokenizer_path:
-            raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
-        return tok_lib.HFTokenizer.from_file(cfg.tokenizer_path)
-    raise ValueError(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
-
-
-def tokenize(docs: list[str], tokenizer: tok_lib.Tokenizer) -> np.ndarray:
-    """Documents -> one int32 stream, documents separated by EOS where the tokenizer has one."""
-    parts = []
-    sep = None if tokenizer.eos_id is None else np.asarray([tokenizer.eos_id], np.int32)
-    for d in docs:
-        parts.append(tokenizer.encode_array(d))
-        if sep is not None:
-            parts.append(sep)
-    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+def _segments(rel_starts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document starts within a window (offsets in 1..n-1, ascending) -> segment ids [n] (1, 2, ...)
+    and positions [n] that restart at 0 at each start."""
+    idx = np.arange(n)
+    count = np.searchsorted(rel_starts, idx, side="right")  # starts at or before each token
+    first = np.concatenate([[0], rel_starts])[count]  # where each token's document begins (in the window)
+    return (count + 1).astype(np.int32), (idx - first).astype(np.int32)
 
 
 @dataclasses.dataclass
 class LMData:
-    """Token streams of both splits plus the tokenizer that made them."""
+    """Token streams of both splits (prepared files or arrays) plus the tokenizer that made them."""
 
     tokenizer: tok_lib.Tokenizer
-    train_tokens: np.ndarray  # [n_train] int32
-    val_tokens: np.ndarray  # [n_val] int32
+    train_tokens: ArrayTokens | TokenFiles | np.ndarray  # [n_train]
+    val_tokens: ArrayTokens | TokenFiles | np.ndarray  # [n_val]
+    packing: str = "none"
+    directory: str = ""  # the prepared set read (empty for arrays)
+
+    def __post_init__(self):
+        self.train_tokens, self.val_tokens = _as_stream(self.train_tokens), _as_stream(self.val_tokens)
+        if self.packing not in PACKING:
+            raise ValueError(f"config.data.packing={self.packing!r}: use one of {PACKING}")
 
     def check(self, seq_len: int) -> None:
         for name, toks in (("training", self.train_tokens), ("validation", self.val_tokens)):
@@ -205,7 +174,8 @@ class LMData:
             0, len(self.train_tokens) - seq_len - 1, size=global_batch
         )
         rows = global_batch // process_count
-        return windows(self.train_tokens, starts[process_index * rows : (process_index + 1) * rows], seq_len)
+        mine = starts[process_index * rows : (process_index + 1) * rows]
+        return windows(self.train_tokens, mine, seq_len, self.packing)
 
     def eval_batches(
         self,
@@ -222,34 +192,43 @@ class LMData:
         out = []
         for _ in range(num_batches):
             starts = rng.integers(0, len(self.val_tokens) - seq_len - 1, size=global_batch)
-            out.append(windows(self.val_tokens, starts[process_index * rows : (process_index + 1) * rows], seq_len))
+            mine = starts[process_index * rows : (process_index + 1) * rows]
+            out.append(windows(self.val_tokens, mine, seq_len, self.packing))
         return out
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """Next-token pairs from windows of `tokens` beginning at `starts`: inputs/targets [len(starts), seq_len]."""
-    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    chunk = tokens[idx]
-    return {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
-
-
 def batches(
-    data: LMData,
+    data,
     start_step: int,
     global_batch: int,
     seq_len: int,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    num_steps: int | None = None,
+    prefetch: int = 2,
 ) -> Iterator[dict[str, np.ndarray]]:
-    step = start_step
-    while True:
-        yield data.train_batch(step, global_batch, seq_len, seed, process_index, process_count)
-        step += 1
+    """The training batches of steps start_step, start_step + 1, ... (up to num_steps), each still
+    `data.train_batch(step, ...)`: built `prefetch` steps ahead in a background thread by a grain
+    `MapDataset` over the step numbers, so the next batch is read while the device computes."""
+
+    def batch_of(step):
+        return data.train_batch(int(step), global_batch, seq_len, seed, process_index, process_count)
+
+    stop = num_steps if num_steps is not None else 2**62
+    try:
+        import grain
+    except ImportError:  # grain is a dependency; without it, the same batches without prefetch
+        return map(batch_of, range(start_step, stop))
+    steps = grain.MapDataset.range(start_step, stop).map(batch_of)
+    if prefetch <= 0:
+        return iter(steps)
+    return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
 
 
-def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
-    """Reads the source, builds (or loads from `tokenizer_dir`) the tokenizer, tokenizes both splits."""
+def load_data(cfg, tokenizer_dir: str | None = None, log=print):
+    """The configured data: prepared token files (prepared now on first use), with the tokenizer
+    from `tokenizer_dir` when given (a resumed run), else the configured one."""
     if cfg.source == "jsonl":
         return load_prompt_completion_data(cfg, tokenizer_dir, log)
     if cfg.source == "parallel":
@@ -257,20 +236,15 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
 
         return seq2seq.load_parallel_data(cfg, tokenizer_dir, log)
     t0 = time.time()
-    splits = load_splits(cfg)
-    if not any(d.strip() for d in splits.train):
-        raise ValueError(f"the training split of source={cfg.source!r} is empty; check config.data")
-    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
-        tokenizer = tok_lib.load(tokenizer_dir)
-    else:
-        tokenizer = build_tokenizer(cfg, splits.train)
-    train = tokenize(splits.train, tokenizer)
-    val = tokenize(splits.val, tokenizer)
+    directory, manifest, tokenizer = prepare_lib.prepare(cfg, tokenizer_dir, log)
+    split = {s: TokenFiles(directory, manifest["splits"][s]["shards"], manifest["dtype"]) for s in ("train", "val")}
+    data = LMData(tokenizer, split["train"], split["val"], packing=cfg.packing, directory=directory)
     log(
         f"data: {cfg.source} -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), "
-        f"{len(train):,} train / {len(val):,} val tokens in {time.time() - t0:.1f}s"
+        f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens ({directory}) "
+        f"in {time.time() - t0:.1f}s"
     )
-    return LMData(tokenizer, train, val)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------

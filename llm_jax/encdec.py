@@ -89,9 +89,8 @@ class EncoderDecoder(nn.Module):
         segments = segments_of(positions) if segments is None else segments
         encoded = self.encode(source, source_positions, source_segments, deterministic)
         memory = Memory(encoded, same_segment(segments, source_segments), source_segments > 0)
-        # Causal within a segment: positions restart in every packed pair.
-        mask = same_segment(segments, segments) & (positions[:, None, :] <= positions[:, :, None])
-        hidden = self.decode(tokens, positions, None if decode else mask, memory, deterministic, decode)
+        # Decoder self-attention: causal within a segment (pairs are contiguous in a packed row).
+        hidden = self.decode(tokens, positions, None if decode else segments, memory, deterministic, decode)
         return hidden if return_hidden else output_logits(self.cfg, self.embed, self.lm_head, hidden)
 
     def encode(self, source, source_positions, source_segments, deterministic: bool = True) -> Array:
@@ -99,14 +98,15 @@ class EncoderDecoder(nn.Module):
         embed = self.embed if self.cfg.share_embeddings else self.source_embed
         x = self.dropout(add_positions(self.cfg, embed(source), source_positions, self.source_pos_embed), deterministic)
         mask = same_segment(source_segments, source_segments)
-        x = self.encoder(x, source_positions, mask, None, deterministic, False, False)
+        x = self.encoder(x, source_positions, mask, None, None, deterministic, False, False)
         return self.encoder_norm(x)
 
-    def decode(self, tokens, positions, mask, memory, deterministic: bool = True, decode: bool = False) -> Array:
-        """Decoder over `tokens` [b, t] -> final normed hidden states [b, t, e]. In decode mode
-        `mask` is None (the cache gives it) and `memory` None after the cache set-up."""
+    def decode(self, tokens, positions, segments, memory, deterministic: bool = True, decode: bool = False) -> Array:
+        """Decoder over `tokens` [b, t] -> final normed hidden states [b, t, e], causal within
+        `segments` [b, t]. In decode mode `segments` is None (the cache masks) and `memory` None
+        after the cache set-up."""
         x = self.dropout(add_positions(self.cfg, self.embed(tokens), positions, self.pos_embed), deterministic)
-        x = self.decoder(x, positions, mask, memory, deterministic, decode, False)
+        x = self.decoder(x, positions, None, segments, memory, deterministic, decode, False)
         return self.decoder_norm(x)
 
     def decode_logits(self, tokens, positions) -> Array:
@@ -117,7 +117,7 @@ class EncoderDecoder(nn.Module):
     def fill_cross_cache(self, encoded, source_valid) -> None:
         """Stores every decoder layer's cross-attention keys/values of `encoded` [b, s, e] in the cache."""
         memory = Memory(encoded, None, source_valid)
-        self.decoder(encoded[:, :1], None, None, memory, True, True, True)
+        self.decoder(encoded[:, :1], None, None, None, memory, True, True, True)
 
 
 class Stack(nn.Module):
@@ -128,8 +128,8 @@ class Stack(nn.Module):
     cross: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, memory, deterministic: bool, decode: bool, fill: bool):
-        args = (positions, mask, memory, deterministic, decode, fill)
+    def __call__(self, x, positions, mask, segment_ids, memory, deterministic: bool, decode: bool, fill: bool):
+        args = (positions, mask, segment_ids, memory, deterministic, decode, fill)
         return apply_layers(self.cfg, "layers", self.num_layers, x, *args, cross=self.cross)
 
 

@@ -2,7 +2,8 @@
 next-token prediction, decoded over its KV cache.
 
 Batches (llm_jax/data.py) hold `inputs` and `targets` [b, t] int32 and optionally `weights` [b, t]
-(prompt-completion fine-tuning learns the completions only).
+(prompt-completion fine-tuning learns the completions only) and, for packed documents
+(`config.data.packing='documents'`), `segment_ids` and `positions` [b, t] int32.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class DecoderOnly(family_lib.ModelFamily):
 
     def loss_sum(self, model, params, batch, rng, train):
         """(summed cross-entropy of `targets` given `inputs`, token count); weighted if the batch has
-        weights; with label smoothing and dropout when training."""
-        return token_loss_sum(model, params, batch, rng, train, batch["inputs"])
+        weights; with label smoothing and dropout when training. Packed documents (`segment_ids`,
+        `positions` [b, t]) attend within their own."""
+        packed = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
+        return token_loss_sum(model, params, batch, rng, train, batch["inputs"], **packed)
 
     def init_cache(self, model, params, batch, length, start, mesh=None, **inputs) -> family_lib.Cache:
         """An empty KV cache of `length` slots: every layer's cached_key/cached_value [b, k, length, d],

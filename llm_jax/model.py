@@ -283,21 +283,23 @@ def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str, segment_ids: Array | None = None) -> Array:
     """Scaled dot-product attention with grouped-query support.
 
     q: [b, t, h, d]; k, v: [b, s, k, d] with h a multiple of k; mask: [b, t, s] bool (True = may
-    attend) or None for plain causal (t == s). Returns [b, t, h, d].
+    attend) or None for plain causal (t == s), then within segments if `segment_ids` [b, t] int is
+    given (packed documents: a query sees only earlier keys of its own document). Returns [b, t, h, d].
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
     if impl == "dot_product":
         # On GPU this dispatches to cuDNN flash attention when shapes and dtypes allow.
         if mask is None:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            same = None if segment_ids is None else _same_segment(segment_ids, segment_ids)[:, None]
+            return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
     if mask is None:
-        return _causal_attention(q, k, v)
+        return _causal_attention(q, k, v, segment_ids)
     qg = q.reshape(b, t, kv, h // kv, d)
     # Logits and softmax in float32 whatever the compute dtype (bf16 softmax is not stable).
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -316,8 +318,14 @@ def _causal_blocks(t: int) -> int:
     return n
 
 
-def _causal_attention(q: Array, k: Array, v: Array) -> Array:
-    """Plain causal self-attention (t == s), the einsum path's training case.
+def _same_segment(q_seg: Array, k_seg: Array) -> Array:
+    """[b, t] query and [b, s] key segment ids -> [b, t, s] bool: same document."""
+    return q_seg[:, :, None] == k_seg[:, None, :]
+
+
+def _causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None) -> Array:
+    """Causal self-attention (t == s), the einsum path's training case; within segments if
+    `segment_ids` [b, t] is given (every query sees at least itself, so no row is empty).
 
     Queries go in blocks; block i attends to keys [0, end of block i) only, so the fully masked
     upper-right blocks are never computed (at 2 blocks, 25% fewer attention FLOPs and softmax
@@ -336,6 +344,8 @@ def _causal_attention(q: Array, k: Array, v: Array) -> Array:
         lo, hi = i * tb, (i + 1) * tb
         qi, ki, vi = q[:, lo:hi], k[:, :hi], v[:, :hi]
         visible = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]  # [tb, hi], constant
+        if segment_ids is not None:  # [b, 1, tb, hi]: broadcasts over heads (and groups below)
+            visible = (visible & _same_segment(segment_ids[:, lo:hi], segment_ids[:, :hi]))[:, None]
         if g == 1:
             logits = jnp.einsum("bthd,bshd->bhts", qi, ki, preferred_element_type=jnp.float32) * scale
             logits = jnp.where(visible, logits, _MASK_VALUE)
@@ -344,7 +354,7 @@ def _causal_attention(q: Array, k: Array, v: Array) -> Array:
         else:
             qg = qi.reshape(b, tb, kv, g, d)
             logits = jnp.einsum("btkgd,bskd->bkgts", qg, ki, preferred_element_type=jnp.float32) * scale
-            logits = jnp.where(visible, logits, _MASK_VALUE)
+            logits = jnp.where(visible if segment_ids is None else visible[:, :, None], logits, _MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
             outs.append(jnp.einsum("bkgts,bskd->btkgd", probs, vi).reshape(b, tb, h, d))
     return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
@@ -364,9 +374,17 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, deterministic: bool, decode: bool, mask: Array | None = None
+        self,
+        x: Array,
+        positions: Array,
+        deterministic: bool,
+        decode: bool,
+        mask: Array | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
-        """x: [b, t, e]; positions: [b, t] int (negative marks padding). Returns [b, t, e]."""
+        """x: [b, t, e]; positions: [b, t] int (negative marks padding); mask: [b, t, t] bool or None
+        (plain causal); segment_ids: [b, t] int or None (packed sequences, training only: causal
+        attention stays within a segment). Returns [b, t, e]."""
         cfg = self.cfg
         h, k, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         bias = cfg.attention_use_bias
@@ -381,7 +399,7 @@ class Attention(nn.Module):
 
         if decode:
             key, value, mask = self._update_cache(key, value, positions)
-        return _attention_out(cfg, attend(q, key, value, mask, cfg.attention), bias)
+        return _attention_out(cfg, attend(q, key, value, mask, cfg.attention, segment_ids), bias)
 
     def _update_cache(self, key, value, positions):
         """Writes this call's keys/values at the cache index; returns all cached ones and the mask."""
@@ -518,14 +536,17 @@ class Block(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask, memory, deterministic: bool, decode: bool, fill: bool):
+    def __call__(self, x, positions, mask, segment_ids, memory, deterministic: bool, decode: bool, fill: bool):
         cfg = self.cfg
         drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)  # noqa: E731
         if fill:
             CrossAttention(cfg, name="cross_attn")(make_norm(cfg, "ln_cross")(x), memory, decode)
             return x, None
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        x = x + drop(Attention(cfg, name="attn")(make_norm(cfg, "ln_1")(x), positions, deterministic, decode, mask))
+        attn = Attention(cfg, name="attn")(
+            make_norm(cfg, "ln_1")(x), positions, deterministic, decode, mask, segment_ids
+        )
+        x = x + drop(attn)
         if self.cross:
             x = x + drop(CrossAttention(cfg, name="cross_attn")(make_norm(cfg, "ln_cross")(x), memory, decode))
         x = x + drop(Mlp(cfg, name="mlp")(make_norm(cfg, "ln_2")(x)))
@@ -637,8 +658,13 @@ class TransformerLM(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         return_hidden: bool = False,
+        segment_ids: Array | None = None,
     ) -> Array:
         """tokens: [b, t] int; positions: [b, t] int, default 0..t-1 (-1 marks left padding).
+
+        `segment_ids` [b, t] int (documents packed into one row, with `positions` restarting at each
+        one): attention never crosses from one segment to another, so every document is computed
+        as if it were alone. Training and evaluation only (not with decode).
 
         `return_hidden=True` returns the final normed hidden states [b, t, e] (compute dtype)
         instead of the logits, for a loss that applies the output projection itself
@@ -653,7 +679,8 @@ class TransformerLM(nn.Module):
         embed = make_embed(cfg)
         x = add_positions(cfg, embed(tokens), positions, position_table(self, cfg))
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = apply_layers(cfg, "layers", cfg.num_layers, x, positions, None, None, deterministic, decode, False)
+        args = (positions, None, segment_ids, None, deterministic, decode, False)
+        x = apply_layers(cfg, "layers", cfg.num_layers, x, *args)
         x = make_norm(cfg, "ln_f")(x)
         if return_hidden:
             return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))

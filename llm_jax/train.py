@@ -502,8 +502,12 @@ def train_loop(trainer: Trainer, ls: LoopState) -> None:
     tc, seq_len = trainer.config.train, trainer.config.data.seq_len
     pi, pc = jax.process_index(), jax.process_count()
     actions = periodic_actions(tc)
+    # Batch N is data.train_batch(N) whatever the iterator: it only builds the next ones ahead.
+    host_batches = data_lib.batches(
+        trainer.data, ls.step, tc.batch_size, seq_len, trainer.config.seed, pi, pc, num_steps=tc.num_steps
+    )
     while ls.step < tc.num_steps and not ls.stop:
-        host = trainer.data.train_batch(ls.step, tc.batch_size, seq_len, trainer.config.seed, pi, pc)
+        host = next(host_batches)
         batch = sharding.host_to_global(host, trainer.mesh)
         with jax.transfer_guard("disallow"):  # the step must not move data behind our back
             ls.state, metrics = trainer.p_train(ls.state, batch, trainer.dropout_rng)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from llm_jax import data as data_lib
+from llm_jax import sources
 from llm_jax import tokenizer as tok_lib
 from llm_jax.config import base_config
 
@@ -228,12 +229,15 @@ def test_shakespeare_char_split_matches_nanogpt(shakespeare_path):
 
 
 def test_stdlib_source():
-    splits = data_lib.load_splits(_data_cfg(source="stdlib", max_chars=50_000, val_fraction=0.1))
-    assert sum(map(len, splits.train)) == 50_000
-    assert 0 < sum(map(len, splits.val)) <= 5_000
-    assert any("def " in d for d in splits.train) and any("def " in d for d in splits.val)
+    pieces = sources.plan(_data_cfg(source="stdlib", max_chars=50_000, val_fraction=0.1), 1 << 20)
+    docs = [d for p in pieces for d in sources.read_piece(p)]
+    train = [d.text for d in docs if d.split == "train"]
+    val = [d.text for d in docs if d.split == "val"]
+    assert sum(map(len, train)) == 50_000
+    assert 0 < sum(map(len, val)) <= 5_000
+    assert any("def " in d for d in train) and any("def " in d for d in val)
     # Validation files are not training files (split by file, stably).
-    assert not set(splits.val) & set(splits.train)
+    assert not {p.path for p in pieces if p.split == "val"} & {p.path for p in pieces if p.split == "train"}
 
 
 @pytest.mark.parametrize(
@@ -256,16 +260,20 @@ def test_text_file_errors(tmp_path, content, kind, message):
 
 def test_source_config_errors(tmp_path):
     with pytest.raises(ValueError, match=r"config.data.path is empty: give a text file with --config.data.path=FILE"):
-        data_lib.load_splits(_data_cfg(source="text", path=""))
+        data_lib.load_data(_data_cfg(source="text", path=""))
+    with pytest.raises(FileNotFoundError, match=r"'\S*nothing-\*\.txt' matches no file"):
+        data_lib.load_data(_data_cfg(source="text", path=str(tmp_path / "nothing-*.txt")))
     with pytest.raises(ValueError, match=r"config.data.source='web'"):
-        data_lib.load_splits(_data_cfg(source="web"))
+        data_lib.load_data(_data_cfg(source="web"))
     with pytest.raises(ValueError, match=r"config.data.tokenizer='words'"):
         data_lib.build_tokenizer(_data_cfg(tokenizer="words"), ["x"])
+    with pytest.raises(ValueError, match=r"config.data.packing='rows'"):
+        data_lib.LMData(tok_lib.ByteTokenizer(), np.arange(10), np.arange(10), packing="rows")
 
 
 def test_tfds_offline_is_a_clear_error(tmp_path):
     cfg = _data_cfg(source="tfds", tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path / "tfds"))
     with pytest.raises(RuntimeError, match=r"tfds dataset 'tiny_shakespeare' .* is not available") as e:
-        data_lib.load_splits(cfg)
+        data_lib.load_data(cfg)
     assert "tfds build tiny_shakespeare --file_format=array_record" in str(e.value)
     assert "--config.data.source=text" in str(e.value)

@@ -228,7 +228,7 @@ def test_bleu_of_references_against_themselves_is_100():
 
 MESH_CFG = ModelConfig(family="encdec", vocab_size=128, vocab_multiple=1, num_layers=2, num_encoder_layers=1,
                        num_heads=8, num_kv_heads=4, embed_dim=32, mlp_dim=64, max_len=16, positions="learned",
-                       share_embeddings=True, tie_embeddings=True)  # fmt: skip
+                       share_embeddings=True, tie_embeddings=True, init_std=0.2)  # fmt: skip
 
 
 def mesh_batch(seed=0):
@@ -268,10 +268,13 @@ def test_loss_and_grads_on_meshes_equal_one_device(shape):
     with sharding.use_mesh(mesh, sharding.LOGICAL_RULES):
         loss, grads = grad_fn(params, sharding.host_to_global(mesh_batch(), mesh))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    top = max(np.abs(r).max() for r in jax.tree.leaves(ref_grads))
     for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
-        scale = np.abs(ref).max()
-        assert scale > 1e-4, f"{jax.tree_util.keystr(path)}: a ~zero gradient proves nothing"  # 100x the tolerance
-        np.testing.assert_allclose(np.asarray(g), ref, rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+        name, scale = jax.tree_util.keystr(path), np.abs(ref).max()
+        if "['key']['bias']" in name:  # zero in exact arithmetic (softmax ignores a per-row constant)
+            scale = top
+        assert scale > 1e-3 * top, f"{name}: a gradient at rounding level proves nothing"
+        np.testing.assert_allclose(np.asarray(g), ref, rtol=0, atol=1e-5 * scale, err_msg=name)
     if shape[2] > 1 or shape[1] > 1:  # really sharded, not silently replicated
         kernel = grads["decoder"]["layers_0"]["cross_attn"]["query"]["kernel"]
         assert {s.data.shape for s in kernel.addressable_shards} != {kernel.shape}

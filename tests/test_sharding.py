@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llm_jax import data as data_lib
 from llm_jax import family as family_lib
 from llm_jax import optim, sharding, train
 from llm_jax.config import base_config
@@ -62,6 +63,10 @@ LLAMA_SCAN = ModelConfig(
     attention="dot_product",
 )
 CONFIGS = {"gpt_gqa": GPT_GQA, "llama_scan": LLAMA_SCAN}
+# The same models on packed documents (config.data.packing='documents'): segment ids mask the
+# attention (einsum path for gpt_gqa, jax.nn.dot_product_attention for llama_scan), positions
+# restart per document, and weights drop the targets across a boundary.
+CONFIGS.update({f"{name}_packed": cfg for name, cfg in list(CONFIGS.items())})
 
 
 def mesh_of(shape):
@@ -79,10 +84,21 @@ def optimizer():
     return optim.make_optimizer(c)
 
 
-def make_batch(cfg, seed=0):
+def make_batch(cfg, seed=0, packed=False):
     r = np.random.default_rng(seed)
     toks = r.integers(0, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    if not packed:
+        return {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+    # Every row a different packing: documents start at 3 random places (some rows: fewer).
+    starts = [np.unique(r.integers(1, SEQ, 3)) for _ in range(BATCH)]
+    batch = data_lib.windows(
+        data_lib.ArrayTokens(toks.reshape(-1), np.concatenate([i * (SEQ + 1) + s for i, s in enumerate(starts)])),
+        np.arange(BATCH) * (SEQ + 1),
+        SEQ,
+        packing="documents",
+    )
+    assert batch["segment_ids"].max() > 2 and batch["weights"].min() == 0
+    return batch
 
 
 def mean_loss(params, batch, model):
@@ -107,7 +123,7 @@ def ref_grads(name):
     """Single device, no mesh, no sharding: (loss, grads) of the mean token loss."""
     model = TransformerLM(CONFIGS[name])
     grad_fn = jax.jit(jax.value_and_grad(functools.partial(mean_loss, model=model)), compiler_options=FAST)
-    return jax.device_get(grad_fn(ref_state(name).params, make_batch(model.cfg)))
+    return jax.device_get(grad_fn(ref_state(name).params, make_batch(model.cfg, packed=name.endswith("_packed"))))
 
 
 @functools.cache
@@ -151,7 +167,9 @@ def state_shardings(name, mesh):
 
 @pytest.mark.parametrize(
     "name, shape",
-    [("gpt_gqa", s) for s in MESHES] + [("llama_scan", (2, 1, 4))],
+    [("gpt_gqa", s) for s in MESHES]
+    + [("llama_scan", (2, 1, 4)), ("gpt_gqa_packed", (2, 2, 2))]
+    + [("llama_scan_packed", (2, 1, 4))],
     ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x,
 )
 def test_loss_and_grads_equal_single_device(name, shape):
@@ -161,7 +179,7 @@ def test_loss_and_grads_equal_single_device(name, shape):
     sharding.check_divisible(mesh, cfg, BATCH)
     param_sh = state_shardings(name, mesh).params
     params = jax.device_put(ref_state(name).params, param_sh)
-    batch = sharding.host_to_global(make_batch(cfg), mesh)
+    batch = sharding.host_to_global(make_batch(cfg, packed=name.endswith("_packed")), mesh)
     grad_fn = jax.jit(
         jax.value_and_grad(functools.partial(mean_loss, model=TransformerLM(cfg))),
         in_shardings=(param_sh, sharding.batch_sharding(mesh)),
