@@ -14,9 +14,14 @@ of the checkpoint: pass `--scan_layers` here to fine-tune with `model.scan_layer
 (data,fsdp,tensor; -1 fills in) is where the weights are placed while converting; the checkpoint
 restores onto any mesh. `to_hf` writes the latest checkpoint (or `--step`) as config.json +
 model.safetensors (+ tokenizer.json), loadable with transformers' `from_pretrained`.
+
+A mistake in the input is one line, `convert: error: ...` (`--debug` shows the traceback;
+llm_jax/cli.py).
 """
 
 from absl import app, flags, logging
+
+from llm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (read by from_hf, written by to_hf).")
@@ -52,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "convert")

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from llm_jax import tokenizer as tok_lib
+from llm_jax.errors import BadValue, FileError, NotFound, Unavailable
 
 # Directories of the standard library left out of the default corpus: tests, the IDE, vendored
 # packages and generated tables are not the code a model should learn from.
@@ -67,29 +68,29 @@ def stdlib_documents() -> list[tuple[str, str]]:
             text = f.read().decode("utf-8", errors="replace")
         docs.append((rel, text))
     if not docs:
-        raise FileNotFoundError(f"found no .py files under the standard library at {root}")
+        raise NotFound(f"found no .py files under the standard library at {root}")
     return docs
 
 
 def read_text_file(path: str) -> str:
     """A UTF-8 text file, with errors that name the path and what to do."""
     if not path:
-        raise ValueError("config.data.path is empty: give a text file with --config.data.path=FILE")
+        raise BadValue("config.data.path is empty: give a text file with --config.data.path=FILE")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config.data.path={path!r} does not exist or is not a file; give a readable text file")
+        raise NotFound(f"config.data.path={path!r} does not exist or is not a file; give a readable text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise OSError(f"config.data.path={path!r} cannot be read: {e}") from e
+        raise FileError(f"config.data.path={path!r} cannot be read: {e}") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise BadValue(
             f"config.data.path={path!r} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8"
         ) from None
     if not text.strip():
-        raise ValueError(f"config.data.path={path!r} is empty; give a file with text in it")
+        raise BadValue(f"config.data.path={path!r} is empty; give a file with text in it")
     return text
 
 
@@ -102,7 +103,7 @@ def tfds_documents(name: str, split: str, data_dir: str | None, text_key: str, m
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types for "not prepared" / unknown names
-        raise RuntimeError(
+        raise Unavailable(
             f"tfds dataset {name!r} (split {split!r}, data_dir={data_dir!r}) is not available: "
             f"{type(e).__name__}: {e}\n"
             f"It must be downloaded and prepared as array_record first, on a machine with network access:\n"
@@ -142,7 +143,7 @@ def load_splits(cfg) -> Splits:
             cfg.tfds_name, cfg.tfds_val_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs
         )
         return Splits(train, val)
-    raise ValueError(f"config.data.source={cfg.source!r}: use 'stdlib', 'text' or 'tfds'")
+    raise BadValue(f"config.data.source={cfg.source!r}: use 'stdlib', 'text' or 'tfds'")
 
 
 def _truncate(docs: list[str], max_chars: int) -> list[str]:
@@ -165,9 +166,9 @@ def build_tokenizer(cfg, train_docs: list[str]) -> tok_lib.Tokenizer:
         return tok_lib.SentencePieceTokenizer.train(train_docs, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars)
     if cfg.tokenizer == "hf":
         if not cfg.tokenizer_path:
-            raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
+            raise BadValue("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
         return tok_lib.HFTokenizer.from_file(cfg.tokenizer_path)
-    raise ValueError(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
+    raise BadValue(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
 
 
 def tokenize(docs: list[str], tokenizer: tok_lib.Tokenizer) -> np.ndarray:
@@ -192,7 +193,7 @@ class LMData:
     def check(self, seq_len: int) -> None:
         for name, toks in (("training", self.train_tokens), ("validation", self.val_tokens)):
             if len(toks) < seq_len + 2:
-                raise ValueError(
+                raise BadValue(
                     f"the {name} split has {len(toks)} tokens, fewer than seq_len+2={seq_len + 2}; "
                     "use more data, a smaller config.data.seq_len or a different config.data.val_fraction"
                 )
@@ -255,7 +256,7 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
     t0 = time.time()
     splits = load_splits(cfg)
     if not any(d.strip() for d in splits.train):
-        raise ValueError(f"the training split of source={cfg.source!r} is empty; check config.data")
+        raise BadValue(f"the training split of source={cfg.source!r} is empty; check config.data")
     if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
         tokenizer = tok_lib.load(tokenizer_dir)
     else:
@@ -276,9 +277,9 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
 def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str]]:
     """(prompt, completion) of every non-empty line of a JSONL file; errors name the line and field."""
     if not path:
-        raise ValueError(f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} lines')
+        raise BadValue(f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} lines')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
+        raise NotFound(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
     examples = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -286,25 +287,25 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{where}: not UTF-8 text; convert the file to UTF-8") from None
+                raise BadValue(f"{where}: not UTF-8 text; convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise BadValue(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise ValueError(
+                raise BadValue(
                     f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}"
                 )
             for field in ("prompt", "completion"):
                 if field not in obj:
-                    raise ValueError(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
+                    raise BadValue(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
                 if not isinstance(obj[field], str):
-                    raise ValueError(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+                    raise BadValue(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
             examples.append((obj["prompt"], obj["completion"]))
     if not examples:
-        raise ValueError(f"{key}={path!r} holds no examples; each line needs a 'prompt' and a 'completion'")
+        raise BadValue(f"{key}={path!r} holds no examples; each line needs a 'prompt' and a 'completion'")
     return examples
 
 
@@ -369,7 +370,7 @@ class PromptCompletionData:
         for name, split in (("training", "train"), ("validation", "val")):
             tokens, _, truncated = self.rows(split, seq_len)
             if truncated == len(self.train_examples if split == "train" else self.val_examples):
-                raise ValueError(
+                raise BadValue(
                     f"every {name} example is longer than seq_len+1={seq_len + 1} tokens, so all lose the start "
                     "of their prompt; raise config.data.seq_len (and config.model.max_len)"
                 )
@@ -417,7 +418,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     else:
         n_val = max(1, int(len(train) * cfg.val_fraction))
         if n_val >= len(train):
-            raise ValueError(
+            raise BadValue(
                 f"config.data.path={cfg.path!r} has {len(train)} examples: too few to hold out "
                 f"val_fraction={cfg.val_fraction} for validation; add examples or give config.data.val_path"
             )
@@ -427,7 +428,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     else:
         tokenizer = build_tokenizer(cfg, [p + c for p, c in train])
     if tokenizer.eos_id is None:
-        raise ValueError(
+        raise BadValue(
             f"config.data.source='jsonl' ends each completion with EOS, but the {tokenizer.kind!r} tokenizer has none; "
             "use config.data.tokenizer='byte' or 'sentencepiece'"
         )

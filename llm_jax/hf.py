@@ -47,6 +47,7 @@ from llm_jax import family as family_lib
 from llm_jax import sharding
 from llm_jax import tokenizer as tok_lib
 from llm_jax import workdir as workdir_lib
+from llm_jax.errors import AlreadyExists, BadValue, NotFound
 from llm_jax.model import ModelConfig, TransformerLM
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
@@ -78,7 +79,7 @@ _DTYPE_NAMES = {
 }
 
 
-class HFError(ValueError):
+class HFError(BadValue):
     """A Hugging Face directory or config this codebase cannot convert exactly."""
 
 
@@ -89,9 +90,12 @@ class HFError(ValueError):
 def read_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory: no config.json")
+        raise NotFound(f"{hf_dir} is not a Hugging Face model directory: no config.json")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise HFError(f"{path} is not valid JSON ({e})") from None
 
 
 def architecture(hf_cfg: dict) -> str:
@@ -131,7 +135,7 @@ class SafetensorsDir:
                     "trust, convert once with transformers: AutoModelForCausalLM.from_pretrained(D)"
                     ".save_pretrained(D) writes model.safetensors."
                 )
-            raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights (and no {INDEX_FILE})")
+            raise NotFound(f"{hf_dir} has no *.safetensors weights (and no {INDEX_FILE})")
         self.tensors: dict[str, np.ndarray] = {}
         for name in files:
             for key, arr in _map_safetensors(os.path.join(hf_dir, name)).items():
@@ -723,7 +727,7 @@ def save_pretrained(
 def _np_dtype(name: str):
     table = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
     if name not in table:
-        raise ValueError(f"dtype={name!r}: use one of {sorted(table)}")
+        raise BadValue(f"dtype={name!r}: use one of {sorted(table)}")
     return table[name]
 
 
@@ -745,8 +749,7 @@ def run_config(path: str) -> ml_collections.ConfigDict:
     The tokenizer is the directory's tokenizer.json (kind 'hf'); data.seq_len is capped at max_len.
     The rest (data source, optimizer, steps) keeps the defaults for configs to set.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        found = json.load(f)
+    found = read_config(path)
     c = config_lib.base_config()
     if "architectures" in found:  # a Hugging Face directory
         keys = dataclasses.asdict(model_config_from_hf(found, preset=f"hf:{architecture(found)}"))
@@ -784,7 +787,7 @@ def import_run(
     config = run_config(hf_dir) if config is None else config
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise FileExistsError(f"{ckpt_dir} already has checkpoints; import into a new workdir")
+        raise AlreadyExists(f"{ckpt_dir} already has checkpoints; import into a new workdir")
     tokenizer = load_tokenizer(hf_dir, hf_cfg)
     if tokenizer is None:
         raise HFError(

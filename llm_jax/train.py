@@ -34,6 +34,7 @@ from llm_jax import family as family_lib
 from llm_jax import flops as flops_lib
 from llm_jax import tokenizer as tok_lib
 from llm_jax import workdir as workdir_lib
+from llm_jax.errors import BadValue
 from llm_jax.metrics import MetricsLog
 from llm_jax.model import count_params
 
@@ -251,7 +252,7 @@ def _load_data(config, workdir: str, start_over: bool, log):
     saved = not start_over and workdir_lib.has_tokenizer(workdir)
     data = data_lib.load_data(config.data, tokenizer_dir=workdir_lib.tokenizer_dir(workdir) if saved else None, log=log)
     if saved and data.tokenizer.kind != config.data.tokenizer:
-        raise ValueError(
+        raise BadValue(
             f"{workdir_lib.tokenizer_dir(workdir)} holds the {data.tokenizer.kind!r} tokenizer this run was trained "
             f"with, but config.data.tokenizer={config.data.tokenizer!r}; use {data.tokenizer.kind!r} to resume, or "
             "start over with --config.train.overwrite=True (the old run is moved aside)"
@@ -266,12 +267,12 @@ def _check_batch(config, mesh, model_cfg) -> None:
     sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
     dp = sharding.data_parallel_size(mesh)
     if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % dp:
-        raise ValueError(
+        raise BadValue(
             f"config.train.batch_size={tc.batch_size} must split into grad_accum_steps={tc.grad_accum_steps} "
             f"micro-batches that each divide over data*fsdp={dp} devices"
         )
     if tc.batch_size % jax.process_count():
-        raise ValueError(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
+        raise BadValue(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
 
 
 def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, log):

@@ -17,6 +17,7 @@ import ml_collections
 
 from llm_jax import config as config_lib
 from llm_jax import tokenizer as tok_lib
+from llm_jax.errors import BadValue
 from llm_jax.model import RUNTIME_FIELDS
 
 CONFIG_FILE = "config.json"
@@ -58,7 +59,7 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> bool:
         return False
     if config.train.overwrite:
         return True
-    raise ValueError(
+    raise BadValue(
         f"workdir {workdir} holds the run of a different model: " + "; ".join(diffs) + ". Resume it with its "
         "own config, choose another --workdir, or pass --config.train.overwrite=True to move that run to "
         f"{_aside_name(workdir)} (nothing is deleted) and start over"

@@ -251,6 +251,27 @@ def snapshot(directory: str) -> dict:
     return out
 
 
+def run_cli(module: str, *args: str, devices: int = 8, timeout: float = 180, extra_env=None, prefix=(), **kw):
+    """`[PREFIX] python -m MODULE ARGS` to completion (a CompletedProcess with text stdout / stderr)."""
+    e = env(devices)
+    e.update(extra_env or {})
+    cmd = [*prefix, sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def assert_one_line_error(p, tool: str, match: str) -> str:
+    """A user error: non-zero exit, no traceback, and stderr ending in one line `<tool>: error: ...`
+    that matches the regular expression `match`; returns that line."""
+    import re
+
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    assert p.returncode != 0, f"exit 0:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr[-4000:]
+    assert last.startswith(f"{tool}: error: "), p.stderr[-3000:]
+    assert re.search(match, last), (match, last)
+    return last
+
+
 def corrupt_one_file(step_dir: str) -> str:
     """Truncates the largest data file of a checkpoint's state (as a failed disk or copy would)."""
     files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True) if os.path.isfile(f)]

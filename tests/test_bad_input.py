@@ -183,3 +183,69 @@ def test_workdir_holding_a_different_model(run, workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["num_layers"] == 3
     assert R.finished_steps(workdir) == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines: an expected error is one line on stderr, `<tool>: error: ...`, without a traceback
+
+
+def _tiny_args(workdir, *extra):
+    return ["--config=configs/default.py:tiny", f"--workdir={workdir}", *extra]
+
+
+def _other_model_workdir(path, corpus) -> str:
+    """A workdir whose config.json is of another model (3 layers): all workdir.check reads."""
+    from llm_jax import config as config_lib
+
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config_lib.finalize(_config(corpus, **{"model.num_layers": 3}))))
+    return str(path)
+
+
+def test_each_command_line_ends_a_user_error_in_one_line(run, tmp_path, capsys):
+    corpus, data = run["corpus"], ["--config.data.source=text", f"--config.data.path={run['corpus']}"]
+    hf_bad = tmp_path / "hf_bad"
+    hf_bad.mkdir()
+    (hf_bad / "config.json").write_text("{}")
+    cases = [
+        ("main", _tiny_args(tmp_path / "a", "--config.mesh.data=3"), r"needs 3 devices but 8 are available"),
+        ("main", _tiny_args(tmp_path / "b", "--config.data.source=text", "--config.data.path=/nope.txt"),
+         r"config\.data\.path='/nope.txt' does not exist"),
+        ("main", _tiny_args(_other_model_workdir(tmp_path / "c", corpus), *data),
+         r"holds the run of a different model: model\.num_layers is 3 there but 2 now"),
+        ("main", ["--config=configs/nope.py", f"--workdir={tmp_path / 'd'}"],
+         r"--config=configs/nope.py: the config file cannot be loaded \(\[Errno 2\] No such file"),
+        ("generate", [f"--workdir={tmp_path / 'none'}", "--prompt=x"],
+         r"none/config.json does not exist: --workdir must be a run directory"),
+        ("convert", ["from_hf", f"--hf_dir={hf_bad}", f"--workdir={tmp_path / 'f'}"],
+         r"is neither a Hugging Face config \(no 'architectures'\) nor a run config"),
+        ("convert", ["from_hf", f"--hf_dir={tmp_path / 'no_such_dir'}", f"--workdir={tmp_path / 'f'}"],
+         r"no_such_dir is not a Hugging Face model directory: no config.json"),
+        ("convert", ["to_hf", f"--workdir={tmp_path / 'none'}", f"--hf_dir={tmp_path / 'g'}"],
+         r"none/config.json does not exist"),
+        ("bench", ["--config=configs/bench_cpu.py", "--config.mesh.data=3"], r"needs 3 devices but 8 are available"),
+        ("bench_decode", ["--prompt_len=300"], r"--prompt_len \+ --new_tokens - 1 must fit --max_len=256"),
+    ]  # fmt: skip
+    procs = [(tool, match, R.run_cli(f"llm_jax.{tool}", *args)) for tool, args, match in cases]
+    printed = [R.assert_one_line_error(p, tool, match) for tool, match, p in procs]
+    for name in "abdf":  # refused before anything was written: no workdir left behind
+        assert not (tmp_path / name).exists(), name
+    with capsys.disabled():
+        print("\n" + "\n".join(printed))
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
+    flag = R.run_cli("llm_jax.main", *_tiny_args(tmp_path / "a", "--config.mesh.data=3", "--debug"))
+    env = R.run_cli("llm_jax.generate", f"--workdir={tmp_path}", "--prompt=x", extra_env={"LLM_JAX_DEBUG": "1"})
+    for p, error in ((flag, "llm_jax.errors.BadValue: mesh shape"), (env, "llm_jax.errors.NotFound: ")):
+        assert p.returncode != 0 and "Traceback (most recent call last)" in p.stderr and error in p.stderr, p.stderr
+    # A bug (any exception but a UserError) keeps its traceback without being asked.
+    code = "from llm_jax import cli, errors; cli.run(lambda argv: {}, 'tool')"
+    for body, ok in (("1 / 0", False), ("exec('raise errors.BadValue(\"bad x\\\\nfix it\")')", True)):
+        p = subprocess.run([sys.executable, "-c", code.format(body)], cwd=R.REPO, env=R.env(1),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        if ok:
+            R.assert_one_line_error(p, "tool", r"^tool: error: bad x fix it$")
+        else:
+            assert p.returncode != 0 and "ZeroDivisionError" in p.stderr and "Traceback" in p.stderr, p.stderr
