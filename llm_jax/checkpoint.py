@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llm_jax.distributed import all_processes
 from llm_jax.errors import BadValue, NotFound, Unavailable
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -153,7 +154,7 @@ def restore_latest(
             data_state = dict(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {})
         except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
             error = _first_line(e)
-        if not _all_processes(error is None):
+        if not all_processes(error is None):  # they must agree on the checkpoint they resume from
             unusable(step, where, error or "unreadable on another process")
             continue
         check_shapes(where, meta, abstract_state)
@@ -163,7 +164,7 @@ def restore_latest(
             state, data_state = restore(mngr, step, abstract_state)
         except Exception as e:  # noqa: BLE001
             error = _first_line(e)
-        if not _all_processes(error is None):
+        if not all_processes(error is None):  # they must agree on the checkpoint they resume from
             unusable(step, where, error or "unreadable on another process")
             continue
         return step, state, data_state, [s for s, _ in bad]
@@ -174,15 +175,6 @@ def restore_latest(
             + ". Move them away to start from scratch, or start over with --config.train.overwrite=True."
         )
     return None, None, {}, []
-
-
-def _all_processes(ok: bool) -> bool:
-    """True if `ok` on every process: they must agree on which checkpoint they resume from."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def move_aside(workdir: str, steps: list[int], log: Callable[[str], None] = print) -> None:

@@ -81,6 +81,16 @@ def initialize(
     return True
 
 
+def all_processes(ok: bool) -> bool:
+    """True if `ok` on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 class Preemption:
     """`reached(step)` is True once a preemption notice (SIGTERM) arrived; all processes agree."""
 

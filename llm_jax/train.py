@@ -2,10 +2,10 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch) -> metrics` are
 pure and written over the model-family interface (llm_jax/family.py), so every family trains with
-them. `train_and_evaluate` checks everything, restores or creates the sharded state, then runs the
-loop: one jitted step per iteration, followed by the periodic actions (log, evaluate, sample,
-checkpoint) that are due, all of them reading a `Trainer` (what stays fixed) and updating a
-`LoopState` (what the loop changes).
+them. `train_and_evaluate` checks everything, claims the workdir (one writer), restores or creates
+the sharded state, then runs the loop: one jitted step per iteration, followed by the periodic
+actions (log, evaluate, sample, checkpoint) that are due, all of them reading a `Trainer` (what
+stays fixed) and updating a `LoopState` (what the loop changes).
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def evaluate(p_eval, params, eval_batches, mesh) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Set-up: everything is checked, and the checkpoint restored, before the workdir changes
+# Set-up: cheap checks, then the workdir is claimed; everything else is checked, and the
+# checkpoint restored, before anything else in the workdir changes
 
 
 @dataclasses.dataclass
@@ -207,6 +208,7 @@ class Trainer:
     eval_batches: list
     dropout_rng: jax.Array
     mngr: Any  # orbax CheckpointManager
+    lock: workdir_lib.WorkdirLock | None  # process 0's claim on the workdir (None on the others)
     metrics: MetricsLog
     preemption: distributed.Preemption
     tokenizer_id: dict
@@ -296,12 +298,13 @@ def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, 
         reader.close()
 
 
-def setup(config, workdir: str, log, t_start: float, preemption) -> tuple[Trainer, LoopState]:
-    """Checks config, data, workdir and checkpoints, restores (or creates) the state, then opens
-    the workdir for writing. Nothing in `workdir` changes before every check has passed."""
+def setup(
+    config, workdir: str, mesh, start_over: bool, lock, log, t_start: float, preemption
+) -> tuple[Trainer, LoopState]:
+    """Checks data and checkpoints, restores (or creates) the state, then opens the claimed
+    workdir for writing. Nothing in `workdir` but its lock changes before every check has passed."""
     tc, seq_len = config.train, config.data.seq_len
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
-    start_over = workdir_lib.check(workdir, config)
+    rules = sharding.logical_rules(config)
     data, saved_tokenizer = _load_data(config, workdir, start_over, log)
     model_cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
     _check_batch(config, mesh, model_cfg)
@@ -317,7 +320,7 @@ def setup(config, workdir: str, log, t_start: float, preemption) -> tuple[Traine
 
     # Every check passed: from here on the workdir may change.
     if start_over:
-        workdir_lib.move_aside(workdir, log)
+        workdir_lib.move_aside(workdir, log, lock)
     workdir_lib.prepare(workdir, config, data.tokenizer)
     ckpt_lib.move_aside(workdir, bad_steps, log)
     mngr = ckpt_lib.manager(workdir, tc.keep_checkpoints)
@@ -333,7 +336,7 @@ def setup(config, workdir: str, log, t_start: float, preemption) -> tuple[Traine
         eval_batches=data.eval_batches(tc.eval_steps, tc.eval_batch_size, seq_len, config.seed, pi, pc),
         # Made by a jit with a replicated output: under several processes the mesh is not all addressable.
         dropout_rng=jax.jit(lambda: dropout_key, out_shardings=replicated)(),
-        mngr=mngr, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
+        mngr=mngr, lock=lock, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
         tokenizer_id=tokenizer_id, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
         peak_flops=flops_lib.peak_flops(mesh.devices.flatten().tolist(), model_cfg.dtype)[0],
     )  # fmt: skip
@@ -515,18 +518,24 @@ def train_loop(trainer: Trainer, ls: LoopState) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training as `config` says; returns the final metrics.
 
-    Everything that can be wrong with the config, the data, the workdir or its checkpoints is
-    checked (and the checkpoint restored) before anything in `workdir` changes. SIGTERM finishes
-    the current step, saves it and returns (`preempted` is True).
+    The config, the mesh and the workdir's config.json are checked first; then the workdir is
+    claimed (created if missing, probed for writing, locked: a second run on it is refused or
+    waits, see llm_jax/workdir.py); then the data and checkpoints are checked (and the checkpoint
+    restored) before anything else in `workdir` changes. SIGTERM finishes the current step, saves
+    it and returns (`preempted` is True).
     """
     t_start = time.time()
     config_lib.check_keys(config)
     config = config_lib.finalize(config)
     config_lib.check_train(config.train)
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    mesh = sharding.make_mesh(config.mesh)
+    start_over = workdir_lib.check(workdir, config)
+    hint = ", or pass --config.train.wait_for_lock=SECONDS to wait for it; each run needs its own --workdir"
+    lock = workdir_lib.claim(workdir, config.train.wait_for_lock, log, "llm_jax.main", hint)
     preemption = distributed.Preemption()  # early: a notice during set-up stops after the first step
     try:
-        trainer, ls = setup(config, workdir, log, t_start, preemption)
+        trainer, ls = setup(config, workdir, mesh, start_over, lock, log, t_start, preemption)
         try:
             train_loop(trainer, ls)
         finally:
@@ -537,6 +546,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 trainer.metrics.close()
     finally:
         preemption.close()
+        if lock is not None:
+            lock.release()
     summary = {"step": ls.step, **ls.train_record, **ls.eval_record, "preempted": ls.stop == "preempted"}
     if ls.stop != "preempted" and config.train.sample_tokens > 0:
         summary["sample"] = sample(trainer, ls, seed=config.seed)

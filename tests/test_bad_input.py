@@ -216,6 +216,7 @@ def test_each_command_line_ends_a_user_error_in_one_line(run, tmp_path, capsys):
          r"holds the run of a different model: model\.num_layers is 3 there but 2 now"),
         ("main", ["--config=configs/nope.py", f"--workdir={tmp_path / 'd'}"],
          r"--config=configs/nope.py: the config file cannot be loaded \(\[Errno 2\] No such file"),
+        ("main", _tiny_args(corpus), r"--workdir=\S+corpus.txt is a file, not a directory"),
         ("generate", [f"--workdir={tmp_path / 'none'}", "--prompt=x"],
          r"none/config.json does not exist: --workdir must be a run directory"),
         ("convert", ["from_hf", f"--hf_dir={hf_bad}", f"--workdir={tmp_path / 'f'}"],
@@ -249,3 +250,29 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
             R.assert_one_line_error(p, "tool", r"^tool: error: bad x fix it$")
         else:
             assert p.returncode != 0 and "ZeroDivisionError" in p.stderr and "Traceback" in p.stderr, p.stderr
+
+
+# Root writes whatever the mode: its children run without that privilege (CAP_DAC_OVERRIDE and
+# CAP_DAC_READ_SEARCH dropped from their bounding set, so they are gone after exec).
+_AS_USER = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+
+
+def test_read_only_workdir_fails_fast_and_generate_still_reads_it(workdir):
+    kw = {}
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv") or subprocess.run([*_AS_USER, "true"], capture_output=True).returncode:
+            pytest.skip("running as root without setpriv or CAP_SETPCAP: no way to make a directory read-only to root")
+        kw["prefix"] = _AS_USER
+    before = R.snapshot(workdir)
+    os.chmod(workdir, 0o555)
+    try:
+        p = R.run_cli("llm_jax.main", *_tiny_args(workdir, "--config.data.tokenizer=char"), **kw)
+        gen = R.run_cli("llm_jax.generate", f"--workdir={workdir}", "--prompt=def", "--max_new_tokens=4", **kw)
+    finally:
+        os.chmod(workdir, 0o755)
+    R.assert_one_line_error(
+        p, "main", rf"^main: error: workdir {workdir} is not writable \({workdir}: Permission denied\)"
+    )
+    assert "data:" not in p.stdout, "refused before the data was loaded"
+    assert gen.returncode == 0 and gen.stdout.startswith("def"), gen.stderr[-3000:]
+    assert R.snapshot(workdir) == before

@@ -1,6 +1,7 @@
 """Reliability: a run killed at any point (even mid-save) and restarted equals the uninterrupted run
-bit for bit; SIGTERM saves and exits 0; a corrupt latest checkpoint falls back to the previous one;
-checkpoints restore onto other mesh shapes and device counts; NaN/Inf losses stop or skip."""
+bit for bit, taking over the lock the killed run held; SIGTERM saves and exits 0; a corrupt latest
+checkpoint falls back to the previous one; checkpoints restore onto other mesh shapes and device
+counts; NaN/Inf losses stop or skip."""
 
 import os
 import re
@@ -36,10 +37,19 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     assert [s for s, _ in ref_losses] == list(range(1, N_STEPS + 1))
 
     wd = str(tmp_path / "chaos")
-    kill_points = []
+    kill_points, killed = [], []
 
     def restart():
-        return R.start(wd, over, devices=DEVICES)
+        if killed and killed[-1]:  # kill -9 left the dead run's record in the lock file (its flock is gone)
+            assert R.lock_record(wd)["pid"] == killed[-1]
+        p = R.start(wd, over, devices=DEVICES)
+        p.after = killed[-1] if killed else None
+        return p
+
+    def took_over(p, out=None):
+        """The restarted run `p` took over the lock of the run killed before it started."""
+        text = f"took over the lock of {wd} from a run that ended without releasing it: pid {p.after} on"
+        return text in (R.output(p) if out is None else out)
 
     def kill_mid_save(p, step):
         """SIGKILL while checkpoints/<step> is still being written (its tmp directory exists)."""
@@ -48,6 +58,7 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
         R.freeze(p)  # SIGSTOP: every thread stops where it is; then check the save is still unfinished
         assert tmp_name in R.tmp_checkpoints(wd) and step not in R.finished_steps(wd), "save finished before the kill"
         R.kill_hard(p)
+        killed.append(p.pid)
         kill_points.append(f"SIGKILL during the async save of step {step} ({where()})")
 
     def where():
@@ -58,6 +69,7 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
         R.freeze(p)
         kill_points.append(f"SIGKILL between saves ({where()}, saving {R.tmp_checkpoints(wd) or 'nothing'})")
         R.kill_hard(p)
+        killed.append(p.pid)
 
     def latest():
         return max(R.finished_steps(wd), default=0)
@@ -72,14 +84,15 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     expect, p = latest(), restart()
     kill_between_saves(p, expect + EVERY)
     assert expect == 0 and resumed_from(R.output(p), expect), R.output(p)[-2000:]
+    assert took_over(p), R.output(p)[-2000:]
     # 3. Resumed from the last checkpoint; killed while the next one is being written.
     expect, p = latest(), restart()
     kill_mid_save(p, expect + EVERY)
-    assert resumed_from(R.output(p), expect), R.output(p)[-2000:]
+    assert resumed_from(R.output(p), expect) and took_over(p), R.output(p)[-2000:]
     # 4. Resumed; killed between saves; then a file of the newest checkpoint is damaged.
     expect, p = latest(), restart()
     kill_between_saves(p, expect + EVERY)
-    assert resumed_from(R.output(p), expect), R.output(p)[-2000:]
+    assert resumed_from(R.output(p), expect) and took_over(p), R.output(p)[-2000:]
     *_, good, bad = R.finished_steps(wd)
     R.corrupt_one_file(os.path.join(R.ckpt_root(wd), str(bad)))
     # 5. Restart: warns naming the damaged checkpoint, moves it aside, resumes from the one before.
@@ -93,6 +106,8 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     out = R.finish(p)
     kill_points.append(f"SIGTERM after step {seen}, saved step {R.finished_steps(wd)[-1]}")
     assert re.search(rf"WARNING: checkpoint \S*checkpoints/{bad} is corrupt or incomplete", out), out[-3000:]
+    assert took_over(p, out) and R.lock_record(wd) is None, "SIGTERM: a clean exit releases the lock"
+    killed.append(None)
     assert f"checkpoints/{good} (step {good})" in out
     assert os.path.isdir(os.path.join(wd, ckpt_lib.CORRUPT_DIR, str(bad))), "the bad checkpoint is kept aside"
     saved = R.finished_steps(wd)[-1]
