@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
     t.on_nan = "stop"  # non-finite loss/grads: 'stop' (raise, naming the step) | 'skip' (drop that update)
+    # A checkpoint is written only if the loss of the state to save is at most spike_factor times the
+    # running mean of the training loss (and 1 above it); otherwise the run stops, naming the last good
+    # checkpoint. 0: no check.
+    t.spike_factor = 10.0
     t.wait_for_lock = 0.0  # seconds to wait for another run that holds the workdir (0: refuse at once)
     t.overwrite = False  # workdir holds another model's run: True moves it aside (never deleted) and starts over
     t.sample_every = 0  # 0: only at the end
@@ -159,6 +163,8 @@ def check_train(tc) -> None:
     """Values of `config.train` that no later step would catch before they do harm."""
     if tc.on_nan not in ("stop", "skip"):
         raise BadValue(f"config.train.on_nan={tc.on_nan!r}: use 'stop' or 'skip'")
+    if tc.spike_factor != 0 and not tc.spike_factor > 1:
+        raise BadValue(f"config.train.spike_factor={tc.spike_factor} must be above 1 (e.g. 10), or 0 for no check")
     if not tc.wait_for_lock >= 0:
         raise BadValue(f"config.train.wait_for_lock={tc.wait_for_lock} must be a number of seconds >= 0")
     for name in (

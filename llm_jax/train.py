@@ -6,6 +6,10 @@ them. `train_and_evaluate` checks everything, claims the workdir (one writer), r
 the sharded state, then runs the loop: one jitted step per iteration, followed by the periodic
 actions (log, evaluate, sample, checkpoint) that are due, all of them reading a `Trainer` (what
 stays fixed) and updating a `LoopState` (what the loop changes).
+
+Divergence: a checkpoint is written only from a sane state (`check_sane`): the loss of the very
+parameters to save is finite and not a spike over the running mean of the training loss. Else
+the run stops naming the last good checkpoint, so that one always is good.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from llm_jax import family as family_lib
 from llm_jax import flops as flops_lib
 from llm_jax import tokenizer as tok_lib
 from llm_jax import workdir as workdir_lib
-from llm_jax.errors import BadValue
+from llm_jax.errors import BadValue, Diverged
 from llm_jax.metrics import MetricsLog
 from llm_jax.model import count_params
 
@@ -187,6 +191,27 @@ def evaluate(p_eval, params, eval_batches, mesh) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Divergence: pure decisions on the training loss
+
+LOSS_MEAN_DECAY = 0.95  # the running mean of the training loss weighs about the last 20 steps
+SPIKE_MIN_GAP = 1.0  # a spike is also this far above the mean: near zero, losses vary by large factors
+
+
+def is_spike(loss: float, mean: float | None, factor: float) -> bool:
+    """Whether `loss` is more than `factor` times the running `mean` (and SPIKE_MIN_GAP above it);
+    never with no mean yet or factor 0."""
+    return factor > 0 and mean is not None and loss > factor * mean and loss > mean + SPIKE_MIN_GAP
+
+
+def updated_mean(mean: float | None, loss: float, factor: float) -> float | None:
+    """The running mean after a step's loss. Spikes stay out of it: an exploding run must not drag
+    its own reference up until the explosion looks normal."""
+    if not math.isfinite(loss) or is_spike(loss, mean, factor):
+        return mean
+    return loss if mean is None else LOSS_MEAN_DECAY * mean + (1.0 - LOSS_MEAN_DECAY) * loss
+
+
+# ----------------------------------------------------------------------------------------------
 # Set-up: cheap checks, then the workdir is claimed; everything else is checked, and the
 # checkpoint restored, before anything else in the workdir changes
 
@@ -230,6 +255,7 @@ class LoopState:
     skipped_total: int = 0
     pending: list = dataclasses.field(default_factory=list)  # device metrics of steps not yet fetched
     grad_norm: float = float("nan")
+    loss_mean: float | None = None  # running mean of the training loss (`updated_mean`), for `check_sane`
     log_time: float = 0.0
     log_step: int = 0
     train_record: dict = dataclasses.field(default_factory=dict)  # the latest log line's metrics
@@ -246,6 +272,7 @@ def checkpoint_data(trainer: Trainer, ls: LoopState) -> dict:
         "skipped_steps": ls.skipped_total,
         "tokenizer": trainer.tokenizer_id,
         "trained_context": ls.trained_context,
+        "loss_mean": ls.loss_mean,  # a resumed run decides on divergence as an uninterrupted one does
     }
 
 
@@ -345,6 +372,7 @@ def setup(
         trained_context=max(int(restored.get("trained_context", 0)), seq_len),
         window=[float(x) for x in restored.get("window_losses", [])],
         window_skipped=int(restored.get("window_skipped", 0)), skipped_total=int(restored.get("skipped_steps", 0)),
+        loss_mean=restored.get("loss_mean"),
     )  # fmt: skip
     _log_start(trainer, ls, latest)
     return trainer, ls
@@ -368,7 +396,8 @@ def _log_start(trainer: Trainer, ls: LoopState, latest) -> None:
 
 
 def fetch(trainer: Trainer, ls: LoopState) -> None:
-    """Brings pending step metrics to the host; a non-finite loss stops the run (on_nan='stop')."""
+    """Brings pending step metrics to the host and updates the running mean of the loss; a
+    non-finite loss stops the run (on_nan='stop')."""
     if not ls.pending:
         return
     got, first = jax.device_get(ls.pending), ls.step - len(ls.pending) + 1
@@ -381,13 +410,58 @@ def fetch(trainer: Trainer, ls: LoopState) -> None:
             trainer.log(f"step {first + i:6d} | skipped: loss {loss}, grad norm {gnorm} (config.train.on_nan='skip')")
             continue
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            raise FloatingPointError(
-                f"training loss is {loss} (grad norm {gnorm}) at step {first + i}; stopped without saving it. "
-                f"The last good checkpoint in {trainer.mngr.directory} is kept. Lower config.optim.lr, enable "
-                "gradient clipping (config.optim.grad_clip), or skip such updates with config.train.on_nan='skip'."
-            )
+            raise diverged(
+                trainer, ls, f"the training loss is {loss} (grad norm {gnorm}) at step {first + i}",
+                "Or skip such updates with config.train.on_nan='skip'.",
+            )  # fmt: skip
         ls.window.append(loss)
+        ls.loss_mean = updated_mean(ls.loss_mean, loss, trainer.config.train.spike_factor)
     ls.grad_norm = float(got[-1]["grad_norm"])
+
+
+def diverged(trainer: Trainer, ls: LoopState, what: str, advice: str) -> Diverged:
+    """The error that stops a diverged run, naming the last good checkpoint (the save in flight, if
+    any, was started from a checked state: it is waited for) and the step to resume from."""
+    trainer.mngr.wait_until_finished()
+    last, lr = trainer.mngr.latest_step(), trainer.config.optim.lr
+    lower = f"a lower learning rate (e.g. --config.optim.lr={lr / 10:g}; gradient clipping: config.optim.grad_clip)"
+    if last is None:
+        where = f"No checkpoint was kept (it diverged before its first save): start again with {lower}."
+    else:
+        where = (
+            f"The last good checkpoint is step {last} in {trainer.mngr.directory}: run the same command with "
+            f"{lower} to resume from step {last}."
+        )
+    return Diverged(f"training diverged: {what}; step {ls.step} was not saved. {where} {advice}")
+
+
+def host_batch(trainer: Trainer, step: int) -> dict:
+    """This process's rows of the training batch of `step` (a pure function of the seed and step)."""
+    tc = trainer.config.train
+    pi, pc = jax.process_index(), jax.process_count()
+    return trainer.data.train_batch(step, tc.batch_size, trainer.config.data.seq_len, trainer.config.seed, pi, pc)
+
+
+def check_sane(trainer: Trainer, ls: LoopState) -> None:
+    """Raises Diverged unless the state about to be saved is sane: the loss of its own parameters on
+    the next training batch (the first micro-batch, without dropout) is finite and no spike over the
+    running mean. A step's own loss is of the parameters before its update, so it cannot tell whether
+    that update exploded them; this costs one forward pass per save and changes nothing."""
+    factor = trainer.config.train.spike_factor
+    if factor <= 0:
+        return
+    micro = trainer.config.train.grad_accum_steps
+    batch = {k: v[: len(v) // micro] for k, v in host_batch(trainer, ls.step).items()}
+    loss = evaluate(trainer.p_eval, ls.state.params, [batch], trainer.mesh)
+    if math.isfinite(loss) and not is_spike(loss, ls.loss_mean, factor):
+        return
+    mean = "none yet" if ls.loss_mean is None else f"{ls.loss_mean:.4g}"
+    raise diverged(
+        trainer, ls,
+        f"the loss of the parameters at step {ls.step} is {loss:.4g}, more than config.train.spike_factor={factor:g} "
+        f"times the running mean of the training loss ({mean})",
+        "A spike that is no divergence: raise config.train.spike_factor (0 turns the check off).",
+    )  # fmt: skip
 
 
 def log_progress(trainer: Trainer, ls: LoopState) -> None:
@@ -458,6 +532,7 @@ def save(trainer: Trainer, ls: LoopState) -> None:
     if ls.step == ls.saved_step:
         return
     fetch(trainer, ls)  # never save a state whose loss has not been checked
+    check_sane(trainer, ls)
     ckpt_lib.save(trainer.mngr, ls.step, ls.state, checkpoint_data(trainer, ls))
     ls.saved_step = ls.step
 
@@ -489,12 +564,10 @@ def periodic_actions(tc) -> list[Periodic]:
 
 def train_loop(trainer: Trainer, ls: LoopState) -> None:
     """Steps until `num_steps`, a reached target or a preemption notice, running the due actions."""
-    tc, seq_len = trainer.config.train, trainer.config.data.seq_len
-    pi, pc = jax.process_index(), jax.process_count()
+    tc = trainer.config.train
     actions = periodic_actions(tc)
     while ls.step < tc.num_steps and not ls.stop:
-        host = trainer.data.train_batch(ls.step, tc.batch_size, seq_len, trainer.config.seed, pi, pc)
-        batch = sharding.host_to_global(host, trainer.mesh)
+        batch = sharding.host_to_global(host_batch(trainer, ls.step), trainer.mesh)
         with jax.transfer_guard("disallow"):  # the step must not move data behind our back
             ls.state, metrics = trainer.p_train(ls.state, batch, trainer.dropout_rng)
         ls.pending.append(metrics)

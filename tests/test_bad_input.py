@@ -217,6 +217,7 @@ def test_each_command_line_ends_a_user_error_in_one_line(run, tmp_path, capsys):
         ("main", ["--config=configs/nope.py", f"--workdir={tmp_path / 'd'}"],
          r"--config=configs/nope.py: the config file cannot be loaded \(\[Errno 2\] No such file"),
         ("main", _tiny_args(corpus), r"--workdir=\S+corpus.txt is a file, not a directory"),
+        ("main", _tiny_args(tmp_path / "e", "--config.train.spike_factor=1"), r"spike_factor=1.0 must be above 1"),
         ("generate", [f"--workdir={tmp_path / 'none'}", "--prompt=x"],
          r"none/config.json does not exist: --workdir must be a run directory"),
         ("convert", ["from_hf", f"--hf_dir={hf_bad}", f"--workdir={tmp_path / 'f'}"],
@@ -230,7 +231,7 @@ def test_each_command_line_ends_a_user_error_in_one_line(run, tmp_path, capsys):
     ]  # fmt: skip
     procs = [(tool, match, R.run_cli(f"llm_jax.{tool}", *args)) for tool, args, match in cases]
     printed = [R.assert_one_line_error(p, tool, match) for tool, match, p in procs]
-    for name in "abdf":  # refused before anything was written: no workdir left behind
+    for name in "abdef":  # refused before anything was written: no workdir left behind
         assert not (tmp_path / name).exists(), name
     with capsys.disabled():
         print("\n" + "\n".join(printed))
