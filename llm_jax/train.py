@@ -444,22 +444,24 @@ def host_batch(trainer: Trainer, step: int) -> dict:
 
 def check_sane(trainer: Trainer, ls: LoopState) -> None:
     """Raises Diverged unless the state about to be saved is sane: the loss of its own parameters on
-    the next training batch (the first micro-batch, without dropout) is finite and no spike over the
-    running mean. A step's own loss is of the parameters before its update, so it cannot tell whether
-    that update exploded them; this costs one forward pass per save and changes nothing."""
-    factor = trainer.config.train.spike_factor
-    if factor <= 0:
+    the next training batch (without dropout) is finite and no spike over the running mean. A step's
+    own loss is of the parameters before its update, so it cannot tell whether that update exploded
+    them; this costs one forward pass per save and changes nothing. It reads as many rows as an
+    evaluation batch: a shape the eval step compiles anyway and that is known to fit in memory (a
+    save on SIGTERM has no time for a compilation)."""
+    tc = trainer.config.train
+    if tc.spike_factor <= 0:
         return
-    micro = trainer.config.train.grad_accum_steps
-    batch = {k: v[: len(v) // micro] for k, v in host_batch(trainer, ls.step).items()}
+    rows = min(tc.eval_batch_size, tc.batch_size) // jax.process_count()
+    batch = {k: v[:rows] for k, v in host_batch(trainer, ls.step).items()}
     loss = evaluate(trainer.p_eval, ls.state.params, [batch], trainer.mesh)
-    if math.isfinite(loss) and not is_spike(loss, ls.loss_mean, factor):
+    if math.isfinite(loss) and not is_spike(loss, ls.loss_mean, tc.spike_factor):
         return
     mean = "none yet" if ls.loss_mean is None else f"{ls.loss_mean:.4g}"
     raise diverged(
         trainer, ls,
-        f"the loss of the parameters at step {ls.step} is {loss:.4g}, more than config.train.spike_factor={factor:g} "
-        f"times the running mean of the training loss ({mean})",
+        f"the loss of the parameters at step {ls.step} is {loss:.4g}, more than "
+        f"config.train.spike_factor={tc.spike_factor:g} times the running mean of the training loss ({mean})",
         "A spike that is no divergence: raise config.train.spike_factor (0 turns the check off).",
     )  # fmt: skip
 
