@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax import family as family_lib
+from llm_jax.errors import BadValue
 
 _NEG = -1e9  # the score of an impossible hypothesis (finite: arithmetic on it stays finite)
 
@@ -108,7 +109,7 @@ def beam_search(
     `init_cache` needs (the encoder-decoder's `source` [b, s]). Compiled once per (model, batch,
     input shapes, beam_size, max_new_tokens, ids, mesh); `length_penalty` is traced."""
     if beam_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"beam_size={beam_size} and max_new_tokens={max_new_tokens} must be at least 1")
+        raise BadValue(f"beam_size={beam_size} and max_new_tokens={max_new_tokens} must be at least 1")
     return _beam_search(
         model, params, jnp.float32(length_penalty), inputs, batch=batch, k=beam_size, steps=max_new_tokens,
         bos=bos_id, eos=eos_id, pad=pad_id, mesh=mesh,

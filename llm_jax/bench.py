@@ -3,7 +3,7 @@
 Builds the run's model, optimizer, mesh and sharded state exactly as the trainer does, compiles the
 real `train_step` (`train.make_steps`), runs warm-up steps, then times `--steps` steps on random
 tokens of the configured shape (`train.batch_size` x `data.seq_len`). Progress goes to stderr; the
-last line of stdout is one JSON object:
+last line of stdout is one JSON object (a bad config or mesh: one line, `bench: error: ...`):
 
   tokens_per_sec      global tokens per second at the median step time
   step_time_s         median step time (and step_time_min_s, step_time_max_s)
@@ -26,10 +26,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from llm_jax import cli, optim, sharding, train
 from llm_jax import config as config_lib
 from llm_jax import family as family_lib
 from llm_jax import flops as flops_lib
-from llm_jax import optim, sharding, train
 from llm_jax.model import count_params
 
 FLAGS = flags.FLAGS
@@ -139,9 +139,9 @@ def main(argv):
         )
     if FLAGS.steps < 1:
         raise app.UsageError(f"--steps={FLAGS.steps} must be at least 1")
-    result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+    result = run(cli.loaded_config("config"), FLAGS.steps, FLAGS.warmup)
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "bench")

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from llm_jax import decode
+from llm_jax import cli, decode
 from llm_jax import family as family_lib
 from llm_jax.model import ModelConfig, count_params
 
@@ -128,4 +128,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, "bench_decode")

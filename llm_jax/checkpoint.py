@@ -26,10 +26,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llm_jax.distributed import all_processes
+from llm_jax.errors import BadValue, NotFound, Unavailable
+
 CORRUPT_DIR = "checkpoints_corrupt"
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(BadValue):
     """A readable checkpoint that does not belong to this run (shapes, tree or tokenizer differ)."""
 
 
@@ -151,7 +154,7 @@ def restore_latest(
             data_state = dict(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {})
         except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
             error = _first_line(e)
-        if not _all_processes(error is None):
+        if not all_processes(error is None):  # they must agree on the checkpoint they resume from
             unusable(step, where, error or "unreadable on another process")
             continue
         check_shapes(where, meta, abstract_state)
@@ -161,26 +164,17 @@ def restore_latest(
             state, data_state = restore(mngr, step, abstract_state)
         except Exception as e:  # noqa: BLE001
             error = _first_line(e)
-        if not _all_processes(error is None):
+        if not all_processes(error is None):  # they must agree on the checkpoint they resume from
             unusable(step, where, error or "unreadable on another process")
             continue
         return step, state, data_state, [s for s, _ in bad]
     if bad:
-        raise RuntimeError(
+        raise Unavailable(
             f"no checkpoint in {mngr.directory} can be restored: "
             + "; ".join(f"step {s}: {msg}" for s, msg in bad)
             + ". Move them away to start from scratch, or start over with --config.train.overwrite=True."
         )
     return None, None, {}, []
-
-
-def _all_processes(ok: bool) -> bool:
-    """True if `ok` on every process: they must agree on which checkpoint they resume from."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def move_aside(workdir: str, steps: list[int], log: Callable[[str], None] = print) -> None:
@@ -217,16 +211,16 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
     """
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir} has no checkpoints (no {directory}); train it first with llm_jax.main")
+        raise NotFound(f"{workdir} has no checkpoints (no {directory}); train it first with llm_jax.main")
     mngr = manager(workdir, keep=1, async_save=False, read_only=True)
     try:
         steps = mngr.all_steps()
         if not steps:
-            raise FileNotFoundError(f"{directory} holds no finished checkpoint; train longer or wait for a save")
+            raise NotFound(f"{directory} holds no finished checkpoint; train longer or wait for a save")
         if step is None:
             step = max(steps)
         elif step not in steps:
-            raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; it has {sorted(steps)}")
+            raise NotFound(f"{directory} has no checkpoint of step {step}; it has {sorted(steps)}")
         where = os.path.join(directory, str(step))
         check_shapes(where, {"params": mngr.item_metadata(step)["state"]["params"]}, {"params": abstract_params})
         data = dict(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {})

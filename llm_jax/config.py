@@ -20,6 +20,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from llm_jax.errors import BadValue, NotFound
 from llm_jax.model import ModelConfig
 
 # Keys a config may carry although base_config() lacks them (free-form dicts).
@@ -110,6 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
     t.on_nan = "stop"  # non-finite loss/grads: 'stop' (raise, naming the step) | 'skip' (drop that update)
+    # A checkpoint is written only if the loss of the state to save is at most spike_factor times the
+    # running mean of the training loss (and 1 above it); otherwise the run stops, naming the last good
+    # checkpoint. 0: no check.
+    t.spike_factor = 10.0
+    t.wait_for_lock = 0.0  # seconds to wait for another run that holds the workdir (0: refuse at once)
     t.overwrite = False  # workdir holds another model's run: True moves it aside (never deleted) and starts over
     t.sample_every = 0  # 0: only at the end
     t.sample_prompt = ""
@@ -170,7 +176,7 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
         close = difflib.get_close_matches(k, known, n=1)
         renamed = renamed_key_message(k)
         hints.append(renamed or f"config.{k}" + (f" (did you mean config.{close[0]}?)" if close else ""))
-    raise ValueError(
+    raise BadValue(
         f"unknown config key{'s' if len(bad) > 1 else ''}: {', '.join(hints)}. Every key is defined in "
         "llm_jax/config.py:base_config(); fix the spelling in the config file or on the command line"
     )
@@ -179,7 +185,11 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
 def check_train(tc) -> None:
     """Values of `config.train` that no later step would catch before they do harm."""
     if tc.on_nan not in ("stop", "skip"):
-        raise ValueError(f"config.train.on_nan={tc.on_nan!r}: use 'stop' or 'skip'")
+        raise BadValue(f"config.train.on_nan={tc.on_nan!r}: use 'stop' or 'skip'")
+    if tc.spike_factor != 0 and not tc.spike_factor > 1:
+        raise BadValue(f"config.train.spike_factor={tc.spike_factor} must be above 1 (e.g. 10), or 0 for no check")
+    if not tc.wait_for_lock >= 0:
+        raise BadValue(f"config.train.wait_for_lock={tc.wait_for_lock} must be a number of seconds >= 0")
     for name in (
         "num_steps",
         "log_every",
@@ -191,7 +201,7 @@ def check_train(tc) -> None:
         "eval_steps",
     ):
         if tc[name] <= 0:
-            raise ValueError(f"config.train.{name}={tc[name]} must be positive")
+            raise BadValue(f"config.train.{name}={tc[name]} must be positive")
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -209,7 +219,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> Mod
     """The frozen ModelConfig of a run: `ModelConfig(**config.model)`, its vocabulary resolved."""
     cfg = ModelConfig(**config.model.to_dict()).resolved(tokenizer_vocab)
     if config.data.seq_len > cfg.max_len:
-        raise ValueError(
+        raise BadValue(
             f"config.data.seq_len={config.data.seq_len} is longer than the model's position table "
             f"config.model.max_len={cfg.max_len}; raise max_len or shorten seq_len"
         )
@@ -251,9 +261,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: --workdir must be a run directory written by llm_jax.main")
+        raise NotFound(f"{path} does not exist: --workdir must be a run directory written by llm_jax.main")
     with open(path) as f:
-        saved = upgrade(json.load(f))
+        try:
+            saved = upgrade(json.load(f))
+        except json.JSONDecodeError as e:
+            raise BadValue(f"{path} is not valid JSON ({e}); it is not a run's config, or it was damaged") from None
     config = base_config()
     config.update(saved)
     return config

@@ -14,9 +14,16 @@ of the checkpoint: pass `--scan_layers` here to fine-tune with `model.scan_layer
 (data,fsdp,tensor; -1 fills in) is where the weights are placed while converting; the checkpoint
 restores onto any mesh. `to_hf` writes the latest checkpoint (or `--step`) as config.json +
 model.safetensors (+ tokenizer.json), loadable with transformers' `from_pretrained`.
+
+`from_hf` writes a workdir, so it takes the workdir's lock like `llm_jax.main` (a workdir in use is
+refused at once, naming the run that holds it) after checking it can write there; `to_hf` only
+reads the workdir and takes no lock. A mistake in the input is one line, `convert: error: ...`
+(`--debug` shows the traceback; llm_jax/cli.py).
 """
 
 from absl import app, flags, logging
+
+from llm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (read by from_hf, written by to_hf).")
@@ -35,6 +42,7 @@ def main(argv):
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)}; got {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     from llm_jax import hf  # after flag parsing: jax starts with the platform flags in force
+    from llm_jax import workdir as workdir_lib
 
     if argv[1] == "from_hf":
         try:
@@ -44,7 +52,13 @@ def main(argv):
         config = hf.run_config(FLAGS.hf_dir)
         config.model.scan_layers = FLAGS.scan_layers
         config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-        hf.import_run(FLAGS.hf_dir, FLAGS.workdir, config)
+        hint = ", or import into a new --workdir"
+        lock = workdir_lib.claim(FLAGS.workdir, 0.0, print, "llm_jax.convert from_hf", hint)
+        try:
+            hf.import_run(FLAGS.hf_dir, FLAGS.workdir, config)
+        finally:
+            if lock is not None:
+                lock.release()
     else:
         hf.export_run(
             FLAGS.workdir, FLAGS.hf_dir, step=None if FLAGS.step < 0 else FLAGS.step, dtype=FLAGS.dtype or None
@@ -52,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "convert")

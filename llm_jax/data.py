@@ -30,6 +30,7 @@ import numpy as np
 
 from llm_jax import prepare as prepare_lib
 from llm_jax import tokenizer as tok_lib
+from llm_jax.errors import BadValue, NotFound
 from llm_jax.prepare import build_tokenizer  # noqa: F401  (part of this module's interface)
 
 PACKING = ("none", "documents")
@@ -130,7 +131,7 @@ def windows(tokens, starts: np.ndarray, seq_len: int, packing: str = "none") -> 
         # attention can see the document it opens).
         batch["weights"] = (segs[:, 1:] == segs[:, :-1]).astype(np.float32)
     elif packing != "none":
-        raise ValueError(f"config.data.packing={packing!r}: use one of {PACKING}")
+        raise BadValue(f"config.data.packing={packing!r}: use one of {PACKING}")
     return batch
 
 
@@ -156,12 +157,12 @@ class LMData:
     def __post_init__(self):
         self.train_tokens, self.val_tokens = _as_stream(self.train_tokens), _as_stream(self.val_tokens)
         if self.packing not in PACKING:
-            raise ValueError(f"config.data.packing={self.packing!r}: use one of {PACKING}")
+            raise BadValue(f"config.data.packing={self.packing!r}: use one of {PACKING}")
 
     def check(self, seq_len: int) -> None:
         for name, toks in (("training", self.train_tokens), ("validation", self.val_tokens)):
             if len(toks) < seq_len + 2:
-                raise ValueError(
+                raise BadValue(
                     f"the {name} split has {len(toks)} tokens, fewer than seq_len+2={seq_len + 2}; "
                     "use more data, a smaller config.data.seq_len or a different config.data.val_fraction"
                 )
@@ -254,9 +255,9 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print):
 def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str]]:
     """(prompt, completion) of every non-empty line of a JSONL file; errors name the line and field."""
     if not path:
-        raise ValueError(f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} lines')
+        raise BadValue(f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} lines')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
+        raise NotFound(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
     examples = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -264,25 +265,25 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{where}: not UTF-8 text; convert the file to UTF-8") from None
+                raise BadValue(f"{where}: not UTF-8 text; convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise BadValue(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise ValueError(
+                raise BadValue(
                     f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}"
                 )
             for field in ("prompt", "completion"):
                 if field not in obj:
-                    raise ValueError(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
+                    raise BadValue(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
                 if not isinstance(obj[field], str):
-                    raise ValueError(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+                    raise BadValue(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
             examples.append((obj["prompt"], obj["completion"]))
     if not examples:
-        raise ValueError(f"{key}={path!r} holds no examples; each line needs a 'prompt' and a 'completion'")
+        raise BadValue(f"{key}={path!r} holds no examples; each line needs a 'prompt' and a 'completion'")
     return examples
 
 
@@ -347,7 +348,7 @@ class PromptCompletionData:
         for name, split in (("training", "train"), ("validation", "val")):
             tokens, _, truncated = self.rows(split, seq_len)
             if truncated == len(self.train_examples if split == "train" else self.val_examples):
-                raise ValueError(
+                raise BadValue(
                     f"every {name} example is longer than seq_len+1={seq_len + 1} tokens, so all lose the start "
                     "of their prompt; raise config.data.seq_len (and config.model.max_len)"
                 )
@@ -395,7 +396,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     else:
         n_val = max(1, int(len(train) * cfg.val_fraction))
         if n_val >= len(train):
-            raise ValueError(
+            raise BadValue(
                 f"config.data.path={cfg.path!r} has {len(train)} examples: too few to hold out "
                 f"val_fraction={cfg.val_fraction} for validation; add examples or give config.data.val_path"
             )
@@ -405,7 +406,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     else:
         tokenizer = build_tokenizer(cfg, [p + c for p, c in train])
     if tokenizer.eos_id is None:
-        raise ValueError(
+        raise BadValue(
             f"config.data.source='jsonl' ends each completion with EOS, but the {tokenizer.kind!r} tokenizer has none; "
             "use config.data.tokenizer='byte' or 'sentencepiece'"
         )

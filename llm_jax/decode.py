@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llm_jax import family as family_lib
+from llm_jax.errors import BadValue
 
 
 class Generation(NamedTuple):
@@ -73,7 +74,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k=0, top_p
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> (tokens [b, P] left-padded, start [b]: -(pads in the row), the first position)."""
     if not len(prompts) or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise BadValue("every prompt needs at least one token")
     width = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for i, p in enumerate(prompts):
@@ -132,12 +133,12 @@ def generate(
     mesh): the sampling settings are traced, so changing them does not recompile.
     """
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        raise BadValue(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        raise BadValue(f"max_new_tokens={max_new_tokens} must be at least 1")
     context = model.cfg.max_len if context is None else int(context)
     if not 0 < context <= model.cfg.max_len:
-        raise ValueError(f"context={context} must be in [1, the model's max_len={model.cfg.max_len}]")
+        raise BadValue(f"context={context} must be in [1, the model's max_len={model.cfg.max_len}]")
     tokens, start = crop(np.asarray(tokens), np.asarray(start), context)
     return _generate(
         model, params, jnp.asarray(tokens), jnp.asarray(start), rng,

@@ -19,6 +19,8 @@ import threading
 
 import jax
 
+from llm_jax.errors import BadValue
+
 
 def cluster_env_present() -> bool:
     """True where the environment describes a multi-process job that JAX can detect by itself."""
@@ -62,12 +64,12 @@ def initialize(
             if v in (None, "")
         ]
         if missing and not cluster_env_present():
-            raise ValueError(
+            raise BadValue(
                 f"multi-process run: also give {', '.join(missing)} (all three of --coordinator_address=HOST:PORT, "
                 "--num_processes=N, --process_id=I), or run under SLURM / a TPU slice, where they are detected"
             )
         if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+            raise BadValue(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     elif not (auto and cluster_env_present()):
         return False
     if num_processes not in (None, 1) or not explicit:
@@ -77,6 +79,16 @@ def initialize(
             pass
     jax.distributed.initialize(coordinator_address or None, num_processes, process_id)
     return True
+
+
+def all_processes(ok: bool) -> bool:
+    """True if `ok` on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Preemption:

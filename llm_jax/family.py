@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax.errors import BadValue
+
 # Families shipped with llm_jax, imported on first use (each module registers its family).
 _BUILTIN = {"lm": "llm_jax.lm", "encdec": "llm_jax.encdec"}
 _REGISTRY: dict[str, ModelFamily] = {}
@@ -104,7 +106,7 @@ def get(name: str) -> ModelFamily:
         importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:
         known = sorted(set(_REGISTRY) | set(_BUILTIN))
-        raise ValueError(f"config.model.family={name!r} is not a model family; use one of {known}")
+        raise BadValue(f"config.model.family={name!r} is not a model family; use one of {known}")
     return _REGISTRY[name]
 
 

@@ -10,6 +10,10 @@ trained at, the window slides (`llm_jax.decode`). Decoding is
 `llm_jax.decode.complete`, the code the trainer samples with. Greedy (temperature 0) by default, so
 the output is reproducible; with sampling, `--seed` makes it so.
 
+Only reads the workdir (it takes no lock, so it can sample from a run that is still training, and
+a read-only workdir is fine). A mistake in the input (no such run, a prompt the tokenizer cannot
+encode, ...) is one line, `generate: error: ...` (`--debug` shows the traceback; llm_jax/cli.py).
+
 `--prompt_file`: one prompt per non-empty line, or for a `.jsonl` file the `prompt` field of each
 line (the fine-tuning format of `config.data.source='jsonl'`). `--format=jsonl` prints one JSON
 object per prompt ({"prompt", "completion"}) instead of text.
@@ -23,7 +27,8 @@ import sys
 
 from absl import app, flags, logging
 
-from llm_jax import decode
+from llm_jax import cli, decode
+from llm_jax.errors import UserError
 from llm_jax.run import load_run
 
 FLAGS = flags.FLAGS
@@ -47,8 +52,8 @@ def define_flags():
     flags.mark_flags_as_required(["workdir"])
 
 
-class GenerateError(Exception):
-    """A problem with the command's inputs; main prints the message alone."""
+class GenerateError(UserError):
+    """A problem with the command's own inputs (prompts, flags)."""
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -80,31 +85,25 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; put the prompt in --prompt TEXT")
     logging.set_verbosity(logging.ERROR)  # orbax reports every read at INFO/WARNING
+    prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
     try:
-        prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
-        try:
-            stop_ids = None if FLAGS.stop_ids is None else [int(s) for s in FLAGS.stop_ids]
-        except ValueError:
-            raise GenerateError(f"--stop_ids={','.join(FLAGS.stop_ids)}: give comma-separated token ids") from None
-        run = load_run(FLAGS.workdir, FLAGS.step)
-    except (GenerateError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"generate: error: {e}")
+        stop_ids = None if FLAGS.stop_ids is None else [int(s) for s in FLAGS.stop_ids]
+    except ValueError:
+        raise GenerateError(f"--stop_ids={','.join(FLAGS.stop_ids)}: give comma-separated token ids") from None
+    run = load_run(FLAGS.workdir, FLAGS.step)
     print(
         f"generate: {FLAGS.workdir} step {run.step} (trained context {run.context} tokens), {len(prompts)} prompt(s)",
         file=sys.stderr,
     )
     completions = []
-    try:
-        # The params carry their shardings; decode shards the cache on their mesh by the run's rules.
-        with run.use_mesh():
-            for i in range(0, len(prompts), FLAGS.batch_size):
-                completions += decode.complete(
-                    run.model, run.params, run.tokenizer, prompts[i : i + FLAGS.batch_size], FLAGS.max_new_tokens,
-                    seed=FLAGS.seed + i, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                    stop_ids=stop_ids, context=run.context,
-                )  # fmt: skip
-    except ValueError as e:  # a character outside the vocabulary, ...
-        sys.exit(f"generate: error: {e}")
+    # The params carry their shardings; decode shards the cache on their mesh by the run's rules.
+    with run.use_mesh():
+        for i in range(0, len(prompts), FLAGS.batch_size):
+            completions += decode.complete(
+                run.model, run.params, run.tokenizer, prompts[i : i + FLAGS.batch_size], FLAGS.max_new_tokens,
+                seed=FLAGS.seed + i, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                stop_ids=stop_ids, context=run.context,
+            )  # fmt: skip
     for n, (prompt, completion) in enumerate(zip(prompts, completions)):
         if FLAGS.format == "jsonl":
             print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
@@ -116,4 +115,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, "generate")

@@ -49,6 +49,7 @@ from llm_jax import hf_specs, optim, safetensors_io, sharding
 from llm_jax import run as run_lib
 from llm_jax import tokenizer as tok_lib
 from llm_jax import workdir as workdir_lib
+from llm_jax.errors import AlreadyExists, BadValue, NotFound
 from llm_jax.hf_specs import HFError, Spec
 from llm_jax.model import RUNTIME_FIELDS, ModelConfig, TransformerLM
 from llm_jax.safetensors_io import INDEX_FILE, SafetensorsDir  # noqa: F401 - part of this module's API
@@ -73,9 +74,12 @@ def read_config(hf_dir: str) -> dict:
     """config.json of a Hugging Face directory, as a dict."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory: no config.json")
+        raise NotFound(f"{hf_dir} is not a Hugging Face model directory: no config.json")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise HFError(f"{path} is not valid JSON ({e})") from None
 
 
 def check_weights(hf_dir: str) -> list[str]:
@@ -91,7 +95,7 @@ def check_weights(hf_dir: str) -> list[str]:
             "trust, convert once with transformers: AutoModelForCausalLM.from_pretrained(D)"
             ".save_pretrained(D) writes model.safetensors."
         )
-    raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights (and no {INDEX_FILE})")
+    raise NotFound(f"{hf_dir} has no *.safetensors weights (and no {INDEX_FILE})")
 
 
 def load_tokenizer(hf_dir: str, hf_cfg: dict | None = None) -> tok_lib.HFTokenizer | None:
@@ -317,7 +321,7 @@ def save_pretrained(
     {file name: path} copied alongside (an imported checkpoint's generation/tokenizer configs).
     """
     if dtype is not None and dtype not in _CASTS:
-        raise ValueError(f"dtype={dtype!r}: use one of {sorted(_CASTS)}")
+        raise BadValue(f"dtype={dtype!r}: use one of {sorted(_CASTS)}")
     tensors = hf_tensors(cfg, params)
     if dtype is not None:
         tensors = {n: v.astype(_CASTS[dtype]) for n, v in tensors.items()}
@@ -436,7 +440,7 @@ def import_run(
     config = run_config(hf_dir) if config is None else config
     ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise FileExistsError(f"{ckpt_dir} already has checkpoints; import into a new workdir")
+        raise AlreadyExists(f"{ckpt_dir} already has checkpoints; import into a new workdir")
     tokenizer = _fine_tuning_tokenizer(hf_dir, hf_cfg)
     cfg = _imported_model_config(hf_dir, hf_cfg, config, tokenizer.vocab_size)
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from llm_jax.errors import BadValue
 from llm_jax.model import ModelConfig
 
 
-class HFError(ValueError):
+class HFError(BadValue):
     """A Hugging Face directory or config this codebase cannot convert exactly."""
 
 

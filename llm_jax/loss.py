@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm_jax.errors import BadValue
+
 
 def token_loss(
     logits: jax.Array, targets: jax.Array, weights: jax.Array | None, label_smoothing: float = 0.0
@@ -118,7 +120,7 @@ def chunked_cross_entropy(
     """
     b, t = targets.shape
     if t % chunk:
-        raise ValueError(f"loss chunk size {chunk} does not divide the sequence length {t}; pick a divisor of {t}")
+        raise BadValue(f"loss chunk size {chunk} does not divide the sequence length {t}; pick a divisor of {t}")
     count = jnp.float32(b * t) if weights is None else weights.sum()
     w = jnp.ones((b, t), jnp.float32) if weights is None else weights.astype(jnp.float32)
     return _xent(hidden, kernel.astype(hidden.dtype), targets, w, chunk, vocab_first, float(label_smoothing)), count

@@ -9,16 +9,19 @@ multi-host Cloud TPU slice these are detected and the flags can be left out.
 
 SIGTERM (preemption) finishes the current step, saves a checkpoint and exits 0; the same command
 resumes. A workdir holding another model's run is refused unless `--config.train.overwrite=True`,
-which moves it aside (never deletes it).
-"""
+which moves it aside (never deletes it). A workdir in use by another run is refused at once, naming
+that run, or waited for with `--config.train.wait_for_lock=SECONDS` (llm_jax/workdir.py).
 
-import sys
+A mistake in the input (a config key or value, the mesh, the data, the workdir) ends with one line,
+`main: error: ...`, and exit status 1; `--debug` or LLM_JAX_DEBUG=1 shows its traceback (llm_jax/cli.py).
+"""
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llm_jax import cli, distributed, train
 from llm_jax import config as config_lib
-from llm_jax import distributed, train
+from llm_jax.errors import BadValue
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
@@ -37,21 +40,22 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --workdir and --config.KEY=VALUE")
     # Orbax logs every save step at INFO; our own progress lines are printed, so keep absl quiet.
     logging.set_verbosity(logging.WARNING)
+    config = cli.loaded_config("config")
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.auto_distributed
     )
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
 
 
 def parse_flags(argv):
     """absl's flag parsing; an override of a key the config does not have (`--config.train.num_step=3`)
-    becomes a one-line error naming the flag, instead of ml_collections' traceback."""
+    is a BadValue naming the flag, instead of ml_collections' traceback."""
     for arg in argv[1:]:
         renamed = config_lib.renamed_key_message(arg.split("=")[0].removeprefix("--"))
         if renamed and arg.startswith("--config."):
-            sys.exit(f"FATAL Flags parsing error: {arg.split('=')[0]}: {renamed}; use --{renamed.split()[-1]}=VALUE")
+            raise BadValue(f"{arg.split('=')[0]}: {renamed}; use --{renamed.split()[-1]}=VALUE")
     try:
-        return app.parse_flags_with_usage(argv)
+        return FLAGS(argv)
     except (AttributeError, KeyError) as e:
         inner = e
         while inner.args and isinstance(inner.args[0], BaseException):
@@ -62,11 +66,11 @@ def parse_flags(argv):
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         if not bad:
             raise
-        sys.exit(
-            f"FATAL Flags parsing error: {bad[0]}: the config has no key {key!r}. {hint}".rstrip()
+        raise BadValue(
+            f"{bad[0]}: the config has no key {key!r}. {hint}".rstrip()
             + " The keys are those of llm_jax/config.py (base_config)."
-        )
+        ) from None
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, "main", flags_parser=parse_flags)

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.errors import BadValue
+
 Array = jax.Array
 
 # A large finite negative instead of -inf: a query row that sees no key (a left-padding position)
@@ -83,7 +85,7 @@ class ModelConfig:
     def __post_init__(self):
         def need(ok, msg):
             if not ok:
-                raise ValueError(f"ModelConfig: {msg}")
+                raise BadValue(f"ModelConfig: {msg}")
 
         need(
             self.vocab_size is None or self.vocab_size > 0,
@@ -138,7 +140,7 @@ class ModelConfig:
         """This config with its final vocabulary: vocab_size (or the tokenizer's) padded to vocab_multiple."""
         vocab = self.vocab_size or tokenizer_vocab
         if vocab < tokenizer_vocab:
-            raise ValueError(
+            raise BadValue(
                 f"config.model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
                 "leave it unset (the tokenizer's) or set it to at least that"
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from llm_jax.errors import BadValue
+
 # Parameter names that never get weight decay: norms, biases, embeddings and position tables.
 _NO_DECAY = ("scale", "bias", "embedding", "pos_embed")
 
@@ -35,7 +37,7 @@ def make_schedule(cfg) -> optax.Schedule:
             [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
             [cfg.warmup_steps],
         )
-    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: use 'cosine' or 'constant'")
+    raise BadValue(f"config.optim.schedule={cfg.schedule!r}: use 'cosine' or 'constant'")
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:

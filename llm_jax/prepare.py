@@ -43,6 +43,7 @@ import numpy as np
 
 from llm_jax import sources
 from llm_jax import tokenizer as tok_lib
+from llm_jax.errors import BadValue
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -75,15 +76,15 @@ def build_tokenizer(cfg, train_texts) -> tok_lib.Tokenizer:
         for t in train_texts:  # unique code points per text: one pass, vectorised
             codes.update(np.unique(np.frombuffer(t.encode("utf-32-le"), np.uint32)).tolist())
         if not codes:
-            raise ValueError("cannot build a character vocabulary from empty text")
+            raise BadValue("cannot build a character vocabulary from empty text")
         return tok_lib.CharTokenizer(map(chr, codes))
     if cfg.tokenizer == "sentencepiece":
         return tok_lib.SentencePieceTokenizer.train(train_texts, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars)
     if cfg.tokenizer == "hf":
         if not cfg.tokenizer_path:
-            raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
+            raise BadValue("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
         return tok_lib.HFTokenizer.from_file(cfg.tokenizer_path)
-    raise ValueError(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
+    raise BadValue(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
 
 
 def train_texts(pieces: list[sources.Piece]):
@@ -155,13 +156,13 @@ def read_manifest(directory: str, tokenizer: tok_lib.Tokenizer) -> dict:
     with open(os.path.join(directory, MANIFEST)) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(
+        raise BadValue(
             f"{directory} was prepared in format {manifest.get('format')}, this code reads format {FORMAT_VERSION}; "
             "delete it (or point config.data.cache_dir elsewhere) to prepare it again"
         )
     want = tok_lib.fingerprint(tokenizer)
     if manifest.get("tokenizer") != want:
-        raise ValueError(
+        raise BadValue(
             f"{directory} holds tokens made with tokenizer {manifest.get('tokenizer')}, but this run's tokenizer is "
             f"{want}; they cannot be reused. Delete that directory, or use the tokenizer it was made with"
         )
@@ -170,7 +171,7 @@ def read_manifest(directory: str, tokenizer: tok_lib.Tokenizer) -> dict:
 
 def _piece_bytes(cfg) -> int:
     if cfg.prepare_shard_mb <= 0:
-        raise ValueError(f"config.data.prepare_shard_mb={cfg.prepare_shard_mb} must be positive")
+        raise BadValue(f"config.data.prepare_shard_mb={cfg.prepare_shard_mb} must be positive")
     return max(1, int(cfg.prepare_shard_mb * (1 << 20)))
 
 
@@ -208,7 +209,7 @@ def _build(cfg, directory: str, tokenizer: tok_lib.Tokenizer, log) -> None:
     manifest = _manifest(infos, tokenizer, cfg)
     for split in SPLITS:
         if not manifest["splits"][split]["tokens"]:
-            raise ValueError(
+            raise BadValue(
                 f"the {split} split of source={cfg.source!r} holds no tokens; give more text or change "
                 "config.data.val_fraction"
             )
@@ -368,14 +369,15 @@ def _locked(path: str, log):
 
 
 def main(argv) -> None:
-    from absl import flags
+    from absl import app, flags
 
+    from llm_jax import cli
     from llm_jax import config as config_lib
     from llm_jax import workdir as workdir_lib
 
     if len(argv) > 1:
-        raise SystemExit(f"prepare: error: unexpected arguments {argv[1:]}; use --config and --config.data.KEY=VALUE")
-    config = flags.FLAGS.config
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config and --config.data.KEY=VALUE")
+    config = cli.loaded_config("config")
     config_lib.check_keys(config)
     wd = flags.FLAGS.workdir
     tok_dir = workdir_lib.tokenizer_dir(wd) if wd and workdir_lib.has_tokenizer(wd) else None
@@ -386,13 +388,15 @@ def main(argv) -> None:
 
 
 def _cli() -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from llm_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.")
     flags.DEFINE_string("workdir", "", "Optional: a run directory whose tokenizer to use (as a resumed run would).")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, "prepare")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from llm_jax import family as family_lib
 from llm_jax import sharding
 from llm_jax import tokenizer as tok_lib
 from llm_jax import workdir as workdir_lib
+from llm_jax.errors import NotFound
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
     try:
         tokenizer = tok_lib.load(workdir_lib.tokenizer_dir(workdir))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}: --workdir must be a run directory written by llm_jax.main") from None
+        raise NotFound(f"{e}: --workdir must be a run directory written by llm_jax.main") from None
     model = family_lib.build(config_lib.model_config(config, tokenizer.vocab_size))
     mesh = inference_mesh(config) if mesh is None else mesh
     rules = sharding.logical_rules(config)

@@ -17,6 +17,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from llm_jax.errors import BadValue, NotFound
+
 INDEX_FILE = "model.safetensors.index.json"
 SAFE_FILE = "model.safetensors"
 # Metadata transformers needs: it refuses safetensors files without format=pt.
@@ -39,7 +41,7 @@ DTYPES = {
 }
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(BadValue):
     """A safetensors file or index that cannot be read as it claims to be."""
 
 
@@ -68,7 +70,7 @@ class SafetensorsDir:
     def __init__(self, directory: str):
         files = weight_files(directory)
         if not files:
-            raise FileNotFoundError(f"{directory} has no *.safetensors weights (and no {INDEX_FILE})")
+            raise NotFound(f"{directory} has no *.safetensors weights (and no {INDEX_FILE})")
         self.tensors: dict[str, np.ndarray] = {}
         for name in files:
             for key, arr in map_file(os.path.join(directory, name)).items():
@@ -80,7 +82,7 @@ class SafetensorsDir:
 def map_file(path: str) -> dict[str, np.ndarray]:
     """{name: read-only view} of one safetensors file, through one np.memmap of the whole file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing (named by {INDEX_FILE}?)")
+        raise NotFound(f"{path} is missing (named by {INDEX_FILE}?)")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))

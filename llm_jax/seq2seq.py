@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from llm_jax import tokenizer as tok_lib
+from llm_jax.errors import BadValue, FileError, NotFound
 
 BATCH_KEYS = ("source", "source_positions", "source_segments", "inputs", "targets", "positions", "segments")
 
@@ -39,7 +40,7 @@ def split_path(directory: str, split: str, lang: str) -> str:
     for path in (plain, plain + ".gz"):
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(
+    raise NotFound(
         f"no {plain} or {plain}.gz: config.data.path={directory!r} must hold {split}.{lang}[.gz] "
         f"(set config.data.path, src_lang, tgt_lang or the split names)"
     )
@@ -52,11 +53,11 @@ def read_lines(path: str) -> list[str]:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise OSError(f"{path} cannot be read ({e}); give a readable text or .gz file") from None
+        raise FileError(f"{path} cannot be read ({e}); give a readable text or .gz file") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
+        raise BadValue(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 
@@ -65,7 +66,7 @@ def read_pairs(directory: str, split: str, src_lang: str, tgt_lang: str) -> tupl
     src_path, tgt_path = split_path(directory, split, src_lang), split_path(directory, split, tgt_lang)
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
-        raise ValueError(
+        raise BadValue(
             f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: line i of one must translate line i "
             "of the other; fix the files (no pair is guessed)"
         )
@@ -159,7 +160,7 @@ class ParallelData:
     def check(self, seq_len: int) -> None:
         for name, split in (("training", self.train), ("validation", self.val)):
             if not split.source:
-                raise ValueError(
+                raise BadValue(
                     f"the {name} split has no usable pair ({split.empty} with an empty side, {split.too_long} longer "
                     f"than seq_len-1={seq_len - 1} tokens); check config.data.path or raise config.data.seq_len"
                 )
@@ -192,7 +193,7 @@ def load_parallel_data(cfg, tokenizer_dir: str | None = None, log=print) -> Para
     """Reads both splits, trains (or loads from `tokenizer_dir`) the joint vocabulary, tokenizes."""
     t0 = time.time()
     if not cfg.path:
-        raise ValueError("config.data.source='parallel' needs config.data.path: a directory of {split}.{lang}[.gz]")
+        raise BadValue("config.data.source='parallel' needs config.data.path: a directory of {split}.{lang}[.gz]")
     train_src, train_tgt = read_pairs(cfg.path, cfg.train_split, cfg.src_lang, cfg.tgt_lang)
     val_src, val_tgt = read_pairs(cfg.path, cfg.val_split, cfg.src_lang, cfg.tgt_lang)
     if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
@@ -203,9 +204,9 @@ def load_parallel_data(cfg, tokenizer_dir: str | None = None, log=print) -> Para
             train_src + train_tgt, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars, prose=True
         )
     else:
-        raise ValueError(f"config.data.tokenizer={cfg.tokenizer!r}: source='parallel' uses 'sentencepiece'")
+        raise BadValue(f"config.data.tokenizer={cfg.tokenizer!r}: source='parallel' uses 'sentencepiece'")
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
-        raise ValueError(f"the {tokenizer.kind!r} tokenizer has no BOS/EOS ids, which the decoder needs")
+        raise BadValue(f"the {tokenizer.kind!r} tokenizer has no BOS/EOS ids, which the decoder needs")
     data = ParallelData(
         tokenizer,
         encode_split(train_src, train_tgt, tokenizer, cfg.seq_len),

@@ -22,6 +22,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llm_jax.errors import BadValue
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,21 +59,21 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     """Fills in one -1 entry so the product equals num_devices; errors name the fix."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+        raise BadValue(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one axis may be -1 (fill in the remaining devices)")
+        raise BadValue(f"mesh shape {shape}: at most one axis may be -1 (fill in the remaining devices)")
     if any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: sizes must be positive or -1")
+        raise BadValue(f"mesh shape {shape}: sizes must be positive or -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(
+            raise BadValue(
                 f"mesh shape {dict(zip(MESH_AXES, shape))}: the fixed axes multiply to {known}, which does not "
                 f"divide the {num_devices} available devices; choose sizes whose product divides {num_devices}"
             )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise BadValue(
             f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but {num_devices} are "
             f"available; make the product {num_devices} or set one axis to -1"
         )
@@ -159,7 +161,7 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
     if model_cfg.embed_dim % fsdp:
         problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp={fsdp}")
     if problems:
-        raise ValueError(
+        raise BadValue(
             f"mesh {dict(mesh.shape)} does not fit this run: "
             + "; ".join(problems)
             + ". Change the mesh sizes (config.mesh.*) or the sizes named."

@@ -33,6 +33,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from llm_jax.errors import BadValue, FileError, NotFound, Unavailable
+
 # Directories of the standard library left out of the default corpus: tests, the IDE, vendored
 # packages and generated tables are not the code a model should learn from.
 _STDLIB_SKIP = (
@@ -98,7 +100,7 @@ def identity(cfg) -> dict:
             **shaping, "tfds": cfg.tfds_name, "data_dir": data_dir, "splits": splits,
             "text_key": cfg.tfds_text_key, "max_docs": cfg.max_docs,
         }  # fmt: skip
-    raise ValueError(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
+    raise BadValue(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -115,7 +117,7 @@ def stdlib_files() -> list[tuple[str, str]]:
         if not any(part in _STDLIB_SKIP for part in rel.split(os.sep)[:-1]):
             out.append((rel, path))
     if not out:
-        raise FileNotFoundError(f"found no .py files under the standard library at {root}")
+        raise NotFound(f"found no .py files under the standard library at {root}")
     return out
 
 
@@ -123,19 +125,17 @@ def expand_paths(spec: str) -> list[str]:
     """config.data.path (a file, a glob, or a comma-separated list of them) -> existing files, in
     order (each glob sorted); errors name the part that matched nothing."""
     if not spec:
-        raise ValueError("config.data.path is empty: give a text file with --config.data.path=FILE")
+        raise BadValue("config.data.path is empty: give a text file with --config.data.path=FILE")
     out = []
     for part in (p.strip() for p in spec.split(",")):
         if glob.has_magic(part):
             found = sorted(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
             if not found:
-                raise FileNotFoundError(f"config.data.path: {part!r} matches no file; check the pattern")
+                raise NotFound(f"config.data.path: {part!r} matches no file; check the pattern")
             out += found
         elif part:
             if not os.path.isfile(part):
-                raise FileNotFoundError(
-                    f"config.data.path={part!r} does not exist or is not a file; give a readable text file"
-                )
+                raise NotFound(f"config.data.path={part!r} does not exist or is not a file; give a readable text file")
             out.append(part)
     return list(dict.fromkeys(os.path.abspath(p) for p in out))
 
@@ -150,7 +150,7 @@ def tfds_source(cfg, split: str):
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types for "not prepared" / unknown names
-        raise RuntimeError(
+        raise Unavailable(
             f"tfds dataset {name!r} (split {split!r}, data_dir={data_dir!r}) is not available: "
             f"{type(e).__name__}: {e}\n"
             f"It must be downloaded and prepared as array_record first, on a machine with network access:\n"
@@ -173,7 +173,7 @@ def plan(cfg, piece_bytes: int) -> list[Piece]:
         if len(paths) == 1 and not _is_jsonl(paths[0]):
             return _one_file(paths[0], cfg, piece_bytes)
         if cfg.max_chars > 0 and any(map(_is_jsonl, paths)):
-            raise ValueError("config.data.max_chars does not apply to JSON-lines files; set it to 0")
+            raise BadValue("config.data.max_chars does not apply to JSON-lines files; set it to 0")
         root = os.path.commonpath([os.path.dirname(p) for p in paths])
         named = [(os.path.relpath(p, root), p) for p in paths]
         plain = [(rel, p) for rel, p in named if not _is_jsonl(p)]
@@ -192,7 +192,7 @@ def plan(cfg, piece_bytes: int) -> list[Piece]:
                 hi = min(n, lo + _TFDS_RECORDS_PER_PIECE)
                 pieces.append(Piece("tfds", split, "", lo, hi, nbytes=(hi - lo) * 1000, args=args))
         return pieces
-    raise ValueError(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
+    raise BadValue(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
 
 
 def _is_jsonl(path: str) -> bool:
@@ -230,7 +230,7 @@ def _one_file(path: str, cfg, piece_bytes: int) -> list[Piece]:
     if _size(path) < (1 << 20):  # small enough to check whole: the clear errors come before any work
         text = _read_text(path, "strict")
         if not text.strip():
-            raise ValueError(f"config.data.path={path!r} is empty; give a file with text in it")
+            raise BadValue(f"config.data.path={path!r} is empty; give a file with text in it")
     total = count_chars(path)
     cut = int(total * (1.0 - cfg.val_fraction))
     end = total
@@ -290,7 +290,7 @@ def _decode(raw: bytes, path: str, offset: int, errors: str) -> str:
     try:
         return raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise BadValue(
             f"config.data.path={path!r} is not UTF-8 text (bad byte at offset {offset + e.start}); convert it to UTF-8"
         ) from None
 
@@ -300,7 +300,7 @@ def _read_text(path: str, errors: str) -> str:
         with _open(path) as f:
             return _decode(f.read(), path, 0, errors)
     except OSError as e:
-        raise OSError(f"config.data.path={path!r} cannot be read: {e}") from e
+        raise FileError(f"config.data.path={path!r} cannot be read: {e}") from e
 
 
 def count_chars(path: str) -> int:
@@ -369,9 +369,9 @@ def _read_jsonl(piece: Piece) -> Iterator[Doc]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise BadValue(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-                raise ValueError(
+                raise BadValue(
                     f"{where}: expected a JSON object with a string field {key!r} (config.data.text_key); "
                     f"got {type(obj).__name__}" + (f" with fields {sorted(obj)}" if isinstance(obj, dict) else "")
                 )

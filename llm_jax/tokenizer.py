@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from llm_jax.errors import BadValue, NotFound
+
 META = "llm_jax_tokenizer.json"
 
 
@@ -75,14 +77,14 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def train(cls, text: str) -> "CharTokenizer":
         if not text:
-            raise ValueError("cannot build a character vocabulary from empty text")
+            raise BadValue("cannot build a character vocabulary from empty text")
         return cls(text)
 
     def encode(self, text):
         try:
             return [self.index[c] for c in text]
         except KeyError as e:
-            raise ValueError(
+            raise BadValue(
                 f"character {e.args[0]!r} is not in this run's character vocabulary "
                 f"({self.vocab_size} chars); use text made of the training characters"
             ) from None
@@ -230,7 +232,7 @@ def load(directory: str) -> Tokenizer:
     """Reads back a tokenizer saved by `Tokenizer.save`."""
     path = os.path.join(directory, META)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer in {directory} (expected {META})")
+        raise NotFound(f"no tokenizer in {directory} (expected {META})")
     with open(path) as f:
         meta = json.load(f)
     kind = meta.get("kind")
@@ -243,7 +245,7 @@ def load(directory: str) -> Tokenizer:
             return SentencePieceTokenizer(f.read())
     if kind == "hf":
         return HFTokenizer.from_file(os.path.join(directory, HFTokenizer.FILE), meta.get("eos_id"))
-    raise ValueError(f"{path}: unknown tokenizer kind {kind!r}")
+    raise BadValue(f"{path}: unknown tokenizer kind {kind!r}")
 
 
 def fingerprint(tokenizer: Tokenizer) -> dict:

@@ -2,10 +2,14 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch) -> metrics` are
 pure and written over the model-family interface (llm_jax/family.py), so every family trains with
-them. `train_and_evaluate` checks everything, restores or creates the sharded state, then runs the
-loop: one jitted step per iteration, followed by the periodic actions (log, evaluate, sample,
-checkpoint) that are due, all of them reading a `Trainer` (what stays fixed) and updating a
-`LoopState` (what the loop changes).
+them. `train_and_evaluate` checks everything, claims the workdir (one writer), restores or creates
+the sharded state, then runs the loop: one jitted step per iteration, followed by the periodic
+actions (log, evaluate, sample, checkpoint) that are due, all of them reading a `Trainer` (what
+stays fixed) and updating a `LoopState` (what the loop changes).
+
+Divergence: a checkpoint is written only from a sane state (`check_sane`): the loss of the very
+parameters to save is finite and not a spike over the running mean of the training loss. Else
+the run stops naming the last good checkpoint, so that one always is good.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from llm_jax import family as family_lib
 from llm_jax import flops as flops_lib
 from llm_jax import tokenizer as tok_lib
 from llm_jax import workdir as workdir_lib
+from llm_jax.errors import BadValue, Diverged
 from llm_jax.metrics import MetricsLog
 from llm_jax.model import count_params
 
@@ -185,7 +190,29 @@ def evaluate(p_eval, params, eval_batches, mesh) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Set-up: everything is checked, and the checkpoint restored, before the workdir changes
+# Divergence: pure decisions on the training loss
+
+LOSS_MEAN_DECAY = 0.95  # the running mean of the training loss weighs about the last 20 steps
+SPIKE_MIN_GAP = 1.0  # a spike is also this far above the mean: near zero, losses vary by large factors
+
+
+def is_spike(loss: float, mean: float | None, factor: float) -> bool:
+    """Whether `loss` is more than `factor` times the running `mean` (and SPIKE_MIN_GAP above it);
+    never with no mean yet or factor 0."""
+    return factor > 0 and mean is not None and loss > factor * mean and loss > mean + SPIKE_MIN_GAP
+
+
+def updated_mean(mean: float | None, loss: float, factor: float) -> float | None:
+    """The running mean after a step's loss. Spikes stay out of it: an exploding run must not drag
+    its own reference up until the explosion looks normal."""
+    if not math.isfinite(loss) or is_spike(loss, mean, factor):
+        return mean
+    return loss if mean is None else LOSS_MEAN_DECAY * mean + (1.0 - LOSS_MEAN_DECAY) * loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up: cheap checks, then the workdir is claimed; everything else is checked, and the
+# checkpoint restored, before anything else in the workdir changes
 
 
 @dataclasses.dataclass
@@ -205,6 +232,7 @@ class Trainer:
     eval_batches: list
     dropout_rng: jax.Array
     mngr: Any  # orbax CheckpointManager
+    lock: workdir_lib.WorkdirLock | None  # process 0's claim on the workdir (None on the others)
     metrics: MetricsLog
     preemption: distributed.Preemption
     tokenizer_id: dict
@@ -226,6 +254,7 @@ class LoopState:
     skipped_total: int = 0
     pending: list = dataclasses.field(default_factory=list)  # device metrics of steps not yet fetched
     grad_norm: float = float("nan")
+    loss_mean: float | None = None  # running mean of the training loss (`updated_mean`), for `check_sane`
     log_time: float = 0.0
     log_step: int = 0
     train_record: dict = dataclasses.field(default_factory=dict)  # the latest log line's metrics
@@ -242,6 +271,7 @@ def checkpoint_data(trainer: Trainer, ls: LoopState) -> dict:
         "skipped_steps": ls.skipped_total,
         "tokenizer": trainer.tokenizer_id,
         "trained_context": ls.trained_context,
+        "loss_mean": ls.loss_mean,  # a resumed run decides on divergence as an uninterrupted one does
     }
 
 
@@ -250,7 +280,7 @@ def _load_data(config, workdir: str, start_over: bool, log):
     saved = not start_over and workdir_lib.has_tokenizer(workdir)
     data = data_lib.load_data(config.data, tokenizer_dir=workdir_lib.tokenizer_dir(workdir) if saved else None, log=log)
     if saved and data.tokenizer.kind != config.data.tokenizer:
-        raise ValueError(
+        raise BadValue(
             f"{workdir_lib.tokenizer_dir(workdir)} holds the {data.tokenizer.kind!r} tokenizer this run was trained "
             f"with, but config.data.tokenizer={config.data.tokenizer!r}; use {data.tokenizer.kind!r} to resume, or "
             "start over with --config.train.overwrite=True (the old run is moved aside)"
@@ -265,12 +295,12 @@ def _check_batch(config, mesh, model_cfg) -> None:
     sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
     dp = sharding.data_parallel_size(mesh)
     if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % dp:
-        raise ValueError(
+        raise BadValue(
             f"config.train.batch_size={tc.batch_size} must split into grad_accum_steps={tc.grad_accum_steps} "
             f"micro-batches that each divide over data*fsdp={dp} devices"
         )
     if tc.batch_size % jax.process_count():
-        raise ValueError(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
+        raise BadValue(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
 
 
 def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, log):
@@ -294,12 +324,13 @@ def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, 
         reader.close()
 
 
-def setup(config, workdir: str, log, t_start: float, preemption) -> tuple[Trainer, LoopState]:
-    """Checks config, data, workdir and checkpoints, restores (or creates) the state, then opens
-    the workdir for writing. Nothing in `workdir` changes before every check has passed."""
+def setup(
+    config, workdir: str, mesh, start_over: bool, lock, log, t_start: float, preemption
+) -> tuple[Trainer, LoopState]:
+    """Checks data and checkpoints, restores (or creates) the state, then opens the claimed
+    workdir for writing. Nothing in `workdir` but its lock changes before every check has passed."""
     tc, seq_len = config.train, config.data.seq_len
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
-    start_over = workdir_lib.check(workdir, config)
+    rules = sharding.logical_rules(config)
     data, saved_tokenizer = _load_data(config, workdir, start_over, log)
     model_cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
     _check_batch(config, mesh, model_cfg)
@@ -315,7 +346,7 @@ def setup(config, workdir: str, log, t_start: float, preemption) -> tuple[Traine
 
     # Every check passed: from here on the workdir may change.
     if start_over:
-        workdir_lib.move_aside(workdir, log)
+        workdir_lib.move_aside(workdir, log, lock)
     workdir_lib.prepare(workdir, config, data.tokenizer)
     ckpt_lib.move_aside(workdir, bad_steps, log)
     mngr = ckpt_lib.manager(workdir, tc.keep_checkpoints)
@@ -331,7 +362,7 @@ def setup(config, workdir: str, log, t_start: float, preemption) -> tuple[Traine
         eval_batches=data.eval_batches(tc.eval_steps, tc.eval_batch_size, seq_len, config.seed, pi, pc),
         # Made by a jit with a replicated output: under several processes the mesh is not all addressable.
         dropout_rng=jax.jit(lambda: dropout_key, out_shardings=replicated)(),
-        mngr=mngr, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
+        mngr=mngr, lock=lock, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
         tokenizer_id=tokenizer_id, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
         peak_flops=flops_lib.peak_flops(mesh.devices.flatten().tolist(), model_cfg.dtype)[0],
     )  # fmt: skip
@@ -340,6 +371,7 @@ def setup(config, workdir: str, log, t_start: float, preemption) -> tuple[Traine
         trained_context=max(int(restored.get("trained_context", 0)), seq_len),
         window=[float(x) for x in restored.get("window_losses", [])],
         window_skipped=int(restored.get("window_skipped", 0)), skipped_total=int(restored.get("skipped_steps", 0)),
+        loss_mean=restored.get("loss_mean"),
     )  # fmt: skip
     _log_start(trainer, ls, latest)
     return trainer, ls
@@ -363,7 +395,8 @@ def _log_start(trainer: Trainer, ls: LoopState, latest) -> None:
 
 
 def fetch(trainer: Trainer, ls: LoopState) -> None:
-    """Brings pending step metrics to the host; a non-finite loss stops the run (on_nan='stop')."""
+    """Brings pending step metrics to the host and updates the running mean of the loss; a
+    non-finite loss stops the run (on_nan='stop')."""
     if not ls.pending:
         return
     got, first = jax.device_get(ls.pending), ls.step - len(ls.pending) + 1
@@ -376,13 +409,60 @@ def fetch(trainer: Trainer, ls: LoopState) -> None:
             trainer.log(f"step {first + i:6d} | skipped: loss {loss}, grad norm {gnorm} (config.train.on_nan='skip')")
             continue
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            raise FloatingPointError(
-                f"training loss is {loss} (grad norm {gnorm}) at step {first + i}; stopped without saving it. "
-                f"The last good checkpoint in {trainer.mngr.directory} is kept. Lower config.optim.lr, enable "
-                "gradient clipping (config.optim.grad_clip), or skip such updates with config.train.on_nan='skip'."
-            )
+            raise diverged(
+                trainer, ls, f"the training loss is {loss} (grad norm {gnorm}) at step {first + i}",
+                "Or skip such updates with config.train.on_nan='skip'.",
+            )  # fmt: skip
         ls.window.append(loss)
+        ls.loss_mean = updated_mean(ls.loss_mean, loss, trainer.config.train.spike_factor)
     ls.grad_norm = float(got[-1]["grad_norm"])
+
+
+def diverged(trainer: Trainer, ls: LoopState, what: str, advice: str) -> Diverged:
+    """The error that stops a diverged run, naming the last good checkpoint (the save in flight, if
+    any, was started from a checked state: it is waited for) and the step to resume from."""
+    trainer.mngr.wait_until_finished()
+    last, lr = trainer.mngr.latest_step(), trainer.config.optim.lr
+    lower = f"a lower learning rate (e.g. --config.optim.lr={lr / 10:g}; gradient clipping: config.optim.grad_clip)"
+    if last is None:
+        where = f"No checkpoint was kept (it diverged before its first save): start again with {lower}."
+    else:
+        where = (
+            f"The last good checkpoint is step {last} in {trainer.mngr.directory}: run the same command with "
+            f"{lower} to resume from step {last}."
+        )
+    return Diverged(f"training diverged: {what}; step {ls.step} was not saved. {where} {advice}")
+
+
+def host_batch(trainer: Trainer, step: int) -> dict:
+    """This process's rows of the training batch of `step` (a pure function of the seed and step)."""
+    tc = trainer.config.train
+    pi, pc = jax.process_index(), jax.process_count()
+    return trainer.data.train_batch(step, tc.batch_size, trainer.config.data.seq_len, trainer.config.seed, pi, pc)
+
+
+def check_sane(trainer: Trainer, ls: LoopState) -> None:
+    """Raises Diverged unless the state about to be saved is sane: the loss of its own parameters on
+    the next training batch (without dropout) is finite and no spike over the running mean. A step's
+    own loss is of the parameters before its update, so it cannot tell whether that update exploded
+    them; this costs one forward pass per save and changes nothing. It reads as many rows as an
+    evaluation batch: a shape the eval step compiles anyway and that is known to fit in memory (a
+    save on SIGTERM has no time for a compilation)."""
+    tc = trainer.config.train
+    if tc.spike_factor <= 0:
+        return
+    rows = min(tc.eval_batch_size, tc.batch_size) // jax.process_count()
+    batch = {k: v[:rows] for k, v in host_batch(trainer, ls.step).items()}
+    loss = evaluate(trainer.p_eval, ls.state.params, [batch], trainer.mesh)
+    if math.isfinite(loss) and not is_spike(loss, ls.loss_mean, tc.spike_factor):
+        return
+    mean = "none yet" if ls.loss_mean is None else f"{ls.loss_mean:.4g}"
+    raise diverged(
+        trainer, ls,
+        f"the loss of the parameters at step {ls.step} is {loss:.4g}, more than "
+        f"config.train.spike_factor={tc.spike_factor:g} times the running mean of the training loss ({mean})",
+        "A spike that is no divergence: raise config.train.spike_factor (0 turns the check off).",
+    )  # fmt: skip
 
 
 def log_progress(trainer: Trainer, ls: LoopState) -> None:
@@ -467,6 +547,7 @@ def save(trainer: Trainer, ls: LoopState) -> None:
     if ls.step == ls.saved_step:
         return
     fetch(trainer, ls)  # never save a state whose loss has not been checked
+    check_sane(trainer, ls)
     ckpt_lib.save(trainer.mngr, ls.step, ls.state, checkpoint_data(trainer, ls))
     ls.saved_step = ls.step
 
@@ -532,18 +613,24 @@ def train_loop(trainer: Trainer, ls: LoopState) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training as `config` says; returns the final metrics.
 
-    Everything that can be wrong with the config, the data, the workdir or its checkpoints is
-    checked (and the checkpoint restored) before anything in `workdir` changes. SIGTERM finishes
-    the current step, saves it and returns (`preempted` is True).
+    The config, the mesh and the workdir's config.json are checked first; then the workdir is
+    claimed (created if missing, probed for writing, locked: a second run on it is refused or
+    waits, see llm_jax/workdir.py); then the data and checkpoints are checked (and the checkpoint
+    restored) before anything else in `workdir` changes. SIGTERM finishes the current step, saves
+    it and returns (`preempted` is True).
     """
     t_start = time.time()
     config_lib.check_keys(config)
     config = config_lib.finalize(config)
     config_lib.check_train(config.train)
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    mesh = sharding.make_mesh(config.mesh)
+    start_over = workdir_lib.check(workdir, config)
+    hint = ", or pass --config.train.wait_for_lock=SECONDS to wait for it; each run needs its own --workdir"
+    lock = workdir_lib.claim(workdir, config.train.wait_for_lock, log, "llm_jax.main", hint)
     preemption = distributed.Preemption()  # early: a notice during set-up stops after the first step
     try:
-        trainer, ls = setup(config, workdir, log, t_start, preemption)
+        trainer, ls = setup(config, workdir, mesh, start_over, lock, log, t_start, preemption)
         try:
             train_loop(trainer, ls)
         finally:
@@ -554,6 +641,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 trainer.metrics.close()
     finally:
         preemption.close()
+        if lock is not None:
+            lock.release()
     summary = {"step": ls.step, **ls.train_record, **ls.eval_record, "preempted": ls.stop == "preempted"}
     if ls.stop != "preempted" and config.train.sample_tokens > 0:
         summary["sample"] = sample(trainer, ls, seed=config.seed)

@@ -3,6 +3,8 @@
     python -m llm_jax.translate --workdir runs/mt --input test.en [--output test.de] [--beam_size 4]
         [--length_penalty 0.6] [--reference test.de.ref] [--batch_size 64]
 
+A mistake in the input is one line, `translate: error: ...` (`--debug` shows the traceback).
+
 Writes one detokenized translation per input line, in order (an empty input line gives an empty
 output line; `.gz` inputs are read as such), to --output (default: stdout), and prints corpus BLEU
 (sacrebleu: detokenized, cased, its default 13a tokenization) on stderr when --reference is given.
@@ -32,6 +34,7 @@ import sacrebleu
 
 from llm_jax import beam_search as beam_lib
 from llm_jax import decode as decode_lib
+from llm_jax.errors import BadValue
 
 
 class Translator(NamedTuple):
@@ -45,7 +48,7 @@ class Translator(NamedTuple):
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU of detokenized text (sacrebleu's defaults: 13a tokenization, cased)."""
     if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} translations but {len(references)} references: they must align by line")
+        raise BadValue(f"{len(hypotheses)} translations but {len(references)} references: they must align by line")
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
@@ -123,16 +126,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.ERROR)
     f = flags.FLAGS
-    try:
-        sources = read_lines(f.input)
-        references = read_lines(f.reference) if f.reference else None
-        if references is not None and len(references) != len(sources):
-            raise ValueError(f"--reference={f.reference} has {len(references)} lines but --input has {len(sources)}")
-        run = load_run(f.workdir, f.step)
-        if run.model.cfg.family != "encdec":
-            raise ValueError(f"{f.workdir} is a {run.model.cfg.family!r} run; translate needs an encoder-decoder")
-    except (OSError, ValueError) as e:
-        sys.exit(f"translate: error: {e}")
+    sources = read_lines(f.input)
+    references = read_lines(f.reference) if f.reference else None
+    if references is not None and len(references) != len(sources):
+        raise BadValue(f"--reference={f.reference} has {len(references)} lines but --input has {len(sources)}")
+    run = load_run(f.workdir, f.step)
+    if run.model.cfg.family != "encdec":
+        raise BadValue(f"{f.workdir} is a {run.model.cfg.family!r} run; translate needs an encoder-decoder")
     t0 = time.time()
     with run.use_mesh():
         outputs = translate(run, sources, f.beam_size, f.length_penalty, f.max_len_a, f.max_len_b, f.batch_size)
@@ -152,7 +152,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
+    from llm_jax import cli
 
     define_flags()
-    app.run(main)
+    cli.run(main, "translate")

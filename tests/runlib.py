@@ -236,7 +236,10 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 def snapshot(directory: str) -> dict:
-    """{relative path: (size, mtime_ns, sha256)} of every file, and every directory, under `directory`."""
+    """{relative path: (size, mtime_ns, sha256)} of every file, and every directory, under `directory`.
+
+    Leaves out the top-level `lock` file: it records who holds the workdir, not the run, and a run
+    refused after it claimed the workdir (bad data, say) touched it (it ends empty again)."""
     out = {}
     for root, dirs, files in os.walk(directory):
         for d in dirs:
@@ -244,11 +247,50 @@ def snapshot(directory: str) -> dict:
             out[rel + "/"] = "dir"
         for name in files:
             full = os.path.join(root, name)
+            if root == directory and name == "lock":
+                continue
             st = os.stat(full)
             with open(full, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
             out[os.path.relpath(full, directory)] = (st.st_size, st.st_mtime_ns, digest)
     return out
+
+
+def read_loop_data(workdir: str, step: int) -> dict:
+    """The loop state saved beside the train state of checkpoints/<step> (JSON)."""
+    with open(os.path.join(ckpt_root(workdir), str(step), "data", "metadata")) as f:
+        return json.load(f)
+
+
+def lock_record(workdir: str) -> dict | None:
+    """The holder record in workdir/lock (None when it is empty: released cleanly, or no lock file)."""
+    path = os.path.join(workdir, "lock")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    return json.loads(text) if text.strip() else None
+
+
+def run_cli(module: str, *args: str, devices: int = 8, timeout: float = 180, extra_env=None, prefix=(), **kw):
+    """`[PREFIX] python -m MODULE ARGS` to completion (a CompletedProcess with text stdout / stderr)."""
+    e = env(devices)
+    e.update(extra_env or {})
+    cmd = [*prefix, sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def assert_one_line_error(p, tool: str, match: str) -> str:
+    """A user error: non-zero exit, no traceback, and stderr ending in one line `<tool>: error: ...`
+    that matches the regular expression `match`; returns that line."""
+    import re
+
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    assert p.returncode != 0, f"exit 0:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr[-4000:]
+    assert last.startswith(f"{tool}: error: "), p.stderr[-3000:]
+    assert re.search(match, last), (match, last)
+    return last
 
 
 def corrupt_one_file(step_dir: str) -> str:

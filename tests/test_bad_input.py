@@ -183,3 +183,97 @@ def test_workdir_holding_a_different_model(run, workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["num_layers"] == 3
     assert R.finished_steps(workdir) == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines: an expected error is one line on stderr, `<tool>: error: ...`, without a traceback
+
+
+def _tiny_args(workdir, *extra):
+    return ["--config=configs/default.py:tiny", f"--workdir={workdir}", *extra]
+
+
+def _other_model_workdir(path, corpus) -> str:
+    """A workdir whose config.json is of another model (3 layers): all workdir.check reads."""
+    from llm_jax import config as config_lib
+
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config_lib.finalize(_config(corpus, **{"model.num_layers": 3}))))
+    return str(path)
+
+
+def test_each_command_line_ends_a_user_error_in_one_line(run, tmp_path, capsys):
+    corpus, data = run["corpus"], ["--config.data.source=text", f"--config.data.path={run['corpus']}"]
+    hf_bad = tmp_path / "hf_bad"
+    hf_bad.mkdir()
+    (hf_bad / "config.json").write_text("{}")
+    cases = [
+        ("main", _tiny_args(tmp_path / "a", "--config.mesh.data=3"), r"needs 3 devices but 8 are available"),
+        ("main", _tiny_args(tmp_path / "b", "--config.data.source=text", "--config.data.path=/nope.txt"),
+         r"config\.data\.path='/nope.txt' does not exist"),
+        ("main", _tiny_args(_other_model_workdir(tmp_path / "c", corpus), *data),
+         r"holds the run of a different model: model\.num_layers is 3 there but 2 now"),
+        ("main", ["--config=configs/nope.py", f"--workdir={tmp_path / 'd'}"],
+         r"--config=configs/nope.py: the config file cannot be loaded \(\[Errno 2\] No such file"),
+        ("main", _tiny_args(corpus), r"--workdir=\S+corpus.txt is a file, not a directory"),
+        ("main", _tiny_args(tmp_path / "e", "--config.train.spike_factor=1"), r"spike_factor=1.0 must be above 1"),
+        ("generate", [f"--workdir={tmp_path / 'none'}", "--prompt=x"],
+         r"none/config.json does not exist: --workdir must be a run directory"),
+        ("convert", ["from_hf", f"--hf_dir={hf_bad}", f"--workdir={tmp_path / 'f'}"],
+         r"is neither a Hugging Face config \(no 'architectures'\) nor a run config"),
+        ("convert", ["from_hf", f"--hf_dir={tmp_path / 'no_such_dir'}", f"--workdir={tmp_path / 'f'}"],
+         r"no_such_dir is not a Hugging Face model directory: no config.json"),
+        ("convert", ["to_hf", f"--workdir={tmp_path / 'none'}", f"--hf_dir={tmp_path / 'g'}"],
+         r"none/config.json does not exist"),
+        ("bench", ["--config=configs/bench_cpu.py", "--config.mesh.data=3"], r"needs 3 devices but 8 are available"),
+        ("bench_decode", ["--prompt_len=300"], r"--prompt_len \+ --new_tokens - 1 must fit --max_len=256"),
+    ]  # fmt: skip
+    procs = [(tool, match, R.run_cli(f"llm_jax.{tool}", *args)) for tool, args, match in cases]
+    printed = [R.assert_one_line_error(p, tool, match) for tool, match, p in procs]
+    for name in "abdef":  # refused before anything was written: no workdir left behind
+        assert not (tmp_path / name).exists(), name
+    with capsys.disabled():
+        print("\n" + "\n".join(printed))
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
+    flag = R.run_cli("llm_jax.main", *_tiny_args(tmp_path / "a", "--config.mesh.data=3", "--debug"))
+    env = R.run_cli("llm_jax.generate", f"--workdir={tmp_path}", "--prompt=x", extra_env={"LLM_JAX_DEBUG": "1"})
+    for p, error in ((flag, "llm_jax.errors.BadValue: mesh shape"), (env, "llm_jax.errors.NotFound: ")):
+        assert p.returncode != 0 and "Traceback (most recent call last)" in p.stderr and error in p.stderr, p.stderr
+    # A bug (any exception but a UserError) keeps its traceback without being asked.
+    code = "from llm_jax import cli, errors; cli.run(lambda argv: {}, 'tool')"
+    for body, ok in (("1 / 0", False), ("exec('raise errors.BadValue(\"bad x\\\\nfix it\")')", True)):
+        p = subprocess.run([sys.executable, "-c", code.format(body)], cwd=R.REPO, env=R.env(1),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        if ok:
+            R.assert_one_line_error(p, "tool", r"^tool: error: bad x fix it$")
+        else:
+            assert p.returncode != 0 and "ZeroDivisionError" in p.stderr and "Traceback" in p.stderr, p.stderr
+
+
+# Root writes whatever the mode: its children run without that privilege (CAP_DAC_OVERRIDE and
+# CAP_DAC_READ_SEARCH dropped from their bounding set, so they are gone after exec).
+_AS_USER = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+
+
+def test_read_only_workdir_fails_fast_and_generate_still_reads_it(workdir):
+    kw = {}
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv") or subprocess.run([*_AS_USER, "true"], capture_output=True).returncode:
+            pytest.skip("running as root without setpriv or CAP_SETPCAP: no way to make a directory read-only to root")
+        kw["prefix"] = _AS_USER
+    before = R.snapshot(workdir)
+    os.chmod(workdir, 0o555)
+    try:
+        p = R.run_cli("llm_jax.main", *_tiny_args(workdir, "--config.data.tokenizer=char"), **kw)
+        gen = R.run_cli("llm_jax.generate", f"--workdir={workdir}", "--prompt=def", "--max_new_tokens=4", **kw)
+    finally:
+        os.chmod(workdir, 0o755)
+    R.assert_one_line_error(
+        p, "main", rf"^main: error: workdir {workdir} is not writable \({workdir}: Permission denied\)"
+    )
+    assert "data:" not in p.stdout, "refused before the data was loaded"
+    assert gen.returncode == 0 and gen.stdout.startswith("def"), gen.stderr[-3000:]
+    assert R.snapshot(workdir) == before

@@ -1,6 +1,7 @@
 """Reliability: a run killed at any point (even mid-save) and restarted equals the uninterrupted run
-bit for bit; SIGTERM saves and exits 0; a corrupt latest checkpoint falls back to the previous one;
-checkpoints restore onto other mesh shapes and device counts; NaN/Inf losses stop or skip."""
+bit for bit, taking over the lock the killed run held; SIGTERM saves and exits 0; a corrupt latest
+checkpoint falls back to the previous one; checkpoints restore onto other mesh shapes and device
+counts; NaN/Inf losses stop or skip; a diverged state is never saved."""
 
 import os
 import re
@@ -15,8 +16,12 @@ import runlib as R
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import config as config_lib
+from llm_jax import data as data_lib
+from llm_jax import family as family_lib
 from llm_jax import optim, sharding, train
+from llm_jax.errors import Diverged
 from llm_jax.model import TransformerLM
+from llm_jax.run import load_run
 
 N_STEPS = 20
 EVERY = 5  # checkpoints at 5, 10, 15, 20
@@ -36,10 +41,19 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     assert [s for s, _ in ref_losses] == list(range(1, N_STEPS + 1))
 
     wd = str(tmp_path / "chaos")
-    kill_points = []
+    kill_points, killed = [], []
 
     def restart():
-        return R.start(wd, over, devices=DEVICES)
+        if killed and killed[-1]:  # kill -9 left the dead run's record in the lock file (its flock is gone)
+            assert R.lock_record(wd)["pid"] == killed[-1]
+        p = R.start(wd, over, devices=DEVICES)
+        p.after = killed[-1] if killed else None
+        return p
+
+    def took_over(p, out=None):
+        """The restarted run `p` took over the lock of the run killed before it started."""
+        text = f"took over the lock of {wd} from a run that ended without releasing it: pid {p.after} on"
+        return text in (R.output(p) if out is None else out)
 
     def kill_mid_save(p, step):
         """SIGKILL while checkpoints/<step> is still being written (its tmp directory exists)."""
@@ -48,6 +62,7 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
         R.freeze(p)  # SIGSTOP: every thread stops where it is; then check the save is still unfinished
         assert tmp_name in R.tmp_checkpoints(wd) and step not in R.finished_steps(wd), "save finished before the kill"
         R.kill_hard(p)
+        killed.append(p.pid)
         kill_points.append(f"SIGKILL during the async save of step {step} ({where()})")
 
     def where():
@@ -58,6 +73,7 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
         R.freeze(p)
         kill_points.append(f"SIGKILL between saves ({where()}, saving {R.tmp_checkpoints(wd) or 'nothing'})")
         R.kill_hard(p)
+        killed.append(p.pid)
 
     def latest():
         return max(R.finished_steps(wd), default=0)
@@ -72,14 +88,15 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     expect, p = latest(), restart()
     kill_between_saves(p, expect + EVERY)
     assert expect == 0 and resumed_from(R.output(p), expect), R.output(p)[-2000:]
+    assert took_over(p), R.output(p)[-2000:]
     # 3. Resumed from the last checkpoint; killed while the next one is being written.
     expect, p = latest(), restart()
     kill_mid_save(p, expect + EVERY)
-    assert resumed_from(R.output(p), expect), R.output(p)[-2000:]
+    assert resumed_from(R.output(p), expect) and took_over(p), R.output(p)[-2000:]
     # 4. Resumed; killed between saves; then a file of the newest checkpoint is damaged.
     expect, p = latest(), restart()
     kill_between_saves(p, expect + EVERY)
-    assert resumed_from(R.output(p), expect), R.output(p)[-2000:]
+    assert resumed_from(R.output(p), expect) and took_over(p), R.output(p)[-2000:]
     *_, good, bad = R.finished_steps(wd)
     R.corrupt_one_file(os.path.join(R.ckpt_root(wd), str(bad)))
     # 5. Restart: warns naming the damaged checkpoint, moves it aside, resumes from the one before.
@@ -93,6 +110,8 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     out = R.finish(p)
     kill_points.append(f"SIGTERM after step {seen}, saved step {R.finished_steps(wd)[-1]}")
     assert re.search(rf"WARNING: checkpoint \S*checkpoints/{bad} is corrupt or incomplete", out), out[-3000:]
+    assert took_over(p, out) and R.lock_record(wd) is None, "SIGTERM: a clean exit releases the lock"
+    killed.append(None)
     assert f"checkpoints/{good} (step {good})" in out
     assert os.path.isdir(os.path.join(wd, ckpt_lib.CORRUPT_DIR, str(bad))), "the bad checkpoint is kept aside"
     saved = R.finished_steps(wd)[-1]
@@ -109,6 +128,9 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     assert losses == ref_losses, "every logged loss equals the uninterrupted run's (each step logged once)"
     assert R.metric(wd, "eval/loss") == R.metric(ref, "eval/loss")
     R.assert_bitwise_equal(R.read_state(wd, N_STEPS), R.read_state(ref, N_STEPS))
+    # The loop state too: the running mean of the loss that divergence checks use went on exactly.
+    assert R.read_loop_data(wd, N_STEPS) == R.read_loop_data(ref, N_STEPS)
+    assert R.read_loop_data(wd, N_STEPS)["loss_mean"] > 0
     assert len(kill_points) == 5
 
     # The finished 2-device data-parallel run continues on 8 devices as data=1 x fsdp=4 x tensor=2
@@ -272,9 +294,10 @@ def _inprocess_config(corpus, **train_over):
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     _poison(monkeypatch, at_step=3)
     wd = str(tmp_path / "run")
-    with pytest.raises(FloatingPointError, match=r"training loss is inf .* at step 3;"):
-        train.train_and_evaluate(_inprocess_config(corpus), wd)
     # Step 4 was due to be saved but its state descends from the bad step 3: never saved.
+    last_good = r"at step 3; step 4 was not saved\. The last good checkpoint is step 2 .* to resume from step 2"
+    with pytest.raises(Diverged, match=r"training diverged: the training loss is inf .*" + last_good):
+        train.train_and_evaluate(_inprocess_config(corpus), wd)
     assert R.finished_steps(wd) == [2] and not R.tmp_checkpoints(wd)
     assert all(np.isfinite(v).all() for v in R.read_state(wd, 2).values())
 
@@ -293,3 +316,77 @@ def test_nan_loss_skip_drops_that_update(tmp_path, corpus, monkeypatch, capsys):
         {k: v for k, v in s3.items() if k != "['step']"}, {k: v for k, v in s2.items() if k != "['step']"}
     )  # ... but nothing else changed
     assert all(np.isfinite(v).all() for v in R.read_state(wd, 6).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence: a checkpoint is written only from a sane state
+
+
+def test_running_mean_leaves_spikes_out():
+    mean = None
+    for loss in (5.0, 5.0, 4.0):
+        mean = train.updated_mean(mean, loss, 10.0)
+    assert 4.0 < mean < 5.0
+    assert train.is_spike(60.0, mean, 10.0) and not train.is_spike(40.0, mean, 10.0)
+    assert train.updated_mean(mean, 1e10, 10.0) == mean, "a spike does not move the mean"
+    assert train.updated_mean(mean, float("nan"), 10.0) == mean
+    assert not train.is_spike(0.5, 0.01, 10.0), "near zero, 50x is noise (less than 1 above the mean)"
+    assert not train.is_spike(1e10, mean, 0.0) and not train.is_spike(1e10, None, 10.0)
+
+
+def _loss_of(run, corpus) -> float:
+    """Mean loss of a restored run's params on the first validation batch of `corpus`."""
+    data = data_lib.load_data(run.config.data, tokenizer_dir=os.path.join(run.workdir, "tokenizer"), log=lambda m: None)
+    batch = data.eval_batches(1, 8, run.config.data.seq_len, 0)[0]
+    fn = jax.jit(lambda p, b: family_lib.of(run.model).loss_sum(run.model, p, b, None, True))
+    with run.use_mesh():
+        total, count = fn(run.params, batch)
+    return float(total) / float(count)
+
+
+def test_lr_1e6_stops_before_saving_and_the_kept_checkpoint_is_good(tmp_path, corpus):
+    """The warmup's first update has lr 0 (a good step 1); the second explodes the parameters while
+    the step's own loss, of the parameters before it, still looks fine: only the loss of the state
+    to save shows it. Nothing after step 1 is saved, and step 1 really is as good as the start."""
+    wd = str(tmp_path / "run")
+    c = _inprocess_config(corpus, num_steps=10, checkpoint_every=1, keep_checkpoints=10, log_every=1)
+    c.optim.update(lr=1e6, warmup_steps=2)
+    with pytest.raises(Diverged) as e:
+        train.train_and_evaluate(c, wd)
+    message = str(e.value)
+    assert re.match(
+        r"training diverged: the loss of the parameters at step 2 is \S+, more than "
+        r"config\.train\.spike_factor=10 times the running mean of the training loss \(5\.\d+\); "
+        r"step 2 was not saved\. The last good checkpoint is step 1 in \S+/checkpoints: run the same "
+        r"command with a lower learning rate \(e\.g\. --config\.optim\.lr=100000;",
+        message,
+    ), message
+    assert "raise config.train.spike_factor (0 turns the check off)" in message
+    assert R.finished_steps(wd) == [1] and not R.tmp_checkpoints(wd)
+    params = {k: v for k, v in R.read_state(wd, 1).items() if "params" in k}
+    assert all(np.isfinite(v).all() and np.abs(v).max() <= 1.0 for v in params.values()), "not exploded"
+    (_, first_loss), *_ = R.losses_list(wd)
+    assert abs(_loss_of(load_run(wd, step=1), corpus) - first_loss) < 0.05 * first_loss
+    # Without the check (spike_factor=0) the exploded state is saved: what the check prevents.
+    c.train.spike_factor = 0.0
+    with pytest.raises(Diverged, match="the training loss is"):
+        train.train_and_evaluate(c, str(tmp_path / "unchecked"))
+    last = max(R.finished_steps(str(tmp_path / "unchecked")))
+    assert last >= 2 and max(np.abs(v).max() for v in R.read_state(str(tmp_path / "unchecked"), last).values()) > 1e3
+
+
+def test_diverged_run_resumes_from_the_named_checkpoint_with_a_lower_lr(tmp_path, corpus):
+    wd = str(tmp_path / "run")
+    train.train_and_evaluate(_inprocess_config(corpus, num_steps=4, checkpoint_every=2), wd)
+    good = R.read_state(wd, 4)
+    c = _inprocess_config(corpus, num_steps=10, checkpoint_every=2)
+    c.optim.lr = 1e6
+    with pytest.raises(
+        Diverged, match=r"step 6 was not saved\. The last good checkpoint is step 4 .* to resume from step 4"
+    ):
+        train.train_and_evaluate(c, wd)
+    assert R.finished_steps(wd) == [2, 4]
+    R.assert_bitwise_equal(R.read_state(wd, 4), good)
+    c.optim.lr = 1e-3  # what the message says: the same command with a lower learning rate
+    assert train.train_and_evaluate(c, wd)["step"] == 10
+    assert R.logged_steps(wd) == [4, 5, 10], "step 5 of the diverged attempt is logged once, by the resumed run"

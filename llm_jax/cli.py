@@ -1,0 +1,96 @@
+"""The command lines' shared edge: expected errors as one line, the traceback on request.
+
+    if __name__ == "__main__":
+        cli.run(main, "generate")
+
+A `UserError` (llm_jax/errors.py), an absl `UsageError` or a flag that does not parse ends the
+program with one line on stderr, `<tool>: error: <message>`, and exit status 1. `--debug` (every
+tool has it) or `LLM_JAX_DEBUG=1` shows the traceback instead. Any other exception is a bug and
+keeps its traceback, whatever the flags.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import ml_collections
+from absl import app, flags
+
+from llm_jax.errors import BadValue, UserError
+
+DEBUG_ENV = "LLM_JAX_DEBUG"
+EXIT_USER_ERROR = 1
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def debugging(argv: list[str]) -> bool:
+    """--debug or LLM_JAX_DEBUG=1; read from argv when the flags did not parse."""
+    if os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
+        return True
+    if flags.FLAGS.is_parsed() and "debug" in flags.FLAGS:
+        return bool(flags.FLAGS["debug"].value)
+    return any(a in ("--debug", "-debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line. A message that embeds a traceback (ml_collections does, for a config
+    file whose get_config raised) keeps its first line and the exception at its end."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if any(_TRACEBACK in line for line in lines):
+        return f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return " ".join(lines)
+
+
+def fail(tool: str, error: BaseException) -> None:
+    """Prints `<tool>: error: <message>` and exits with EXIT_USER_ERROR."""
+    sys.stdout.flush()  # what the run printed so far comes before the error in a merged log
+    sys.stderr.write(f"{tool}: error: {one_line(error)}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run(main: Callable[[list[str]], object], tool: str, flags_parser: Callable | None = None) -> None:
+    """`absl.app.run(main)` with expected errors shown as one line (see the module docstring).
+
+    `flags_parser(argv)` parses the flags (default: absl's); it may raise a UserError too.
+    """
+    if "debug" not in flags.FLAGS:
+        flags.DEFINE_bool("debug", False, f"Show the traceback of an expected error too (or set {DEBUG_ENV}=1).")
+    parser = flags_parser or flags.FLAGS
+
+    def parse(argv):
+        try:
+            return parser(argv)
+        except (flags.Error, UserError) as e:
+            if debugging(argv):
+                raise
+            fail(tool, e)
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (UserError, app.UsageError) as e:
+            if debugging(argv):
+                raise
+            fail(tool, e)
+
+    app.run(guarded, flags_parser=parse)
+
+
+def loaded_config(name: str = "config") -> ml_collections.ConfigDict:
+    """The ConfigDict of an ml_collections config-file flag. ml_collections defers a file that failed
+    to load (missing, a syntax error) to the first use of the config; this names it at once."""
+    flag = flags.FLAGS[name]
+    config = flag.value
+    if isinstance(config, ml_collections.ConfigDict):
+        return config
+    try:
+        config.to_dict()
+    except OSError as e:
+        cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()  # the OS error, after the paths tried
+        raise BadValue(f"--{name}={flag.config_filename}: the config file cannot be loaded ({cause})") from e
+    raise BadValue(f"--{name}={flag.config_filename}: get_config() returned {type(config).__name__}, not a ConfigDict")
