@@ -12,12 +12,11 @@ resumes. A workdir holding another model's run is refused unless `--config.train
 which moves it aside (never deletes it).
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax import distributed, train
+from llm_jax.cli import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
@@ -40,27 +39,6 @@ def main(argv):
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.auto_distributed
     )
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
-
-def parse_flags(argv):
-    """absl's flag parsing; an override of a key the config does not have (`--config.train.num_step=3`)
-    becomes a one-line error naming the flag, instead of ml_collections' traceback."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        inner = e
-        while inner.args and isinstance(inner.args[0], BaseException):
-            inner = inner.args[0]
-        text = str(inner.args[0]) if inner.args else str(inner)
-        key, _, hint = text.partition("\n")
-        key = key.strip("'\"")
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-        if not bad:
-            raise
-        sys.exit(
-            f"FATAL Flags parsing error: {bad[0]}: the config has no key {key!r}. {hint}".rstrip()
-            + " The keys are those of llm_jax/config.py (base_config)."
-        )
 
 
 if __name__ == "__main__":
