@@ -1,0 +1,165 @@
+"""Collectives in optimized HLO text (`compiled.as_text()`): which ones, how often per step, how many bytes.
+
+The text is read as XLA prints it: computations one after another, callees before their callers
+(post-order), each `name (params) -> type {` ... `}` with one instruction per line,
+`%name = TYPE opcode(operands), attributes`.
+
+- Counts per step: the layers of a scanned model compile to one `while` loop whose body runs once
+  per layer, so an op in that body counts trip-count times. The trip count is XLA's
+  `known_trip_count` where the backend writes it (CPU, GPU), else the loop condition's `i < N`
+  with a constant N (what the TPU compiler leaves of a scan), else 1 (counted in `unknown_loops`).
+- Bytes are per device and per execution: the full array each collective works on (the result of
+  an all-gather, the input of a reduce-scatter, the array of an all-reduce, all-to-all or permute).
+- The TPU compiler writes a reduce-scatter as a fusion calling a computation named
+  `all-reduce-scatter*` that all-reduces the full array and keeps its own slice: the all-reduce in
+  there is counted as one reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+# `  [ROOT ]%name = TYPE opcode(`: the type may hold spaces (tuples), the opcode is lower-case.
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+_CALLEE = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_CALLEE_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_REDUCE_SCATTER_BODY = "all-reduce-scatter"
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    kind: str  # one of KINDS
+    computation: str  # the HLO computation holding it
+    shapes: tuple[str, ...]  # its arrays, e.g. ('bf16[64,192]',)
+    bytes: int  # per device, per execution (see the module docstring)
+    per_step: int  # executions per run of the entry computation (one train step)
+
+
+def array_bytes(type_text: str) -> int:
+    """Bytes of every array in an HLO type (`f32[64,2]{1,0}`, or a tuple of them); `pred` is one byte."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d*)", dtype).group(1) or 0)
+        total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+    return total
+
+
+def parse_computations(text: str) -> tuple[dict[str, list[str]], str | None]:
+    """({computation name: instruction lines} in text order, name of the ENTRY computation)."""
+    comps, entry, current = {}, None, None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = m.group(2)
+                comps[current] = []
+                entry = current if m.group(1) else entry
+        elif line.strip() == "}":
+            current = None
+        elif line.strip():
+            comps[current].append(line)
+    return comps, entry
+
+
+def trip_count(while_line: str, comps: dict[str, list[str]]) -> int | None:
+    """Iterations of a `while` instruction, or None when neither XLA nor its condition says."""
+    known = re.search(r'known_trip_count"?\s*[:=]\s*\{\s*"?n"?\s*:\s*"?(\d+)', while_line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"\bcondition=%?([\w.\-]+)", while_line)
+    lines = comps.get(cond.group(1), []) if cond else []
+    constants = [int(c) for line in lines for c in re.findall(r"\sconstant\((\d+)\)", line)]
+    if len(constants) == 1 and any("direction=LT" in line for line in lines):
+        return constants[0]  # a scan: `i < N` with i counting from 0
+    return None
+
+
+def multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int], int]:
+    """(executions of each computation per run of `entry`, number of loops whose trip count is unknown)."""
+    mult, unknown = {entry: 1}, 0
+    for name in reversed(list(comps)):  # post-order printed: callers come after their callees
+        m = mult.get(name, 0)
+        if not m:
+            continue
+        for line in comps[name]:
+            callees = _CALLEE.findall(line)
+            for group in _CALLEE_LIST.findall(line):
+                callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+            if not callees:
+                continue
+            factor = 1
+            if re.search(r"\swhile\(", line):
+                trips = trip_count(line, comps)
+                unknown += trips is None
+                factor = trips or 1
+            for callee in callees:
+                mult[callee] = mult.get(callee, 0) + m * factor
+    return mult, unknown
+
+
+def _result_type(opcode: str, type_text: str) -> str:
+    """The result part of an instruction's type: async starts carry (operands, results, ...)."""
+    if opcode not in ("all-gather-start", "collective-permute-start"):
+        return type_text
+    depth, start, parts = 0, 1, []
+    for i, ch in enumerate(type_text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 1:
+            parts.append(type_text[start:i])
+            start = i + 1
+    parts.append(type_text[start:-1])
+    return parts[1] if len(parts) > 1 else type_text
+
+
+def _group_size(line: str) -> int:
+    """Devices in each replica group of a collective (1 when the form is not recognised)."""
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if listed:
+        return len(listed.group(1).split(","))
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
+    return int(iota.group(1)) if iota else 1
+
+
+def collective_ops(text: str) -> tuple[list[CollectiveOp], int]:
+    """(every collective instruction of an optimized HLO module, loops with an unknown trip count)."""
+    comps, entry = parse_computations(text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text; pass compiled.as_text() of a compiled step")
+    mult, unknown = multipliers(comps, entry)
+    ops = []
+    for name, lines in comps.items():
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m or m.group(2).endswith("-done"):
+                continue
+            opcode = m.group(2)
+            kind = opcode.removesuffix("-start")
+            if kind not in KINDS:
+                continue
+            result = _result_type(opcode, m.group(1))
+            size = array_bytes(result)
+            if kind == "all-reduce" and name.startswith(_REDUCE_SCATTER_BODY):
+                kind = "reduce-scatter"  # the full array is reduced, then sliced (see the docstring)
+            elif kind == "reduce-scatter":
+                size *= _group_size(line)  # the result is one shard of the reduced array
+            shapes = tuple(f"{d}[{s}]" for d, s in _ARRAY.findall(result))
+            ops.append(CollectiveOp(kind, name, shapes, size, mult.get(name, 0)))
+    return ops, unknown
+
+
+def summarize(ops: list[CollectiveOp]) -> dict[str, dict[str, int]]:
+    """{kind: {'ops': instructions in the HLO, 'count': executions per step, 'bytes': per device per step}}."""
+    out = {k: {"ops": 0, "count": 0, "bytes": 0} for k in KINDS}
+    for op in ops:
+        s = out[op.kind]
+        s["ops"] += 1
+        s["count"] += op.per_step
+        s["bytes"] += op.per_step * op.bytes
+    return out
