@@ -406,6 +406,11 @@ def format_report(r: dict) -> str:
         lines.append("collectives per train step, per device (ops in the HLO; executions; bytes):")
         for k, c in r["collectives"].items():
             lines.append(f"  {k:<19} {c['ops']:>4} ops {c['count']:>6} per step {gib(c['bytes']):>12}")
+            if c.get("windowed_bytes"):
+                lines.append(
+                    f"    of which {gib(c['windowed_bytes'])} in windowed matmul loops (FSDP's all-gathers and "
+                    "reduce-scatters as rings overlapping the matmuls)"
+                )
         if r.get("unknown_loops"):
             lines.append(f"  ({r['unknown_loops']} loop(s) of unknown trip count counted once)")
     return "\n".join(lines)

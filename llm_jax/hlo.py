@@ -5,9 +5,10 @@ The text is read as XLA prints it: computations one after another, callees befor
 `%name = TYPE opcode(operands), attributes`.
 
 - Counts per step: the layers of a scanned model compile to one `while` loop whose body runs once
-  per layer, so an op in that body counts trip-count times. The trip count is XLA's
-  `known_trip_count` where the backend writes it (CPU, GPU), else the loop condition's `i < N`
-  with a constant N (what the TPU compiler leaves of a scan), else 1 (counted in `unknown_loops`).
+  per layer, so an op in that body counts trip-count times (see `trip_count`; a loop whose count
+  cannot be read counts once and is reported in `unknown_loops`). The TPU compiler also turns
+  FSDP's all-gathers and reduce-scatters around a matmul into loops of collective-permutes
+  ("windowed" collective matmuls, overlapping the ring with the matmul): those show up as permutes.
 - Bytes are per device and per execution: the full array each collective works on (the result of
   an all-gather, the input of a reduce-scatter, the array of an all-reduce, all-to-all or permute).
 - The TPU compiler writes a reduce-scatter as a fusion calling a computation named
@@ -30,6 +31,7 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
 _CALLEE = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _CALLEE_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _REDUCE_SCATTER_BODY = "all-reduce-scatter"
+_WINDOWED = "windowed_dot_general_body"  # the TPU compiler's collective-matmul loop bodies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +70,58 @@ def parse_computations(text: str) -> tuple[dict[str, list[str]], str | None]:
 
 
 def trip_count(while_line: str, comps: dict[str, list[str]]) -> int | None:
-    """Iterations of a `while` instruction, or None when neither XLA nor its condition says."""
+    """Iterations of a `while` instruction, or None when neither XLA nor the loop's code says.
+
+    Without `known_trip_count`, the loop must read `i < N` (N a constant) in its condition and
+    `i + step` (step a constant) in its body, i counting from 0: the TPU compiler's scans, and its
+    windowed collective matmuls, which step by 2 (two ring steps per iteration).
+    """
     known = re.search(r'known_trip_count"?\s*[:=]\s*\{\s*"?n"?\s*:\s*"?(\d+)', while_line)
     if known:
         return int(known.group(1))
-    cond = re.search(r"\bcondition=%?([\w.\-]+)", while_line)
-    lines = comps.get(cond.group(1), []) if cond else []
-    constants = [int(c) for line in lines for c in re.findall(r"\sconstant\((\d+)\)", line)]
-    if len(constants) == 1 and any("direction=LT" in line for line in lines):
-        return constants[0]  # a scan: `i < N` with i counting from 0
-    return None
+    names = dict(re.findall(r"\b(condition|body)=%?([\w.\-]+)", while_line))
+    cond, body = comps.get(names.get("condition"), []), comps.get(names.get("body"), [])
+    compare = next((line for line in cond if " compare(" in line and "direction=LT" in line), None)
+    if compare is None:
+        return None
+    defs = _definitions(cond)
+    counter, bound = (defs.get(op, "") for op in _operands(compare, "compare")[:2])
+    index, limit = re.search(r"get-tuple-element\(.*index=(\d+)", counter), _constant(bound)
+    if index is None or limit is None:
+        return None
+    step = _loop_step(body, int(index.group(1)))
+    return -(-limit // step)
+
+
+def _definitions(lines: list[str]) -> dict[str, str]:
+    """{instruction name: its line} of one computation."""
+    out = {}
+    for line in lines:
+        m = re.match(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+        if m:
+            out[m.group(1)] = line
+    return out
+
+
+def _operands(line: str, opcode: str) -> list[str]:
+    """Operand names of `opcode(...)` in an instruction line."""
+    m = re.search(rf"\s{re.escape(opcode)}\(([^)]*)\)", re.sub(r"/\*.*?\*/", "", line))
+    return [op.strip().lstrip("%") for op in m.group(1).split(",")] if m else []
+
+
+def _constant(line: str) -> int | None:
+    m = re.search(r"\sconstant\((-?\d+)\)", line)
+    return int(m.group(1)) if m else None
+
+
+def _loop_step(body: list[str], index: int) -> int:
+    """What a loop body adds to its tuple element `index` each iteration (1 when not recognisable)."""
+    root = next((line for line in body if line.lstrip().startswith("ROOT") and " tuple(" in line), "")
+    outputs = _operands(root, "tuple")
+    defs = _definitions(body)
+    update = defs.get(outputs[index], "") if index < len(outputs) else ""
+    steps = [_constant(defs.get(op, "")) for op in _operands(update, "add")]
+    return next((s for s in steps if s and s > 0), 1)
 
 
 def multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int], int]:
@@ -155,11 +199,18 @@ def collective_ops(text: str) -> tuple[list[CollectiveOp], int]:
 
 
 def summarize(ops: list[CollectiveOp]) -> dict[str, dict[str, int]]:
-    """{kind: {'ops': instructions in the HLO, 'count': executions per step, 'bytes': per device per step}}."""
+    """{kind: {'ops': instructions in the HLO, 'count': executions per step, 'bytes': per device per step}}.
+
+    collective-permute also has 'windowed_bytes': the part moved inside the TPU compiler's windowed
+    matmul loops, i.e. all-gathers and reduce-scatters done as rings overlapping a matmul.
+    """
     out = {k: {"ops": 0, "count": 0, "bytes": 0} for k in KINDS}
+    out["collective-permute"]["windowed_bytes"] = 0
     for op in ops:
         s = out[op.kind]
         s["ops"] += 1
         s["count"] += op.per_step
         s["bytes"] += op.per_step * op.bytes
+        if op.kind == "collective-permute" and _WINDOWED in op.computation:
+            s["windowed_bytes"] += op.per_step * op.bytes
     return out

@@ -100,9 +100,12 @@ HAND_MADE_HLO = """HloModule hand_made
 
 %body (p.1: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
   %p.1 = (s32[], bf16[8,128]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %step = s32[]{:T(128)} constant(1)
+  %next = s32[] add(%i.1, %step)
   %all-gather.2 = bf16[8,128]{1,0:T(8,128)(2,1)} all-gather(%x), dimensions={0}, replica_groups={{0,1,2,3}}
   %fusion.3 = f32[16,32]{1,0} fusion(%y), kind=kCustom, calls=%all-reduce-scatter.1
-  ROOT %t = (s32[], bf16[8,128]) tuple(%i, %all-gather.2)
+  ROOT %t = (s32[], bf16[8,128]) tuple(%next, /*index=1*/%all-gather.2)
 }
 
 ENTRY %main (a: f32[16]) -> f32[16] {
@@ -124,14 +127,22 @@ def test_collectives_of_hand_made_hlo():
     assert s["reduce-scatter"] == {"ops": 1, "count": 3, "bytes": 3 * 64 * 32 * 4}
     # Outside: one combined all-reduce (two arrays) and one async permute (counted once, at its start).
     assert s["all-reduce"] == {"ops": 1, "count": 1, "bytes": (16 + 16) * 4}
-    assert s["collective-permute"] == {"ops": 1, "count": 1, "bytes": 8 * 2}
+    assert s["collective-permute"] == {"ops": 1, "count": 1, "bytes": 8 * 2, "windowed_bytes": 0}
     assert s["all-to-all"] == {"ops": 0, "count": 0, "bytes": 0}
 
 
-def test_known_trip_count_wins_and_unknown_loops_are_flagged():
+def test_loop_trip_counts():
     known = HAND_MADE_HLO.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"5"}}')
     assert hlo.summarize(hlo.collective_ops(known)[0])["all-gather"]["count"] == 5
-    no_bound = HAND_MADE_HLO.replace("direction=LT", "direction=NE")
+    # i += 2 while i < 3: two iterations (the TPU compiler's windowed matmul loops step by 2).
+    two_steps = HAND_MADE_HLO.replace("constant(1)\n", "constant(2)\n")
+    assert hlo.summarize(hlo.collective_ops(two_steps)[0])["all-gather"]["count"] == 2
+    # A ring inside one of the TPU compiler's windowed matmul loops: permutes, marked as windowed.
+    ring = "  %cp.2 = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%x)\n  ROOT %t ="
+    windowed = HAND_MADE_HLO.replace("%body", "%windowed_dot_general_body_ag.4").replace("  ROOT %t =", ring)
+    permutes = hlo.summarize(hlo.collective_ops(windowed)[0])["collective-permute"]
+    assert permutes == {"ops": 2, "count": 4, "bytes": 3 * 16 + 16, "windowed_bytes": 3 * 16}
+    no_bound = HAND_MADE_HLO.replace("direction=LT", "direction=NE")  # not a counted loop
     ops, unknown = hlo.collective_ops(no_bound)
     assert unknown == 1 and hlo.summarize(ops)["all-gather"]["count"] == 1
 
