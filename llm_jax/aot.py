@@ -284,7 +284,8 @@ def report(
     Keys: topology, num_devices, device_kind, num_hosts, mesh, batch_size, seq_len, grad_accum_steps,
     remat, num_params, params_bytes / opt_state_bytes / batch_bytes (what one device holds of each),
     argument/output/alias/temp/program_bytes (XLA), per_device_bytes, hbm_bytes, headroom_bytes,
-    fits, lower_s, compile_s, collectives ({kind: {ops, count per step, bytes per step and device}}).
+    fits, lower_s, compile_s, compile_cpu_s, collectives ({kind: {ops, count per step, bytes per step
+    and device}}, see llm_jax.hlo.summarize).
     Sizes in bytes, times in seconds. Out of memory: fits=False, per_device_bytes and
     compiler_hbm_bytes from the compiler's message, the XLA sizes None. Raises TopologyError,
     LibtpuMissing, or ValueError for a config that does not fit the devices' count.
@@ -336,16 +337,22 @@ def compile_step(step: Step, hbm_bytes: int | None) -> tuple[dict, Any, str | No
     """
     t0 = time.perf_counter()
     lowered = step.lower()
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
+    # Wall and CPU seconds (this process, all threads): on a shared machine the CPU figure is the stable one.
+    timing = lambda: {
+        "lower_s": t1 - t0,
+        "compile_s": time.perf_counter() - t1,
+        "compile_cpu_s": time.process_time() - cpu1,
+    }
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         oom = parse_oom(str(e))
         if oom is None:
             raise
-        out = {**oom, "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}
-        return {**out, "fits": False, "headroom_bytes": None, "collectives": None}, lowered, None
-    out = {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1, **compiled_sizes(compiled)}
+        out = {**oom, **timing(), "fits": False, "headroom_bytes": None, "collectives": None}
+        return out, lowered, None
+    out = {**timing(), **compiled_sizes(compiled)}
     total = out["per_device_bytes"]
     out["headroom_bytes"] = None if hbm_bytes is None or total is None else hbm_bytes - total
     out["fits"] = None if out["headroom_bytes"] is None else out["headroom_bytes"] >= 0
@@ -401,11 +408,14 @@ def format_report(r: dict) -> str:
         lines.append(total + f" of {gib(hbm)} HBM{avail}: DOES NOT FIT")
         if r.get("error"):
             lines.append(f"  compiler: {r['error']}")
-    lines.append(f"compile {r['compile_s']:.1f} s (lowering {r['lower_s']:.1f} s)")
+    lines.append(f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} s CPU), lowering {r['lower_s']:.1f} s")
     if r.get("collectives"):
         lines.append("collectives per train step, per device (ops in the HLO; executions; bytes):")
         for k, c in r["collectives"].items():
             lines.append(f"  {k:<19} {c['ops']:>4} ops {c['count']:>6} per step {gib(c['bytes']):>12}")
+            if c.get("gathered_bytes"):
+                done_as = "are all-gathers done as all-reduces (shards written into zeros)"
+                lines.append(f"    of which {gib(c['gathered_bytes'])} {done_as}")
             if c.get("windowed_bytes"):
                 lines.append(
                     f"    of which {gib(c['windowed_bytes'])} in windowed matmul loops (FSDP's all-gathers and "

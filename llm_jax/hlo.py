@@ -41,6 +41,7 @@ class CollectiveOp:
     shapes: tuple[str, ...]  # its arrays, e.g. ('bf16[64,192]',)
     bytes: int  # per device, per execution (see the module docstring)
     per_step: int  # executions per run of the entry computation (one train step)
+    gathered: int = 0  # all-reduce only: bytes of it that are an all-gather in disguise (see summarize)
 
 
 def array_bytes(type_text: str) -> int:
@@ -147,10 +148,10 @@ def multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int]
     return mult, unknown
 
 
-def _result_type(opcode: str, type_text: str) -> str:
-    """The result part of an instruction's type: async starts carry (operands, results, ...)."""
-    if opcode not in ("all-gather-start", "collective-permute-start"):
-        return type_text
+def _tuple_elements(type_text: str) -> list[str]:
+    """Top-level elements of a tuple type '(a, (b, c), d)'; [type_text] for an array type."""
+    if not type_text.startswith("("):
+        return [type_text]
     depth, start, parts = 0, 1, []
     for i, ch in enumerate(type_text):
         depth += ch in "([{"
@@ -159,7 +160,34 @@ def _result_type(opcode: str, type_text: str) -> str:
             parts.append(type_text[start:i])
             start = i + 1
     parts.append(type_text[start:-1])
-    return parts[1] if len(parts) > 1 else type_text
+    return [p.strip() for p in parts]
+
+
+def _result_type(opcode: str, type_text: str) -> str:
+    """The result part of an instruction's type: async starts carry (operands, results, ...)."""
+    parts = _tuple_elements(type_text)
+    if opcode in ("all-gather-start", "collective-permute-start") and len(parts) > 1:
+        return parts[1]
+    return type_text
+
+
+def _gathered_bytes(line: str, type_text: str, defs: dict[str, str], comps: dict[str, list[str]]) -> int:
+    """Bytes of an all-reduce's operands that are shards written into zeros (dynamic-update-slice,
+    directly, through a fusion or a copy): the TPU compiler's all-gather done as an all-reduce."""
+    sizes = [array_bytes(t) for t in _tuple_elements(type_text)]
+    total = 0
+    for size, name in zip(sizes, _operands(line, "all-reduce") or _operands(line, "all-reduce-start")):
+        for _ in range(3):  # copy-done -> copy-start -> the value copied
+            d = defs.get(name, "")
+            copied = _operands(d, "copy-done") or _operands(d, "copy-start")
+            if not copied:
+                break
+            name = copied[0]
+        d = defs.get(name, "")
+        callee = re.search(r"\bcalls=%?([\w.\-]+)", d) if " fusion(" in d else None
+        root = next((x for x in comps.get(callee.group(1), []) if x.lstrip().startswith("ROOT")), "") if callee else d
+        total += size if " dynamic-update-slice(" in root else 0
+    return total
 
 
 def _group_size(line: str) -> int:
@@ -179,6 +207,7 @@ def collective_ops(text: str) -> tuple[list[CollectiveOp], int]:
     mult, unknown = multipliers(comps, entry)
     ops = []
     for name, lines in comps.items():
+        defs = _definitions(lines)
         for line in lines:
             m = _INSTRUCTION.match(line)
             if not m or m.group(2).endswith("-done"):
@@ -194,23 +223,30 @@ def collective_ops(text: str) -> tuple[list[CollectiveOp], int]:
             elif kind == "reduce-scatter":
                 size *= _group_size(line)  # the result is one shard of the reduced array
             shapes = tuple(f"{d}[{s}]" for d, s in _ARRAY.findall(result))
-            ops.append(CollectiveOp(kind, name, shapes, size, mult.get(name, 0)))
+            gathered = _gathered_bytes(line, result, defs, comps) if kind == "all-reduce" else 0
+            ops.append(CollectiveOp(kind, name, shapes, size, mult.get(name, 0), gathered))
     return ops, unknown
 
 
 def summarize(ops: list[CollectiveOp]) -> dict[str, dict[str, int]]:
     """{kind: {'ops': instructions in the HLO, 'count': executions per step, 'bytes': per device per step}}.
 
-    collective-permute also has 'windowed_bytes': the part moved inside the TPU compiler's windowed
-    matmul loops, i.e. all-gathers and reduce-scatters done as rings overlapping a matmul.
+    How the TPU compiler may hide FSDP's all-gathers and reduce-scatters, reported apart:
+    - all-reduce 'gathered_bytes': operands that are a shard written into zeros, all-reduced (an
+      all-gather done as an all-reduce, frequent on tori such as v5p:4x4x4);
+    - collective-permute 'windowed_bytes': permutes inside windowed collective-matmul loops (rings
+      overlapping a matmul).
     """
     out = {k: {"ops": 0, "count": 0, "bytes": 0} for k in KINDS}
+    out["all-reduce"]["gathered_bytes"] = 0
     out["collective-permute"]["windowed_bytes"] = 0
     for op in ops:
         s = out[op.kind]
         s["ops"] += 1
         s["count"] += op.per_step
         s["bytes"] += op.per_step * op.bytes
+        if op.kind == "all-reduce":
+            s["gathered_bytes"] += op.per_step * op.gathered
         if op.kind == "collective-permute" and _WINDOWED in op.computation:
             s["windowed_bytes"] += op.per_step * op.bytes
     return out

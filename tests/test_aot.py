@@ -110,6 +110,7 @@ HAND_MADE_HLO = """HloModule hand_made
 
 ENTRY %main (a: f32[16]) -> f32[16] {
   %w = (s32[], bf16[8,128]) while(%init), condition=%cond, body=%body
+  %b = f32[4,4]{1,0} dynamic-update-slice(%zeros, %shard, %c, %c)
   %all-reduce.9 = (f32[16]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1}}, to_apply=%add
   %cp = (bf16[8]{0}, bf16[8]{0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1}}
   %cpd = bf16[8]{0} collective-permute-done(%cp)
@@ -125,8 +126,9 @@ def test_collectives_of_hand_made_hlo():
     # In the loop body (3 trips): one all-gather of bf16[8,128] and one reduce-scatter of f32[64,32].
     assert s["all-gather"] == {"ops": 1, "count": 3, "bytes": 3 * 8 * 128 * 2}
     assert s["reduce-scatter"] == {"ops": 1, "count": 3, "bytes": 3 * 64 * 32 * 4}
-    # Outside: one combined all-reduce (two arrays) and one async permute (counted once, at its start).
-    assert s["all-reduce"] == {"ops": 1, "count": 1, "bytes": (16 + 16) * 4}
+    # Outside: one combined all-reduce of two arrays, the second a shard written into zeros (an
+    # all-gather in disguise), and one async permute (counted once, at its start).
+    assert s["all-reduce"] == {"ops": 1, "count": 1, "bytes": (16 + 16) * 4, "gathered_bytes": 16 * 4}
     assert s["collective-permute"] == {"ops": 1, "count": 1, "bytes": 8 * 2, "windowed_bytes": 0}
     assert s["all-to-all"] == {"ops": 0, "count": 0, "bytes": 0}
 
