@@ -255,15 +255,31 @@ def parse_oom(message: str) -> dict | None:
     return {"per_device_bytes": required, "compiler_hbm_bytes": available, "error": first[:300]}
 
 
-def compiled_sizes(compiled) -> dict:
-    """Per-device bytes of a compiled step: XLA's memory analysis plus the program itself (it lives in HBM)."""
+def compiled_sizes(compiled, platform: str) -> dict:
+    """Per-device bytes of a compiled step (XLA's memory analysis) and the total held against HBM.
+
+    On TPU the total is XLA's peak of live buffers (arguments and outputs included) plus the program
+    itself: that is what the TPU compiler checks, and a step it accepts can have a buffer sum
+    (arguments + outputs + temporaries - donated) well above the chip, its temporaries not all
+    being live at once (gpt2-small on v5e-8: peak 12.4 GiB, sum 17.5 GiB, accepted at 15.75).
+    Elsewhere the peak leaves temporaries out, so the buffer sum is the total.
+    """
     sizes = bench.compiled_memory(compiled)
+    sizes.pop("peak_memory_bytes")
     ma = compiled.memory_analysis()
     program = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0) if ma is not None else 0
-    peak = sizes.pop("peak_memory_bytes")
-    sizes["program_bytes"] = program
-    sizes["per_device_bytes"] = None if peak is None else peak + program
-    return sizes
+    peak = int(getattr(ma, "peak_memory_in_bytes", 0) or 0) if ma is not None else 0
+    if "argument_bytes" not in sizes:
+        return {"program_bytes": program, "per_device_bytes": None}
+    buffer_sum = sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"] - sizes["alias_bytes"]
+    total = peak if platform == "tpu" and peak else buffer_sum
+    return {
+        **sizes,
+        "program_bytes": program,
+        "peak_bytes": peak,
+        "buffer_sum_bytes": buffer_sum,
+        "per_device_bytes": total + program,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +299,8 @@ def report(
 
     Keys: topology, num_devices, device_kind, num_hosts, mesh, batch_size, seq_len, grad_accum_steps,
     remat, num_params, params_bytes / opt_state_bytes / batch_bytes (what one device holds of each),
-    argument/output/alias/temp/program_bytes (XLA), per_device_bytes, hbm_bytes, headroom_bytes,
+    argument/output/alias/temp/program/peak/buffer_sum_bytes (XLA), per_device_bytes (the total held
+    against HBM, see `compiled_sizes`), hbm_bytes, headroom_bytes,
     fits, lower_s, compile_s, compile_cpu_s, collectives ({kind: {ops, count per step, bytes per step
     and device}}, see llm_jax.hlo.summarize).
     Sizes in bytes, times in seconds. Out of memory: fits=False, per_device_bytes and
@@ -352,7 +369,7 @@ def compile_step(step: Step, hbm_bytes: int | None) -> tuple[dict, Any, str | No
             raise
         out = {**oom, **timing(), "fits": False, "headroom_bytes": None, "collectives": None}
         return out, lowered, None
-    out = {**timing(), **compiled_sizes(compiled)}
+    out = {**timing(), **compiled_sizes(compiled, step.mesh.devices.flat[0].platform)}
     total = out["per_device_bytes"]
     out["headroom_bytes"] = None if hbm_bytes is None or total is None else hbm_bytes - total
     out["fits"] = None if out["headroom_bytes"] is None else out["headroom_bytes"] >= 0
@@ -395,10 +412,13 @@ def format_report(r: dict) -> str:
         f"  batch            {gib(r['batch_bytes']):>12} per device",
     ]
     if r.get("temp_bytes") is not None:
-        lines.append(f"  temporaries      {gib(r['temp_bytes']):>12}")
+        lines.append(f"  temporaries      {gib(r['temp_bytes']):>12} allocated (not all live at once)")
         lines.append(f"  program          {gib(r['program_bytes']):>12}")
+        lines.append(
+            f"  buffer sum       {gib(r['buffer_sum_bytes']):>12} (arguments + outputs + temporaries - donated)"
+        )
     hbm = r["hbm_bytes"]
-    total = f"  total            {gib(r['per_device_bytes']):>12} per device"
+    total = f"  total            {gib(r['per_device_bytes']):>12} per device (XLA's peak of live buffers + program)"
     if hbm is None:
         lines.append(total + " (no HBM figure for this device)")
     elif r["fits"]:
