@@ -33,10 +33,15 @@ from llm_jax import flops as flops_lib
 from llm_jax.model import count_params
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed training steps.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags():
+    """The command's flags, defined only when run as a command: `llm_jax.aot` imports this module's
+    functions and defines its own `--config`."""
+    config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
+    flags.DEFINE_integer("steps", 10, "Timed training steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.mark_flags_as_required(["config"])
 
 
 def compiled_memory(compiled) -> dict:
@@ -144,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, "bench")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import ml_collections
 from absl import app, flags
 
+from llm_jax import config as config_lib
 from llm_jax.errors import BadValue, UserError
 
 DEBUG_ENV = "LLM_JAX_DEBUG"
@@ -94,3 +95,29 @@ def loaded_config(name: str = "config") -> ml_collections.ConfigDict:
         cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()  # the OS error, after the paths tried
         raise BadValue(f"--{name}={flag.config_filename}: the config file cannot be loaded ({cause})") from e
     raise BadValue(f"--{name}={flag.config_filename}: get_config() returned {type(config).__name__}, not a ConfigDict")
+
+
+def parse_config_flags(argv):
+    """absl's flag parsing for the commands that take `--config FILE[:arg] --config.KEY=VALUE`
+    (`llm_jax.main`, `llm_jax.aot`); an override of a key the config does not have (`--config.train.num_step=3`)
+    is a BadValue naming the flag, instead of ml_collections' traceback."""
+    for arg in argv[1:]:
+        renamed = config_lib.renamed_key_message(arg.split("=")[0].removeprefix("--"))
+        if renamed and arg.startswith("--config."):
+            raise BadValue(f"{arg.split('=')[0]}: {renamed}; use --{renamed.split()[-1]}=VALUE")
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        inner = e
+        while inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        text = str(inner.args[0]) if inner.args else str(inner)
+        key, _, hint = text.partition("\n")
+        key = key.strip("'\"")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        if not bad:
+            raise
+        raise BadValue(
+            f"{bad[0]}: the config has no key {key!r}. {hint}".rstrip()
+            + " The keys are those of llm_jax/config.py (base_config)."
+        ) from None

@@ -20,8 +20,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax import cli, distributed, train
-from llm_jax import config as config_lib
-from llm_jax.errors import BadValue
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
@@ -47,30 +45,5 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
 
 
-def parse_flags(argv):
-    """absl's flag parsing; an override of a key the config does not have (`--config.train.num_step=3`)
-    is a BadValue naming the flag, instead of ml_collections' traceback."""
-    for arg in argv[1:]:
-        renamed = config_lib.renamed_key_message(arg.split("=")[0].removeprefix("--"))
-        if renamed and arg.startswith("--config."):
-            raise BadValue(f"{arg.split('=')[0]}: {renamed}; use --{renamed.split()[-1]}=VALUE")
-    try:
-        return FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        inner = e
-        while inner.args and isinstance(inner.args[0], BaseException):
-            inner = inner.args[0]
-        text = str(inner.args[0]) if inner.args else str(inner)
-        key, _, hint = text.partition("\n")
-        key = key.strip("'\"")
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-        if not bad:
-            raise
-        raise BadValue(
-            f"{bad[0]}: the config has no key {key!r}. {hint}".rstrip()
-            + " The keys are those of llm_jax/config.py (base_config)."
-        ) from None
-
-
 if __name__ == "__main__":
-    cli.run(main, "main", flags_parser=parse_flags)
+    cli.run(main, "main", flags_parser=cli.parse_config_flags)

@@ -84,14 +84,38 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh with axes (data, fsdp, tensor) from a config with those three keys (-1 = fill in)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape([mesh_config.data, mesh_config.fsdp, mesh_config.tensor], len(devices))
+    dcn = _slices_axis(shape, devices)
     try:
         # Topology-aware placement on TPU/GPU; on CPU it is a plain reshape.
-        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+        if dcn is None:
+            grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+        else:
+            per_slice = tuple(s // d for s, d in zip(shape, dcn))
+            grid = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices=devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)
     # Mesh(...) rather than jax.make_mesh: the latter defaults to Explicit axis types in new JAX,
     # and we want the same (auto) behaviour from JAX 0.10 to 0.12.
     return Mesh(grid, MESH_AXES)
+
+
+def _slices_axis(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> tuple[int, ...] | None:
+    """How TPU slices divide the mesh axes, e.g. (2, 1, 1) for 2 slices along data; None for one slice.
+
+    Slices talk over the data-centre network, far slower than the chips' own links: they go along
+    `data` (only the gradient all-reduce crosses them), else along `fsdp`; each slice's own share of
+    the mesh is then laid out topology-aware inside it.
+    """
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices <= 1:
+        return None
+    for axis in range(2):  # data, then fsdp
+        if shape[axis] % num_slices == 0:
+            return tuple(num_slices if i == axis else 1 for i in range(len(shape)))
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, shape))} over {num_slices} TPU slices: neither data nor fsdp is a multiple "
+        f"of {num_slices}; set config.mesh.data (or config.mesh.fsdp) to a multiple of the number of slices"
+    )
 
 
 def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:

@@ -289,7 +289,7 @@ def _load_data(config, workdir: str, start_over: bool, log):
     return data, saved
 
 
-def _check_batch(config, mesh, model_cfg) -> None:
+def check_batch(config, mesh, model_cfg) -> None:
     tc = config.train
     sharding.check_divisible(mesh, model_cfg, tc.batch_size)
     sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
@@ -333,7 +333,7 @@ def setup(
     rules = sharding.logical_rules(config)
     data, saved_tokenizer = _load_data(config, workdir, start_over, log)
     model_cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
-    _check_batch(config, mesh, model_cfg)
+    check_batch(config, mesh, model_cfg)
     model = family_lib.build(model_cfg)
     tx = optim.make_optimizer(config.optim)
     init_rng, dropout_key = jax.random.split(jax.random.key(config.seed))

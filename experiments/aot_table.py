@@ -1,0 +1,82 @@
+"""The README's table: per-chip memory of the presets on a few Cloud TPU slices, from TPU AOT compiles.
+
+    .venv/bin/pip install -e '.[tpu]'
+    .venv/bin/python experiments/aot_table.py                      # all presets x slices (~20 min, 2 cores)
+    .venv/bin/python experiments/aot_table.py --presets llama:7b --slices v5p-64
+
+Each row is what `python -m llm_jax.aot --config configs/FAMILY.py:SIZE --topology SLICE` reports
+(the same `llm_jax.aot.report`, in one process), with each preset's own mesh, batch and remat.
+Progress goes to stderr; stdout is the markdown table, then one JSON line with every report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PRESETS = ("gpt2:small", "gpt2:medium", "gpt2:large", "gpt2:xl", "llama:1b", "llama:7b")
+SLICES = ("v5e-8", "v5p-8", "v5p-64", "v6e-8")
+
+
+def preset_config(preset: str):
+    """'llama:7b' -> configs/llama.py's get_config('7b')."""
+    family, size = preset.split(":")
+    spec = importlib.util.spec_from_file_location(f"configs_{family}", os.path.join(REPO, "configs", f"{family}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(size)
+
+
+def table(reports: list[dict]) -> str:
+    """Markdown: one row per (preset, slice)."""
+    from llm_jax.aot import gib
+
+    lines = [
+        "| preset | params | slice | chips | mesh data/fsdp/tensor | batch x seq | params + optimizer / chip "
+        "| total / chip | HBM / chip | fits | compile: wall (CPU) |",
+        "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in reports:
+        mesh = "/".join(str(v) for v in r["mesh"].values())
+        fits = "yes" if r["fits"] else "**no**"
+        lines.append(
+            f"| {r['preset']} | {r['num_params'] / 1e9:.2f} B | {r['topology']} | {r['num_devices']} | {mesh} | "
+            f"{r['batch_size']} x {r['seq_len']} | {gib(r['params_bytes'] + r['opt_state_bytes'])} | "
+            f"{gib(r['per_device_bytes'])} | {gib(r['hbm_bytes'])} | {fits} | "
+            f"{r['compile_s']:.0f} s ({r['compile_cpu_s']:.0f} s) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated family:size")
+    parser.add_argument("--slices", default=",".join(SLICES), help="comma-separated topology names")
+    args = parser.parse_args()
+
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # as the command does: planning needs no accelerator
+    from llm_jax import aot
+
+    reports = []
+    for preset in args.presets.split(","):
+        config = preset_config(preset)
+        for topology in args.slices.split(","):
+            r = aot.report(config, topology, log=lambda s: print(s, file=sys.stderr, flush=True))
+            fits = {True: "fits", False: "does not fit", None: "?"}[r["fits"]]
+            done = f"{aot.gib(r['per_device_bytes'])} per chip, {fits}, compile {r['compile_s']:.1f} s"
+            print(f"  {done} ({r['compile_cpu_s']:.1f} s CPU)", file=sys.stderr)
+            reports.append(r)
+    print(table(reports))
+    print(json.dumps(reports), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Ahead-of-time compilation for TPU topologies (llm_jax.aot, llm_jax.hlo).
+
+The TPU compiler runs in this process next to conftest's 8 emulated CPU devices: libtpu describes
+TPU chips through `jax.experimental.topologies` whatever JAX's default platform is, so
+JAX_PLATFORMS=cpu does not hide it. Without libtpu these tests skip, except where
+LLM_JAX_REQUIRE_LIBTPU is set (CI), where they fail instead. Every compile here is of a tiny model.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llm_jax import aot, hlo, sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None and not os.environ.get("LLM_JAX_REQUIRE_LIBTPU"),
+    reason="TPU ahead-of-time compilation needs libtpu: pip install -e '.[tpu]'",
+)
+
+
+def _config(name: str, arg: str, overrides: dict | None = None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return aot.with_overrides(module.get_config(arg), overrides or {})
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    cmd = [sys.executable, "-m", "llm_jax.aot", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------------------------
+# Topology names (no libtpu needed)
+
+
+@pytest.mark.parametrize(
+    "name, slices, libtpu_name, chips, host",
+    [
+        ("v5p-8", 1, "v5p:2x2x1", 4, (2, 2, 1)),  # v5p counts TensorCores: 8 cores = 4 chips
+        ("v5p-64", 1, "v5p:2x4x4", 32, (2, 2, 1)),
+        ("v4-8", 1, "v4:2x2x1", 4, (2, 2, 1)),
+        ("v5e-8", 1, "v5e:2x4", 8, (2, 4, 1)),  # one host holds all 8 chips
+        ("v5litepod-16", 1, "v5e:4x4", 16, (2, 2, 1)),
+        ("v6e-1", 1, "v6e:1x1", 1, (1, 1, 1)),  # a single chip needs explicit host bounds
+        ("V5P:4x4x4", 1, "v5p:4x4x4", 64, (2, 2, 1)),
+        ("v5e-4", 2, "v5e:2x2", 8, (2, 2, 1)),
+    ],
+)
+def test_topology_names(name, slices, libtpu_name, chips, host):
+    topo = aot.parse_topology(name, slices)
+    assert (topo.libtpu_name, topo.chips, topo.host_bounds()) == (libtpu_name, chips, host)
+
+
+@pytest.mark.parametrize("bad", ["v9z-8", "v5p", "v5p-12", "v5p-7", "v5e:2x2x2", "v5p:2x2", "tpu", ""])
+def test_bad_topology_names_list_the_accepted_forms(bad):
+    with pytest.raises(aot.TopologyError) as e:
+        aot.parse_topology(bad)
+    assert repr(bad) in str(e.value) and "accepted forms" in str(e.value) and "v5p:AxBxC" in str(e.value)
+
+
+def test_without_libtpu_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(aot.LibtpuMissing, match=r"pip install -e '\.\[tpu\]'"):
+        aot.topology_devices(aot.parse_topology("v5e-1"))
+
+
+def test_unknown_topology_is_one_clear_line():
+    out = _run_cli("--config", "configs/gpt2.py:tiny", "--topology", "v9z-8")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    line = [s for s in out.stderr.splitlines() if s.startswith("aot:")]
+    assert len(line) == 1 and "unknown topology 'v9z-8'" in line[0] and "accepted forms" in line[0], out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives in HLO text (hand-made module: no compiler needed)
+
+HAND_MADE_HLO = """HloModule hand_made
+
+%all-reduce-scatter.1 (input: f32[64,32]) -> f32[16,32] {
+  %input = f32[64,32]{1,0} parameter(0)
+  %all-reduce.5 = f32[64,32]{1,0:T(8,128)} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %ds = f32[16,32]{1,0} dynamic-slice(%all-reduce.5, %c, %c), dynamic_slice_sizes={16,32}
+}
+
+%cond (p: (s32[], bf16[8,128])) -> pred[] {
+  %p = (s32[], bf16[8,128]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p.1: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
+  %p.1 = (s32[], bf16[8,128]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %step = s32[]{:T(128)} constant(1)
+  %next = s32[] add(%i.1, %step)
+  %all-gather.2 = bf16[8,128]{1,0:T(8,128)(2,1)} all-gather(%x), dimensions={0}, replica_groups={{0,1,2,3}}
+  %fusion.3 = f32[16,32]{1,0} fusion(%y), kind=kCustom, calls=%all-reduce-scatter.1
+  ROOT %t = (s32[], bf16[8,128]) tuple(%next, /*index=1*/%all-gather.2)
+}
+
+ENTRY %main (a: f32[16]) -> f32[16] {
+  %w = (s32[], bf16[8,128]) while(%init), condition=%cond, body=%body
+  %b = f32[4,4]{1,0} dynamic-update-slice(%zeros, %shard, %c, %c)
+  %all-reduce.9 = (f32[16]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1}}, to_apply=%add
+  %cp = (bf16[8]{0}, bf16[8]{0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1}}
+  %cpd = bf16[8]{0} collective-permute-done(%cp)
+  ROOT %r = f32[16]{0} copy(%a)
+}
+"""
+
+
+def test_collectives_of_hand_made_hlo():
+    ops, unknown = hlo.collective_ops(HAND_MADE_HLO)
+    s = hlo.summarize(ops)
+    assert unknown == 0
+    # In the loop body (3 trips): one all-gather of bf16[8,128] and one reduce-scatter of f32[64,32].
+    assert s["all-gather"] == {"ops": 1, "count": 3, "bytes": 3 * 8 * 128 * 2}
+    assert s["reduce-scatter"] == {"ops": 1, "count": 3, "bytes": 3 * 64 * 32 * 4}
+    # Outside: one combined all-reduce of two arrays, the second a shard written into zeros (an
+    # all-gather in disguise), and one async permute (counted once, at its start).
+    assert s["all-reduce"] == {"ops": 1, "count": 1, "bytes": (16 + 16) * 4, "gathered_bytes": 16 * 4}
+    assert s["collective-permute"] == {"ops": 1, "count": 1, "bytes": 8 * 2, "windowed_bytes": 0}
+    assert s["all-to-all"] == {"ops": 0, "count": 0, "bytes": 0}
+
+
+def test_loop_trip_counts():
+    known = HAND_MADE_HLO.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"5"}}')
+    assert hlo.summarize(hlo.collective_ops(known)[0])["all-gather"]["count"] == 5
+    # i += 2 while i < 3: two iterations (the TPU compiler's windowed matmul loops step by 2).
+    two_steps = HAND_MADE_HLO.replace("constant(1)\n", "constant(2)\n")
+    assert hlo.summarize(hlo.collective_ops(two_steps)[0])["all-gather"]["count"] == 2
+    # A ring inside one of the TPU compiler's windowed matmul loops: permutes, marked as windowed.
+    ring = "  %cp.2 = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%x)\n  ROOT %t ="
+    windowed = HAND_MADE_HLO.replace("%body", "%windowed_dot_general_body_ag.4").replace("  ROOT %t =", ring)
+    permutes = hlo.summarize(hlo.collective_ops(windowed)[0])["collective-permute"]
+    assert permutes == {"ops": 2, "count": 4, "bytes": 3 * 16 + 16, "windowed_bytes": 3 * 16}
+    no_bound = HAND_MADE_HLO.replace("direction=LT", "direction=NE")  # not a counted loop
+    ops, unknown = hlo.collective_ops(no_bound)
+    assert unknown == 1 and hlo.summarize(ops)["all-gather"]["count"] == 1
+
+
+def test_oom_messages_are_parsed():
+    early = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (20.19G) "
+        "exceeds available HBM (15.75G)."
+    )
+    r = aot.parse_oom(early)
+    assert r["per_device_bytes"] == int(20.19 * 2**30) and r["compiler_hbm_bytes"] == int(15.75 * 2**30)
+    late = "XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 63.80G of 30.75G hbm."
+    assert aot.parse_oom(late)["per_device_bytes"] == int(63.80 * 2**30)
+    assert aot.parse_oom("INTERNAL: something else") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling for TPU topologies
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+    "topology, slices, devices, kind, hbm_gib",
+    [("v5e-1", 1, 1, "TPU v5 lite", 16), ("v6e:2x2", 2, 8, "TPU v6 lite", 32)],
+)
+def test_tiny_config_compiles_for_topologies(topology, slices, devices, kind, hbm_gib):
+    r = aot.report(_config("gpt2", "tiny"), topology, num_slices=slices)
+    assert (r["num_devices"], r["device_kind"], r["hbm_bytes"]) == (devices, kind, hbm_gib * 2**30)
+    assert r["fits"] is True and 0 < r["per_device_bytes"] < r["hbm_bytes"]
+    assert r["headroom_bytes"] == r["hbm_bytes"] - r["per_device_bytes"]
+    # The total is XLA's peak of live buffers: at least the resident state, at most every buffer at once.
+    assert r["params_bytes"] + r["opt_state_bytes"] <= r["peak_bytes"] <= r["buffer_sum_bytes"]
+    assert r["per_device_bytes"] == r["peak_bytes"] + r["program_bytes"]
+    assert r["compile_s"] > 0 and set(r["collectives"]) == set(hlo.KINDS)
+    assert devices == 1 or r["collectives"]["all-reduce"]["count"] > 0  # data parallel over 8 chips
+    json.dumps(r)  # the command prints it as its last line
+
+
+@needs_libtpu
+def test_slices_go_along_data():
+    devices = aot.topology_devices(aot.parse_topology("v5e-4", num_slices=2))
+    mesh = sharding.make_mesh(
+        aot.with_overrides(_config("gpt2", "tiny"), {"mesh.data": 2, "mesh.fsdp": 4}).mesh, devices
+    )
+    for row, slice_index in zip(mesh.devices, (0, 1)):
+        assert {d.slice_index for d in row.flatten()} == {slice_index}
+
+
+# Lane-aligned widths (multiples of 128 per shard), so that TPU tile padding does not blur the ratio.
+WIDE_TINY = {"model.embed_dim": 512, "model.num_heads": 4, "model.mlp_dim": 2048}
+
+
+@pytest.fixture(scope="module")
+def dp_and_fsdp(tmp_path_factory):
+    """Reports of the same model on v5p-8 (4 chips): replicated (data=4) and sharded (fsdp=4), HLO dumped."""
+    out = {}
+    for name, mesh in (("dp", {"mesh.data": 4, "mesh.fsdp": 1}), ("fsdp", {"mesh.data": 1, "mesh.fsdp": 4})):
+        config = _config("gpt2", "tiny", {**WIDE_TINY, **mesh})
+        out[name] = aot.report(config, "v5p-8", dump_dir=str(tmp_path_factory.mktemp(name)))
+    return out
+
+
+@needs_libtpu
+def test_fsdp_argument_bytes_are_a_quarter_of_replicated(dp_and_fsdp):
+    dp, fsdp = dp_and_fsdp["dp"], dp_and_fsdp["fsdp"]
+    assert fsdp["argument_bytes"] == pytest.approx(dp["argument_bytes"] / 4, rel=0.10)
+    dp_state, fsdp_state = (r["params_bytes"] + r["opt_state_bytes"] for r in (dp, fsdp))
+    assert fsdp_state == pytest.approx(dp_state / 4, rel=0.10)
+
+
+def _param_dims(config) -> set[tuple[int, ...]]:
+    """Shapes of the model's weight matrices (vectors left out: a gathered bias proves nothing)."""
+    import jax
+
+    step = aot.build_train_step(config, aot.topology_devices(aot.parse_topology("v5p-8")))
+    return {tuple(x.shape) for x in jax.tree.leaves(step.state.params) if len(x.shape) > 1}
+
+
+def _all_gather_dims(report: dict) -> list[tuple[int, ...]]:
+    """Result shapes of the all-gathers in a report's dumped optimized HLO."""
+    with open(next(p for p in report["dump"] if p.endswith(".optimized.hlo.txt"))) as f:
+        ops, _ = hlo.collective_ops(f.read())
+    dims = lambda shape: tuple(int(d) for d in shape.split("[")[1].rstrip("]").split(",") if d)
+    return [dims(s) for op in ops if op.kind == "all-gather" for s in op.shapes]
+
+
+@needs_libtpu
+def test_fsdp_gathers_and_reduce_scatters_data_parallel_all_reduces(dp_and_fsdp):
+    dp, fsdp = dp_and_fsdp["dp"], dp_and_fsdp["fsdp"]
+    assert fsdp["collectives"]["all-gather"]["count"] > 0
+    assert fsdp["collectives"]["reduce-scatter"]["count"] > 0
+    assert dp["collectives"]["all-reduce"]["count"] > 0
+    params = _param_dims(_config("gpt2", "tiny", WIDE_TINY))
+    assert [d for d in _all_gather_dims(fsdp) if d in params], "FSDP gathers whole weight matrices"
+    assert not [d for d in _all_gather_dims(dp) if d in params], "data parallelism never gathers a weight"
+
+
+@needs_libtpu
+def test_dump_writes_stablehlo_and_optimized_hlo(dp_and_fsdp):
+    stable, optimized = dp_and_fsdp["fsdp"]["dump"]
+    assert stable.endswith(".stablehlo.mlir") and "stablehlo" in open(stable).read()
+    assert "all-gather" in open(optimized).read()
+
+
+@needs_libtpu
+def test_too_large_reports_fits_false_with_the_numbers():
+    out = _run_cli("--config", "configs/llama.py:1b", "--topology", "v5e-1", "--config.train.batch_size=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["fits"] is False and r["per_device_bytes"] > r["hbm_bytes"] == 16 * 2**30
+    assert r["params_bytes"] == 4 * r["num_params"] and r["opt_state_bytes"] > 2 * r["params_bytes"]
+    assert r["compiler_hbm_bytes"] <= r["hbm_bytes"] and "DOES NOT FIT" in out.stdout
+
+
+@needs_libtpu
+def test_sweep_sorts_layouts_by_memory():
+    rows = aot.sweep(_config("gpt2", "tiny"), "v5e:1x2", axes=("mesh",))
+    layouts = {r["layout"] for r in rows}
+    assert layouts == {"as configured", "mesh 1/2/1", "mesh 1/1/2"}  # data=-1 is the 2/1/1 split
+    totals = [r["per_device_bytes"] for r in rows]
+    assert totals == sorted(totals) and all(r["fits"] for r in rows)
+    table = aot.format_sweep(rows)
+    assert table.count(" yes ") == 3 and "mesh 1/2/1" in table
+
+
+def test_sweep_table_marks_what_does_not_fit():
+    base = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "grad_accum_steps": 1, "remat": "none", "compile_s": 1.0}
+    base.update(params_bytes=2**30, opt_state_bytes=2**31, temp_bytes=None)
+    rows = [
+        {**base, "layout": "as configured", "per_device_bytes": 20 * 2**30, "fits": False},
+        {"layout": "grad_accum 8", "invalid": "batch does not split", "per_device_bytes": None, "fits": False},
+    ]
+    table = aot.format_sweep(rows)
+    assert " NO " in table and "invalid: batch does not split" in table and " yes " not in table
+    assert aot.sweep_summary(rows)["sweep"][1]["invalid"] == "batch does not split"
