@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from llm_jax import progress as progress_lib
 from llm_jax import tokenizer as tok_lib
 
 # Directories of the standard library left out of the default corpus: tests, the IDE, vendored
@@ -93,8 +94,9 @@ def read_text_file(path: str) -> str:
     return text
 
 
-def tfds_documents(name: str, split: str, data_dir: str | None, text_key: str, max_docs: int) -> list[str]:
-    """Text documents of a prepared tfds dataset, via array_record data sources (no TensorFlow)."""
+def tfds_documents(name: str, split: str, data_dir: str | None, text_key: str, max_docs: int, log=None) -> list[str]:
+    """Text documents of a prepared tfds dataset, via array_record data sources (no TensorFlow);
+    progress and an ETA go to `log` while a large split is read."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tfds is a dependency
@@ -111,14 +113,14 @@ def tfds_documents(name: str, split: str, data_dir: str | None, text_key: str, m
         ) from None
     n = len(source) if max_docs <= 0 else min(len(source), max_docs)
     docs = []
-    for i in range(n):
+    for i in progress_lib.track(range(n), f"data: reading tfds {name} [{split}]", total=n, unit="docs", log=log):
         text = source[i][text_key]
         docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
     return docs
 
 
-def load_splits(cfg) -> Splits:
-    """Reads the configured source into train/validation documents."""
+def load_splits(cfg, log=None) -> Splits:
+    """Reads the configured source into train/validation documents (progress of long reads to `log`)."""
     if cfg.source == "stdlib":
         docs = stdlib_documents()
         # Split by file, stably (hash of the path): validation is unseen files, not the tail of one.
@@ -136,10 +138,10 @@ def load_splits(cfg) -> Splits:
         return Splits([text[:cut]], [text[cut:]])
     if cfg.source == "tfds":
         train = tfds_documents(
-            cfg.tfds_name, cfg.tfds_train_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs
+            cfg.tfds_name, cfg.tfds_train_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs, log
         )
         val = tfds_documents(
-            cfg.tfds_name, cfg.tfds_val_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs
+            cfg.tfds_name, cfg.tfds_val_split, cfg.tfds_data_dir or None, cfg.tfds_text_key, cfg.max_docs, log
         )
         return Splits(train, val)
     raise ValueError(f"config.data.source={cfg.source!r}: use 'stdlib', 'text' or 'tfds'")
@@ -155,14 +157,17 @@ def _truncate(docs: list[str], max_chars: int) -> list[str]:
     return out
 
 
-def build_tokenizer(cfg, train_docs: list[str]) -> tok_lib.Tokenizer:
-    """A new tokenizer of the configured kind, trained on the training split where it needs to be."""
+def build_tokenizer(cfg, train_docs: list[str], log=None) -> tok_lib.Tokenizer:
+    """A new tokenizer of the configured kind, trained on the training split where it needs to be
+    (SentencePiece reports its progress to `log`)."""
     if cfg.tokenizer == "byte":
         return tok_lib.ByteTokenizer()
     if cfg.tokenizer == "char":
         return tok_lib.CharTokenizer.train("".join(train_docs))
     if cfg.tokenizer == "sentencepiece":
-        return tok_lib.SentencePieceTokenizer.train(train_docs, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars)
+        return tok_lib.SentencePieceTokenizer.train(
+            train_docs, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars, log=log
+        )
     if cfg.tokenizer == "hf":
         if not cfg.tokenizer_path:
             raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
@@ -170,14 +175,36 @@ def build_tokenizer(cfg, train_docs: list[str]) -> tok_lib.Tokenizer:
     raise ValueError(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
 
 
-def tokenize(docs: list[str], tokenizer: tok_lib.Tokenizer) -> np.ndarray:
-    """Documents -> one int32 stream, documents separated by EOS where the tokenizer has one."""
+# Tokenizers whose encode_array works line by line: a document cut after a newline encodes the same.
+_LINEWISE = ("byte", "char", "sentencepiece")
+
+
+def _line_chunks(text: str, size: int = 1 << 22):
+    """`text` in pieces of about `size` characters, each ending after a newline (or at the end)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def tokenize(docs: list[str], tokenizer: tok_lib.Tokenizer, log=None, what: str = "data: tokenizing") -> np.ndarray:
+    """Documents -> one int32 stream, documents separated by EOS where the tokenizer has one.
+
+    Progress and an ETA go to `log` when it takes a while (a large document is encoded in pieces
+    cut after newlines, where the tokenizer allows it, so that it shows progress too).
+    """
     parts = []
     sep = None if tokenizer.eos_id is None else np.asarray([tokenizer.eos_id], np.int32)
+    progress = progress_lib.Progress(what, sum(map(len, docs)), "chars", log)
     for d in docs:
-        parts.append(tokenizer.encode_array(d))
+        for piece in _line_chunks(d) if tokenizer.kind in _LINEWISE else (d,):
+            parts.append(tokenizer.encode_array(piece))
+            progress.update(len(piece))
         if sep is not None:
             parts.append(sep)
+    progress.close()
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
@@ -257,15 +284,15 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> LMData:
 
         return seq2seq.load_parallel_data(cfg, tokenizer_dir, log)
     t0 = time.time()
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, log)
     if not any(d.strip() for d in splits.train):
         raise ValueError(f"the training split of source={cfg.source!r} is empty; check config.data")
     if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
         tokenizer = tok_lib.load(tokenizer_dir)
     else:
-        tokenizer = build_tokenizer(cfg, splits.train)
-    train = tokenize(splits.train, tokenizer)
-    val = tokenize(splits.val, tokenizer)
+        tokenizer = build_tokenizer(cfg, splits.train, log)
+    train = tokenize(splits.train, tokenizer, log, "data: tokenizing train")
+    val = tokenize(splits.val, tokenizer, log, "data: tokenizing validation")
     log(
         f"data: {cfg.source} -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), "
         f"{len(train):,} train / {len(val):,} val tokens in {time.time() - t0:.1f}s"
@@ -429,7 +456,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
         tokenizer = tok_lib.load(tokenizer_dir)
     else:
-        tokenizer = build_tokenizer(cfg, [p + c for p, c in train])
+        tokenizer = build_tokenizer(cfg, [p + c for p, c in train], log)
     if tokenizer.eos_id is None:
         raise ValueError(
             f"config.data.source='jsonl' ends each completion with EOS, but the {tokenizer.kind!r} tokenizer has none; "
