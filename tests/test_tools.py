@@ -21,22 +21,6 @@ from llm_jax import optim, train
 pytest.importorskip("matplotlib", reason="the pictures need the notebook extra: pip install -e '.[notebook]'")
 
 
-def assert_real_image(path: str, min_px: int = 300, max_px: int = 12_000) -> tuple[int, int]:
-    """`path` is a PNG that decodes, of a sensible size, and not blank: many distinct colours."""
-    import matplotlib.image
-
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    img = matplotlib.image.imread(path)
-    h, w = img.shape[:2]
-    assert min_px <= h <= max_px and min_px <= w <= max_px, f"{path}: {w}x{h} pixels"
-    rgb = img[..., :3]
-    assert rgb.std() > 0.05, f"{path} is (nearly) one colour"
-    colours = np.unique((rgb.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
-    assert len(colours) > 50, f"{path} has only {len(colours)} colours"
-    return w, h
-
-
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """A persistent compilation cache: the second LM run compiles nothing new."""
@@ -116,7 +100,7 @@ def test_plot_cli_overlays_runs_in_a_real_picture(runs, tmp_path):
                 "--label=seed 0", "--label=seed 1", "--label=translation", f"--output={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plot: wrote" in proc.stdout and "(3 runs)" in proc.stdout
-    w, h = assert_real_image(out)
+    w, h = R.assert_real_image(out)
     assert w > h  # 3 panels across, 2 down
     bad = _cli("llm_jax.plot", f"--workdir={tmp_path}", f"--output={out}")
     assert bad.returncode != 0 and "plot: error: " in bad.stderr and "metrics.jsonl does not exist" in bad.stderr
@@ -128,7 +112,7 @@ def test_attention_cli_draws_a_language_model_on_another_mesh(runs, tmp_path):
     proc = _cli("llm_jax.attention", f"--workdir={runs['lm_a']}", f"--text={text}", f"--output={out}", devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "self-attention 2x2" in proc.stdout
-    assert_real_image(out)
+    R.assert_real_image(out)
 
 
 def test_attention_cli_draws_translation_alignment(runs, tmp_path):
@@ -138,7 +122,7 @@ def test_attention_cli_draws_translation_alignment(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for part in ("encoder self-attention", "decoder self-attention", "cross-attention alignment"):
         assert part in proc.stdout
-    assert_real_image(out)
+    R.assert_real_image(out)
     bad = _cli("llm_jax.attention", f"--workdir={runs['mt']}", "--text=a man", f"--output={out}")
     assert bad.returncode != 0 and "attention: error: this run is an encoder-decoder" in bad.stderr
 
