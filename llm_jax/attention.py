@@ -197,8 +197,8 @@ def draw(maps: Maps, cmap: str = "viridis"):
     from matplotlib.figure import Figure
 
     n = max(max(len(s.queries), len(s.keys)) for s in maps.sections)
-    cell = float(np.clip(0.12 * n + 0.8, 2.0, 4.5))  # inches per map
-    font = float(np.clip(0.75 * 72 * cell / n, 4.0, 9.0))  # label points that fit `n` labels in a cell
+    cell = float(np.clip(0.13 * n + 0.8, 2.0, 6.0))  # inches per map
+    font = float(np.clip(0.8 * 72 * cell / n, 5.0, 10.0))  # label points that fit `n` labels in a cell
     cols = max(s.weights.shape[1] for s in maps.sections)
     heights = [s.weights.shape[0] * cell + 0.7 for s in maps.sections]
     width = cols * cell + 1.6
