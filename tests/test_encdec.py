@@ -270,7 +270,14 @@ def test_loss_and_grads_on_meshes_equal_one_device(shape):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
         scale = np.abs(ref).max()
-        assert scale > 1e-4, f"{jax.tree_util.keystr(path)}: a ~zero gradient proves nothing"  # 100x the tolerance
+        if jax.tree_util.keystr(path).endswith("['key']['bias']"):
+            # A key bias shifts all logits of a query by one amount, which softmax ignores: its
+            # gradient is zero in exact arithmetic (~1e-12 here) on every mesh.
+            assert scale < 1e-6 and np.abs(np.asarray(g)).max() < 1e-6, jax.tree_util.keystr(path)
+            continue
+        # Far above float32 noise (~1e-12 for the key bias): a gradient this size is a real signal.
+        # (The decoder's key kernel gets ~8.5e-5 at this init, under the 1e-4 once required.)
+        assert scale > 1e-6, f"{jax.tree_util.keystr(path)}: a ~zero gradient proves nothing"
         np.testing.assert_allclose(np.asarray(g), ref, rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
     if shape[2] > 1 or shape[1] > 1:  # really sharded, not silently replicated
         kernel = grads["decoder"]["layers_0"]["cross_attn"]["query"]["kernel"]
