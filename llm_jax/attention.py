@@ -51,6 +51,8 @@ class Section:
     weights: np.ndarray  # [L, H, t, s] float32, rows sum to 1
     queries: list[str]
     keys: list[str]
+    layer_ids: list[int] | None = None  # the model's index of each of the L layers (None: 0..L-1)
+    head_ids: list[int] | None = None  # and of each of the H heads
 
 
 @dataclasses.dataclass
@@ -179,9 +181,12 @@ def select(maps: Maps, layers: list[int] | None = None, heads: list[int] | None 
             bad = [i for i in idx or () if not 0 <= i < size]
             if bad:
                 raise ValueError(f"{name} {bad[0]} does not exist in {s.title}: use 0..{size - 1}")
+        layer_ids, head_ids = s.layer_ids or list(range(w.shape[0])), s.head_ids or list(range(w.shape[1]))
         w = w if layers is None else w[layers]
         w = w if heads is None else w[:, heads]
-        out.append(dataclasses.replace(s, weights=w))
+        layer_ids = layer_ids if layers is None else [layer_ids[i] for i in layers]
+        head_ids = head_ids if heads is None else [head_ids[i] for i in heads]
+        out.append(dataclasses.replace(s, weights=w, layer_ids=layer_ids, head_ids=head_ids))
     return dataclasses.replace(maps, sections=out)
 
 
@@ -215,7 +220,9 @@ def draw(maps: Maps, cmap: str = "viridis"):
                 ax.set_axis_off()
                 continue
             image = ax.imshow(s.weights[layer, head], cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-            ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+            layer_id = s.layer_ids[layer] if s.layer_ids else layer  # the model's numbering, after `select`
+            head_id = s.head_ids[head] if s.head_ids else head
+            ax.set_title(f"layer {layer_id}, head {head_id}", fontsize=8)
             ax.set_yticks(range(len(s.queries)), s.queries if head == 0 else [], fontsize=font)
             last = layer == s.weights.shape[0] - 1
             ax.set_xticks(range(len(s.keys)), s.keys if last else [], fontsize=font, rotation=90)

@@ -108,6 +108,8 @@ def test_attention_maps_are_the_same_on_any_mesh(fsdp_tensor_run):
         attention.attention_maps(run, source="a man")
     sub = attention.select(maps, layers=[1], heads=[0])
     assert sub.sections[0].weights.shape == (1, 1, len(text), len(text))
+    assert (sub.sections[0].layer_ids, sub.sections[0].head_ids) == ([1], [0])  # the model's numbering
+    np.testing.assert_array_equal(sub.sections[0].weights[0, 0], s.weights[1, 0])
     with pytest.raises(ValueError, match="head 5 does not exist.*0..1"):
         attention.select(maps, heads=[5])
 
