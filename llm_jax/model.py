@@ -312,6 +312,25 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str, segment_
     return out.reshape(b, t, h, d)
 
 
+def _attend(
+    module: nn.Module, q: Array, k: Array, v: Array, mask: Array | None, impl: str, segment_ids: Array | None = None
+) -> Array:
+    """`attend`; when the caller made the 'intermediates' collection mutable (llm_jax.attention does),
+    its weights [b, h, t, s] float32 are also computed explicitly (the `dot_product` path never forms
+    them) and recorded as `attention_weights`. Training and decoding never make it mutable."""
+    if module.is_mutable_collection("intermediates"):
+        b, t, h, d = q.shape
+        logits = jnp.einsum(
+            "btkgd,bskd->bkgts", q.reshape(b, t, k.shape[2], -1, d), k, preferred_element_type=jnp.float32
+        )
+        seen = jnp.tril(jnp.ones((1, t, k.shape[1]), bool)) if mask is None else mask  # None: causal
+        if mask is None and segment_ids is not None:
+            seen = seen & _same_segment(segment_ids, segment_ids)
+        logits = jnp.where(seen[:, None, None], logits / jnp.sqrt(jnp.float32(d)), _MASK_VALUE)
+        module.sow("intermediates", "attention_weights", jax.nn.softmax(logits, -1).reshape(b, h, t, -1))
+    return attend(q, k, v, mask, impl, segment_ids)
+
+
 def _causal_blocks(t: int) -> int:
     """Query blocks for causal attention over t positions: blocks of >= 128 rows, at most 8."""
     n = 1
@@ -401,7 +420,7 @@ class Attention(nn.Module):
 
         if decode:
             key, value, mask = self._update_cache(key, value, positions)
-        return _attention_out(cfg, attend(q, key, value, mask, cfg.attention, segment_ids), bias)
+        return _attention_out(cfg, _attend(self, q, key, value, mask, cfg.attention, segment_ids), bias)
 
     def _update_cache(self, key, value, positions):
         """Writes this call's keys/values at the cache index; returns all cached ones and the mask."""
@@ -480,7 +499,7 @@ class CrossAttention(nn.Module):
             mask = memory.mask
         if decode:
             key, value, mask = self._cached(key, value, memory, x.shape[1])
-        return _attention_out(cfg, attend(q, key, value, mask, cfg.attention), bias)
+        return _attention_out(cfg, _attend(self, q, key, value, mask, cfg.attention), bias)
 
     def _cached(self, key, value, memory, t: int):
         """Stores the source's keys/values (set-up call) or reads them (decoding steps)."""
@@ -579,7 +598,7 @@ def apply_layers(cfg: ModelConfig, name: str, num_layers: int, x: Array, *args, 
     if cfg.scan_layers:
         stack = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0},  # recorded weights: [layers, ...]
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=num_layers,

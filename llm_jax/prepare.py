@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 
+from llm_jax import progress as progress_lib
 from llm_jax import sources
 from llm_jax import tokenizer as tok_lib
 from llm_jax.errors import BadValue
@@ -249,38 +250,19 @@ def _run_tasks(work: list[tuple], workers: int, log) -> None:
     if workers <= 0:
         workers = (os.cpu_count() or 1) if todo_bytes >= _IN_PROCESS_BYTES else 1
     workers = min(workers, len(work))
-    progress = _Progress(len(work), todo_bytes, log if todo_bytes >= _IN_PROCESS_BYTES else lambda *a: None)
+    quiet = todo_bytes < _IN_PROCESS_BYTES
+    progress = progress_lib.Progress("prepare", todo_bytes, "bytes of text", None if quiet else log, every=5.0)
     if workers <= 1:
         for w in work:
-            progress.update(_run_task(w))
+            progress.update(_run_task(w)["text_bytes"])
+        progress.close()
         return
     log(f"prepare: {todo_bytes / 2**20:,.0f} MB of text in {len(work)} shards over {workers} worker processes")
     # 'spawn': the trainer has JAX's threads running, which a fork would copy mid-flight.
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         for info in pool.imap_unordered(_run_task, work):
-            progress.update(info)
-
-
-class _Progress:
-    """'prepare: 12/32 shards, 384/1024 MB, 41.0 MB/s, eta 16s' every 5 seconds and at the end."""
-
-    def __init__(self, n: int, total_bytes: int, log):
-        self.n, self.total, self.log = n, total_bytes, log
-        self.done = self.bytes = 0
-        self.t0 = self.last = time.time()
-
-    def update(self, info: dict) -> None:
-        self.done, self.bytes = self.done + 1, self.bytes + info["text_bytes"]
-        now = time.time()
-        if now - self.last < 5 and self.done < self.n:
-            return
-        self.last = now
-        rate = self.bytes / max(now - self.t0, 1e-9)
-        eta = (self.total - self.bytes) / max(rate, 1e-9)
-        self.log(
-            f"prepare: {self.done}/{self.n} shards, {self.bytes / 2**20:,.0f}/{self.total / 2**20:,.0f} MB, "
-            f"{rate / 2**20:.1f} MB/s, eta {eta:.0f}s"
-        )
+            progress.update(info["text_bytes"])
+    progress.close()
 
 
 # ----------------------------------------------------------------------------------------------

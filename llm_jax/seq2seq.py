@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from llm_jax import progress as progress_lib
 from llm_jax import tokenizer as tok_lib
 from llm_jax.errors import BadValue, FileError, NotFound
 
@@ -85,11 +86,19 @@ class Encoded:
     too_long: int  # pairs over seq_len - 1 tokens on a side
 
 
-def encode_split(src: list[str], tgt: list[str], tokenizer, seq_len: int) -> Encoded:
-    """Tokenizes the pairs (SentencePiece's batch API) and applies the rules of the module docstring."""
+def encode_split(src: list[str], tgt: list[str], tokenizer, seq_len: int, log=None, what: str = "data: tokenizing",
+                 block: int = 8192) -> Encoded:  # fmt: skip
+    """Tokenizes the pairs (SentencePiece's batch API, `block` pairs at a time, progress and an ETA
+    to `log` when it takes a while) and applies the rules of the module docstring."""
     keep = [i for i, (s, t) in enumerate(zip(src, tgt)) if s.strip() and t.strip()]
-    src_ids = tokenizer.encode_batch([src[i] for i in keep])
-    tgt_ids = tokenizer.encode_batch([tgt[i] for i in keep])
+    src_ids, tgt_ids = [], []
+    progress = progress_lib.Progress(what, len(keep), "pairs", log)
+    for b in range(0, len(keep), block):
+        rows = keep[b : b + block]
+        src_ids += tokenizer.encode_batch([src[i] for i in rows])
+        tgt_ids += tokenizer.encode_batch([tgt[i] for i in rows])
+        progress.update(len(rows))
+    progress.close()
     fits = [j for j in range(len(keep)) if len(src_ids[j]) <= seq_len - 1 and len(tgt_ids[j]) <= seq_len - 1]
     return Encoded(
         source=[np.asarray(src_ids[j], np.int32) for j in fits],
@@ -201,7 +210,7 @@ def load_parallel_data(cfg, tokenizer_dir: str | None = None, log=print) -> Para
     elif cfg.tokenizer == "sentencepiece":
         log(f"data: training a joint {cfg.vocab_size}-piece SentencePiece vocabulary on {len(train_src):,} pairs")
         tokenizer = tok_lib.SentencePieceTokenizer.train(
-            train_src + train_tgt, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars, prose=True
+            train_src + train_tgt, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars, prose=True, log=log
         )
     else:
         raise BadValue(f"config.data.tokenizer={cfg.tokenizer!r}: source='parallel' uses 'sentencepiece'")
@@ -209,8 +218,8 @@ def load_parallel_data(cfg, tokenizer_dir: str | None = None, log=print) -> Para
         raise BadValue(f"the {tokenizer.kind!r} tokenizer has no BOS/EOS ids, which the decoder needs")
     data = ParallelData(
         tokenizer,
-        encode_split(train_src, train_tgt, tokenizer, cfg.seq_len),
-        encode_split(val_src, val_tgt, tokenizer, cfg.seq_len),
+        encode_split(train_src, train_tgt, tokenizer, cfg.seq_len, log, "data: tokenizing train"),
+        encode_split(val_src, val_tgt, tokenizer, cfg.seq_len, log, "data: tokenizing validation"),
         cfg.seq_len,
     )
     log(

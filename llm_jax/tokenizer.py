@@ -11,10 +11,13 @@ import hashlib
 import io
 import json
 import os
+import re
+import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from llm_jax import progress
 from llm_jax.errors import BadValue, NotFound
 
 META = "llm_jax_tokenizer.json"
@@ -125,13 +128,17 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def train(
         cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_chars: int = 5_000_000,
-        prose: bool = False,
+        prose: bool = False, log=None,
     ):  # fmt: skip
         """Trains on the lines of `texts` (at most `max_chars` characters). The default keeps every
         character as written (code, poetry); `prose=True` uses SentencePiece's usual settings for
         sentences (NFKC normalisation, whitespace runs folded, a word-start marker on the first
-        word), as machine translation does."""
+        word), as machine translation does. `log`: where progress and an ETA go while the text is
+        read and the pieces are merged (reported only for work that takes a while)."""
         import sentencepiece as spm
+
+        total = min(max_chars, sum(map(len, texts))) if isinstance(texts, (list, tuple)) else max_chars
+        reading = progress.Progress("sentencepiece: reading text", total, "chars", log)
 
         def lines():
             n = 0
@@ -140,8 +147,10 @@ class SentencePieceTokenizer(Tokenizer):
                     if line.strip():
                         yield line
                         n += len(line)
+                        reading.update(len(line))
                 if n >= max_chars:
-                    return
+                    break
+            reading.close()
 
         if prose:
             style = dict(normalization_rule_name="nmt_nfkc")
@@ -156,22 +165,15 @@ class SentencePieceTokenizer(Tokenizer):
                 user_defined_symbols=["\n", "\t"],
             )
         proto = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(),
-            model_writer=proto,
-            vocab_size=vocab_size,
-            model_type=model_type,
+        _train_spm(
+            spm, log,
+            sentence_iterator=lines(), model_writer=proto, vocab_size=vocab_size, model_type=model_type,
             character_coverage=1.0,
             byte_fallback=True,  # never an unknown token: any text round-trips
             split_digits=True,
             hard_vocab_limit=False,  # a small corpus gets the vocabulary it can fill, not an error
-            pad_id=0,
-            unk_id=1,
-            bos_id=2,
-            eos_id=3,
-            minloglevel=2,
-            **style,
-        )
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3, **style,
+        )  # fmt: skip
         return cls(proto.getvalue())
 
     def encode(self, text):
@@ -193,6 +195,41 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, directory):
         super().save(directory)
         _atomic_write(os.path.join(directory, self.MODEL), self.proto)
+
+
+def _train_spm(spm, log, **kwargs) -> None:
+    """`SentencePieceTrainer.train(**kwargs)`, reporting the BPE merges (towards ~`vocab_size`) to `log`.
+
+    The library logs only from C++ to file descriptor 2; for the duration of the training that
+    descriptor points at a pipe read here (its "merges=N" lines are the progress; errors are passed
+    on to `log`). Without a `log` it trains with its log off.
+    """
+    if log is None:
+        spm.SentencePieceTrainer.train(minloglevel=2, **kwargs)
+        return
+    merging = progress.Progress("sentencepiece: merging pieces", kwargs["vocab_size"], "pieces", log)
+
+    def read(fd: int) -> None:
+        with os.fdopen(fd, errors="replace") as f:
+            for line in f:
+                if m := re.search(r"merges=(\d+)", line):  # BPE logs every 100 merges
+                    merging.set(int(m.group(1)))
+                elif line[:1] in "EF":  # glog's error and fatal lines
+                    log(f"sentencepiece: {line.rstrip()}")
+
+    r, w = os.pipe()
+    reader = threading.Thread(target=read, args=(r,), daemon=True)
+    reader.start()
+    saved = os.dup(2)
+    os.dup2(w, 2)
+    try:
+        spm.SentencePieceTrainer.train(minloglevel=0, **kwargs)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(w)
+        reader.join()
+    merging.close()
 
 
 class HFTokenizer(Tokenizer):

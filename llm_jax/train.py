@@ -36,11 +36,11 @@ from llm_jax import decode as decode_lib
 from llm_jax import distributed, optim, sharding
 from llm_jax import family as family_lib
 from llm_jax import flops as flops_lib
+from llm_jax import summary as summary_lib
 from llm_jax import tokenizer as tok_lib
 from llm_jax import workdir as workdir_lib
 from llm_jax.errors import BadValue, Diverged
 from llm_jax.metrics import MetricsLog
-from llm_jax.model import count_params
 
 
 @flax.struct.dataclass
@@ -378,13 +378,11 @@ def setup(
 
 
 def _log_start(trainer: Trainer, ls: LoopState, latest) -> None:
-    cfg, mesh, log = trainer.model.cfg, trainer.mesh, trainer.log
-    n = jax.process_count()
-    log(
-        f"model: {count_params(ls.state.params):,} parameters, {cfg.num_layers} layers, width {cfg.embed_dim}, "
-        f"vocab {cfg.vocab_size}; mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-        f"devices in {n} process{'es' if n > 1 else ''}"
-    )
+    """The model summary (parameters per module, FLOPs per token, mesh, each tensor's sharding)."""
+    log = trainer.log
+    if jax.process_index() == 0:  # the only process that logs
+        seq_len = trainer.config.data.seq_len
+        log(summary_lib.summarize(trainer.model, ls.state.params, trainer.mesh, trainer.rules, seq_len))
     if latest is not None:
         log(f"resumed from {trainer.mngr.directory}/{latest} (step {ls.step})")
     log(f"setup took {time.time() - trainer.t_start:.1f}s; training steps {ls.step}..{trainer.config.train.num_steps}")
@@ -476,6 +474,8 @@ def log_progress(trainer: Trainer, ls: LoopState) -> None:
     mfu = flops_lib.mfu(tps, trainer.flops_per_token, trainer.peak_flops)
     ls.train_record = {
         "train/loss": loss,
+        # The rate of the step's last update (optax counts updates from 0), for plots.
+        "train/lr": float(optim.make_schedule(trainer.config.optim)(max(ls.step - 1, 0))),
         "train/grad_norm": ls.grad_norm,
         "train/tokens_per_sec": tps,
         "train/mfu": mfu,

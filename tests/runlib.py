@@ -300,3 +300,22 @@ def corrupt_one_file(step_dir: str) -> str:
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
     return victim
+
+
+def assert_real_image(path_or_bytes, min_px: int = 300, max_px: int = 12_000) -> tuple[int, int]:
+    """A PNG (a path or its bytes) that decodes, of a sensible size, and is not blank: its pixels
+    vary and hold many distinct colours. Returns (width, height). Needs matplotlib."""
+    import io
+
+    import matplotlib.image
+
+    raw = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    img = matplotlib.image.imread(io.BytesIO(raw), format="png")
+    h, w = img.shape[:2]
+    assert min_px <= h <= max_px and min_px <= w <= max_px, f"{w}x{h} pixels"
+    rgb = img[..., :3]
+    assert rgb.std() > 0.05, "the picture is (nearly) one colour"
+    colours = np.unique((rgb.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
+    assert len(colours) > 50, f"only {len(colours)} colours"
+    return w, h

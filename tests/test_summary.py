@@ -1,0 +1,63 @@
+"""The model summary (llm_jax/summary.py): totals, modules, collapsed layers, shardings, FLOPs."""
+
+import flax.linen as nn
+import jax
+import ml_collections
+import pytest
+
+from llm_jax import family as family_lib
+from llm_jax import flops, sharding, summary
+from llm_jax.model import ModelConfig, count_params
+
+CFG = dict(vocab_size=256, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
+
+
+def _mesh(data, fsdp, tensor):
+    return sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor}))
+
+
+def test_summary_of_abstract_params_on_a_mesh():
+    model = family_lib.build(ModelConfig(**CFG))
+    mesh, rules = _mesh(2, 2, 2), sharding.logical_rules()
+    d = summary.summary_dict(model, None, mesh, rules, seq_len=32)
+    params = jax.eval_shape(lambda: nn.meta.unbox(family_lib.init_params(model, jax.random.key(0), 8)))
+    assert d["params"] == count_params(params) == sum(n for _, _, n in d["modules"])
+    assert d["flops_per_token"] == flops.flops_per_token(model.cfg, 32)
+    assert d["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert ("layers_*/attn", 3, 3 * sum(r["size"] for r in d["rows"] if "/attn/" in r["name"])) in d["modules"]
+    query = next(r for r in d["rows"] if r["name"] == "layers_[0-2]/attn/query/kernel")
+    assert query["count"] == 3 and query["shape"] == (32, 4, 8) and query["logical"] == ("embed", "heads", "kv")
+    assert tuple(query["spec"]) == ("fsdp", "tensor", None) and query["per_device"] == 16 * 2 * 8
+    # Weights split over fsdp x tensor = 4 devices; norms are replicated: a bit over a quarter per device.
+    assert d["bytes"] / 4 < d["bytes_per_device"] < d["bytes"] / 3
+    text = summary.summarize(model, None, mesh, rules, seq_len=32)
+    assert f"{d['params']:,} parameters" in text and "mesh: data=2 x fsdp=2 x tensor=2 over 8 cpu devices" in text
+    assert "layers_[0-2]/attn/query/kernel x3" in text and "embed,heads,kv -> fsdp,tensor,-" in text
+    assert "layers_1" not in text  # repeated layers collapse into one row each
+
+
+def test_summary_reads_the_sharding_of_real_params_and_scanned_layers():
+    model = family_lib.build(ModelConfig(**CFG, scan_layers=True))
+    mesh, rules = _mesh(-1, 1, 2), sharding.logical_rules()
+    boxed = jax.eval_shape(lambda: family_lib.init_params(model, jax.random.key(0), 8))
+    shardings = sharding.boxed_shardings(boxed, mesh, rules)
+    params = jax.jit(
+        lambda: nn.meta.unbox(family_lib.init_params(model, jax.random.key(0), 8)), out_shardings=shardings
+    )()
+    d = summary.summary_dict(model, params, mesh, rules=None)  # no rules: the arrays' own shardings
+    kernel = next(r for r in d["rows"] if r["name"] == "layers/mlp/wi/kernel")
+    assert (
+        kernel["shape"] == (3, 32, 64)
+        and tuple(kernel["spec"]) == (None, "fsdp", "tensor")
+        and kernel["per_device"] == 3 * 32 * 32
+    )
+    assert ("layers/mlp", 3, 3 * (32 * 64 + 64 + 64 * 32 + 32)) in d["modules"]
+    assert "layers/mlp x3" in summary.summarize(model, params, mesh)
+
+
+@pytest.mark.parametrize("family", ["encdec"])
+def test_summary_of_an_encoder_decoder_names_both_stacks(family):
+    model = family_lib.build(ModelConfig(**CFG, family=family, num_encoder_layers=2))
+    text = summary.summarize(model, seq_len=16)
+    assert "2 encoder + 3 layers" in text and "encoder/layers_[0-1]/attn/query/kernel x2" in text
+    assert "decoder/layers_[0-2]/cross_attn/key/kernel x3" in text and "mesh:" not in text
