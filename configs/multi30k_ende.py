@@ -29,10 +29,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         family="encdec", preset="transformer-multi30k", num_layers=3, num_encoder_layers=3, num_heads=4,
         embed_dim=256, mlp_dim=1024, max_len=64, positions="sinusoidal", norm="layernorm", mlp_activation="gelu",
         share_embeddings=True, tie_embeddings=True, dropout_rate=0.1, label_smoothing=0.1, vocab_multiple=128,
+        loss_chunk=64,
     )  # fmt: skip
     c.optim.update(lr=1e-3, warmup_steps=400, min_lr_ratio=0.05, b1=0.9, b2=0.98, weight_decay=0.0, grad_clip=1.0)
     c.train.update(
-        batch_size=64, num_steps=4000, log_every=100, eval_every=500, eval_steps=8, checkpoint_every=500,
+        batch_size=64, num_steps=3000, log_every=100, eval_every=500, eval_steps=8, checkpoint_every=500,
         decode_eval_every=1000, decode_eval_examples=0, sample_tokens=0,
     )  # fmt: skip
     c.decode.update(beam_size=4, length_penalty=0.6, max_len_a=1.5, max_len_b=10, batch_size=128)
