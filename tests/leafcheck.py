@@ -47,7 +47,8 @@ def assert_close(actual, expected, rel: float = REL, noise=(), what: str = "") -
     a, e = leaves(actual), leaves(expected)
     assert a.keys() == e.keys(), sorted(a.keys() ^ e.keys())[:5]
     scale = _tree_max(e)
-    assert scale > 0, f"{what}: every leaf is zero; nothing is compared"
+    has_floats = any(np.issubdtype(x.dtype, np.floating) for x in e.values())
+    assert scale > 0 or not has_floats, f"{what}: every leaf is zero; nothing is compared"
     for path, want in e.items():
         got = a[path]
         assert got.shape == want.shape, (what, path, got.shape, want.shape)
@@ -80,3 +81,20 @@ def assert_moved(before, after, rel: float = REL, frozen=(), what: str = "") -> 
         moved = float(np.abs(new.astype(np.float64) - b[path]).max())
         need = GUARD * rel * float(np.abs(new).max())
         assert moved >= need, f"{what} {path}: moved {moved:.3g}, less than {GUARD} tolerances ({need:.3g})"
+
+
+def state_parts(flat: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A train state read as {key path: array} (runlib.read_state) split into the parts that are
+    compared each at its own scale: 'params', AdamW's 'mu', 'sqrt_nu' (the second moments, ~g^2,
+    by their square roots: the gradients' range) and the 'rest' (step counters)."""
+    parts = {"params": {}, "mu": {}, "sqrt_nu": {}, "rest": {}}
+    for path, x in flat.items():
+        if path.startswith("['params']"):
+            parts["params"][path] = x
+        elif "['mu']" in path:
+            parts["mu"][path] = x
+        elif "['nu']" in path:
+            parts["sqrt_nu"][path] = np.sqrt(x)
+        else:
+            parts["rest"][path] = x
+    return parts
