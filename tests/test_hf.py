@@ -285,6 +285,7 @@ def _load_config_file(name):
     return module
 
 
+@pytest.mark.slow
 def test_run_import_finetune_export(tmp_path):
     """from_hf -> llm_jax.main fine-tunes (2 steps) -> to_hf -> transformers matches the trained params."""
     src, work, out0, out = tmp_path / "src", tmp_path / "run", tmp_path / "out0", tmp_path / "out"

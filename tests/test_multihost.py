@@ -11,6 +11,7 @@ import socket
 
 import leafcheck
 import numpy as np
+import pytest
 import runlib as R
 
 STEPS = 4
@@ -22,6 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     corpus = R.write_corpus(str(tmp_path / "corpus.txt"))
     over = R.tiny_overrides(corpus, STEPS, STEPS)

@@ -40,6 +40,7 @@ def finished_run(tmp_path_factory, corpus):
     return ref, over
 
 
+@pytest.mark.slow
 def test_killed_anywhere_resumes_exactly(tmp_path, finished_run, capsys):
     ref, over = finished_run
     ref_losses = R.losses_list(ref)
@@ -124,6 +125,7 @@ def test_killed_anywhere_resumes_exactly(tmp_path, finished_run, capsys):
         print(f"\n{len(kill_points)} interruptions, each resumed exactly:\n  " + "\n  ".join(kill_points))
 
 
+@pytest.mark.slow
 def test_finished_run_continues_on_another_mesh(tmp_path, finished_run, capsys):
     """The finished 2-device data-parallel run continues on 8 devices as data=1 x fsdp=4 x tensor=2
     (in this process) straight from its checkpoint, no conversion step, and its next step equals
