@@ -22,7 +22,8 @@ It prints every entry of every round, then per entry the median tokens/s with it
 (min - max over rounds) and its MFU (against the float32 matmul peak the llm_jax runs measured,
 the same peak for both sides), and one JSON line: `ratio` = median llm_jax tokens/s / median
 tokens/s of the best PyTorch entry (the one with the highest median), `ratio_rounds` per round
-against that entry, and `ratio_no_chunk` the same without the chunked loss.
+against that entry (under load the ratio of medians and the median of these can differ: both are
+printed), and `ratio_no_chunk` the same without the chunked loss.
 
 `--config.KEY=VALUE` overrides apply to both sides (the same model); keys the peer has no
 equivalent for (loss_chunk, scan_layers, remat, ...) only change the llm_jax side. `--worker`
@@ -205,7 +206,7 @@ def print_table(s: dict) -> None:
     for n, m in sorted(s["tokens_per_sec"].items(), key=lambda kv: -kv[1]):
         lo, hi = min(s["tokens_per_sec_rounds"][n]), max(s["tokens_per_sec_rounds"][n])
         print(f"{n:26s} {m:12,.0f} {lo:8,.0f} {hi:8,.0f} {100 * s['mfu'][n]:5.1f}%")
-    spread = lambda xs: f"rounds {min(xs):.3f} - {max(xs):.3f}"
+    spread = lambda xs: f"rounds {min(xs):.3f} - {max(xs):.3f}, median of rounds {statistics.median(xs):.3f}"
     print(f"ratio vs best PyTorch ({s['best_torch']}): {s['ratio']:.3f} ({spread(s['ratio_rounds'])})")
     if "ratio_no_chunk" in s:
         print(f"without the chunked loss: {s['ratio_no_chunk']:.3f} ({spread(s['ratio_no_chunk_rounds'])})")
