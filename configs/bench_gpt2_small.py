@@ -4,7 +4,7 @@ of 128, as nanoGPT does), context 256, batch 4, float32, AdamW: 123.9M parameter
 124M less the 768 positions past 256). Everything else as configs/bench_cpu.py (GPT-2 block, chunked loss, optimizer).
 
     python -m llm_jax.bench --config configs/bench_gpt2_small.py --steps 5
-    python experiments/torch_peer.py --config configs/bench_gpt2_small.py --steps 3 --warmup 1
+    python experiments/torch_peer.py --config configs/bench_gpt2_small.py --steps 3 --warmup 1 --threads default
 
 The vocabulary is GPT-2's rather than bench_cpu's 8192 so the size is the one people know; it
 makes the output projection about a third of the step's FLOPs.
