@@ -9,7 +9,8 @@
 #        bash experiments/h200_llama1b.sh prepare          # -> experiments/.h200_deps/
 # 2. On the GPU machine, from the repo root, with experiments/.h200_deps carried along:
 #        bash experiments/h200_llama1b.sh                  # writes $OUT (or .) /h200_llama1b_*.json
-#    Knobs: BATCHES="8 16" (global batch per run), STEPS=10, REMAT=dots, LOSS_CHUNK=512.
+#    Knobs: BATCHES="8 16" (global batch per run), STEPS=10, REMAT=dots, LOSS_CHUNK=512, SEQ=2048,
+#    EXTRA="--config.K=V ..." (more overrides; tests/test_experiments.py runs a tiny model on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,11 +33,12 @@ OUT_DIR="${OUT:-.}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 
 for B in ${BATCHES:-8 16}; do
-  echo "=== llama 1b, batch $B x 2048, remat ${REMAT:-dots}, loss_chunk ${LOSS_CHUNK:-512}"
+  echo "=== llama 1b, batch $B x ${SEQ:-2048}, remat ${REMAT:-dots}, loss_chunk ${LOSS_CHUNK:-512}"
+  # shellcheck disable=SC2086  # EXTRA is a list of words
   "$PY" -m llm_jax.bench --config configs/llama.py:1b --steps "${STEPS:-10}" --warmup 2 \
-    --config.train.batch_size="$B" --config.data.seq_len=2048 \
+    --config.train.batch_size="$B" --config.data.seq_len="${SEQ:-2048}" \
     --config.model.remat="${REMAT:-dots}" --config.model.loss_chunk="${LOSS_CHUNK:-512}" \
-    --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 \
+    --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 ${EXTRA:-} \
     | tee "$OUT_DIR/h200_llama1b_b${B}.log"
   tail -n 1 "$OUT_DIR/h200_llama1b_b${B}.log" > "$OUT_DIR/h200_llama1b_b${B}.json"
 done

@@ -36,7 +36,7 @@ def main():
     from llm_jax import optim, sharding, train
     from llm_jax.model import TransformerLM
 
-    config_flags.DEFINE_config_file("config", args.config)
+    config_flags.DEFINE_config_file("config", None)  # parsed below: a default would load the file twice
     flags.FLAGS(["prog", f"--config={args.config}", *overrides])
     config = config_lib.finalize(flags.FLAGS.config)
     mesh = sharding.make_mesh(config.mesh)

@@ -1,23 +1,40 @@
-"""llm_jax vs PyTorch + Hugging Face transformers, one training step of the same GPT-2, side by side.
+"""llm_jax vs PyTorch + Hugging Face transformers at its best: one training step of the same GPT-2.
 
-    .venv/bin/python experiments/torch_peer.py [--rounds 3] [--steps 8] [--config configs/bench_cpu.py]
+    .venv/bin/python experiments/torch_peer.py [--config configs/bench_cpu.py] [--rounds 3] [--steps 8]
+        [--warmup 2] [--settings eager,foreach,fused,compile_fused] [--threads default,1] [--config.KEY=VALUE ...]
 
-Each round runs, one after the other in fresh processes (so neither shares threads or caches with
-the other), the llm_jax bench (`python -m llm_jax.bench`) and this file's PyTorch worker: a
-`GPT2LMHeadModel` of the config's sizes (layers, width, heads, mlp, vocab, context, batch), float32,
-AdamW (the config's betas / weight decay / learning rate, decay on matrices only), gradient clipping
-at the config's norm, on random tokens. Alternating rounds spread machine noise over both sides.
-Prints per-round figures, then one JSON line with the medians and `ratio` = llm_jax / torch
-tokens/s (> 1: llm_jax is faster).
+Each round runs every entry once, each in a fresh process (no shared threads or caches), in
+alternating order (reversed every other round, so slow drifts in machine load favour no side):
 
-Extra `--config.KEY=VALUE` arguments go to the llm_jax side only (e.g. to compare a variant).
-`--worker` runs only the PyTorch side and prints its JSON (what the rounds call).
+- llm_jax: `python -m llm_jax.bench` on the config, and, when the config uses the chunked loss
+  (`model.loss_chunk`, a feature the peer lacks), again with `--config.model.loss_chunk=0`;
+- PyTorch: this file's worker, a `GPT2LMHeadModel` of the config's sizes (layers, width, heads,
+  mlp, vocab, context, batch), float32, AdamW with the config's lr / betas / eps / weight decay
+  (decay on matrices only), gradient clipping at the config's norm, on random tokens, in each
+  setting of `--settings` at each thread count of `--threads`:
+    eager          torch.optim.AdamW defaults (on CPU: the per-parameter for-loop implementation)
+    foreach        AdamW(foreach=True): multi-tensor kernels
+    fused          AdamW(fused=True): one fused kernel over all parameters
+    compile_fused  torch.compile of the forward + loss (inductor, its backward too), fused AdamW
+  at `default` threads (PyTorch's own choice: one per core) and at 1 thread.
+
+It prints every entry of every round, then per entry the median tokens/s with its spread
+(min - max over rounds) and its MFU (against the float32 matmul peak the llm_jax runs measured,
+the same peak for both sides), and one JSON line: `ratio` = median llm_jax tokens/s / median
+tokens/s of the best PyTorch entry (the one with the highest median), `ratio_rounds` per round
+against that entry (under load the ratio of medians and the median of these can differ: both are
+printed), and `ratio_no_chunk` the same without the chunked loss.
+
+`--config.KEY=VALUE` overrides apply to both sides (the same model); keys the peer has no
+equivalent for (loss_chunk, scan_layers, remat, ...) only change the llm_jax side. `--worker`
+runs one PyTorch entry and prints its JSON (what the rounds call).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -25,67 +42,93 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {  # name -> (torch.compile the forward + loss, AdamW keyword arguments)
+    "eager": (False, {}),
+    "foreach": (False, {"foreach": True}),
+    "fused": (False, {"fused": True}),
+    "compile_fused": (True, {"fused": True}),
+}
 
 
-def load_config(path: str):
+def load_spec(config_path: str, overrides: list[str]) -> dict:
+    """The model, batch and optimizer numbers of the config (+ overrides) that both sides share."""
     sys.path.insert(0, REPO)
-    import importlib.util
+    from absl import flags
+    from ml_collections import config_flags
 
     from llm_jax import config as config_lib
 
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return config_lib.finalize(mod.get_config())
+    config_flags.DEFINE_config_file("config", None, lock_config=True)
+    flags.FLAGS(["torch_peer", f"--config={config_path}", *overrides])
+    c = config_lib.finalize(flags.FLAGS.config)
+    if not c.model.vocab_size:
+        raise ValueError("the peer needs config.model.vocab_size (random tokens, no tokenizer)")
+    m = config_lib.model_config(c, c.model.vocab_size)
+    gpt2 = (m.mlp_activation, m.norm, m.positions, m.kv_heads == m.num_heads) == ("gelu", "layernorm", "learned", True)
+    if not (gpt2 and m.use_bias):
+        raise ValueError("the PyTorch peer is HF GPT-2: gelu, layernorm, learned positions, biases, multi-head")
+    o = c.optim
+    return {
+        "layers": m.num_layers, "width": m.embed_dim, "heads": m.num_heads, "mlp": m.mlp_dim, "vocab": m.vocab_size,
+        "max_len": m.max_len, "norm_eps": m.norm_eps, "tied": m.tie_embeddings, "seq": c.data.seq_len,
+        "batch": c.train.batch_size, "loss_chunk": m.loss_chunk, "lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
+        "weight_decay": o.weight_decay, "grad_clip": o.grad_clip,
+    }  # fmt: skip
 
 
-def torch_worker(config_path: str, steps: int, warmup: int) -> dict:
+def build_torch_step(spec: dict, setting: str):
+    """(step() -> loss, number of parameters): one training step of HF GPT-2 in `setting`."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.set_num_threads(os.cpu_count())
-    c = load_config(config_path)
-    m, o, seq, batch = c.model, c.optim, c.data.seq_len, c.train.batch_size
-    assert m.mlp_activation == "gelu" and m.norm == "layernorm" and m.positions == "learned", "GPT-2 configs only"
-    vocab = -(-m.vocab_size // m.vocab_multiple) * m.vocab_multiple
+    compile_it, adamw_kwargs = SETTINGS[setting]
     hf_cfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=m.max_len,
-        n_embd=m.embed_dim,
-        n_layer=m.num_layers,
-        n_head=m.num_heads,
-        n_inner=m.mlp_dim,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings,
-    )
+        vocab_size=spec["vocab"], n_positions=spec["max_len"], n_embd=spec["width"], n_layer=spec["layers"],
+        n_head=spec["heads"], n_inner=spec["mlp"], activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, layer_norm_epsilon=spec["norm_eps"], tie_word_embeddings=spec["tied"],
+    )  # fmt: skip
     torch.manual_seed(0)
     model = GPT2LMHeadModel(hf_cfg).float().train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n and "wpe" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n and "wpe" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=(o.b1, o.b2),
-        eps=o.eps,
-    )
-    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    named = list(model.named_parameters())
+    decays = lambda n, p: p.ndim >= 2 and "wte" not in n and "wpe" not in n  # matrices, as llm_jax's mask
+    groups = [
+        {"params": [p for n, p in named if decays(n, p)], "weight_decay": spec["weight_decay"]},
+        {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=spec["lr"], betas=(spec["b1"], spec["b2"]), eps=spec["eps"], **adamw_kwargs)
+    vocab, gen = spec["vocab"], torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (spec["batch"], spec["seq"] + 1), generator=gen)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    def step():
+    def loss_fn(inputs, targets):
         logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), targets.view(-1))
+        return torch.nn.functional.cross_entropy(logits.view(-1, vocab), targets.view(-1))
+
+    forward = torch.compile(loss_fn) if compile_it else loss_fn
+
+    def step():
+        loss = forward(inputs, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        if spec["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
         opt.step()
-        return loss
+        return loss.detach()
 
-    for _ in range(warmup):
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def torch_worker(spec: dict, setting: str, threads: str, steps: int, warmup: int) -> dict:
+    """One PyTorch entry: `warmup` untimed steps (the first compiles), then `steps` timed ones."""
+    import torch
+
+    if threads != "default":
+        torch.set_num_threads(int(threads))
+    step, num_params = build_torch_step(spec, setting)
+    t0 = time.perf_counter()
+    first_loss = float(step())  # the first step compiles (compile_fused)
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         step()
     times = []
     for _ in range(steps):
@@ -94,15 +137,11 @@ def torch_worker(config_path: str, steps: int, warmup: int) -> dict:
         times.append(time.perf_counter() - t)
     step_time = statistics.median(times)
     return {
-        "tokens_per_sec": batch * seq / step_time,
-        "step_time_s": step_time,
-        "step_time_min_s": min(times),
-        "step_time_max_s": max(times),
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "final_loss": float(loss),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+        "tokens_per_sec": spec["batch"] * spec["seq"] / step_time, "step_time_s": step_time,
+        "step_time_min_s": min(times), "step_time_max_s": max(times), "first_step_s": first_step_s,
+        "first_loss": first_loss, "final_loss": float(loss), "num_params": num_params, "setting": setting,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }  # fmt: skip
 
 
 def last_json(cmd: list[str]) -> dict:
@@ -112,83 +151,95 @@ def last_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def entries(args, spec: dict, overrides: list[str]) -> dict[str, list[str]]:
+    """name -> command of every entry of a round (llm_jax first, then PyTorch)."""
+    py, timing = sys.executable, ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    jax_cmd = [py, "-m", "llm_jax.bench", "--config", args.config, *timing, *overrides]
+    out = {"llm_jax": jax_cmd}
+    if spec["loss_chunk"]:
+        out["llm_jax_no_chunk"] = [*jax_cmd, "--config.model.loss_chunk=0"]
+    worker = [py, os.path.abspath(__file__), "--worker", "--spec", json.dumps(spec), *timing]
+    for setting in args.settings.split(","):
+        for threads in args.threads.split(","):
+            out[f"torch_{setting}@{threads}"] = [*worker, "--setting", setting, "--threads", threads]
+    return out
+
+
+def run_rounds(cmds: dict[str, list[str]], rounds: int) -> list[dict[str, dict]]:
+    """Each round: every entry once, alternating the order; prints each result as it comes."""
+    results = []
+    for r in range(rounds):
+        names = list(cmds) if r % 2 == 0 else list(cmds)[::-1]
+        got = {}
+        for name in names:
+            got[name] = res = last_json(cmds[name])
+            print(f"round {r + 1}: {name:26s} {res['tokens_per_sec']:9,.0f} tokens/s", flush=True)
+        results.append(got)
+    return results
+
+
+def summarize(results: list[dict[str, dict]], spec: dict, args, overrides: list[str]) -> dict:
+    """Medians, spreads, MFU and the ratios against the best PyTorch entry (see the docstring)."""
+    names = list(results[0])
+    tps = {n: [r[n]["tokens_per_sec"] for r in results] for n in names}
+    med = {n: statistics.median(v) for n, v in tps.items()}
+    jax_runs = [r[n] for r in results for n in names if n.startswith("llm_jax")]
+    peak = statistics.median([j["peak_flops"] for j in jax_runs])
+    fpt = jax_runs[0]["flops_per_token"]
+    best = max((n for n in names if n.startswith("torch_")), key=med.get)
+    out = {
+        "config": os.path.relpath(args.config, REPO), "overrides": overrides, "rounds": len(results),
+        "steps": args.steps, "warmup": args.warmup, "spec": spec, "best_torch": best,
+        "ratio": med["llm_jax"] / med[best], "ratio_rounds": [j / t for j, t in zip(tps["llm_jax"], tps[best])],
+        "tokens_per_sec": med, "tokens_per_sec_rounds": tps, "mfu": {n: med[n] * fpt / peak for n in names},
+        "peak_flops": peak, "flops_per_token": fpt,
+        "torch": next(r[best]["torch"] for r in results), "jax": jax_runs[0]["jax"],
+    }  # fmt: skip
+    if "llm_jax_no_chunk" in med:
+        out["ratio_no_chunk"] = med["llm_jax_no_chunk"] / med[best]
+        out["ratio_no_chunk_rounds"] = [j / t for j, t in zip(tps["llm_jax_no_chunk"], tps[best])]
+    return out
+
+
+def print_table(s: dict) -> None:
+    print(f"\n{'entry':26s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'MFU':>6s}")
+    for n, m in sorted(s["tokens_per_sec"].items(), key=lambda kv: -kv[1]):
+        lo, hi = min(s["tokens_per_sec_rounds"][n]), max(s["tokens_per_sec_rounds"][n])
+        print(f"{n:26s} {m:12,.0f} {lo:8,.0f} {hi:8,.0f} {100 * s['mfu'][n]:5.1f}%")
+    spread = lambda xs: f"rounds {min(xs):.3f} - {max(xs):.3f}, median of rounds {statistics.median(xs):.3f}"
+    print(f"ratio vs best PyTorch ({s['best_torch']}): {s['ratio']:.3f} ({spread(s['ratio_rounds'])})")
+    if "ratio_no_chunk" in s:
+        print(f"without the chunked loss: {s['ratio_no_chunk']:.3f} ({spread(s['ratio_no_chunk_rounds'])})")
+    peak = s["peak_flops"]
+    print(f"MFU against {peak / 1e9:.0f} GFLOP/s (float32 matmul, measured by the llm_jax runs)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "bench_cpu.py"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--worker", action="store_true", help="run only the PyTorch side and print its JSON")
-    args, jax_overrides = ap.parse_known_args()
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {list(SETTINGS)}")
+    ap.add_argument("--threads", default="default,1", help="comma-separated PyTorch thread counts ('default' or N)")
+    ap.add_argument("--worker", action="store_true", help="run one PyTorch entry and print its JSON")
+    ap.add_argument("--spec", help="--worker: the JSON of load_spec")
+    ap.add_argument("--setting", default="eager", choices=list(SETTINGS), help="--worker: the PyTorch setting")
+    args, overrides = ap.parse_known_args()
     if args.worker:
-        print(json.dumps(torch_worker(args.config, args.steps, args.warmup)), flush=True)
+        print(json.dumps(torch_worker(json.loads(args.spec), args.setting, args.threads, args.steps, args.warmup)))
         return
-    bad = [a for a in jax_overrides if not a.startswith("--config.")]
-    if bad:
-        ap.error(f"unknown arguments {bad}; only --config.KEY=VALUE overrides pass through to llm_jax")
-
-    py = sys.executable
-    jax_cmd = [
-        py,
-        "-m",
-        "llm_jax.bench",
-        "--config",
-        args.config,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        *jax_overrides,
-    ]
-    torch_cmd = [
-        py,
-        os.path.abspath(__file__),
-        "--worker",
-        "--config",
-        args.config,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-    ]
-    rounds = []
-    for r in range(args.rounds):
-        # Alternate which side goes first so slow drifts in machine load do not favour one.
-        order = [("jax", jax_cmd), ("torch", torch_cmd)]
-        if r % 2:
-            order.reverse()
-        res = {name: last_json(cmd) for name, cmd in order}
-        ratio = res["jax"]["tokens_per_sec"] / res["torch"]["tokens_per_sec"]
-        rounds.append({"jax": res["jax"], "torch": res["torch"], "ratio": ratio})
-        print(
-            f"round {r + 1}: llm_jax {res['jax']['tokens_per_sec']:,.0f} tok/s "
-            f"(MFU {100 * (res['jax']['mfu'] or 0):.1f}%)"
-            f" | torch {res['torch']['tokens_per_sec']:,.0f} tok/s | ratio {ratio:.3f}",
-            flush=True,
-        )
-
-    med = lambda xs: statistics.median(xs)
-    j = rounds[-1]["jax"]
-    peak = med([x["jax"]["peak_flops"] for x in rounds])
-    jtps = med([x["jax"]["tokens_per_sec"] for x in rounds])
-    ttps = med([x["torch"]["tokens_per_sec"] for x in rounds])
-    summary = {
-        "config": os.path.relpath(args.config, REPO),
-        "overrides": jax_overrides,
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "jax_tokens_per_sec": jtps,
-        "torch_tokens_per_sec": ttps,
-        "ratio": med([x["ratio"] for x in rounds]),
-        "ratios": [x["ratio"] for x in rounds],
-        "jax_mfu": med([x["jax"]["mfu"] for x in rounds]),
-        "torch_mfu": ttps * j["flops_per_token"] / peak,
-        "peak_flops": peak,
-        "flops_per_token": j["flops_per_token"],
-        "jax_num_params": j["num_params"],
-        "torch_num_params": rounds[-1]["torch"]["num_params"],
-    }
+    bad = [a for a in overrides if not a.startswith("--config.")]
+    unknown = set(args.settings.split(",")) - set(SETTINGS)
+    if bad or unknown or args.warmup < 1 or args.rounds < 1 or args.steps < 1:
+        ap.error(f"bad arguments {bad or sorted(unknown) or ''}: --config.KEY=VALUE overrides, known --settings, "
+                 "--warmup >= 1 (the first step compiles), --rounds and --steps >= 1")  # fmt: skip
+    args.config = os.path.abspath(args.config)  # the rounds run from the repository root
+    spec = load_spec(args.config, overrides)
+    summary = summarize(run_rounds(entries(args, spec, overrides), args.rounds), spec, args, overrides)
+    print_table(summary)
     print(json.dumps(summary), flush=True)
+    assert all(math.isfinite(x) for x in summary["tokens_per_sec"].values())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Test set-up: force the CPU backend with 8 emulated devices before jax is imported anywhere."""
+"""Test set-up: force the CPU backend with 8 emulated devices before jax is imported anywhere.
+
+Skips are loud: a test that needs `../shared/data` fails (naming the path and the fix) when it is
+missing, and with LLM_JAX_NO_SKIPS=1 (CI's Python 3.11 pass) any skipped test fails the session.
+"""
 
 import os
 
@@ -25,5 +29,22 @@ SHARED_DATA = os.environ.get("LLM_JAX_DATA", os.path.join(REPO, "..", "shared", 
 def shakespeare_path():
     path = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
     if not os.path.exists(path):
-        pytest.skip(f"Tiny Shakespeare not found at {path} (set LLM_JAX_DATA)")
+        pytest.fail(
+            f"Tiny Shakespeare not found at {path}: set LLM_JAX_DATA to the folder holding "
+            "tinyshakespeare/input.txt, or deselect these tests with -m 'not shared_data'",
+            pytrace=False,
+        )
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """LLM_JAX_NO_SKIPS=1: a skipped test fails the session (CI, where every extra is installed)."""
+    if os.environ.get("LLM_JAX_NO_SKIPS") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped:
+        reporter.ensure_newline()
+        for report in skipped:
+            reporter.write_line(f"LLM_JAX_NO_SKIPS=1 but skipped: {report.nodeid}: {report.longrepr[-1]}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

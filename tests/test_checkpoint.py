@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
+import leafcheck
 import numpy as np
 import pytest
 
@@ -35,16 +36,18 @@ def state_shardings(mesh):
 
 def random_state(mesh, seed=0):
     """A train state whose every leaf is random (no zeros or ones that could restore by accident),
-    placed with the run's shardings on `mesh`."""
+    placed with the run's shardings on `mesh`. AdamW's second moments are |normal| (a variance is
+    never negative), so a training step from this state is finite."""
     abstract, shardings = state_shardings(mesh)
     rng = np.random.default_rng(seed)
 
-    def leaf(x):
+    def leaf(path, x):
         if np.issubdtype(x.dtype, np.integer):
             return rng.integers(1, 10_000, x.shape).astype(x.dtype)
-        return rng.standard_normal(x.shape).astype(x.dtype)
+        value = rng.standard_normal(x.shape).astype(x.dtype)
+        return np.abs(value) if ".nu" in jax.tree_util.keystr(path) else value
 
-    values = jax.tree.map(leaf, nn.meta.unbox(abstract))
+    values = jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(abstract))
     return jax.device_put(values, shardings), shardings
 
 
@@ -92,16 +95,39 @@ def test_restore_is_bit_exact_on_any_mesh(saved, shape):
     assert {sh.data.shape for sh in emb.addressable_shards} == {expect}
 
 
+def train_one_step(state, mesh):
+    """(new state, loss) of one step of the trainer's jitted step (`train.make_steps`) on `mesh`,
+    at a constant lr 0.1 (the random step counter is past any warm-up) so the weights move by far
+    more than the comparison's tolerance; eps 1e-2 keeps AdamW from magnifying float noise."""
+    c = base_config().optim
+    c.update(lr=0.1, schedule="constant", warmup_steps=0, eps=1e-2)
+    tx = optim.make_optimizer(c)
+    _, shardings = state_shardings(mesh)
+    p_train, _ = train.make_steps(TransformerLM(CFG), tx, mesh, sharding.LOGICAL_RULES, shardings, 1)
+    tok = np.random.default_rng(3).integers(0, CFG.vocab_size, (8, SEQ + 1)).astype(np.int32)
+    batch = sharding.host_to_global({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
+    new, metrics = p_train(jax.device_put(state, shardings), batch, jax.random.key(1))
+    return jax.device_get(new), float(metrics["loss"])
+
+
 def test_restored_state_trains_like_the_original(saved):
-    """A state restored onto another mesh is a working TrainState (its step counter and structure)."""
-    workdir, expected, _ = saved
-    _, shardings = state_shardings(mesh_of((2, 1, 4)))
+    """A state restored onto another mesh (2x1x4) takes a training step to the same loss, new
+    weights and optimizer moments (each leaf to 1e-5 of its largest value) as the original state
+    on the mesh it was saved from (1x4x2); the step moved every weight by far more than that."""
+    workdir, expected, saved_shardings = saved
+    mesh = mesh_of((2, 1, 4))
+    _, shardings = state_shardings(mesh)
     mngr = ckpt_lib.manager(workdir, keep=3)
     restored, _ = ckpt_lib.restore(mngr, 7, ckpt_lib.abstract_like(expected, shardings))
     mngr.close()
     assert isinstance(restored, train.TrainState)
-    assert int(restored.step) == int(expected.step)
-    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+    original, loss = train_one_step(jax.device_put(expected, saved_shardings), mesh_of((1, 4, 2)))
+    trained, restored_loss = train_one_step(restored, mesh)
+    assert restored_loss == pytest.approx(loss, rel=1e-6)
+    assert int(trained.step) == int(expected.step) + 1
+    leafcheck.assert_moved(expected.params, original.params, what="original step")
+    leafcheck.assert_close(trained.params, original.params, what="params")
+    leafcheck.assert_close(trained.opt_state, original.opt_state, what="optimizer state")
 
 
 def test_layout_keep_last_n_and_latest(tmp_path):

@@ -3,16 +3,19 @@
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
 from llm_jax import config as config_lib
 from llm_jax import train
-from llm_jax.model import ModelConfig
+from llm_jax.model import ModelConfig, TransformerLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +43,8 @@ def cli_env():
         ("shakespeare_char", [""]),
         ("gpt2", ["tiny", "small", "medium", "large", "xl"]),
         ("llama", ["tiny", "1b", "7b"]),
+        ("bench_cpu", [""]),
+        ("bench_gpt2_small", [""]),
     ],
 )
 def test_every_preset_builds_a_valid_model_config(name, args):
@@ -55,6 +60,11 @@ def test_every_preset_builds_a_valid_model_config(name, args):
 
 
 def test_presets_have_the_published_shapes():
+    g = config_lib.model_config(config_lib.finalize(load_config("bench_gpt2_small")), 50304)
+    assert (g.num_layers, g.num_heads, g.embed_dim, g.mlp_dim, g.max_len) == (12, 12, 768, 3072, 256)
+    shapes = jax.eval_shape(lambda: TransformerLM(g).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    # GPT-2 small (vocab 50304) is 124,475,904 with 1024 positions; this table has 256.
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == 124_475_904 - 768 * 768
     s = config_lib.model_config(load_config("shakespeare_char"), 65)
     # nanoGPT's CPU recipe for shakespeare_char
     assert (s.num_layers, s.num_heads, s.embed_dim, s.vocab_size) == (4, 4, 128, 65)

@@ -37,7 +37,7 @@ def sp_tokenizer(code_docs):
 
 
 def _hf_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # a dependency of llm_jax: never skipped
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())
@@ -219,6 +219,7 @@ def test_saved_tokenizer_is_reused(tmp_path):
     assert d.tokenizer.vocab_size == 7  # loaded, not rebuilt from this text (which has 4 chars)
 
 
+@pytest.mark.shared_data
 def test_shakespeare_char_split_matches_nanogpt(shakespeare_path):
     d = data_lib.load_data(
         _data_cfg(source="text", path=shakespeare_path, tokenizer="char", val_fraction=0.1), log=lambda *a: None

@@ -37,8 +37,9 @@ def _state_bytes_per_device(mesh_shape):
     return shard_bytes, analysed, full_bytes
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8-device CPU mesh of conftest")
+@pytest.mark.slow
 def test_fsdp8_state_is_at_most_a_sixth_of_replicated():
+    assert jax.device_count() >= 8, "needs the 8-device CPU mesh of tests/conftest.py"
     rep_shards, rep_analysed, full = _state_bytes_per_device({"data": 8, "fsdp": 1, "tensor": 1})
     fsdp_shards, fsdp_analysed, full2 = _state_bytes_per_device({"data": 1, "fsdp": 8, "tensor": 1})
     assert full == full2 and rep_shards == full  # replicated: every device holds the whole state

@@ -15,6 +15,7 @@ from llm_jax import generate as gen_cli
 from llm_jax.run import load_run
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_matches_in_process_decoding(tmp_path):
     workdir, _ = qa_run()
     prompts = ["up abc =", "up jihgfe ="]

@@ -20,6 +20,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="HF interop 
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from llm_jax import hf, sharding, train  # noqa: E402
 from llm_jax.run import load_run  # noqa: E402
@@ -201,6 +202,12 @@ def test_sharded_import_on_mesh(tmp_path):
     assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 2, 8)}
     emb = params["embed"]["embedding"]  # [vocab, embed]
     assert {s.data.shape for s in emb.addressable_shards} == {(32, 16)}
+    # Every parameter, not only those two: the model's own logical shardings, shard by shard.
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    want = sharding.boxed_shardings(boxed, mesh, sharding.LOGICAL_RULES)
+    for (path, x), w in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(want)):
+        assert x.sharding.is_equivalent_to(w, x.ndim), (jax.tree_util.keystr(path), x.sharding, w)
+        assert {s.data.shape for s in x.addressable_shards} == {w.shard_shape(x.shape)}, jax.tree_util.keystr(path)
     full = tmodel.state_dict()["model.layers.1.self_attn.q_proj.weight"].numpy().T.reshape(32, 8, 8)
     for s in q.addressable_shards:
         np.testing.assert_array_equal(np.asarray(s.data)[1], full[s.index[1:]])
@@ -303,6 +310,7 @@ def _load_config_file(name):
     return module
 
 
+@pytest.mark.slow
 def test_run_import_finetune_export(tmp_path):
     """from_hf -> llm_jax.main fine-tunes (2 steps) -> to_hf -> transformers matches the trained params."""
     src, work, out0, out = tmp_path / "src", tmp_path / "run", tmp_path / "out0", tmp_path / "out"

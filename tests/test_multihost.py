@@ -9,7 +9,9 @@ ulp or so (measured: losses differ by at most 1 ulp over these steps).
 import os
 import socket
 
+import leafcheck
 import numpy as np
+import pytest
 import runlib as R
 
 STEPS = 4
@@ -21,6 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     corpus = R.write_corpus(str(tmp_path / "corpus.txt"))
     over = R.tiny_overrides(corpus, STEPS, STEPS)
@@ -42,7 +45,8 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     (s_steps, s_losses), (m_steps, m_losses) = (zip(*R.losses_list(d)) for d in (single, multi))
     assert s_steps == m_steps
     np.testing.assert_allclose(m_losses, s_losses, rtol=2e-6, atol=0)
-    a, b = R.read_state(multi, STEPS), R.read_state(single, STEPS)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # Weights and AdamW moments, every leaf to 1e-5 of its own largest value (tests/leafcheck.py);
+    # the key bias has no gradient in exact arithmetic (its values are rounding noise).
+    a, b = (leafcheck.state_parts(R.read_state(d, STEPS)) for d in (multi, single))
+    for part in a:
+        leafcheck.assert_close(a[part], b[part], noise=("['key']['bias']",), what=part)

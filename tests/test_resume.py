@@ -5,10 +5,12 @@ counts; NaN/Inf losses stop or skip; a diverged state is never saved."""
 
 import os
 import re
+import shutil
 import signal
 
 import jax
 import jax.numpy as jnp
+import leafcheck
 import ml_collections
 import numpy as np
 import pytest
@@ -33,12 +35,20 @@ def corpus(tmp_path_factory):
     return R.write_corpus(str(tmp_path_factory.mktemp("corpus") / "corpus.txt"))
 
 
-def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+    """(workdir, overrides) of an uninterrupted 20-step run on a 2-device data-parallel mesh."""
     over = R.tiny_overrides(corpus, N_STEPS, EVERY)
-    ref = str(tmp_path / "ref")
+    ref = str(tmp_path_factory.mktemp("finished") / "ref")
     R.finish(R.start(ref, over, devices=DEVICES))
+    assert R.logged_steps(ref) == list(range(1, N_STEPS + 1))
+    return ref, over
+
+
+@pytest.mark.slow
+def test_killed_anywhere_resumes_exactly(tmp_path, finished_run, capsys):
+    ref, over = finished_run
     ref_losses = R.losses_list(ref)
-    assert [s for s, _ in ref_losses] == list(range(1, N_STEPS + 1))
 
     wd = str(tmp_path / "chaos")
     kill_points, killed = [], []
@@ -133,17 +143,37 @@ def test_killed_anywhere_resumes_exactly(tmp_path, corpus, capsys):
     assert R.read_loop_data(wd, N_STEPS)["loss_mean"] > 0
     assert len(kill_points) == 5
 
-    # The finished 2-device data-parallel run continues on 8 devices as data=1 x fsdp=4 x tensor=2
-    # (in this process), straight from its checkpoint: no conversion step.
-    os.environ.setdefault("LLM_JAX_CPU_PEAK_FLOPS", "1e11")
-    more = R.tiny_config({**over, "train.num_steps": N_STEPS + 1, "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
-    last = train.train_and_evaluate(more, ref)
-    assert last["step"] == N_STEPS + 1 and np.isfinite(last["train/loss"])
-    out = capsys.readouterr().out
-    assert f"checkpoints/{N_STEPS} (step {N_STEPS})" in out and f"training steps {N_STEPS}..{N_STEPS + 1}" in out
-    assert R.logged_steps(ref) == list(range(1, N_STEPS + 2))
     with capsys.disabled():
         print(f"\n{len(kill_points)} interruptions, each resumed exactly:\n  " + "\n  ".join(kill_points))
+
+
+@pytest.mark.slow
+def test_finished_run_continues_on_another_mesh(tmp_path, finished_run, capsys):
+    """The finished 2-device data-parallel run continues on 8 devices as data=1 x fsdp=4 x tensor=2
+    (in this process) straight from its checkpoint, no conversion step, and its next step equals
+    the same continuation on the 2-device layout it was trained on: the loss, and every weight and
+    optimizer moment to 1e-5 of its leaf. The continuation's lr (0.5, constant) moves every weight
+    by far more than that; eps 1e-2 keeps AdamW from magnifying the meshes' float noise."""
+    ref, over = finished_run
+    more = {**over, "train.num_steps": N_STEPS + 1, "optim.schedule": "constant", "optim.lr": 0.5, "optim.eps": 1e-2}
+    on_8, on_2 = str(tmp_path / "on_8"), str(tmp_path / "on_2")
+    shutil.copytree(ref, on_8)
+    shutil.copytree(ref, on_2)
+    R.finish(R.start(on_2, more, devices=DEVICES))
+    os.environ.setdefault("LLM_JAX_CPU_PEAK_FLOPS", "1e11")
+    last = train.train_and_evaluate(R.tiny_config({**more, "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}), on_8)
+    out = capsys.readouterr().out
+    assert f"checkpoints/{N_STEPS} (step {N_STEPS})" in out and f"training steps {N_STEPS}..{N_STEPS + 1}" in out
+    assert "over 8 cpu devices" in out and last["step"] == N_STEPS + 1
+    assert R.logged_steps(on_8) == R.logged_steps(on_2) == list(range(1, N_STEPS + 2))
+    assert R.losses_list(on_8)[-1][1] == pytest.approx(R.losses_list(on_2)[-1][1], rel=1e-6)
+    read = lambda workdir, step: leafcheck.state_parts(R.read_state(workdir, step))
+    before, got, want = read(ref, N_STEPS), read(on_8, N_STEPS + 1), read(on_2, N_STEPS + 1)
+    no_grad = ("['key']['bias']",)  # no gradient in exact arithmetic (tests/leafcheck.py)
+    leafcheck.assert_moved(before["params"], want["params"], frozen=no_grad, what="2-device step")
+    for part in got:
+        leafcheck.assert_close(got[part], want[part], noise=no_grad, what=part)
+    assert int(got["rest"]["['step']"]) == N_STEPS + 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,17 +1,21 @@
 """Meshes, partition specs, and numerical equivalence of one train step across mesh shapes.
 
 The loss and the gradients of one step on meshes (data, fsdp, tensor) = 1x1x1, 8x1x1, 1x8x1,
-2x2x2 and 2x1x4 must equal the single-device result (float32, rtol 1e-5, atol 1e-6).
+2x2x2 and 2x1x4 must equal the single-device result, every leaf to 1e-5 of its own largest value
+(tests/leafcheck.py). The real jitted train step (`train.make_steps`) is checked for its
+parameter shardings (spec and per-device shard shape), its activation constraints and the
+collectives of its compiled program.
 """
 
 import dataclasses
 import functools
 import math
+import re
 from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import leafcheck
 import numpy as np
 import optax
 import pytest
@@ -24,7 +28,6 @@ from llm_jax import optim, sharding, train
 from llm_jax.config import base_config
 from llm_jax.model import ModelConfig, TransformerLM
 
-RTOL, ATOL = 1e-5, 1e-6
 SEQ, BATCH = 16, 16
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)]
 
@@ -76,11 +79,12 @@ def mesh_of(shape):
 
 def optimizer():
     c = base_config().optim
-    # No warmup, so the first step really moves the weights.
-    # AdamW's first step is lr * g / (|g| + eps): a gradient element within float noise (~1e-9,
-    # the summation order differs across meshes) of zero moves its weight by up to
-    # lr * noise / eps, so eps must be far above the noise for the weights to agree to 1e-6.
-    c.update(lr=1e-2, warmup_steps=0, decay_steps=100, eps=1e-3)
+    # No warmup, so the first step really moves the weights (the default's lr is 0 at step 1).
+    # AdamW's first step is lr * g / (|g| + eps): elements of g near eps magnify the gradients'
+    # float noise (the summation order differs across meshes) by up to lr / (4 eps), so eps must
+    # be large enough for the weights to agree to 1e-5 of each leaf; lr 0.1 still moves every
+    # leaf by hundreds of tolerances (test_the_reference_step_changes_the_weights).
+    c.update(lr=0.1, warmup_steps=0, decay_steps=100, eps=1e-2)
     return optim.make_optimizer(c)
 
 
@@ -145,15 +149,18 @@ def ref_step(name):
     return new, {"loss": loss, "grad_norm": grad_norm}
 
 
-def assert_trees_close(actual, expected, rtol=RTOL, atol=ATOL):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
-    flat_a = jax.tree.leaves(actual)
-    assert len(flat_a) == len(flat_e)
-    for (path, e), a in zip(flat_e, flat_a):
-        np.testing.assert_allclose(
-            np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
-        )
+def no_grad_leaves(cfg):
+    """Leaves with no gradient in exact arithmetic: the key bias adds the same q.b to every logit
+    of a row, which the softmax ignores (with RoPE it does not). leafcheck compares them at the
+    tree's scale and checks that they are rounding noise."""
+    return () if cfg.positions == "rope" or not cfg.use_bias else ("['key']['bias']",)
+
+
+def adam_moments(opt_state):
+    """AdamW's first moment (0.1 x the clipped gradient after one step) and the square root of its
+    second (0.05 x g^2: compared by its root, whose range is the gradients')."""
+    adam = opt_state[1][0]  # chain(clip, adamw(scale_by_adam, ...))
+    return {"mu": adam.mu, "sqrt_nu": jax.tree.map(np.sqrt, jax.device_get(adam.nu)), "count": adam.count}
 
 
 def state_shardings(name, mesh):
@@ -188,13 +195,9 @@ def test_loss_and_grads_equal_single_device(name, shape):
     )
     with sharding.use_mesh(mesh, rules):
         loss, grads = grad_fn(params, batch)
-    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=ATOL)
-    assert_trees_close(grads, ref_g)
-    # Real gradients, not zeros, so the comparison means something. (Not the key bias: it adds the
-    # same q.b to every logit of a row, which the softmax ignores; with RoPE it does not.)
-    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        if cfg.positions == "rope" or "['key']['bias']" not in jax.tree_util.keystr(path):
-            assert np.abs(np.asarray(g)).max() > 1e-6, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    # Every leaf to 1e-5 of its own largest value; each one real signal, not rounding (leafcheck).
+    leafcheck.assert_close(grads, ref_g, noise=no_grad_leaves(cfg), what=f"grads on {shape}")
 
 
 def test_sharded_train_step_with_grad_accumulation_equals_single_device():
@@ -208,30 +211,33 @@ def test_sharded_train_step_with_grad_accumulation_equals_single_device():
     model, tx = TransformerLM(cfg), optimizer()
     state, state_sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
     # Born sharded, and the same weights as the single-device init (compiled differently, so
-    # compared to float precision).
-    assert_trees_close(state, ref_state(name), rtol=1e-6, atol=1e-7)
+    # compared to float precision; zero-initialised biases and moments exactly).
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(ref_state(name))):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=0, err_msg=jax.tree_util.keystr(path))
     q = state.params["layers_0"]["attn"]["query"]["kernel"]  # [embed 32 / fsdp 2, heads 8 / tensor 2, kv 4]
     assert {s.data.shape for s in q.addressable_shards} == {(16, 4, 4)}
     state = jax.device_put(ref_state(name), state_sh)  # exactly the reference's weights
     p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=2)
     rng = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
     new_state, metrics = p_train(state, sharding.host_to_global(make_batch(cfg), mesh), rng)
-    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     assert int(new_state.step) == 1
-    assert_trees_close(new_state.params, ref_new.params)
-    assert_trees_close(new_state.opt_state, ref_new.opt_state)
+    noise = no_grad_leaves(cfg)
+    for part, got, want in (
+        ("moments", adam_moments(new_state.opt_state), adam_moments(ref_new.opt_state)),
+        ("params", new_state.params, ref_new.params),
+    ):
+        leafcheck.assert_close(got, want, noise=noise, what=part)
     for x, s in zip(jax.tree.leaves(new_state), jax.tree.leaves(state_sh)):
         assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
 
 
 def test_the_reference_step_changes_the_weights():
-    """Guards the equivalence test above against comparing a no-op update."""
+    """Guards the equivalence test above against comparing a no-op update: every weight (but the
+    key bias, which has no gradient) moved by at least 100 tolerances of the comparison."""
     new, _ = ref_step("gpt_gqa")
-    before = jax.tree_util.tree_flatten_with_path(ref_state("gpt_gqa").params)[0]
-    for (path, a), b in zip(before, jax.tree.leaves(new.params)):
-        if "['key']['bias']" not in jax.tree_util.keystr(path):  # no gradient (see above)
-            assert np.abs(a - b).max() > 1e-5, jax.tree_util.keystr(path)  # >> the 1e-6 tolerance
+    leafcheck.assert_moved(ref_state("gpt_gqa").params, new.params, frozen=no_grad_leaves(GPT_GQA))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,35 +321,129 @@ def _abstract_state(cfg):
     return jax.eval_shape(train.init_state_fn(model, optimizer(), SEQ), jax.random.key(0))
 
 
+@functools.cache
+def real_step(name, shape):
+    """The trainer's jitted train step (`train.make_steps`, under `sharding.use_mesh` as the
+    trainer runs it) on mesh `shape`, compiled ahead of time and run once from a state born
+    sharded: (compiled, lowered StableHLO text, optimized HLO text, the new state)."""
+    cfg = {"spec": SPEC_MODEL, **CONFIGS}[name]
+    mesh, rules = mesh_of(shape), sharding.LOGICAL_RULES
+    model, tx = TransformerLM(cfg), optimizer()
+    state, state_sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
+    p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=1)
+    batch = sharding.host_to_global(make_batch(cfg), mesh)
+    rng = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
+    with sharding.use_mesh(mesh, rules):
+        lowered = p_train.jitted.lower(state, batch, rng)
+        compiled = lowered.compile(FAST)  # the SPMD partitioning is that of the default level
+    new_state, _ = compiled(state, batch, rng)
+    return compiled, lowered.as_text(), compiled.as_text(), new_state
+
+
 @pytest.mark.parametrize("kind", ["fsdp", "tensor"])
 def test_parameter_partition_specs(kind):
+    """The real train step's state: each parameter's PartitionSpec (in the compiled step's input
+    and output shardings and on the arrays it returns) and its per-device shard shape."""
     mesh = mesh_of((1, 8, 1) if kind == "fsdp" else (1, 1, 8))
-    abstract = _abstract_state(SPEC_MODEL)
-    shardings = sharding.boxed_shardings(abstract, mesh, sharding.LOGICAL_RULES)
-    got = {_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings.params)[0]}
-    assert set(got) == set(EXPECTED), set(got) ^ set(EXPECTED)
-    for path, s in got.items():
+    compiled, _, _, new_state = real_step("spec", tuple(mesh.shape.values()))
+    in_sh, out_sh = compiled.input_shardings[0][0], compiled.output_shardings[0]
+    arrays = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(new_state.params)[0]}
+    assert set(arrays) == set(EXPECTED), set(arrays) ^ set(EXPECTED)
+    for s_in, s_out, (path, x) in zip(jax.tree.leaves(in_sh.params), jax.tree.leaves(out_sh.params), arrays.items()):
         shape, spec = EXPECTED[path]
-        assert isinstance(s, NamedSharding) and s.mesh == mesh
-        assert _padded(s.spec, len(shape)) == spec, (path, s.spec)
+        assert x.shape == shape, path
+        for s in (s_in, s_out, x.sharding):
+            assert isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape, (path, s)
+            assert _padded(s.spec, len(shape)) == spec, (path, s.spec)
+        shards = {sh.data.shape for sh in x.addressable_shards}
+        assert shards == {x.sharding.shard_shape(shape)}, (path, shards)
         if path in SHARD_SHAPES:
-            assert s.shard_shape(shape) == SHARD_SHAPES[path][kind], path
+            assert shards == {SHARD_SHAPES[path][kind]}, (path, shards)
     # Every parameter is split over all 8 devices except the norms and biases that are not.
-    split = {p for p, s in got.items() if math.prod(s.shard_shape(EXPECTED[p][0])) < math.prod(EXPECTED[p][0])}
-    unsplit = {p for p in got if p.endswith(("scale", "/bias"))}
+    split = {p for p, x in arrays.items() if math.prod(x.addressable_shards[0].data.shape) < x.size}
+    unsplit = {p for p in arrays if p.endswith(("scale", "/bias"))}
     if kind == "fsdp":  # biases of the embed dim are split too
         unsplit -= {p for p in unsplit if p.endswith(("out/bias", "wo/bias"))}
     else:  # position table: no vocab/heads/mlp dim
         unsplit = (unsplit | {"pos_embed"}) - {
             p for p in unsplit if p.endswith(("query/bias", "key/bias", "value/bias", "wi/bias"))
         }
-    assert split == set(got) - unsplit
+    assert split == set(arrays) - unsplit
     # Optimizer moments are sharded like their parameters; the step counter is replicated.
-    adam = shardings.opt_state[1][0]
+    adam = new_state.opt_state[1][0]
     for tree in (adam.mu, adam.nu):
-        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings.params)):
-            assert a == b
-    assert _padded(shardings.step.spec, 0) == ()
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(new_state.params)):
+            assert a.sharding.is_equivalent_to(b.sharding, b.ndim)
+            assert a.addressable_shards[0].data.shape == b.addressable_shards[0].data.shape
+    assert _padded(new_state.step.sharding.spec, 0) == ()
+
+
+def _collectives(hlo: str) -> dict[str, int]:
+    """Count of each collective op in an optimized HLO module (async -start forms included)."""
+    ops = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    return {op: len(re.findall(rf" {op}(?:-start)?\(", hlo)) for op in ops}  # opcodes follow the type
+
+
+@pytest.mark.parametrize("kind, shape", [("data", (8, 1, 1)), ("fsdp", (1, 8, 1)), ("tensor", (1, 1, 8))])
+def test_compiled_step_has_the_collectives_of_its_parallelism(kind, shape):
+    """Data parallel: gradients all-reduced, no weight gathered (every device holds them whole).
+    FSDP: weights all-gathered before use, gradients reduced back to shards (reduce-scatter; XLA
+    on CPU does not form it and all-reduces, each device keeping its slice). Tensor parallel: the
+    partial sums of split matmuls all-reduced."""
+    _, _, hlo, _ = real_step("spec", shape)
+    got = _collectives(hlo)
+    reduced = got["all-reduce"] + got["reduce-scatter"]
+    if kind == "data":
+        assert got["all-reduce"] >= 1 and got["all-gather"] == 0, got
+    elif kind == "fsdp":
+        assert got["all-gather"] >= 2 * SPEC_MODEL.num_layers and reduced >= 1, got
+    else:
+        assert got["all-reduce"] >= 2 * SPEC_MODEL.num_layers, got
+
+
+# (global shape, per-device shape, PartitionSpec) of the activation constraints of the real step of
+# "gpt_gqa" on the 2x2x2 mesh: batch 16 over data x fsdp (4 rows a device), heads, mlp, vocab over
+# tensor (2). b = 16, t = 16, e = 32, h = 8, d = 4, mlp 64, vocab 128.
+ROWS = ("data", "fsdp")
+ACTIVATIONS = {
+    (16, 16, 32): ((4, 16, 32), P(ROWS, None, None)),  # block input / output [b, t, e]
+    (16, 16, 8, 4): ((4, 16, 4, 4), P(ROWS, None, "tensor", None)),  # queries, attention output
+    (16, 16, 64): ((4, 16, 32), P(ROWS, None, "tensor")),  # MLP hidden
+    (16, 16, 128): ((4, 16, 64), P(ROWS, None, "tensor")),  # logits
+}
+
+
+def _constraints(lowered: str, mesh) -> list[tuple[tuple, tuple, P]]:
+    """(global shape, per-device shape, spec) of every sharding constraint in a lowered module
+    (Shardy's `sdy.sharding_constraint`, what JAX 0.10-0.12 emit)."""
+    out = []
+    pattern = r"sdy\.sharding_constraint \S+ <@\w+, \[(.*?)\]> : tensor<([\dx]+)x[a-z]\w*>"
+    for dims, shape in re.findall(pattern, lowered):
+        axes = [tuple(re.findall(r'"(\w+)"', d)) for d in re.findall(r"\{([^}]*)\}", dims)]
+        shape = tuple(int(n) for n in shape.split("x"))
+        local = tuple(n // math.prod(mesh.shape[a] for a in ax) for n, ax in zip(shape, axes))
+        spec = P(*[ax if len(ax) > 1 else (ax[0] if ax else None) for ax in axes])
+        out.append((shape, local, spec))
+    return out
+
+
+def test_activations_are_sharded_in_the_real_step():
+    """The trainer's step on 2x2x2: every activation constraint of the model splits the batch over
+    data x fsdp, with the heads / mlp / vocab dims over tensor (by spec and per-device shape), and
+    the compiled program never holds the whole batch's hidden states on one device. Mapping the
+    `activation_*` rules to None, or dropping a constraint from the model, fails here."""
+    mesh = mesh_of((2, 2, 2))
+    _, lowered, hlo, _ = real_step("gpt_gqa", (2, 2, 2))
+    found = _constraints(lowered, mesh)
+    assert len(found) >= 5 * GPT_GQA.num_layers + 1, f"{len(found)} constraints in the lowered step"
+    for shape, local, spec in found:
+        assert spec[0] == ROWS and local[0] == BATCH // 4, (shape, spec)
+    got = {shape: (local, spec) for shape, local, spec in found}
+    for shape, want in ACTIVATIONS.items():
+        assert got.get(shape) == want, (shape, got.get(shape), want)
+    # What the partitioner made of it: no [b, t, e] or [b * t, e] array of the whole batch.
+    whole = re.findall(r"f32\[(?:16,16,32|256,32)\]", hlo)
+    assert not whole, f"{len(whole)} whole-batch hidden-state arrays in the compiled step"
 
 
 def test_partition_specs_with_scanned_layers_and_swiglu():
@@ -374,18 +474,6 @@ def test_batch_sharding_and_host_to_global():
     np.testing.assert_array_equal(np.asarray(g), local["inputs"])
     # rows over data x fsdp (4 ways), replicated over tensor
     assert {s.data.shape for s in g.addressable_shards} == {(2, 3)}
-
-
-def test_activations_are_constrained_in_the_mesh_context():
-    """Inside `sharding.use_mesh` the model's logical activation constraints are really applied."""
-    mesh = mesh_of((2, 2, 2))
-    model = TransformerLM(GPT_GQA)
-    params = nn.meta.unbox(_abstract_state(model.cfg).params)
-    tokens = jax.ShapeDtypeStruct((8, SEQ), jnp.int32)
-    with sharding.use_mesh(mesh, sharding.LOGICAL_RULES):
-        jaxpr = str(jax.make_jaxpr(lambda p, t: model.apply({"params": p}, t))(params, tokens))
-    # per layer: block in and out, q, attention output, mlp hidden; then the logits
-    assert jaxpr.count("sharding_constraint") >= 5 * model.cfg.num_layers + 1
 
 
 # ----------------------------------------------------------------------------------------------

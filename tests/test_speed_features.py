@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import leafcheck
 import numpy as np
 import pytest
 
@@ -152,39 +153,64 @@ def test_bfloat16_compute_keeps_float32_master_weights(reference):
     assert float(jnp.vdot(flat, flat2) / (jnp.linalg.norm(flat) * jnp.linalg.norm(flat2))) > 0.99
 
 
-def test_grad_accumulation_and_fast_path_give_the_same_update():
-    """One jitted train step on an 8-device (data 2 x fsdp 4) mesh: gradient accumulation x2 + scan
-    + dots remat + chunked loss lands on the same parameters as the plain step."""
+def _fast_path_config():
+    """A tiny GPT-2 on an 8-device (data 2 x fsdp 4) mesh, with an optimizer whose first step
+    really moves every weight (the default warm-up has lr 0 at step 1). AdamW's first step is
+    lr * g / (|g| + eps): with eps 1e-2 the elements near eps do not magnify the gradients' float
+    noise past the weights' tolerance (at eps 1e-3 they did, 1.3e-5), and lr 0.1 still moves the
+    least-moved leaf (a LayerNorm scale) by ~400 tolerances."""
     config = config_lib.base_config()
     config.model.update(vocab_size=128, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, max_len=32)
     config.data.seq_len = T
     config.train.batch_size = 16  # 2 micro-batches of 8 rows: each splits over data x fsdp = 8
     config.mesh.update(data=2, fsdp=4, tensor=1)
-    config = config_lib.finalize(config)
+    config.optim.update(lr=0.1, warmup_steps=0, decay_steps=100, eps=1e-2)
+    return config_lib.finalize(config)
+
+
+def _one_step(config, accum, **model_kw):
+    """(before, after, metrics) of one real jitted train step (`train.make_steps`), as host trees
+    in the unrolled layout; a scanned model starts from the unrolled model's weights, stacked."""
     mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
     tx = optim.make_optimizer(config.optim)
+    cfg = dataclasses.replace(config_lib.model_config(config, 128), **model_kw)
+    model = TransformerLM(cfg)
+    state, sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), T)
+    if cfg.scan_layers:  # same starting weights as the unrolled run
+        unrolled = TransformerLM(dataclasses.replace(cfg, scan_layers=False))
+        ref_state, _ = train.create_sharded_state(unrolled, tx, mesh, rules, jax.random.key(0), T)
+        params = jax.device_put(_stack_layers(ref_state.params, cfg.num_layers), sh.params)
+        state = state.replace(params=params, opt_state=jax.device_put(tx.init(params), sh.opt_state))
+    before = jax.device_get(state.params)
     tok = np.random.default_rng(1).integers(0, 128, (16, T + 1), dtype=np.int32)
     batch = sharding.host_to_global({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
+    p_train, _ = train.make_steps(model, tx, mesh, rules, sh, accum)
+    state, metrics = p_train(state, batch, jax.random.key(2))
+    adam = state.opt_state[1][0]  # chain(clip, adamw(scale_by_adam, ...)): AdamW's moments
+    # The second moment (0.05 x g^2) is compared by its square root: the gradients' own range.
+    after = {"params": state.params, "mu": adam.mu, "sqrt_nu": jax.tree.map(jnp.sqrt, adam.nu)}
+    after = jax.device_get(after)
+    if cfg.scan_layers:
+        before = _unstack(before, cfg.num_layers)
+        after = {k: _unstack(v, cfg.num_layers) for k, v in after.items()}
+    return before, after, {k: float(v) for k, v in metrics.items()}
 
-    def run(accum, **model_kw):
-        cfg = dataclasses.replace(config_lib.model_config(config, 128), **model_kw)
-        model = TransformerLM(cfg)
-        state, sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), T)
-        if cfg.scan_layers:  # same starting weights as the unrolled run
-            ref_state, _ = train.create_sharded_state(
-                TransformerLM(dataclasses.replace(cfg, scan_layers=False)), tx, mesh, rules, jax.random.key(0), T
-            )
-            params = jax.device_put(_stack_layers(ref_state.params, cfg.num_layers), sh.params)
-            state = state.replace(params=params, opt_state=jax.device_put(tx.init(params), sh.opt_state))
-        p_train, _ = train.make_steps(model, tx, mesh, rules, sh, accum)
-        state, metrics = p_train(state, batch, jax.random.key(2))
-        params = jax.device_get(state.params)
-        return float(metrics["loss"]), (params if not cfg.scan_layers else _unstack(params, cfg.num_layers))
 
-    loss, params = run(1)
-    loss2, params2 = run(2, scan_layers=True, remat="dots", loss_chunk=8)
-    assert loss2 == pytest.approx(loss, rel=1e-6)
-    _close(params2, params, rtol=1e-5, atol=1e-6)
+def test_grad_accumulation_and_fast_path_give_the_same_update():
+    """One jitted train step on an 8-device (data 2 x fsdp 4) mesh: gradient accumulation x2 + scan
+    + dots remat + chunked loss (what configs/bench_cpu.py runs) gives the plain step's loss,
+    gradient norm, gradients (AdamW's first moment is 0.1 x the clipped gradient), second
+    moments (by their square roots) and new weights, each leaf to 1e-5 of its largest value; every weight moved by far
+    more than that."""
+    config = _fast_path_config()
+    before, ref, ref_m = _one_step(config, 1)
+    _, fast, fast_m = _one_step(config, 2, scan_layers=True, remat="dots", loss_chunk=8)
+    assert fast_m["loss"] == pytest.approx(ref_m["loss"], rel=1e-6)
+    assert fast_m["grad_norm"] == pytest.approx(ref_m["grad_norm"], rel=1e-5)
+    no_grad = ("['key']['bias']",)  # zero gradient in exact arithmetic (see leafcheck)
+    leafcheck.assert_moved(before, ref["params"], frozen=no_grad, what="reference step")
+    for part in ("mu", "sqrt_nu", "params"):
+        leafcheck.assert_close(fast[part], ref[part], noise=no_grad, what=part)
 
 
 def _unstack(params, num_layers):

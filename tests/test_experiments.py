@@ -1,0 +1,122 @@
+"""Smoke tests of every benchmark and peer script (experiments/, llm_jax.bench_decode) on a tiny
+size, one or two steps each, through their command lines: none of them can rot unnoticed.
+
+The PyTorch peers need the hf extra (torch, transformers); CI installs it on Python 3.11, where
+nothing may be skipped. On Python 3.12 CI has no torch and those tests skip, naming the extra.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import runlib as R
+
+pytestmark = pytest.mark.slow
+
+NEEDS_HF = "needs the hf extra (torch, transformers): pip install torch==2.13.0 transformers safetensors"
+# A 1-layer GPT-2 of bench_cpu's kind: every script below runs it in seconds.
+TINY = {
+    "model.num_layers": 1,
+    "model.embed_dim": 64,
+    "model.mlp_dim": 128,
+    "model.num_heads": 2,
+    "model.vocab_size": 512,
+    "model.max_len": 32,
+    "data.seq_len": 32,
+    "model.loss_chunk": 16,
+}
+TINY_DECODE = ["--layers=1", "--width=32", "--heads=2", "--vocab=256", "--max_len=32", "--batch=2"]
+TINY_DECODE += ["--prompt_len=4", "--new_tokens=4", "--repeats=2"]
+
+
+def overrides(skip=()) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in TINY.items() if k not in skip]
+
+
+def run(args: list[str], timeout: float = 400, env=None) -> str:
+    """Runs a command from the repository root (1 CPU device, a fixed MFU peak); returns stdout."""
+    proc = subprocess.run(
+        args, cwd=R.REPO, env=env or R.env(1), capture_output=True, text=True, timeout=timeout
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_bench_decode_command():
+    out = last_json(run([sys.executable, "-m", "llm_jax.bench_decode", *TINY_DECODE]))
+    assert out["new_tokens"] == 4 and out["config"]["layers"] == 1
+    assert 0 < out["llm_jax_tokens_per_sec"] <= out["best_llm_jax_tokens_per_sec"]
+
+
+def test_decode_peer_times_both_thread_counts():
+    pytest.importorskip("torch", reason=NEEDS_HF)
+    out = last_json(run([sys.executable, "experiments/decode_peer.py", *TINY_DECODE]))
+    assert set(out["ratio_by_threads"]) == {"hf@default", "hf@1"}
+    assert out["best_hf"] in out["ratio_by_threads"] and out["ratio"] == out["ratio_by_threads"][out["best_hf"]]
+    for name in ("llm_jax", "hf@default", "hf@1"):
+        assert 0 < out[f"worst_{name}_tokens_per_sec"] <= out[f"best_{name}_tokens_per_sec"], name
+
+
+def test_torch_peer_settings_train_the_same_model():
+    """Every PyTorch setting (eager, foreach, fused AdamW, torch.compile + fused) builds the same
+    GPT-2 (same first loss, before any update) and trains it (a finite loss after a step)."""
+    pytest.importorskip("torch", reason=NEEDS_HF)
+    sys.path.insert(0, os.path.join(R.REPO, "experiments"))
+    import torch_peer
+
+    spec = {"layers": 1, "width": 64, "heads": 2, "mlp": 128, "vocab": 512, "max_len": 32, "norm_eps": 1e-5}
+    spec.update(tied=True, seq=16, batch=4, loss_chunk=0, lr=1e-2, b1=0.9, b2=0.95, eps=1e-8)
+    spec.update(weight_decay=0.1, grad_clip=1.0)
+    got = {s: torch_peer.torch_worker(spec, s, "default", steps=1, warmup=1) for s in torch_peer.SETTINGS}
+    first = got["eager"]["first_loss"]
+    assert first == pytest.approx(math.log(512), rel=0.05)  # a fresh model: close to uniform
+    for setting, out in got.items():
+        assert out["first_loss"] == pytest.approx(first, rel=1e-5), setting
+        assert math.isfinite(out["final_loss"]) and out["final_loss"] < first, setting
+
+
+def test_torch_peer_rounds_and_ratios():
+    pytest.importorskip("torch", reason=NEEDS_HF)
+    args = ["--rounds=1", "--steps=1", "--warmup=1", "--settings=eager", "--threads=default,1"]
+    stdout = run([sys.executable, "experiments/torch_peer.py", *args, *overrides()])
+    out = last_json(stdout)
+    entries = {"llm_jax", "llm_jax_no_chunk", "torch_eager@default", "torch_eager@1"}
+    assert set(out["tokens_per_sec"]) == set(out["mfu"]) == entries
+    assert out["best_torch"] in entries and len(out["ratio_rounds"]) == 1
+    best = out["tokens_per_sec"][out["best_torch"]]
+    assert out["ratio"] == pytest.approx(out["tokens_per_sec"]["llm_jax"] / best)
+    assert out["ratio_no_chunk"] == pytest.approx(out["tokens_per_sec"]["llm_jax_no_chunk"] / best)
+    assert out["peak_flops"] == 1e11 and out["spec"]["layers"] == 1
+    assert all(f"round 1: {name}" in stdout for name in entries)
+
+
+def test_compile_time_script():
+    out = last_json(run([sys.executable, "experiments/compile_time.py", "--layers", "1", "2", "--rounds", "1"]
+                        + overrides(skip=("model.num_layers",))))  # fmt: skip
+    assert set(out["compile_s"]) == {"1", "2"} and all(t > 0 for t in out["compile_s"].values())
+
+
+def test_profile_step_script():
+    stdout = run([sys.executable, "experiments/profile_step.py", "configs/bench_cpu.py", "--steps=1", "--top=6"]
+                 + overrides())  # fmt: skip
+    assert "ms/step" in stdout and "by scope" in stdout and "by op:" in stdout
+
+
+def test_h200_script_on_a_tiny_llama(tmp_path):
+    """The H200 script's command at a tiny size on CPU (its figures need the GPU)."""
+    tiny = "--config.model.num_layers=1 --config.model.embed_dim=64 --config.model.mlp_dim=128"
+    tiny += " --config.model.num_heads=4 --config.model.num_kv_heads=2 --config.model.vocab_size=512"
+    env = R.env(1)
+    env.update(PYTHON=sys.executable, OUT=str(tmp_path), BATCHES="2", STEPS="1", SEQ="32", LOSS_CHUNK="16")
+    env.update(EXTRA=tiny + " --config.model.max_len=64")
+    run(["bash", "experiments/h200_llama1b.sh"], env=env)
+    out = json.loads((tmp_path / "h200_llama1b_b2.json").read_text())
+    assert out["config"] == "llama-1b" and out["seq_len"] == 32 and out["dtype"] == "bfloat16"
+    assert out["num_params"] > 0 and out["tokens_per_sec"] > 0
