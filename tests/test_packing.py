@@ -33,7 +33,7 @@ CASES = {
         BASE, num_kv_heads=2, positions="rope", attention="dot_product", scan_layers=True, remat="dots"
     ),
 }
-# 256 positions: the einsum path splits the queries into 2 blocks (model._causal_blocks), and the
+# 256 positions: the einsum path splits the queries into 2 blocks (ops._causal_blocks), and the
 # documents straddle the block boundary at 128. One document of a single token.
 DOC_LENGTHS = [100, 1, 60, 95]
 
