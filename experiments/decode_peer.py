@@ -40,23 +40,10 @@ def hf_runner(cfg: ModelConfig, prompts, new_tokens: int, threads: str):
     import torch
     import transformers
 
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_len,
-        n_embd=cfg.embed_dim,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        n_inner=cfg.mlp_dim,
-        activation_function="gelu_new",
-        layer_norm_epsilon=cfg.norm_eps,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
+    from llm_jax import hf
+
+    # The same config.json llm_jax would export for this model (hf_specs.GPT2), so both sides agree.
+    hf_cfg = transformers.GPT2Config.from_dict({**hf.hf_config_from_model(cfg), "pad_token_id": 0})
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(hf_cfg).to(torch.float32).eval()
     num_threads = _DEFAULT_THREADS if threads == "default" else int(threads)

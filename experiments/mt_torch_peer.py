@@ -24,11 +24,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_peer import last_json  # noqa: E402 - the sibling script's fresh-process runner
+
 SETTINGS = ("eager", "fused", "compile")
 
 
@@ -126,13 +128,6 @@ def torch_worker(config_path: str, overrides: list[str], setting: str, steps: in
         "num_params": sum(p.numel() for p in model.parameters()), "final_loss": float(loss),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }  # fmt: skip
-
-
-def last_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def summarize(rounds: list[dict], settings: list[str]) -> dict:

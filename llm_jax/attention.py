@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ import numpy as np
 
 from llm_jax import sharding
 from llm_jax import tokenizer as tok_lib
+from llm_jax.errors import BadValue
 
 TITLES = {
     ("", "attn"): "self-attention",
@@ -146,7 +146,7 @@ def attention_maps(run, text: str | None = None, source: str | None = None, targ
     limit = max(1, min(max_tokens, run.context, cfg.max_len))
     if cfg.family == "encdec":
         if source is None or text is not None:
-            raise ValueError("this run is an encoder-decoder: give --source TEXT (and optionally --target TEXT)")
+            raise BadValue("this run is an encoder-decoder: give --source TEXT (and optionally --target TEXT)")
         if target is None:
             from llm_jax import translate
 
@@ -160,7 +160,7 @@ def attention_maps(run, text: str | None = None, source: str | None = None, targ
         shown = f"{_short(source)} -> {_short(target)}"
     else:
         if text is None or source is not None or target is not None:
-            raise ValueError(
+            raise BadValue(
                 f"this run is family {cfg.family!r}: give --text TEXT (--source/--target are for translation)"
             )
         ids = _cut(tok.encode(text) or [tok.eos_id or 0], limit, "text", notes)
@@ -180,7 +180,7 @@ def select(maps: Maps, layers: list[int] | None = None, heads: list[int] | None 
         for name, idx, size in (("layer", layers, w.shape[0]), ("head", heads, w.shape[1])):
             bad = [i for i in idx or () if not 0 <= i < size]
             if bad:
-                raise ValueError(f"{name} {bad[0]} does not exist in {s.title}: use 0..{size - 1}")
+                raise BadValue(f"{name} {bad[0]} does not exist in {s.title}: use 0..{size - 1}")
         layer_ids, head_ids = s.layer_ids or list(range(w.shape[0])), s.head_ids or list(range(w.shape[1]))
         w = w if layers is None else w[layers]
         w = w if heads is None else w[:, heads]
@@ -236,25 +236,22 @@ def _parse_indices(text: str | None, flag: str) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--{flag}={text}: give comma-separated indices, e.g. --{flag}=0,2") from None
+        raise BadValue(f"--{flag}={text}: give comma-separated indices, e.g. --{flag}=0,2") from None
 
 
 def main(argv) -> None:
-    from absl import flags, logging
+    from absl import app, flags, logging
 
     flags_ = flags.FLAGS
     if len(argv) > 1:
-        sys.exit(f"attention: error: unexpected arguments {argv[1:]}; put the text in --text (quoted)")
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; put the text in --text (quoted)")
     logging.set_verbosity(logging.ERROR)  # orbax reports every read
     from llm_jax.run import load_run
 
-    try:
-        layers, heads = _parse_indices(flags_.layers, "layers"), _parse_indices(flags_.heads, "heads")
-        run = load_run(flags_.workdir, flags_.step)
-        maps = attention_maps(run, flags_.text, flags_.source, flags_.target, flags_.max_tokens)
-        maps = select(maps, layers, heads)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"attention: error: {e}")
+    layers, heads = _parse_indices(flags_.layers, "layers"), _parse_indices(flags_.heads, "heads")
+    run = load_run(flags_.workdir, flags_.step)
+    maps = attention_maps(run, flags_.text, flags_.source, flags_.target, flags_.max_tokens)
+    maps = select(maps, layers, heads)
     h = max(s.weights.shape[1] for s in maps.sections)
     if heads is None and 0 < flags_.max_heads < h:
         maps = select(maps, None, list(range(flags_.max_heads)))
@@ -285,8 +282,9 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     import matplotlib
-    from absl import app
+
+    from llm_jax import cli
 
     matplotlib.use("Agg")  # files only, no display
     define_flags()
-    app.run(main)
+    cli.run(main, "attention")

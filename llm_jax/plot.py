@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
+
+from llm_jax.errors import BadValue, NotFound
 
 PANELS = (  # (title, metric keys: solid line then dashed, y label)
     ("loss", ("train/loss", "eval/loss"), "nats per token"),
@@ -30,7 +31,7 @@ def read_metrics(workdir: str) -> dict[str, list[tuple[int, float]]]:
     a resumed run rewrites what it recomputes); null values (NaN) and unreadable lines skipped."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise NotFound(
             f"{path} does not exist: --workdir must be a run directory of llm_jax.main, which writes "
             "metrics.jsonl at its first log step (config.train.log_every)"
         )
@@ -62,7 +63,7 @@ def labels_for(workdirs: list[str], labels: list[str] | None) -> list[str]:
     """The given labels, else each workdir's last path component (the whole path if those repeat)."""
     if labels:
         if len(labels) != len(workdirs):
-            raise ValueError(f"{len(labels)} --label for {len(workdirs)} --workdir: give one label per workdir")
+            raise BadValue(f"{len(labels)} --label for {len(workdirs)} --workdir: give one label per workdir")
         return list(labels)
     names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
     return names if len(set(names)) == len(names) else [os.path.normpath(w) for w in workdirs]
@@ -116,15 +117,12 @@ def figure(workdirs: list[str], labels: list[str] | None = None):
 
 
 def main(argv) -> None:
-    from absl import flags
+    from absl import app, flags
 
     f = flags.FLAGS
     if len(argv) > 1:
-        sys.exit(f"plot: error: unexpected arguments {argv[1:]}; give runs with --workdir DIR (repeatable)")
-    try:
-        fig = figure(f.workdir, f.label)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"plot: error: {e}")
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; give runs with --workdir DIR (repeatable)")
+    fig = figure(f.workdir, f.label)
     fig.savefig(f.output, dpi=f.dpi)
     print(f"plot: wrote {f.output} ({len(f.workdir)} run{'s' if len(f.workdir) > 1 else ''})")
 
@@ -142,8 +140,9 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     import matplotlib
-    from absl import app
+
+    from llm_jax import cli
 
     matplotlib.use("Agg")  # files only, no display
     define_flags()
-    app.run(main)
+    cli.run(main, "plot")
