@@ -44,13 +44,13 @@ try:
 except SystemExit as e:
     assert not e.code, f"training exited {e.code}"
 
-from llm_jax import config, data
+from llm_jax import config, data, errors
 
 cfg = config.base_config().data
 cfg.update(source="tfds", tfds_name="tiny_shakespeare", tfds_data_dir=sys.argv[-1] + "_tfds")
 try:
-    data.load_splits(cfg)
-except RuntimeError:
+    data.load_data(cfg, log=lambda *a: None)
+except errors.UserError:
     pass  # not prepared offline: the clear error
 loaded = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
 seen = list(imported)
