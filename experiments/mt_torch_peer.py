@@ -29,7 +29,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_peer import last_json  # noqa: E402 - the sibling script's fresh-process runner
+from torch_peer import last_json, timed_steps  # noqa: E402 - the sibling script's runner and timer
 
 SETTINGS = ("eager", "fused", "compile")
 
@@ -116,17 +116,10 @@ def torch_worker(config_path: str, overrides: list[str], setting: str, steps: in
     for _ in range(warmup):
         step()
     warm_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t)
-    step_time = statistics.median(times)
+    timed, loss = timed_steps(step, steps, batch * seq)
     return {
-        "setting": setting, "tokens_per_sec": batch * seq / step_time, "step_time_s": step_time,
-        "step_time_min_s": min(times), "step_time_max_s": max(times), "warmup_s": warm_s,
-        "num_params": sum(p.numel() for p in model.parameters()), "final_loss": float(loss),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "setting": setting, **timed, "warmup_s": warm_s, "num_params": sum(p.numel() for p in model.parameters()),
+        "final_loss": float(loss), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }  # fmt: skip
 
 

@@ -130,6 +130,15 @@ def torch_worker(spec: dict, setting: str, threads: str, steps: int, warmup: int
     first_step_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step()
+    timed, loss = timed_steps(step, steps, spec["batch"] * spec["seq"])
+    return {
+        **timed, "first_step_s": first_step_s, "first_loss": first_loss, "final_loss": float(loss),
+        "num_params": num_params, "setting": setting, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }  # fmt: skip
+
+
+def timed_steps(step, steps: int, tokens_per_step: int) -> tuple[dict, object]:
+    """`steps` timed calls of `step`: tokens/s at the median step time, the step times, the last loss."""
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -137,11 +146,9 @@ def torch_worker(spec: dict, setting: str, threads: str, steps: int, warmup: int
         times.append(time.perf_counter() - t)
     step_time = statistics.median(times)
     return {
-        "tokens_per_sec": spec["batch"] * spec["seq"] / step_time, "step_time_s": step_time,
-        "step_time_min_s": min(times), "step_time_max_s": max(times), "first_step_s": first_step_s,
-        "first_loss": first_loss, "final_loss": float(loss), "num_params": num_params, "setting": setting,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-    }  # fmt: skip
+        "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
+        "step_time_min_s": min(times), "step_time_max_s": max(times),
+    }, loss  # fmt: skip
 
 
 def last_json(cmd: list[str]) -> dict:

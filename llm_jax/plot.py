@@ -1,6 +1,6 @@
 """Training curves of one or several runs, from their `metrics.jsonl`:
 
-    python -m llm_jax.plot --workdir runs/a [--workdir runs/b ...] --output curves.png [--label A --label B]
+    python -m llm_jax.plot --workdir runs/a [--workdir runs/b ...] [--output curves.png] [--label A --label B]
 
 Six panels, every run in its own colour and labelled: loss against steps and against tokens seen
 (training solid, validation dashed with dots), learning rate, training tokens/s, MFU, and BLEU
@@ -123,8 +123,9 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; give runs with --workdir DIR (repeatable)")
     fig = figure(f.workdir, f.label)
-    fig.savefig(f.output, dpi=f.dpi)
-    print(f"plot: wrote {f.output} ({len(f.workdir)} run{'s' if len(f.workdir) > 1 else ''})")
+    output = f.output or os.path.join(f.workdir[0], "curves.png")
+    fig.savefig(output, dpi=f.dpi)
+    print(f"plot: wrote {output} ({len(f.workdir)} run{'s' if len(f.workdir) > 1 else ''})")
 
 
 def define_flags() -> None:
@@ -133,9 +134,11 @@ def define_flags() -> None:
 
     flags.DEFINE_multi_string("workdir", None, "Run directory with metrics.jsonl; repeat to overlay runs.")
     flags.DEFINE_multi_string("label", None, "Legend label of each --workdir, in order (default: directory names).")
-    flags.DEFINE_string("output", None, "Image file to write (PNG, SVG, PDF: by its extension).")
+    flags.DEFINE_string(
+        "output", None, "Image file (PNG, SVG, PDF: by its extension); default WORKDIR/curves.png (the first run)."
+    )
     flags.DEFINE_integer("dpi", 100, "Resolution of the image.")
-    flags.mark_flags_as_required(["workdir", "output"])
+    flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":

@@ -97,6 +97,22 @@ def test_torch_peer_rounds_and_ratios():
     assert all(f"round 1: {name}" in stdout for name in entries)
 
 
+def test_mt_torch_peer_runs_the_same_size_translation_model():
+    pytest.importorskip("torch", reason=NEEDS_HF)
+    tiny = ["--config.model.num_layers=1", "--config.model.num_encoder_layers=1", "--config.model.embed_dim=64"]
+    tiny += ["--config.model.mlp_dim=128", "--config.model.num_heads=2", "--config.data.vocab_size=512"]
+    tiny += ["--config.data.seq_len=16", "--config.model.max_len=16", "--config.train.batch_size=4"]
+    args = ["--rounds=1", "--steps=1", "--warmup=1", "--settings=eager,fused", *tiny]
+    stdout = run([sys.executable, "experiments/mt_torch_peer.py", *args])
+    out = last_json(stdout)
+    (res,) = out["rounds"]
+    assert res["jax"]["num_params"] == res["eager"]["num_params"] == res["fused"]["num_params"]
+    assert res["eager"]["tokens_per_sec"] > 0 and math.isfinite(res["eager"]["final_loss"])
+    best = max(res[s]["tokens_per_sec"] for s in ("eager", "fused"))
+    assert out["ratio_vs_best"] == pytest.approx(res["jax"]["tokens_per_sec"] / best)
+    assert "round 1: llm_jax" in stdout
+
+
 def test_compile_time_script():
     out = last_json(run([sys.executable, "experiments/compile_time.py", "--layers", "1", "2", "--rounds", "1"]
                         + overrides(skip=("model.num_layers",))))  # fmt: skip
@@ -107,6 +123,17 @@ def test_profile_step_script():
     stdout = run([sys.executable, "experiments/profile_step.py", "configs/bench_cpu.py", "--steps=1", "--top=6"]
                  + overrides())  # fmt: skip
     assert "ms/step" in stdout and "by scope" in stdout and "by op:" in stdout
+
+
+def test_data_throughput_script_on_a_small_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    stdout = run([sys.executable, "experiments/data_throughput.py", "--gb=0.005", "--sp_mb=1", f"--dir={corpus}"])
+    out = last_json(stdout)
+    assert out["corpus_bytes"] >= 5e6 and out["prepare_s"] > 0 and out["sp_prepare_mb"] >= 1
+    assert out["loader_tokens_per_s"] > 0 and out["step_tokens_per_s"] > 0
+    packed_over_step = out["loader_packed_tokens_per_s"] / out["step_tokens_per_s"]  # the slower loader
+    assert out["loader_over_step"] == pytest.approx(packed_over_step, rel=0.01)
+    assert not corpus.exists(), "the corpus and its cache are removed unless --keep"
 
 
 def test_h200_script_on_a_tiny_llama(tmp_path):
