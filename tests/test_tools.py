@@ -104,6 +104,9 @@ def test_plot_cli_overlays_runs_in_a_real_picture(runs, tmp_path):
     assert w > h  # 3 panels across, 2 down
     bad = _cli("llm_jax.plot", f"--workdir={tmp_path}", f"--output={out}")
     assert bad.returncode != 0 and "plot: error: " in bad.stderr and "metrics.jsonl does not exist" in bad.stderr
+    default = _cli("llm_jax.plot", f"--workdir={runs['mt']}")  # no --output: the run's own curves.png
+    assert default.returncode == 0 and f"wrote {runs['mt']}/curves.png" in default.stdout, default.stderr[-3000:]
+    R.assert_real_image(f"{runs['mt']}/curves.png")
 
 
 def test_attention_cli_draws_a_language_model_on_another_mesh(runs, tmp_path):
