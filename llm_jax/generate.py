@@ -41,8 +41,13 @@ def define_flags():
     flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several (generated as one batch).")
     flags.DEFINE_string("prompt_file", None, "Prompts, one per non-empty line; or a .jsonl file with a 'prompt' field.")
     flags.DEFINE_integer("max_new_tokens", 200, "New tokens per prompt at most (fewer if the context is full).")
-    flags.DEFINE_float("temperature", 0.0, "0: greedy; >0: sample from softmax(logits / temperature).")
-    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+    flags.DEFINE_float(
+        "temperature", None, "0: greedy; >0: sample from softmax(logits / temperature). Default: the run's own "
+        "config.train.sample_temperature (greedy decoding of a small model tends to repeat itself)."
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "top_k", None, "Sample among the k most likely tokens (0: all). Default: the run's sample_top_k."
+    )
     flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding this much probability (1: all).")
     flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed, prompts and settings give the same text.")
     flags.DEFINE_list("stop_ids", None, "Token ids that end a completion (default: the tokenizer's EOS, if any).")
@@ -81,6 +86,17 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
     return out
 
 
+def sampling(config, temperature: float | None, top_k: int | None) -> tuple[float, int]:
+    """The flags' temperature and top-k, each defaulting to the run's own sample settings
+    (`config.train.sample_temperature` / `sample_top_k`, as its training-time samples used)."""
+    train = config.get("train", {})
+    if temperature is None:
+        temperature = float(train.get("sample_temperature", 0.0))
+    if top_k is None:
+        top_k = int(train.get("sample_top_k", 0))
+    return temperature, top_k
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; put the prompt in --prompt TEXT")
@@ -91,8 +107,10 @@ def main(argv):
     except ValueError:
         raise GenerateError(f"--stop_ids={','.join(FLAGS.stop_ids)}: give comma-separated token ids") from None
     run = load_run(FLAGS.workdir, FLAGS.step)
+    temperature, top_k = sampling(run.config, FLAGS.temperature, FLAGS.top_k)
     print(
-        f"generate: {FLAGS.workdir} step {run.step} (trained context {run.context} tokens), {len(prompts)} prompt(s)",
+        f"generate: {FLAGS.workdir} step {run.step} (trained context {run.context} tokens), {len(prompts)} prompt(s), "
+        + (f"temperature {temperature}, top_k {top_k or 'all'}" if temperature > 0 else "greedy"),
         file=sys.stderr,
     )
     completions = []
@@ -101,7 +119,7 @@ def main(argv):
         for i in range(0, len(prompts), FLAGS.batch_size):
             completions += decode.complete(
                 run.model, run.params, run.tokenizer, prompts[i : i + FLAGS.batch_size], FLAGS.max_new_tokens,
-                seed=FLAGS.seed + i, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                seed=FLAGS.seed + i, temperature=temperature, top_k=top_k, top_p=FLAGS.top_p,
                 stop_ids=stop_ids, context=run.context,
             )  # fmt: skip
     for n, (prompt, completion) in enumerate(zip(prompts, completions)):

@@ -76,3 +76,13 @@ def test_clear_errors(tmp_path):
         gen_cli.read_prompts([], str(tmp_path / "p.jsonl"))
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
     assert gen_cli.read_prompts(["zero"], str(tmp_path / "p.txt")) == ["zero", "one", "two"]
+
+
+def test_sampling_defaults_to_the_runs_own_sample_settings():
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"train": {"sample_temperature": 0.8, "sample_top_k": 40}})
+    assert gen_cli.sampling(cfg, None, None) == (0.8, 40)  # as the run's training-time samples
+    assert gen_cli.sampling(cfg, 0.0, None) == (0.0, 40)  # --temperature 0: greedy
+    assert gen_cli.sampling(cfg, 1.2, 0) == (1.2, 0)
+    assert gen_cli.sampling(ml_collections.ConfigDict({"model": {}}), None, None) == (0.0, 0)  # an older run
