@@ -21,7 +21,6 @@ across a document boundary (llm_jax/model.py), so each document is learned as if
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from llm_jax import prepare as prepare_lib
+from llm_jax import sources
 from llm_jax import tokenizer as tok_lib
 from llm_jax.errors import BadValue, NotFound
 from llm_jax.prepare import build_tokenizer  # noqa: F401  (part of this module's interface)
@@ -266,12 +266,9 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise BadValue(f"{where}: not UTF-8 text; convert the file to UTF-8") from None
-            if not line.strip():
+            obj = sources.json_line(line, where)
+            if obj is None:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadValue(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise BadValue(
                     f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}"

@@ -351,6 +351,17 @@ def read_piece(piece: Piece) -> Iterator[Doc]:
         raise ValueError(f"unknown piece kind {piece.kind!r}")
 
 
+def json_line(line: str, where: str):
+    """The JSON value of one line of a JSONL file; None for a blank line (skipped). `where` names
+    the line in the error."""
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadValue(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def _read_jsonl(piece: Piece) -> Iterator[Doc]:
     """Lines starting in [lo, hi) (the line cut by `lo` belongs to the piece before)."""
     key, val_fraction, name = piece.args
@@ -363,13 +374,9 @@ def _read_jsonl(piece: Piece) -> Iterator[Doc]:
             if not raw:
                 break
             where = f"{piece.path} (line at byte {offset})"
-            line = _decode(raw, piece.path, offset, "strict")
-            if not line.strip():
+            obj = json_line(_decode(raw, piece.path, offset, "strict"), where)
+            if obj is None:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadValue(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
                 raise BadValue(
                     f"{where}: expected a JSON object with a string field {key!r} (config.data.text_key); "

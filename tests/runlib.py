@@ -57,6 +57,18 @@ def tiny_overrides(corpus: str, num_steps: int, checkpoint_every: int, **extra) 
     return o
 
 
+# configs/bench_cpu.py at a 1-layer size that compiles and steps in seconds (bench and peer scripts).
+BENCH_TINY = {
+    "model.num_layers": 1,
+    "model.embed_dim": 64,
+    "model.mlp_dim": 128,
+    "model.num_heads": 2,
+    "model.vocab_size": 512,
+    "model.max_len": 32,
+    "data.seq_len": 32,
+}
+
+
 def tiny_config(overrides: dict | None = None):
     """configs/default.py:tiny as a ConfigDict, with dotted overrides applied (for in-process runs)."""
     import importlib.util

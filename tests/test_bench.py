@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+import runlib as R
 
 from llm_jax import bench, flops
 from llm_jax import config as config_lib
@@ -81,21 +82,9 @@ def test_mfu_and_cpu_peak(monkeypatch):
     assert peak > 1e9 and "measured" in how  # any CPU does more than 1 GFLOP/s in float32
 
 
-def _tiny_overrides():
-    return {
-        "model.num_layers": 1,
-        "model.embed_dim": 64,
-        "model.mlp_dim": 128,
-        "model.num_heads": 2,
-        "model.vocab_size": 512,
-        "model.max_len": 32,
-        "data.seq_len": 32,
-    }
-
-
 def test_bench_run_reports_every_key():
     config = _bench_cpu()
-    for k, v in _tiny_overrides().items():
+    for k, v in R.BENCH_TINY.items():
         section, key = k.split(".")
         config[section][key] = v
     out = bench.run(config, steps=2, warmup=1, log=lambda *a: None)
@@ -122,7 +111,7 @@ def test_bench_run_reports_every_key():
 
 def test_bench_command_prints_json_last_line():
     """The command line: config file + overrides + --steps; last stdout line is one JSON object."""
-    args = [f"--config.{k}={v}" for k, v in _tiny_overrides().items()]
+    args = [f"--config.{k}={v}" for k, v in R.BENCH_TINY.items()]
     env = dict(os.environ, LLM_JAX_CPU_PEAK_FLOPS="1e11")  # skip the peak measurement: a fixed scale
     proc = subprocess.run(
         [

@@ -17,17 +17,8 @@ import runlib as R
 pytestmark = pytest.mark.slow
 
 NEEDS_HF = "needs the hf extra (torch, transformers): pip install torch==2.13.0 transformers safetensors"
-# A 1-layer GPT-2 of bench_cpu's kind: every script below runs it in seconds.
-TINY = {
-    "model.num_layers": 1,
-    "model.embed_dim": 64,
-    "model.mlp_dim": 128,
-    "model.num_heads": 2,
-    "model.vocab_size": 512,
-    "model.max_len": 32,
-    "data.seq_len": 32,
-    "model.loss_chunk": 16,
-}
+# A 1-layer GPT-2 of bench_cpu's kind (with its chunked loss): every script below runs it in seconds.
+TINY = {**R.BENCH_TINY, "model.loss_chunk": 16}
 TINY_DECODE = ["--layers=1", "--width=32", "--heads=2", "--vocab=256", "--max_len=32", "--batch=2"]
 TINY_DECODE += ["--prompt_len=4", "--new_tokens=4", "--repeats=2"]
 
