@@ -22,6 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import llm_jax  # noqa: E402, F401 - first: host memory settings (llm_jax/hostmem.py) before threads start
+
+# isort: split
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 

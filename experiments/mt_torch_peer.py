@@ -29,7 +29,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_peer import last_json, timed_steps  # noqa: E402 - the sibling script's runner and timer
+from torch_peer import last_json, same_host_memory, timed_steps  # noqa: E402 - the sibling script's helpers
 
 SETTINGS = ("eager", "fused", "compile")
 
@@ -85,6 +85,7 @@ def build_torch_model(m, vocab: int):
 
 
 def torch_worker(config_path: str, overrides: list[str], setting: str, steps: int, warmup: int) -> dict:
+    kept = same_host_memory()  # the llm_jax side's host-memory settings, before torch starts threads
     import torch
 
     c = load_config(config_path, overrides)
@@ -120,6 +121,7 @@ def torch_worker(config_path: str, overrides: list[str], setting: str, steps: in
     return {
         "setting": setting, **timed, "warmup_s": warm_s, "num_params": sum(p.numel() for p in model.parameters()),
         "final_loss": float(loss), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "keep_freed_memory": kept,
     }  # fmt: skip
 
 

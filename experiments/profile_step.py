@@ -13,11 +13,42 @@ import collections
 import glob
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+AREAS = ("model forward", "model backward", "loss", "optimizer", "other")
+
+
+def area(op: str) -> str:
+    """The part of the step an op belongs to, from its HLO op_name (the jax name stack)."""
+    if "optimizer" in op:
+        return "optimizer"
+    if re.search(r"(^|[/(])loss[/)]", op):
+        return "loss"
+    if "transpose(" in op:
+        return "model backward"
+    if "Transformer" in op or "Encoder" in op or "Decoder" in op:
+        return "model forward"
+    return "other"
+
+
+def kind(name: str, op: str) -> str:
+    """The kind of an XLA op from its thunk name (fusions are named after what they fuse) and op_name."""
+    if op.endswith("dot_general") or name.startswith(("dot", "ynn_fusion", "onednn")):
+        return "matmul"
+    if "transpose" in name or name.startswith("copy") or "copy_fusion" in name:
+        return "copy/transpose"
+    if "broadcast" in name or name.startswith("memset"):
+        return "fill/broadcast"
+    if "reduce" in name:
+        return "reduction"
+    if name.startswith(("while", "conditional", "call")) or "Await" in name:
+        return "loop/wait"
+    return "elementwise"
 
 
 def main():
@@ -27,39 +58,30 @@ def main():
     ap.add_argument("--top", type=int, default=40)
     args, overrides = ap.parse_known_args()
 
+    from llm_jax import hostmem
+
+    hostmem.keep_freed_memory()  # as the command lines do, before JAX starts (llm_jax/hostmem.py)
     import jax
-    import numpy as np
     from absl import flags
     from ml_collections import config_flags
 
-    from llm_jax import config as config_lib
-    from llm_jax import optim, sharding, train
-    from llm_jax.model import TransformerLM
+    from llm_jax import bench
 
     config_flags.DEFINE_config_file("config", None)  # parsed below: a default would load the file twice
     flags.FLAGS(["prog", f"--config={args.config}", *overrides])
-    config = config_lib.finalize(flags.FLAGS.config)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config)
-    model = TransformerLM(config_lib.model_config(config, config.model.vocab_size or 256))
-    tx = optim.make_optimizer(config.optim)
-    state, sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), config.data.seq_len)
-    p_train, _ = train.make_steps(model, tx, mesh, rules, sh, config.train.grad_accum_steps)
-    b, t = config.train.batch_size, config.data.seq_len
-    tok = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (b, t + 1), dtype=np.int32)
-    batch = sharding.host_to_global({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
-    rng = jax.random.key(1)
+    p = bench.prepare(flags.FLAGS.config)  # the step llm_jax.bench times, as the trainer runs it
+    state, batch, rng = p.state, p.batch, p.rng
     for _ in range(2):
-        state, m = p_train(state, batch, rng)
+        state, m = p.compiled(state, batch, rng)
     jax.block_until_ready(state)
 
     d = tempfile.mkdtemp()
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     with jax.profiler.trace(d):
         for _ in range(args.steps):
-            state, m = p_train(state, batch, rng)
+            state, m = p.compiled(state, batch, rng)
         jax.block_until_ready(state)
-    wall = (time.perf_counter() - t0) / args.steps
+    wall, r1 = (time.perf_counter() - t0) / args.steps, resource.getrusage(resource.RUSAGE_SELF)
     path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
     prof = jax.profiler.ProfileData.from_file(path)
     totals = collections.Counter()
@@ -73,8 +95,7 @@ def main():
             for ev in line.events:
                 totals[ev.name] += ev.duration_ns
                 counts[ev.name] += 1
-    with sharding.use_mesh(mesh, rules):
-        hlo = p_train.jitted.lower(state, batch, rng).compile().as_text()
+    hlo = p.compiled.as_text()
     # fusion name -> (shape, the jax op it came from), from the optimized HLO's metadata
     where = {}
     for line in hlo.splitlines():
@@ -84,9 +105,28 @@ def main():
     skip = ("PjitFunction", "ExecuteHelper", "Thunk", "PjRt", "TfrtCpu", "XlaModule", "ThunkExecutor")
     items = [(k, v) for k, v in totals.items() if not any(s in k for s in skip)]
     total = sum(v for _, v in items)
+    faults = (r1.ru_minflt - r0.ru_minflt) / args.steps
     print(
-        f"wall {wall * 1e3:.1f} ms/step; op events total {total / 1e6 / args.steps:.1f} ms/step (summed over threads)"
+        f"wall {wall * 1e3:.1f} ms/step; op events total {total / 1e6 / args.steps:.1f} ms/step (summed over "
+        f"threads); system CPU {(r1.ru_stime - r0.ru_stime) / args.steps * 1e3:.1f} ms/step, {faults:,.0f} minor "
+        f"page faults/step (temp buffers {p.compiled.memory_analysis().temp_size_in_bytes / 4096:,.0f} pages)"
     )
+    # Where the time goes: the part of the step (model forward / backward, loss, optimizer) by the
+    # kind of op (matmul, copy or transpose, fill, reduction, other fused elementwise, loop control).
+    table = collections.Counter()
+    for name, ns in items:
+        table[area(where.get(name, ("", ""))[1]), kind(name, where.get(name, ("", ""))[1])] += ns
+    kinds = sorted({k for _, k in table}, key=lambda k: -sum(v for (_, kk), v in table.items() if kk == k))
+    print("by part and op kind (ms/step):")
+    print(f"{'':16s}" + "".join(f"{k[:14]:>15s}" for k in kinds) + f"{'total':>15s}")
+    for a in AREAS:
+        row = [table[a, k] for k in kinds]
+        print(
+            f"{a:16s}" + "".join(f"{v / 1e6 / args.steps:15.2f}" for v in row) + f"{sum(row) / 1e6 / args.steps:15.2f}"
+        )
+    col = [sum(table[a, k] for a in AREAS) for k in kinds]
+    print(f"{'total':16s}" + "".join(f"{v / 1e6 / args.steps:15.2f}" for v in col))
+    print(f"{'share':16s}" + "".join(f"{100 * v / total:14.1f}%" for v in col))
     # The same time grouped by where in the model it comes from (layers folded together).
     groups = collections.Counter()
     for name, ns in items:

@@ -12,21 +12,27 @@ last line of stdout is one JSON object (a bad config or mesh: one line, `bench: 
   mfu                 model FLOPs utilization against peak_flops (a per-device table on GPU/TPU, a
                       float32 matmul measured by this command on CPU)
   peak_memory_bytes   per-device peak of the compiled step (XLA memory analysis)
+  cpu_time_per_step_s this process's CPU seconds per step (all threads), system_time_per_step_s the
+                      part in the kernel, minor_faults_per_step its page faults
+  keep_freed_memory   whether the glibc settings of llm_jax/hostmem.py are in force
   num_params, mesh, devices, ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import resource
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import cli, optim, sharding, train
+from llm_jax import cli, hostmem, optim, sharding, train
 from llm_jax import config as config_lib
 from llm_jax import family as family_lib
 from llm_jax import flops as flops_lib
@@ -75,23 +81,49 @@ def bench_vocab(config) -> int:
     return 256  # byte / char tokenizers: at most a byte's worth of symbols
 
 
-def time_steps(compiled, state, batch, rng, steps: int, warmup: int) -> tuple[list[float], float, float]:
-    """(seconds of each timed step, CPU seconds per step, last loss) of `compiled` after `warmup` steps."""
+def time_steps(compiled, state, batch, rng, steps: int, warmup: int) -> tuple[list[float], dict, float]:
+    """(seconds of each timed step, per-step process figures, last loss) of `compiled` after `warmup` steps.
+
+    The process figures (all threads, from getrusage): CPU seconds, the part of them in the kernel,
+    and minor page faults. Faults near the step's temporary bytes / 4096 mean its working memory is
+    mapped in afresh every step (llm_jax/hostmem.py).
+    """
     for _ in range(warmup):
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(state)
     times = []
-    cpu0 = time.process_time()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t = time.perf_counter()
         state, metrics = compiled(state, batch, rng)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
-    return times, (time.process_time() - cpu0) / steps, float(metrics["loss"])
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    process = {
+        "cpu_time_per_step_s": (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / steps,
+        "system_time_per_step_s": (r1.ru_stime - r0.ru_stime) / steps,
+        "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+    }
+    return times, process, float(metrics["loss"])
 
 
-def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=sys.stderr)) -> dict:
-    """Benchmarks `config`'s train step; returns the result dict (what the command prints)."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A config's compiled train step with its inputs, as the trainer would run it."""
+
+    compiled: Any  # the compiled train_step: (state, batch, rng) -> (state, metrics)
+    state: Any  # sharded TrainState
+    batch: dict  # random global batch of train.batch_size x data.seq_len tokens
+    rng: jax.Array
+    model_cfg: Any
+    mesh: jax.sharding.Mesh
+    num_params: int
+    compile_s: float
+
+
+def prepare(config, log=lambda *a: print(*a, file=sys.stderr)) -> Prepared:
+    """Builds the run's model, optimizer, mesh and sharded state as the trainer does, and compiles
+    the real train step (`train.make_steps`) for a random batch of the configured shape."""
     config = config_lib.finalize(config)
     tc, seq_len = config.train, config.data.seq_len
     mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
@@ -110,8 +142,16 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh, rules):  # the context the trainer's step runs in
         compiled = p_train.jitted.lower(state, batch, step_rng).compile()
-    compile_s = time.perf_counter() - t0
-    times, cpu_per_step, loss = time_steps(compiled, state, batch, step_rng, steps, warmup)
+    return Prepared(compiled, state, batch, step_rng, model_cfg, mesh, num_params, time.perf_counter() - t0)
+
+
+def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=sys.stderr)) -> dict:
+    """Benchmarks `config`'s train step; returns the result dict (what the command prints)."""
+    config = config_lib.finalize(config)
+    tc, seq_len = config.train, config.data.seq_len
+    p = prepare(config, log)
+    model_cfg, mesh, compiled, compile_s = p.model_cfg, p.mesh, p.compiled, p.compile_s
+    times, process, loss = time_steps(compiled, p.state, p.batch, p.rng, steps, warmup)
 
     step_time = float(np.median(times))
     tps = tc.batch_size * seq_len / step_time
@@ -121,13 +161,13 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     result = {
         "config": config.model.preset, "tokens_per_sec": tps, "step_time_s": step_time,
         "step_time_min_s": float(np.min(times)), "step_time_max_s": float(np.max(times)), "steps": steps,
-        "cpu_time_per_step_s": cpu_per_step,  # this process's CPU seconds (all threads) per step
-        "compile_s": compile_s, "flops_per_token": fpt, "model_tflops_per_sec": tps * fpt / 1e12, "mfu": mfu,
-        "peak_flops": peak, "peak_flops_source": peak_source, **compiled_memory(compiled), "num_params": num_params,
+        **process, "compile_s": compile_s, "flops_per_token": fpt, "model_tflops_per_sec": tps * fpt / 1e12, "mfu": mfu,
+        "peak_flops": peak, "peak_flops_source": peak_source, **compiled_memory(compiled), "num_params": p.num_params,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "batch_size": tc.batch_size,
         "seq_len": seq_len, "dtype": model_cfg.dtype, "scan_layers": model_cfg.scan_layers, "remat": model_cfg.remat,
         "attention": model_cfg.attention, "final_loss": loss, "jax": jax.__version__,
+        "keep_freed_memory": hostmem.keep_freed_memory(),
     }  # fmt: skip
     mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
     log(

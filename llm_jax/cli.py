@@ -19,6 +19,7 @@ import ml_collections
 from absl import app, flags
 
 from llm_jax import config as config_lib
+from llm_jax import hostmem
 from llm_jax.errors import BadValue, UserError
 
 DEBUG_ENV = "LLM_JAX_DEBUG"
@@ -65,6 +66,7 @@ def run(main: Callable[[list[str]], object], tool: str, flags_parser: Callable |
 
     def parse(argv):
         try:
+            hostmem.wanted()  # a bad LLM_JAX_KEEP_FREED_MEMORY: one line (importing llm_jax only warned)
             return parser(argv)
         except (flags.Error, UserError) as e:
             if debugging(argv):

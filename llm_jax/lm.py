@@ -33,11 +33,13 @@ def token_loss_sum(model, params, batch, rng, train: bool, *inputs, **kwargs):
         hidden = model.apply(variables, *inputs, deterministic=deterministic, rngs=rngs, return_hidden=True, **kwargs)
         kernel, vocab_first = output_kernel(cfg, params)
         chunk = min(cfg.loss_chunk, hidden.shape[1])
-        return loss_lib.chunked_cross_entropy(
-            hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first, smoothing
-        )
+        with jax.named_scope("loss"):  # names the loss's ops in profiles (experiments/profile_step.py)
+            return loss_lib.chunked_cross_entropy(
+                hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first, smoothing
+            )
     logits = model.apply(variables, *inputs, deterministic=deterministic, rngs=rngs, **kwargs)
-    return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"), smoothing)
+    with jax.named_scope("loss"):
+        return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"), smoothing)
 
 
 class DecoderOnly(family_lib.ModelFamily):

@@ -86,11 +86,13 @@ def train_step(
         micro = (jax.tree.map(split, batch), jnp.arange(grad_accum_steps))
         (grads, total, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
 
-    grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):  # names the update's ops in profiles (experiments/profile_step.py)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": total / count, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": total / count, "grad_norm": grad_norm}
 
 
 def eval_step(params, batch: dict, *, model) -> dict:

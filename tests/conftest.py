@@ -15,6 +15,9 @@ import tempfile  # noqa: E402
 
 os.environ["LLM_JAX_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_cache_")
 
+import llm_jax  # noqa: E402, F401 - first: host memory settings (llm_jax/hostmem.py) before threads start
+
+# isort: split
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")

@@ -114,6 +114,11 @@ def test_profile_step_script():
     stdout = run([sys.executable, "experiments/profile_step.py", "configs/bench_cpu.py", "--steps=1", "--top=6"]
                  + overrides())  # fmt: skip
     assert "ms/step" in stdout and "by scope" in stdout and "by op:" in stdout
+    # The named scopes reach the profile: the loss and the optimizer update have time of their own.
+    parts = [line.split() for line in stdout.splitlines() if line.startswith(("loss ", "optimizer "))]
+    rows = {p[0]: p[1:] for p in parts}
+    assert float(rows["loss"][-1]) > 0 and float(rows["optimizer"][-1]) > 0, stdout
+    assert "matmul" in stdout.split("by part and op kind")[1].splitlines()[1], stdout
 
 
 def test_data_throughput_script_on_a_small_corpus(tmp_path):
