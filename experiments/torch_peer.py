@@ -164,8 +164,9 @@ def timed_steps(step, steps: int, tokens_per_step: int) -> tuple[dict, object]:
     }, loss  # fmt: skip
 
 
-def last_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+def last_json(cmd: list[str], env: dict | None = None) -> dict:
+    """The JSON object on the last stdout line of `cmd` (run from the repository root, with `env` added)."""
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

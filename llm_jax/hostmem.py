@@ -12,9 +12,10 @@ that memory in the process instead:
     M_MMAP_MAX 0           never with a private mmap,
     M_TRIM_THRESHOLD -1    and keeps what is freed rather than returning it (mallopt(3))
 
-Measured on the 2-core CPU machine (experiments/README.md, `python -m llm_jax.bench`): bench_cpu
-6,400 -> 8,600 tokens/s, GPT-2 small 384 -> 438, the translation step 3,900 -> 5,600, faults per
-step to about none; results are bit-identical (where memory comes from does not change arithmetic).
+Measured on the 2-core CPU machine (experiments/README.md; `experiments/ab_bench.py`, 3 alternating
+rounds): the bench_cpu step 1.26x faster, GPT-2 small 1.15x, the translation step 1.41x, faults
+per step from 90,000 / 437,000 / 348,000 to about none; the default run (configs/default.py)
+156 -> 106 s wall. Results are bit-identical (where memory comes from changes no arithmetic).
 The heap reaches its steady size within the first 1 - 3 steps (which fault as before: the order
 in which threads free varies); after that a step faults in no page. The cost: the process keeps
 the peak of its heap (bench_cpu's resident size 0.9 - 1.5 GB over runs, against 1.0 GB without),

@@ -104,6 +104,22 @@ def test_mt_torch_peer_runs_the_same_size_translation_model():
     assert "round 1: llm_jax" in stdout
 
 
+def test_ab_bench_alternates_two_sides():
+    sys.path.insert(0, os.path.join(R.REPO, "experiments"))
+    import ab_bench
+
+    assert ab_bench.side("LLM_JAX_X=0 --config.model.loss_chunk=0") == (
+        {"LLM_JAX_X": "0"}, ["--config.model.loss_chunk=0"]
+    )  # fmt: skip
+    args = ["--a", "LLM_JAX_KEEP_FREED_MEMORY=0", "--b=LLM_JAX_KEEP_FREED_MEMORY=1", "--rounds=2", "--steps=1"]
+    stdout = run([sys.executable, "experiments/ab_bench.py", *args, "--warmup=1", *overrides()])
+    order = [line.split()[2] for line in stdout.splitlines() if line.startswith("round")]
+    assert order == ["a", "b", "b", "a"], stdout
+    out = last_json(stdout)
+    assert out["a"]["final_loss"] == out["b"]["final_loss"]  # where memory comes from changes no result
+    assert len(out["ratio_rounds"]) == 2 and math.isfinite(out["ratio"]) and out["ratio"] > 0
+
+
 def test_compile_time_script():
     out = last_json(run([sys.executable, "experiments/compile_time.py", "--layers", "1", "2", "--rounds", "1"]
                         + overrides(skip=("model.num_layers",))))  # fmt: skip
