@@ -17,9 +17,10 @@ rounds): the bench_cpu step 1.26x faster, GPT-2 small 1.15x, the translation ste
 per step from 90,000 / 437,000 / 348,000 to about none; the default run (configs/default.py)
 156 -> 106 s wall. Results are bit-identical (where memory comes from changes no arithmetic).
 The heap reaches its steady size within the first 1 - 3 steps (which fault as before: the order
-in which threads free varies); after that a step faults in no page. The cost: the process keeps
+in which threads free varies); after that a step faults in no page. The costs: the process keeps
 the peak of its heap (bench_cpu's resident size 0.9 - 1.5 GB over runs, against 1.0 GB without),
-and all threads share one arena.
+and all threads share one arena, which makes XLA's compilation about 15% slower (bench_cpu's step:
+2.2 -> 2.6 s; the one arena is what costs it, and it is also what removes the faults).
 
 Threads pick their arena at their first allocation, and an arena made before these settings
 stays in use (glibc may hand it to later threads): applied after numpy or JAX started threads,
