@@ -35,7 +35,6 @@ a threaded input pipeline). `LLM_JAX_KEEP_FREED_MEMORY=0` turns it off, `=1` for
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import glob
 import os
 import sys
@@ -83,7 +82,7 @@ def keep_freed_memory() -> bool:
     if _applied is None:
         _applied = False
         if sys.platform.startswith("linux") and wanted():
-            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            libc = ctypes.CDLL(None)  # the C library Python runs on (find_library would spawn ldconfig)
             if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
                 _applied = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
     return _applied
