@@ -58,14 +58,12 @@ def main():
     ap.add_argument("--top", type=int, default=40)
     args, overrides = ap.parse_known_args()
 
-    from llm_jax import hostmem
+    from llm_jax import bench  # first: importing llm_jax sets host memory before JAX starts (hostmem.py)
 
-    hostmem.keep_freed_memory()  # as the command lines do, before JAX starts (llm_jax/hostmem.py)
+    # isort: split
     import jax
     from absl import flags
     from ml_collections import config_flags
-
-    from llm_jax import bench
 
     config_flags.DEFINE_config_file("config", None)  # parsed below: a default would load the file twice
     flags.FLAGS(["prog", f"--config={args.config}", *overrides])
@@ -115,7 +113,8 @@ def main():
     # kind of op (matmul, copy or transpose, fill, reduction, other fused elementwise, loop control).
     table = collections.Counter()
     for name, ns in items:
-        table[area(where.get(name, ("", ""))[1]), kind(name, where.get(name, ("", ""))[1])] += ns
+        op = where.get(name, ("", ""))[1]
+        table[area(op), kind(name, op)] += ns
     kinds = sorted({k for _, k in table}, key=lambda k: -sum(v for (_, kk), v in table.items() if kk == k))
     print("by part and op kind (ms/step):")
     print(f"{'':16s}" + "".join(f"{k[:14]:>15s}" for k in kinds) + f"{'total':>15s}")

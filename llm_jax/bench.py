@@ -111,6 +111,7 @@ def time_steps(compiled, state, batch, rng, steps: int, warmup: int) -> tuple[li
 class Prepared:
     """A config's compiled train step with its inputs, as the trainer would run it."""
 
+    config: Any  # the finalized config
     compiled: Any  # the compiled train_step: (state, batch, rng) -> (state, metrics)
     state: Any  # sharded TrainState
     batch: dict  # random global batch of train.batch_size x data.seq_len tokens
@@ -142,15 +143,14 @@ def prepare(config, log=lambda *a: print(*a, file=sys.stderr)) -> Prepared:
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh, rules):  # the context the trainer's step runs in
         compiled = p_train.jitted.lower(state, batch, step_rng).compile()
-    return Prepared(compiled, state, batch, step_rng, model_cfg, mesh, num_params, time.perf_counter() - t0)
+    return Prepared(config, compiled, state, batch, step_rng, model_cfg, mesh, num_params, time.perf_counter() - t0)
 
 
 def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=sys.stderr)) -> dict:
     """Benchmarks `config`'s train step; returns the result dict (what the command prints)."""
-    config = config_lib.finalize(config)
-    tc, seq_len = config.train, config.data.seq_len
     p = prepare(config, log)
-    model_cfg, mesh, compiled, compile_s = p.model_cfg, p.mesh, p.compiled, p.compile_s
+    config, model_cfg, mesh, compiled = p.config, p.model_cfg, p.mesh, p.compiled
+    tc, seq_len = config.train, config.data.seq_len
     times, process, loss = time_steps(compiled, p.state, p.batch, p.rng, steps, warmup)
 
     step_time = float(np.median(times))
@@ -161,9 +161,9 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     result = {
         "config": config.model.preset, "tokens_per_sec": tps, "step_time_s": step_time,
         "step_time_min_s": float(np.min(times)), "step_time_max_s": float(np.max(times)), "steps": steps,
-        **process, "compile_s": compile_s, "flops_per_token": fpt, "model_tflops_per_sec": tps * fpt / 1e12, "mfu": mfu,
-        "peak_flops": peak, "peak_flops_source": peak_source, **compiled_memory(compiled), "num_params": p.num_params,
-        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        **process, "compile_s": p.compile_s, "flops_per_token": fpt, "model_tflops_per_sec": tps * fpt / 1e12,
+        "mfu": mfu, "peak_flops": peak, "peak_flops_source": peak_source, **compiled_memory(compiled),
+        "num_params": p.num_params, "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "batch_size": tc.batch_size,
         "seq_len": seq_len, "dtype": model_cfg.dtype, "scan_layers": model_cfg.scan_layers, "remat": model_cfg.remat,
         "attention": model_cfg.attention, "final_loss": loss, "jax": jax.__version__,
@@ -172,7 +172,7 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
     log(
         f"bench: {tps:,.0f} tokens/s, step {step_time * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max "
-        f"{max(times) * 1e3:.1f}), compile {compile_s:.1f}s, MFU {mfu_text}"
+        f"{max(times) * 1e3:.1f}), compile {p.compile_s:.1f}s, MFU {mfu_text}"
     )
     return result
 

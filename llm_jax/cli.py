@@ -66,7 +66,7 @@ def run(main: Callable[[list[str]], object], tool: str, flags_parser: Callable |
 
     def parse(argv):
         try:
-            hostmem.wanted()  # a bad LLM_JAX_KEEP_FREED_MEMORY: one line (importing llm_jax only warned)
+            hostmem.wanted()  # a bad LLM_JAX_KEEP_FREED_MEMORY: one line (importing llm_jax let it pass)
             return parser(argv)
         except (flags.Error, UserError) as e:
             if debugging(argv):
