@@ -10,7 +10,7 @@ gives the sequence length. The config also trains (`python -m llm_jax.main`) on 
 
 import ml_collections
 
-from llm_jax.config import base_config
+from llm_jax.training.config import base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
         # Same math, faster on CPU: the loss projects and soft-maxes 64 positions at a time
-        # (llm_jax/loss.py), never the whole [8, 256, 8192] float32 logits.
+        # (llm_jax/models/loss.py), never the whole [8, 256, 8192] float32 logits.
         loss_chunk=64,
     )
     c.data.update(source="stdlib", tokenizer="byte", seq_len=256)

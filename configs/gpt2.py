@@ -10,7 +10,7 @@ text (`--config.data.source=text --config.data.path=FILE` or a prepared tfds dat
 
 import ml_collections
 
-from llm_jax.config import base_config
+from llm_jax.training.config import base_config
 
 SIZES = {  # layers, heads, width
     "tiny": (2, 2, 64),

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from llm_jax import hf
+from llm_jax.interop import hf
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ Arguments: 1b (~1.2B params, context 2048), 7b (Llama-2-7B shape), `tiny` for a 
 
 import ml_collections
 
-from llm_jax.config import base_config
+from llm_jax.training.config import base_config
 
 SIZES = {  # layers, heads, kv heads, width, mlp
     "tiny": (2, 4, 2, 64, 192),

@@ -14,7 +14,7 @@ is a seconds-long smoke run.
 
 import ml_collections
 
-from llm_jax.config import base_config
+from llm_jax.training.config import base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

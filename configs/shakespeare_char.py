@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from llm_jax.config import base_config
+from llm_jax.training.config import base_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

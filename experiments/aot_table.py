@@ -5,7 +5,7 @@
     .venv/bin/python experiments/aot_table.py --presets llama:7b --slices v5p-64
 
 Each row is what `python -m llm_jax.aot --config configs/FAMILY.py:SIZE --topology SLICE` reports
-(the same `llm_jax.aot.report`, in one process), with each preset's own mesh, batch and remat.
+(the same `llm_jax.tools.aot.report`, in one process), with each preset's own mesh, batch and remat.
 Progress goes to stderr; stdout is the markdown table, then one JSON line with every report.
 """
 
@@ -35,7 +35,7 @@ def preset_config(preset: str):
 
 def table(reports: list[dict]) -> str:
     """Markdown: one row per (preset, slice)."""
-    from llm_jax.aot import gib
+    from llm_jax.tools.aot import gib
 
     lines = [
         "| preset | params | slice | chips | mesh data/fsdp/tensor | batch x seq | params + optimizer / chip "
@@ -63,7 +63,7 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # as the command does: planning needs no accelerator
-    from llm_jax import aot
+    from llm_jax.tools import aot
 
     reports = []
     for preset in args.presets.split(","):

@@ -31,9 +31,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from llm_jax import config as config_lib  # noqa: E402
-from llm_jax import data as data_lib  # noqa: E402
-from llm_jax import sources  # noqa: E402
+from llm_jax.data import lm_data as data_lib  # noqa: E402
+from llm_jax.data import sources  # noqa: E402
+from llm_jax.training import config as config_lib  # noqa: E402
 
 FILE_BYTES = 4 << 20
 

@@ -22,14 +22,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import llm_jax  # noqa: E402, F401 - first: host memory settings (llm_jax/hostmem.py) before threads start
+import llm_jax  # noqa: E402, F401 - first: host memory settings (llm_jax/runtime/hostmem.py) before threads start
 
 # isort: split
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from llm_jax import bench_decode as bd  # noqa: E402
-from llm_jax.model import ModelConfig  # noqa: E402
+from llm_jax.models.model import ModelConfig  # noqa: E402
+from llm_jax.tools import bench_decode as bd  # noqa: E402
 
 flags.DEFINE_list("torch_threads", ["default", "1"], "PyTorch thread counts to time ('default': one per core).")
 bd.define_flags()
@@ -43,7 +43,7 @@ def hf_runner(cfg: ModelConfig, prompts, new_tokens: int, threads: str):
     import torch
     import transformers
 
-    from llm_jax import hf
+    from llm_jax.interop import hf
 
     # The same config.json llm_jax would export for this model (hf_specs.GPT2), so both sides agree.
     hf_cfg = transformers.GPT2Config.from_dict({**hf.hf_config_from_model(cfg), "pad_token_id": 0})

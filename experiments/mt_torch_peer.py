@@ -38,7 +38,7 @@ def load_config(path: str, overrides: list[str]):
     sys.path.insert(0, REPO)
     import importlib.util
 
-    from llm_jax import config as config_lib
+    from llm_jax.training import config as config_lib
 
     spec = importlib.util.spec_from_file_location("mt_config", path)
     mod = importlib.util.module_from_spec(spec)

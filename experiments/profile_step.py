@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--top", type=int, default=40)
     args, overrides = ap.parse_known_args()
 
-    from llm_jax import bench  # first: importing llm_jax sets host memory before JAX starts (hostmem.py)
+    from llm_jax.tools import bench  # first: importing llm_jax sets host memory before JAX starts (hostmem.py)
 
     # isort: split
     import jax

@@ -51,12 +51,12 @@ SETTINGS = {  # name -> (torch.compile the forward + loss, AdamW keyword argumen
 
 
 def same_host_memory() -> bool:
-    """A PyTorch worker runs under the host-memory settings llm_jax applies on import (llm_jax/hostmem.py:
+    """A PyTorch worker runs under the host-memory settings llm_jax applies on import (llm_jax/runtime/hostmem.py:
     glibc keeps freed memory for reuse; PyTorch gains from them too, 4 - 5% on bench_cpu), decided the
     same way for both sides (LLM_JAX_KEEP_FREED_MEMORY=0 turns them off for both). Call it before torch
     is imported: threads pick their malloc arena at their first allocation."""
     sys.path.insert(0, REPO)
-    from llm_jax import hostmem
+    from llm_jax.runtime import hostmem
 
     return hostmem.keep_freed_memory()
 
@@ -67,7 +67,7 @@ def load_spec(config_path: str, overrides: list[str]) -> dict:
     from absl import flags
     from ml_collections import config_flags
 
-    from llm_jax import config as config_lib
+    from llm_jax.training import config as config_lib
 
     config_flags.DEFINE_config_file("config", None, lock_config=True)
     flags.FLAGS(["torch_peer", f"--config={config_path}", *overrides])

@@ -1,7 +1,7 @@
 """llm_jax: sharded Transformer language models in JAX/Flax."""
 
-from llm_jax import hostmem
-from llm_jax.errors import BadValue
+from llm_jax.runtime import hostmem
+from llm_jax.runtime.errors import BadValue
 
 __version__ = "0.1.0"
 

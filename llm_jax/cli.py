@@ -3,7 +3,7 @@
     if __name__ == "__main__":
         cli.run(main, "generate")
 
-A `UserError` (llm_jax/errors.py), an absl `UsageError` or a flag that does not parse ends the
+A `UserError` (llm_jax/runtime/errors.py), an absl `UsageError` or a flag that does not parse ends the
 program with one line on stderr, `<tool>: error: <message>`, and exit status 1. `--debug` (every
 tool has it) or `LLM_JAX_DEBUG=1` shows the traceback instead. Any other exception is a bug and
 keeps its traceback, whatever the flags.
@@ -18,9 +18,9 @@ from collections.abc import Callable
 import ml_collections
 from absl import app, flags
 
-from llm_jax import config as config_lib
-from llm_jax import hostmem
-from llm_jax.errors import BadValue, UserError
+from llm_jax.runtime import hostmem
+from llm_jax.runtime.errors import BadValue, UserError
+from llm_jax.training import config as config_lib
 
 DEBUG_ENV = "LLM_JAX_DEBUG"
 EXIT_USER_ERROR = 1
@@ -121,5 +121,5 @@ def parse_config_flags(argv):
             raise
         raise BadValue(
             f"{bad[0]}: the config has no key {key!r}. {hint}".rstrip()
-            + " The keys are those of llm_jax/config.py (base_config)."
+            + " The keys are those of llm_jax/training/config.py (base_config)."
         ) from None

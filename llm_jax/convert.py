@@ -41,8 +41,8 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)}; got {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from llm_jax import hf  # after flag parsing: jax starts with the platform flags in force
-    from llm_jax import workdir as workdir_lib
+    from llm_jax.interop import hf  # after flag parsing: jax starts with the platform flags in force
+    from llm_jax.training import workdir as workdir_lib
 
     if argv[1] == "from_hf":
         try:

@@ -3,11 +3,11 @@
     python -m llm_jax.generate --workdir runs/x --prompt "def fib(n):" [--prompt "..."]
         [--prompt_file F] [--max_new_tokens 200] [--temperature 0] [--top_k 0] [--top_p 1] [--seed 0]
 
-Loads the run (`llm_jax.run.load_run`: its config, tokenizer, model and the params of the latest
+Loads the run (`llm_jax.training.saved_run.load_run`: its config, tokenizer, model and the params of the latest
 checkpoint, sharded on the run's mesh when it fits this machine, else on all devices data-parallel)
 and prints each prompt followed by its completion, of any length: past the context the model was
-trained at, the window slides (`llm_jax.decode`). Decoding is
-`llm_jax.decode.complete`, the code the trainer samples with. Greedy (temperature 0) by default, so
+trained at, the window slides (`llm_jax.inference.decode`). Decoding is
+`llm_jax.inference.decode.complete`, the code the trainer samples with. Greedy (temperature 0) by default, so
 the output is reproducible; with sampling, `--seed` makes it so.
 
 Only reads the workdir (it takes no lock, so it can sample from a run that is still training, and
@@ -27,9 +27,10 @@ import sys
 
 from absl import app, flags, logging
 
-from llm_jax import cli, decode
-from llm_jax.errors import UserError
-from llm_jax.run import load_run
+from llm_jax import cli
+from llm_jax.inference import decode
+from llm_jax.runtime.errors import UserError
+from llm_jax.training.saved_run import load_run
 
 FLAGS = flags.FLAGS
 

@@ -10,7 +10,7 @@ multi-host Cloud TPU slice these are detected and the flags can be left out.
 SIGTERM (preemption) finishes the current step, saves a checkpoint and exits 0; the same command
 resumes. A workdir holding another model's run is refused unless `--config.train.overwrite=True`,
 which moves it aside (never deletes it). A workdir in use by another run is refused at once, naming
-that run, or waited for with `--config.train.wait_for_lock=SECONDS` (llm_jax/workdir.py).
+that run, or waited for with `--config.train.wait_for_lock=SECONDS` (llm_jax/training/workdir.py).
 
 A mistake in the input (a config key or value, the mesh, the data, the workdir) ends with one line,
 `main: error: ...`, and exit status 1; `--debug` or LLM_JAX_DEBUG=1 shows its traceback (llm_jax/cli.py).
@@ -19,7 +19,9 @@ A mistake in the input (a config key or value, the mesh, the data, the workdir) 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import cli, distributed, train
+from llm_jax import cli
+from llm_jax.runtime import distributed
+from llm_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)

@@ -9,13 +9,13 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-# Prepared data (llm_jax/prepare.py) goes to a fresh cache per test session, never ~/.cache; the
+# Prepared data (llm_jax/data/prepare.py) goes to a fresh cache per test session, never ~/.cache; the
 # trainer subprocesses of the tests inherit it.
 import tempfile  # noqa: E402
 
 os.environ["LLM_JAX_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_cache_")
 
-import llm_jax  # noqa: E402, F401 - first: host memory settings (llm_jax/hostmem.py) before threads start
+import llm_jax  # noqa: E402, F401 - first: host memory settings (llm_jax/runtime/hostmem.py) before threads start
 
 # isort: split
 import jax  # noqa: E402

@@ -32,7 +32,7 @@ def qa_config(**train):
 @functools.cache
 def qa_run() -> tuple[str, dict]:
     """(workdir, final metrics) of 40 steps of configs/qa_finetune.py:tiny on 400 examples."""
-    from llm_jax import train
+    from llm_jax.training import train
 
     root = tempfile.mkdtemp(prefix="llm_jax_qa_")
     write_upper_jsonl(os.path.join(root, "qa.jsonl"), 400)

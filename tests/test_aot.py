@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU topologies (llm_jax.aot, llm_jax.hlo).
+"""Ahead-of-time compilation for TPU topologies (llm_jax.aot, llm_jax.tools.hlo).
 
 The TPU compiler runs in this process next to conftest's 8 emulated CPU devices: libtpu describes
 TPU chips through `jax.experimental.topologies` whatever JAX's default platform is, so
@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from llm_jax import aot, hlo, sharding
+from llm_jax.runtime import sharding
+from llm_jax.tools import aot, hlo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(

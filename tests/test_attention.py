@@ -1,4 +1,4 @@
-"""Attention weights recorded by the model (llm_jax/model.py `_attend`) and read by llm_jax.attention:
+"""Attention weights recorded by the model (llm_jax/models/model.py `_attend`) and read by llm_jax.attention:
 the softmax that attention applies, on every path (einsum, dot_product, grouped-query, masks, scan,
 remat, the encoder-decoder's three kinds), the same on any mesh, and absent from training."""
 
@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import runlib as R
 
-from llm_jax import attention, sharding, train
-from llm_jax import family as family_lib
-from llm_jax import model as model_lib
-from llm_jax import tokenizer as tok_lib
-from llm_jax.model import ModelConfig
-from llm_jax.run import load_run
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.models import family as family_lib
+from llm_jax.models import model as model_lib
+from llm_jax.models.model import ModelConfig
+from llm_jax.runtime import sharding
+from llm_jax.tools import attention_maps as attention
+from llm_jax.training import train
+from llm_jax.training.saved_run import load_run
 
 
 class Probe(nn.Module):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import runlib as R
 
-from llm_jax import train
+from llm_jax.training import train
 
 
 def _config(corpus, **over):
@@ -195,7 +195,7 @@ def _tiny_args(workdir, *extra):
 
 def _other_model_workdir(path, corpus) -> str:
     """A workdir whose config.json is of another model (3 layers): all workdir.check reads."""
-    from llm_jax import config as config_lib
+    from llm_jax.training import config as config_lib
 
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -240,7 +240,7 @@ def test_each_command_line_ends_a_user_error_in_one_line(run, tmp_path, capsys):
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
     flag = R.run_cli("llm_jax.main", *_tiny_args(tmp_path / "a", "--config.mesh.data=3", "--debug"))
     env = R.run_cli("llm_jax.generate", f"--workdir={tmp_path}", "--prompt=x", extra_env={"LLM_JAX_DEBUG": "1"})
-    for p, error in ((flag, "llm_jax.errors.BadValue: mesh shape"), (env, "llm_jax.errors.NotFound: ")):
+    for p, error in ((flag, "llm_jax.runtime.errors.BadValue: mesh shape"), (env, "llm_jax.runtime.errors.NotFound: ")):
         assert p.returncode != 0 and "Traceback (most recent call last)" in p.stderr and error in p.stderr, p.stderr
     # A bug (any exception but a UserError) keeps its traceback without being asked.
     code = "from llm_jax import cli, errors; cli.run(lambda argv: {}, 'tool')"

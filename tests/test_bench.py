@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import pytest
 import runlib as R
 
-from llm_jax import bench, flops
-from llm_jax import config as config_lib
-from llm_jax.model import ModelConfig, TransformerLM
+from llm_jax.models import flops
+from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.tools import bench
+from llm_jax.training import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,7 +146,7 @@ def test_scan_compiles_the_same_program_at_any_depth():
     import flax.linen as nn
     import optax
 
-    from llm_jax import train
+    from llm_jax.training import train
 
     def lowered_size(layers):
         cfg = ModelConfig(

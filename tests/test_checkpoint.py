@@ -10,10 +10,11 @@ import leafcheck
 import numpy as np
 import pytest
 
-from llm_jax import checkpoint as ckpt_lib
-from llm_jax import optim, sharding, train
-from llm_jax.config import base_config
-from llm_jax.model import ModelConfig, TransformerLM
+from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.runtime import sharding
+from llm_jax.training import checkpoint as ckpt_lib
+from llm_jax.training import optim, train
+from llm_jax.training.config import base_config
 
 SEQ = 16
 CFG = ModelConfig(

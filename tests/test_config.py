@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from llm_jax import config as config_lib
-from llm_jax import train
-from llm_jax.model import ModelConfig, TransformerLM
+from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.training import config as config_lib
+from llm_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,10 +6,10 @@ import sysconfig
 import numpy as np
 import pytest
 
-from llm_jax import data as data_lib
-from llm_jax import sources
-from llm_jax import tokenizer as tok_lib
-from llm_jax.config import base_config
+from llm_jax.data import lm_data as data_lib
+from llm_jax.data import sources
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.training.config import base_config
 
 TEXTS = [
     "def f(x):\n    return x  # done\n",

@@ -1,4 +1,4 @@
-"""KV-cache decoding (llm_jax.decode): exact agreement with the training forward pass, sampling, stop
+"""KV-cache decoding (llm_jax.inference.decode): exact agreement with the training forward pass, sampling, stop
 tokens, batching of prompts of different lengths, and a 2x4 (data x tensor) mesh."""
 
 import functools
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 
-from llm_jax import decode, sharding
-from llm_jax import family as family_lib
-from llm_jax.model import ModelConfig, TransformerLM
+from llm_jax.inference import decode
+from llm_jax.models import family as family_lib
+from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.runtime import sharding
 
 # Larger than the training init so that random models give varied, well-separated greedy tokens.
 _COMMON = dict(vocab_size=64, num_layers=2, embed_dim=32, mlp_dim=64, max_len=32, init_std=0.3)

@@ -1,4 +1,4 @@
-"""The encoder-decoder family (llm_jax/encdec.py): masks (padding, causality, packing), cached
+"""The encoder-decoder family (llm_jax/models/encdec.py): masks (padding, causality, packing), cached
 decoding, beam search, BLEU, loss and gradients on meshes, exact resume, the parallel data rules."""
 
 import functools
@@ -19,11 +19,14 @@ import runlib as R
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llm_jax import beam_search as beam_lib
-from llm_jax import decode, seq2seq, sharding, train, translate
-from llm_jax import family as family_lib
-from llm_jax.config import base_config
-from llm_jax.model import ModelConfig
+from llm_jax.data import parallel as seq2seq
+from llm_jax.inference import beam_search as beam_lib
+from llm_jax.inference import decode, translate
+from llm_jax.models import family as family_lib
+from llm_jax.models.model import ModelConfig
+from llm_jax.runtime import sharding
+from llm_jax.training import train
+from llm_jax.training.config import base_config
 
 BOS, EOS = 2, 3
 _COMMON = dict(family="encdec", vocab_size=64, vocab_multiple=1, embed_dim=32, mlp_dim=64, num_heads=4,
@@ -408,7 +411,7 @@ def test_label_smoothing_in_the_chunked_loss_equals_the_full_logits_loss(name):
 
 
 def test_encoder_decoder_flops_by_hand():
-    from llm_jax import flops
+    from llm_jax.models import flops
 
     cfg = CONFIGS["learned"]  # 2 encoder + 1 decoder blocks, e 32, h 4 (d 8), mlp 64 (gelu), v 64
     attn, mlp = 4 * 32 * 32, 2 * 32 * 64

@@ -1,4 +1,4 @@
-"""The model-family interface (llm_jax/family.py): a second family, defined only in this file, trains,
+"""The model-family interface (llm_jax/models/family.py): a second family, defined only in this file, trains,
 checkpoints, resumes and decodes through the shared trainer, loader and sampler with no edit to them."""
 
 import flax
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import runlib as R
 
-from llm_jax import decode, train
-from llm_jax import family as family_lib
-from llm_jax import loss as loss_lib
-from llm_jax.run import load_run
+from llm_jax.inference import decode
+from llm_jax.models import family as family_lib
+from llm_jax.models import loss as loss_lib
+from llm_jax.training import train
+from llm_jax.training.saved_run import load_run
 
 
 class Bigram(nn.Module):

@@ -6,10 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax import config as config_lib
-from llm_jax import optim, sharding, train
-from llm_jax.bench import compiled_memory
-from llm_jax.model import TransformerLM
+from llm_jax.models.model import TransformerLM
+from llm_jax.runtime import sharding
+from llm_jax.tools.bench import compiled_memory
+from llm_jax.training import config as config_lib
+from llm_jax.training import optim, train
 
 
 def _state_bytes_per_device(mesh_shape):

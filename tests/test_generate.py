@@ -10,9 +10,9 @@ import sys
 import pytest
 from decode_fixtures import REPO, qa_run
 
-from llm_jax import decode
 from llm_jax import generate as gen_cli
-from llm_jax.run import load_run
+from llm_jax.inference import decode
+from llm_jax.training.saved_run import load_run
 
 
 @pytest.mark.slow

@@ -22,8 +22,10 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from llm_jax import hf, sharding, train  # noqa: E402
-from llm_jax.run import load_run  # noqa: E402
+from llm_jax.interop import hf  # noqa: E402
+from llm_jax.runtime import sharding  # noqa: E402
+from llm_jax.training import train  # noqa: E402
+from llm_jax.training.saved_run import load_run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96
@@ -152,7 +154,7 @@ def test_import_matches_torch_and_export_roundtrips(tmp_path, name):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_export_native_model(tmp_path, kind):
     """A model initialised by llm_jax (not from HF) -> save_pretrained -> from_pretrained: same logits."""
-    from llm_jax.model import ModelConfig, TransformerLM
+    from llm_jax.models.model import ModelConfig, TransformerLM
 
     arch = (
         dict(

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from llm_jax import hf, hf_specs
-from llm_jax.model import ModelConfig, TransformerLM
+from llm_jax.interop import hf, hf_specs
+from llm_jax.models.model import ModelConfig, TransformerLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

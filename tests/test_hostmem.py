@@ -1,4 +1,4 @@
-"""llm_jax/hostmem.py: where the glibc malloc settings apply, and that they end the step's page faults."""
+"""llm_jax/runtime/hostmem.py: where the glibc malloc settings apply, and that they end the step's page faults."""
 
 import json
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import runlib as R
 
-from llm_jax import hostmem
-from llm_jax.errors import BadValue
+from llm_jax.runtime import hostmem
+from llm_jax.runtime.errors import BadValue
 
 
 def test_applied_where_the_cpu_is_the_platform(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from decode_fixtures import qa_run, write_upper_jsonl
 
-from llm_jax import data as data_lib
-from llm_jax import tokenizer as tok_lib
+from llm_jax.data import lm_data as data_lib
+from llm_jax.data import tokenizer as tok_lib
 
 
 def jsonl_cfg(path, **kw):

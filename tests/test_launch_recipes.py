@@ -22,7 +22,10 @@ import json, sys, types
 
 argv, devices = json.loads(sys.argv[1]), int(sys.argv[2])
 sys.argv = ["llm_jax.main"] + argv  # ml_collections defines the --config.KEY flags it finds in sys.argv
-from llm_jax import cli, config as config_lib, main, sharding
+from llm_jax import cli
+from llm_jax.training import config as config_lib
+from llm_jax import main
+from llm_jax.runtime import sharding
 
 rest = cli.parse_config_flags(sys.argv)
 assert rest == ["llm_jax.main"], f"unparsed arguments {rest[1:]}"

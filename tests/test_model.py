@@ -11,8 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from llm_jax import sharding
-from llm_jax.model import (
+from llm_jax.models.model import (
     Attention,
     Mlp,
     ModelConfig,
@@ -23,6 +22,7 @@ from llm_jax.model import (
     rope,
     rope_frequencies,
 )
+from llm_jax.runtime import sharding
 
 GPT = ModelConfig(
     vocab_size=64,

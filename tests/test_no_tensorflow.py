@@ -44,7 +44,9 @@ try:
 except SystemExit as e:
     assert not e.code, f"training exited {e.code}"
 
-from llm_jax import config, data, errors
+from llm_jax.training import config
+from llm_jax.data import lm_data as data
+from llm_jax.runtime import errors
 
 cfg = config.base_config().data
 cfg.update(source="tfds", tfds_name="tiny_shakespeare", tfds_data_dir=sys.argv[-1] + "_tfds")

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import data as data_lib
-from llm_jax import family as family_lib
-from llm_jax import tokenizer as tok_lib
-from llm_jax.model import ModelConfig, TransformerLM, attend
+from llm_jax.data import lm_data as data_lib
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.models import family as family_lib
+from llm_jax.models.model import ModelConfig, TransformerLM, attend
 
 BASE = ModelConfig(
     vocab_size=64,

@@ -1,4 +1,4 @@
-"""The prepare step (llm_jax/prepare.py) and training from its files: deterministic, resumable after
+"""The prepare step (llm_jax/data/prepare.py) and training from its files: deterministic, resumable after
 a kill, never reused with another tokenizer; a tfds dataset built here trains end to end without
 TensorFlow; a run's memory does not grow with the corpus; batches are the same whether one process
 or two build them."""
@@ -16,11 +16,12 @@ import pytest
 import runlib as R
 import tensorflow_datasets as tfds
 
-from llm_jax import data as data_lib
-from llm_jax import prepare as prepare_lib
-from llm_jax import sources, train
-from llm_jax import tokenizer as tok_lib
-from llm_jax.config import base_config
+from llm_jax.data import lm_data as data_lib
+from llm_jax.data import prepare as prepare_lib
+from llm_jax.data import sources
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.training import train
+from llm_jax.training.config import base_config
 
 QUIET = dict(log=lambda *a: None)
 

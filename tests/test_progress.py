@@ -1,11 +1,12 @@
-"""Progress and ETA of long preprocessing (llm_jax/progress.py) and its use by the tokenizer and data code:
+"""Progress and ETA of long preprocessing (llm_jax/data/progress.py) and its use by the tokenizer and data code:
 reports when work takes a while, silence when it does not, and the same results either way."""
 
 import numpy as np
 import pytest
 
-from llm_jax import progress, seq2seq
-from llm_jax import tokenizer as tok_lib
+from llm_jax.data import parallel as seq2seq
+from llm_jax.data import progress
+from llm_jax.data import tokenizer as tok_lib
 
 
 class Clock:

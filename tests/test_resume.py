@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import runlib as R
 
-from llm_jax import checkpoint as ckpt_lib
-from llm_jax import config as config_lib
-from llm_jax import data as data_lib
-from llm_jax import family as family_lib
-from llm_jax import optim, sharding, train
-from llm_jax.errors import Diverged
-from llm_jax.model import TransformerLM
-from llm_jax.run import load_run
+from llm_jax.data import lm_data as data_lib
+from llm_jax.models import family as family_lib
+from llm_jax.models.model import TransformerLM
+from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import Diverged
+from llm_jax.training import checkpoint as ckpt_lib
+from llm_jax.training import config as config_lib
+from llm_jax.training import optim, train
+from llm_jax.training.saved_run import load_run
 
 N_STEPS = 20
 EVERY = 5  # checkpoints at 5, 10, 15, 20

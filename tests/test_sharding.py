@@ -22,11 +22,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llm_jax import data as data_lib
-from llm_jax import family as family_lib
-from llm_jax import optim, sharding, train
-from llm_jax.config import base_config
-from llm_jax.model import ModelConfig, TransformerLM
+from llm_jax.data import lm_data as data_lib
+from llm_jax.models import family as family_lib
+from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.runtime import sharding
+from llm_jax.training import optim, train
+from llm_jax.training.config import base_config
 
 SEQ, BATCH = 16, 16
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (2, 1, 4)]

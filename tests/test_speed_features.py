@@ -14,10 +14,11 @@ import leafcheck
 import numpy as np
 import pytest
 
-from llm_jax import config as config_lib
-from llm_jax import family as family_lib
-from llm_jax import optim, sharding, train
-from llm_jax.model import ModelConfig, TransformerLM
+from llm_jax.models import family as family_lib
+from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.runtime import sharding
+from llm_jax.training import config as config_lib
+from llm_jax.training import optim, train
 
 B, T = 4, 16
 

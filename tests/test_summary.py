@@ -1,13 +1,15 @@
-"""The model summary (llm_jax/summary.py): totals, modules, collapsed layers, shardings, FLOPs."""
+"""The model summary (llm_jax/training/summary.py): totals, modules, collapsed layers, shardings, FLOPs."""
 
 import flax.linen as nn
 import jax
 import ml_collections
 import pytest
 
-from llm_jax import family as family_lib
-from llm_jax import flops, sharding, summary
-from llm_jax.model import ModelConfig, count_params
+from llm_jax.models import family as family_lib
+from llm_jax.models import flops
+from llm_jax.models.model import ModelConfig, count_params
+from llm_jax.runtime import sharding
+from llm_jax.training import summary
 
 CFG = dict(vocab_size=256, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
 

@@ -15,8 +15,8 @@ import pytest
 import runlib as R
 from jax.experimental.compilation_cache import compilation_cache
 
-from llm_jax import config as config_lib
-from llm_jax import optim, train
+from llm_jax.training import config as config_lib
+from llm_jax.training import optim, train
 
 pytest.importorskip("matplotlib", reason="the pictures need the notebook extra: pip install -e '.[notebook]'")
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from llm_jax import checkpoint as ckpt_lib
-from llm_jax import loss as loss_lib
-from llm_jax import tokenizer as tok_lib
-from llm_jax import train
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.models import loss as loss_lib
+from llm_jax.training import checkpoint as ckpt_lib
+from llm_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""One writer per workdir (llm_jax/workdir.py): a second writer is refused at once naming the holder,
+"""One writer per workdir (llm_jax/training/workdir.py): a second writer is refused at once naming the holder,
 or waits if asked to; a dead holder's lock is taken over; where flock cannot see the holder (another
 host), its record decides. End to end: two `llm_jax.main` processes on one workdir."""
 
@@ -14,8 +14,8 @@ import time
 import pytest
 import runlib as R
 
-from llm_jax import workdir as workdir_lib
-from llm_jax.errors import FileError, WorkdirBusy
+from llm_jax.runtime.errors import FileError, WorkdirBusy
+from llm_jax.training import workdir as workdir_lib
 
 HOST = socket.gethostname()
 GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 2,

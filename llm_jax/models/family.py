@@ -1,0 +1,150 @@
+"""The model-family interface: what training, checkpoints and decoding need from a kind of model.
+
+A family (decoder-only LM in `llm_jax/models/lm.py`; a new one in a file of its own) subclasses
+`ModelFamily` and implements five methods:
+
+- `make_model(cfg)`: the `flax.linen` module for a `ModelConfig`;
+- `init_inputs(cfg, batch, length)`: the keyword inputs `model.init` is traced with;
+- `loss_sum(model, params, batch, rng, train)`: summed loss and token count of a
+  batch (a dict of [b, t] arrays from the family's data; `random_batch` makes one of random tokens,
+  next-token `inputs` / `targets` unless the family overrides it). `train`: dropout (if any) and
+  label smoothing apply; False is evaluation: the plain cross-entropy;
+- `init_cache(model, params, batch, length, start, mesh, **inputs)`: a decoding `Cache` of `length`
+  slots whose next position is `start` [b] (negative while a left-padded row is still on padding);
+- `tokens_to_logits(model, params)`: the decoding step `(tokens [b, t], cache) -> (logits [b, v]
+  of the last position, cache)`, built once per generation so per-call work stays out of the loop.
+
+Everything else is written once over these: `train.py` (state, steps, loop), `checkpoint.py`,
+`decode.py` (samplers, sliding window, beam search). `register` adds a family under its `name`;
+`get(name)` / `of(model)` find it. The two helpers below are the only places that call
+`model.init`: `init_params` for training state and `empty_cache` for decoding caches.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.runtime.errors import BadValue
+
+# Families shipped with llm_jax, imported on first use (each module registers its family).
+_BUILTIN = {"lm": "llm_jax.models.lm", "encdec": "llm_jax.models.encdec"}
+_REGISTRY: dict[str, ModelFamily] = {}
+
+
+@flax.struct.dataclass
+class Cache:
+    """Decoding state: the model's 'cache' collection, the next position of every row, its sharding."""
+
+    layers: Any  # the model's 'cache' collection (keys/values [b, k, c, d], positions [b, c], ...)
+    next_pos: jax.Array  # [b] int32: position of the next token fed; negative while on left padding
+    specs: Any = flax.struct.field(pytree_node=False)  # FrozenDict of logical PartitionSpecs of `layers`
+    mesh: Any = flax.struct.field(pytree_node=False, default=None)  # where `layers` is sharded (None: context)
+
+    def constrain(self, layers: Any) -> Any:
+        """`layers` constrained to the cache's logical sharding (a no-op outside a mesh)."""
+        return nn.with_logical_constraint(layers, flax.core.unfreeze(self.specs), mesh=self.mesh)
+
+
+class ModelFamily:
+    """Base class of a model family; see the module docstring for the contract."""
+
+    name: str = ""
+    # Cache leaves whose empty value is not 0 (e.g. slot positions, -1 = empty).
+    cache_fill: dict[str, int] = {}
+
+    def make_model(self, cfg) -> nn.Module:
+        raise NotImplementedError
+
+    def init_inputs(self, cfg, batch: int, length: int) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def loss_sum(self, model, params, batch: dict, rng, train: bool) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def random_batch(self, cfg, batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
+        """A training batch of random tokens with the shapes of the family's data (for benchmarks and
+        ahead-of-time compilation): next-token `inputs` / `targets` [batch, length] by default."""
+        tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length + 1), dtype=np.int32)
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def init_cache(self, model, params, batch: int, length: int, start: jax.Array, mesh=None, **inputs) -> Cache:
+        raise NotImplementedError
+
+    def flops_per_token(self, cfg, seq_len: int) -> float:
+        """Training FLOPs per token (for MFU); a decoder-only Transformer's count by default."""
+        from llm_jax.models import flops
+
+        return flops.decoder_flops_per_token(cfg, seq_len)
+
+    def decode_metrics(self, model, params, data, config) -> dict[str, float]:
+        """Validation metrics that need decoding (BLEU for translation); none by default. Called by
+        the trainer every `config.train.decode_eval_every` steps, inside the run's mesh context."""
+        return {}
+
+    def tokens_to_logits(self, model, params):
+        raise NotImplementedError
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    """Makes `family` available as `ModelConfig.family == family.name`; returns it."""
+    if not family.name:
+        raise ValueError(f"{type(family).__name__} needs a non-empty `name`")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def get(name: str) -> ModelFamily:
+    """The family registered under `name` (built-in ones are imported on first use)."""
+    if name not in _REGISTRY and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(_BUILTIN))
+        raise BadValue(f"config.model.family={name!r} is not a model family; use one of {known}")
+    return _REGISTRY[name]
+
+
+def of(model: nn.Module) -> ModelFamily:
+    """The family of a module built by `make_model` (from its `cfg.family`)."""
+    return get(model.cfg.family)
+
+
+def build(cfg) -> nn.Module:
+    """The module for `cfg`, made by its family."""
+    return get(cfg.family).make_model(cfg)
+
+
+def init_params(model: nn.Module, rng: jax.Array, length: int) -> Any:
+    """Boxed (LogicallyPartitioned) parameters of `model`: the one `model.init` for training state."""
+    inputs = of(model).init_inputs(model.cfg, 1, length)
+    return model.init(rng, **inputs)["params"]
+
+
+def abstract_params(model: nn.Module, length: int = 1) -> Any:
+    """Boxed ShapeDtypeStructs of `model`'s parameters: nothing is computed or allocated."""
+    return jax.eval_shape(lambda: init_params(model, jax.random.key(0), length))
+
+
+def empty_cache(model: nn.Module, inputs: dict, mesh=None) -> tuple[Any, Any]:
+    """(cache collection, logical specs) of `model.init(..., decode=True)` on `inputs`: the one
+    `model.init` for decoding caches. Built from shapes only: zeros, or `cache_fill` values."""
+    # Shapes only, so no sharding constraints while tracing `init` (flax's DenseGeneral applies its
+    # kernel's logical constraint to the flattened kernel, which fails under `jax.set_mesh`).
+    with nn.logical_axis_rules(()):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs, decode=True)["cache"])
+    specs = nn.get_partition_spec(boxed)
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    abstract = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
+    fill = of(model).cache_fill
+
+    def empty(path, x):
+        return jnp.full(x.shape, fill.get(path[-1].key, 0), x.dtype)
+
+    cache = jax.tree_util.tree_map_with_path(empty, abstract)
+    return nn.with_logical_constraint(cache, specs, mesh=mesh), flax.core.freeze(specs)

@@ -1,0 +1,105 @@
+"""Decode benchmark: `python -m llm_jax.bench_decode [--batch 8] [--prompt_len 32] [--new_tokens 128]`.
+
+Builds a GPT-2 style `TransformerLM` (learned positions, LayerNorm, GELU, tied embeddings) with
+random float32 weights and times `llm_jax.inference.decode.generate` greedily continuing a batch of random
+prompts by exactly `--new_tokens` tokens (no stop token), prefill included, `--repeats` times after
+a first call that compiles. Progress goes to stderr; the last line of stdout is one JSON object:
+
+  llm_jax_tokens_per_sec       new tokens per second (batch * new_tokens / median time)
+  best_llm_jax_tokens_per_sec  the same from the fastest call
+  llm_jax_s                    median seconds per generate call
+  first_call_s                 the first call: compilation + one run
+  config, devices, jax
+
+`experiments/decode_peer.py` runs the same size through Hugging Face `generate` in PyTorch,
+alternating with `Runner` from this module, and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app, flags
+
+from llm_jax.inference import decode
+from llm_jax.models import family as family_lib
+from llm_jax.models.model import ModelConfig, count_params
+
+
+def define_flags():
+    """Flags of this benchmark (also parsed by experiments/decode_peer.py)."""
+    flags.DEFINE_integer("batch", 8, "Prompts per batch.")
+    flags.DEFINE_integer("prompt_len", 32, "Tokens per prompt.")
+    flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
+    flags.DEFINE_integer("layers", 4, "Transformer blocks.")
+    flags.DEFINE_integer("width", 256, "Embedding width.")
+    flags.DEFINE_integer("heads", 4, "Attention heads.")
+    flags.DEFINE_integer("vocab", 8192, "Vocabulary size.")
+    flags.DEFINE_integer("max_len", 256, "Context length (position table).")
+    flags.DEFINE_integer("repeats", 5, "Timed calls (alternating with the peer, if any).")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def model_config(f) -> ModelConfig:
+    """The benchmark's GPT-2 style model from the parsed flags `f`."""
+    if f.prompt_len + f.new_tokens - 1 > f.max_len:
+        raise app.UsageError(f"--prompt_len + --new_tokens - 1 must fit --max_len={f.max_len}")
+    return ModelConfig(
+        vocab_size=f.vocab, vocab_multiple=1, num_layers=f.layers, num_heads=f.heads, embed_dim=f.width,
+        mlp_dim=4 * f.width, max_len=f.max_len, positions="learned", norm="layernorm", mlp_activation="gelu",
+        use_bias=True, tie_embeddings=True, dtype="float32", param_dtype="float32",
+    )  # fmt: skip
+
+
+def prompts_of(f) -> np.ndarray:
+    """[batch, prompt_len] random prompt tokens (never 0, the pad id)."""
+    return np.random.default_rng(0).integers(1, f.vocab, size=(f.batch, f.prompt_len))
+
+
+def llm_jax_runner(cfg: ModelConfig, prompts: np.ndarray, new_tokens: int):
+    """(run, first_call_s): run() greedily generates `new_tokens` for `prompts` [b, p] and waits for it."""
+    model = family_lib.build(cfg)
+    params = jax.jit(lambda: nn.meta.unbox(family_lib.init_params(model, jax.random.key(0), 8)))()
+    log(f"llm_jax: {count_params(params):,} parameters")
+    tokens, start = decode.left_pad(prompts.tolist())
+
+    def run():
+        out = decode.generate(model, params, tokens, start, jax.random.key(0), max_new_tokens=new_tokens)
+        out.tokens.block_until_ready()
+        assert out.tokens.shape == (len(prompts), new_tokens)
+
+    t0 = time.perf_counter()
+    run()  # compiles
+    return run, time.perf_counter() - t0
+
+
+def time_alternating(runners: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each runner, the runners called in turn `repeats` times after a warm-up
+    call each (so all see the same machine load)."""
+    for run in runners.values():
+        run()
+    times = {name: [] for name in runners}
+    for r in range(repeats):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+        log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
+    return times
+
+
+def summary(name: str, times: list[float], new_tokens: int) -> dict:
+    """{name}_s, {name}_tokens_per_sec (median) and best_{name}_tokens_per_sec (fastest call)."""
+    return {
+        f"{name}_s": statistics.median(times),
+        f"{name}_tokens_per_sec": new_tokens / statistics.median(times),
+        f"best_{name}_tokens_per_sec": new_tokens / min(times),
+    }

@@ -1,0 +1,272 @@
+"""The run config: every key (configs/*.py start from `base_config()`), its checks, and how a saved
+run's config is read back.
+
+Configs are `ml_collections.ConfigDict`s, nested by concern: `model`, `data`, `optim`, `train`,
+`mesh`. Files in `configs/` override what they need; the command line overrides the rest
+(`--config.optim.lr=1e-3`). Every key exists here, so a mistyped key is an error.
+
+`config.model` is `ModelConfig`'s fields, generated from the dataclass (None = unset, typed so the
+command line can set it), and `model_config` reads it back with `ModelConfig(**config.model)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from llm_jax.models.model import ModelConfig
+from llm_jax.runtime.errors import BadValue, NotFound
+
+# Keys a config may carry although base_config() lacks them (free-form dicts).
+OPTIONAL_KEYS = ("mesh.rules",)
+# Keys renamed when config.model became ModelConfig's fields: old key -> new key.
+RENAMED_KEYS = {
+    "model.rope_scaling.type": "model.rope_scaling",
+    "model.rope_scaling.factor": "model.rope_scaling_factor",
+    "model.rope_scaling.low_freq_factor": "model.rope_low_freq_factor",
+    "model.rope_scaling.high_freq_factor": "model.rope_high_freq_factor",
+    "model.rope_scaling.original_max_len": "model.rope_original_max_len",
+}
+# Run configs saved before then used 0 or -1 for "unset" where ModelConfig uses None.
+_LEGACY_UNSET = {"vocab_size": 0, "num_kv_heads": 0, "head_dim": 0, "attention_bias": -1, "mlp_bias": -1}
+
+
+def model_section() -> ml_collections.ConfigDict:
+    """`config.model`: one key per ModelConfig field, with its default; None defaults become typed
+    placeholders, so `--config.model.num_kv_heads=2` works on the command line."""
+    hints = typing.get_type_hints(ModelConfig)
+    m = ml_collections.ConfigDict()
+    for f in dataclasses.fields(ModelConfig):
+        if f.default is None:
+            (kind,) = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+            m[f.name] = config_dict.placeholder(kind)
+        else:
+            m[f.name] = f.default
+    return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_section()
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion) | 'parallel' (translation)
+    # source='text': a UTF-8 file, a glob or a comma-separated list (.jsonl: a document per line, .gz read
+    # through gzip); 'jsonl': {"prompt", "completion"} lines; 'parallel': a directory (see below)
+    d.path = ""
+    d.text_key = "text"  # source='text', .jsonl files: the field holding each document
+    d.val_path = ""  # source='jsonl': validation examples (default: the last val_fraction of path)
+    d.val_fraction = 0.1
+    d.max_chars = 0  # >0: use at most this many characters of the source (quick runs)
+    d.tfds_name = ""  # source='tfds': e.g. 'tiny_shakespeare', 'lm1b', 'c4/en'
+    d.tfds_data_dir = ""
+    d.tfds_train_split = "train"
+    d.tfds_val_split = "validation"
+    d.tfds_text_key = "text"
+    d.max_docs = 0  # >0: at most this many documents per tfds split
+    d.tokenizer = "byte"  # 'byte' | 'char' | 'sentencepiece' | 'hf'
+    d.vocab_size = 2048  # sentencepiece vocabulary size
+    d.tokenizer_path = ""  # tokenizer='hf': a tokenizer.json
+    d.tokenizer_train_chars = 5_000_000  # sentencepiece is trained on at most this much text
+    d.seq_len = 128
+    d.packing = "none"  # 'none' | 'documents' (attention and positions restart at each document)
+    # Prepared token files (llm_jax/data/prepare.py): '' = $LLM_JAX_CACHE or ~/.cache/llm_jax; share it across hosts
+    d.cache_dir = ""
+    d.prepare_workers = 0  # tokenizing processes; 0: one per core (none under 16 MB of text)
+    d.prepare_shard_mb = 32.0  # text per shard (and per prepare task)
+    # source='parallel': {path}/{split}.{lang}[.gz], aligned line by line (llm_jax/data/parallel.py).
+    d.src_lang = "en"
+    d.tgt_lang = "de"
+    d.train_split = "train"
+    d.val_split = "val"
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3
+    o.schedule = "cosine"  # 'cosine' | 'constant' (both after linear warmup)
+    o.warmup_steps = 100
+    o.decay_steps = 0  # 0: train.num_steps
+    o.min_lr_ratio = 0.1
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.grad_clip = 1.0
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 32  # global, across all devices and processes
+    t.grad_accum_steps = 1  # micro-batches per update (batch_size must divide)
+    t.num_steps = 1000
+    t.log_every = 50
+    t.eval_every = 250
+    t.eval_steps = 20  # validation batches per evaluation (a fixed set)
+    t.eval_batch_size = 0  # 0: train.batch_size
+    t.target_eval_loss = 0.0  # >0: stop (and save) once the validation loss reaches it
+    t.checkpoint_every = 500
+    t.keep_checkpoints = 3
+    t.on_nan = "stop"  # non-finite loss/grads: 'stop' (raise, naming the step) | 'skip' (drop that update)
+    # A checkpoint is written only if the loss of the state to save is at most spike_factor times the
+    # running mean of the training loss (and 1 above it); otherwise the run stops, naming the last good
+    # checkpoint. 0: no check.
+    t.spike_factor = 10.0
+    t.wait_for_lock = 0.0  # seconds to wait for another run that holds the workdir (0: refuse at once)
+    t.overwrite = False  # workdir holds another model's run: True moves it aside (never deleted) and starts over
+    t.sample_every = 0  # 0: only at the end
+    t.sample_prompt = ""
+    t.sample_tokens = 200
+    t.sample_temperature = 0.8
+    t.sample_top_k = 0
+    t.decode_eval_every = 0  # >0: every this many steps (and at the end), the family's decoding metrics (BLEU)
+    t.decode_eval_examples = 0  # validation examples they use; 0: all
+
+    # Beam search (translation: llm_jax.translate and the trainer's BLEU).
+    c.decode = dc = ml_collections.ConfigDict()
+    dc.beam_size = 4
+    dc.length_penalty = 0.6  # GNMT alpha; 0: none
+    dc.max_len_a = 1.5  # a translation has at most max_len_a * source tokens + max_len_b tokens
+    dc.max_len_b = 10
+    dc.batch_size = 64
+
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = -1  # -1: all devices not used by the other axes
+    ms.fsdp = 1
+    ms.tensor = 1
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (empty dicts stay leaves)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def renamed_key_message(key: str) -> str | None:
+    """'config.OLD is now config.NEW' for a key renamed since a run or script was written, else None."""
+    key = key.removeprefix("config.")
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return f"config.{key} is now config.{new}"
+    return None
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+    """Unknown keys are errors: a config file that sets `c.train.chekpoint_every` must not run silently."""
+    known = flatten(base_config().to_dict())
+    given = flatten(config.to_dict())
+    bad = [k for k in given if k not in known and not any(k == o or k.startswith(o + ".") for o in OPTIONAL_KEYS)]
+    if not bad:
+        return
+    hints = []
+    for k in bad:
+        close = difflib.get_close_matches(k, known, n=1)
+        renamed = renamed_key_message(k)
+        hints.append(renamed or f"config.{k}" + (f" (did you mean config.{close[0]}?)" if close else ""))
+    raise BadValue(
+        f"unknown config key{'s' if len(bad) > 1 else ''}: {', '.join(hints)}. Every key is defined in "
+        "llm_jax/training/config.py:base_config(); fix the spelling in the config file or on the command line"
+    )
+
+
+def check_train(tc) -> None:
+    """Values of `config.train` that no later step would catch before they do harm."""
+    if tc.on_nan not in ("stop", "skip"):
+        raise BadValue(f"config.train.on_nan={tc.on_nan!r}: use 'stop' or 'skip'")
+    if tc.spike_factor != 0 and not tc.spike_factor > 1:
+        raise BadValue(f"config.train.spike_factor={tc.spike_factor} must be above 1 (e.g. 10), or 0 for no check")
+    if not tc.wait_for_lock >= 0:
+        raise BadValue(f"config.train.wait_for_lock={tc.wait_for_lock} must be a number of seconds >= 0")
+    for name in (
+        "num_steps",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "batch_size",
+        "grad_accum_steps",
+        "eval_steps",
+    ):
+        if tc[name] <= 0:
+            raise BadValue(f"config.train.{name}={tc[name]} must be positive")
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fills in derived defaults (0 = 'same as ...'); returns a new, locked config."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    if c.optim.decay_steps <= 0:
+        c.optim.decay_steps = c.train.num_steps
+    if c.train.eval_batch_size <= 0:
+        c.train.eval_batch_size = c.train.batch_size
+    c.lock()
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> ModelConfig:
+    """The frozen ModelConfig of a run: `ModelConfig(**config.model)`, its vocabulary resolved."""
+    cfg = ModelConfig(**config.model.to_dict()).resolved(tokenizer_vocab)
+    if config.data.seq_len > cfg.max_len:
+        raise BadValue(
+            f"config.data.seq_len={config.data.seq_len} is longer than the model's position table "
+            f"config.model.max_len={cfg.max_len}; raise max_len or shorten seq_len"
+        )
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved runs
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=1, sort_keys=True)
+
+
+def upgrade(saved: dict) -> dict:
+    """A run's saved config dict in today's key layout (runs written before a key was renamed)."""
+    saved = json.loads(json.dumps(saved))  # a deep copy
+    model = saved.get("model")
+    if not isinstance(model, dict):
+        return saved
+    rope = model.get("rope_scaling")
+    if isinstance(rope, dict):
+        for old, new in RENAMED_KEYS.items():
+            leaf = old.rsplit(".", 1)[1]
+            if leaf in rope:
+                model[new.split(".", 1)[1]] = rope[leaf]
+    for key, unset in _LEGACY_UNSET.items():
+        if key in model and model[key] == unset:
+            model[key] = None
+        elif key in ("attention_bias", "mlp_bias") and model.get(key) in (0, 1):
+            model[key] = bool(model[key])
+    return saved
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """A run's config.json laid over today's defaults (so runs saved before a key existed load).
+
+    Raises FileNotFoundError when `workdir` has no config.json.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise NotFound(f"{path} does not exist: --workdir must be a run directory written by llm_jax.main")
+    with open(path) as f:
+        try:
+            saved = upgrade(json.load(f))
+        except json.JSONDecodeError as e:
+            raise BadValue(f"{path} is not valid JSON ({e}); it is not a run's config, or it was damaged") from None
+    config = base_config()
+    config.update(saved)
+    return config

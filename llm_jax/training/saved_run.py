@@ -1,0 +1,91 @@
+"""`load_run`: a trained run directory back as a model, its params and everything needed to use it.
+
+The one reader of a workdir for inference and conversion (generate, convert, translate, the
+benchmarks, notebooks):
+
+    run = load_run("runs/default")
+    with run.use_mesh():
+        texts = decode.complete(run.model, run.params, run.tokenizer, ["def "], 200, context=run.context)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.models import family as family_lib
+from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import NotFound
+from llm_jax.training import checkpoint as ckpt_lib
+from llm_jax.training import config as config_lib
+from llm_jax.training import workdir as workdir_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """A restored run. `params` are sharded on `mesh` by `rules` (host numpy arrays if `on_host`)."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    tokenizer: tok_lib.Tokenizer
+    model: Any  # the family's flax module
+    params: Any
+    mesh: jax.sharding.Mesh
+    rules: Any
+    step: int
+    context: int  # the longest context the model was trained at: decoding never feeds more
+    loop_data: dict  # the checkpoint's loop state (step, tokenizer fingerprint, ...)
+
+    @contextlib.contextmanager
+    def use_mesh(self):
+        """The context in which to apply the model or decode: its mesh and logical rules."""
+        with sharding.use_mesh(self.mesh, self.rules):
+            yield
+
+
+def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The run's mesh if it fits the devices here, else all devices data-parallel (params replicated)."""
+    try:
+        return sharding.make_mesh(config.mesh)
+    except ValueError:
+        return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+
+
+def trained_context(config: ml_collections.ConfigDict, loop_data: dict, max_len: int) -> int:
+    """The longest context a run's model was trained at: recorded in its checkpoints (the import's
+    pre-training context, then the longest `data.seq_len` trained at), else `data.seq_len`."""
+    return min(max_len, int(loop_data.get("trained_context") or config.data.seq_len))
+
+
+def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+             on_host: bool = False) -> Run:  # fmt: skip
+    """Reads `workdir`'s config.json and tokenizer, rebuilds its model and restores the params of
+    checkpoint `step` (default: the latest), sharded on `mesh` (default: the run's mesh if it fits
+    this machine, else all devices data-parallel), or as host numpy arrays when `on_host`.
+
+    Raises FileNotFoundError (no run, tokenizer or checkpoint there) or ValueError (a checkpoint
+    that does not fit the config, a config this version cannot read), each naming the path.
+    """
+    config = config_lib.load_run_config(workdir)
+    try:
+        tokenizer = tok_lib.load(workdir_lib.tokenizer_dir(workdir))
+    except FileNotFoundError as e:
+        raise NotFound(f"{e}: --workdir must be a run directory written by llm_jax.main") from None
+    model = family_lib.build(config_lib.model_config(config, tokenizer.vocab_size))
+    mesh = inference_mesh(config) if mesh is None else mesh
+    rules = sharding.logical_rules(config)
+    boxed = family_lib.abstract_params(model)
+    unboxed = nn.meta.unbox(boxed)
+    if on_host:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unboxed)
+    else:
+        abstract = ckpt_lib.abstract_like(unboxed, sharding.boxed_shardings(boxed, mesh, rules))
+    step, params, loop_data = ckpt_lib.restore_params(workdir, abstract, step)
+    context = trained_context(config, loop_data, model.cfg.max_len)
+    return Run(workdir, config, tokenizer, model, params, mesh, rules, step, context, loop_data)

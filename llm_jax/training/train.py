@@ -1,0 +1,653 @@
+"""Training: the state, pure jitted steps, and the loop of periodic actions.
+
+`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch) -> metrics` are
+pure and written over the model-family interface (llm_jax/models/family.py), so every family trains with
+them. `train_and_evaluate` checks everything, claims the workdir (one writer), restores or creates
+the sharded state, then runs the loop: one jitted step per iteration, followed by the periodic
+actions (log, evaluate, sample, checkpoint) that are due, all of them reading a `Trainer` (what
+stays fixed) and updating a `LoopState` (what the loop changes).
+
+Divergence: a checkpoint is written only from a sane state (`check_sane`): the loss of the very
+parameters to save is finite and not a spike over the running mean of the training loss. Else
+the run stops naming the last good checkpoint, so that one always is good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from llm_jax.data import lm_data as data_lib
+from llm_jax.data import tokenizer as tok_lib
+from llm_jax.inference import decode as decode_lib
+from llm_jax.models import family as family_lib
+from llm_jax.models import flops as flops_lib
+from llm_jax.runtime import distributed, sharding
+from llm_jax.runtime.errors import BadValue, Diverged
+from llm_jax.training import checkpoint as ckpt_lib
+from llm_jax.training import config as config_lib
+from llm_jax.training import optim
+from llm_jax.training import summary as summary_lib
+from llm_jax.training import workdir as workdir_lib
+from llm_jax.training.metrics import MetricsLog
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # scalar int32: number of updates applied
+    params: Any
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def train_step(
+    state: TrainState, batch: dict, base_rng: jax.Array, *, model, tx: optax.GradientTransformation,
+    grad_accum_steps: int = 1,
+) -> tuple[TrainState, dict]:  # fmt: skip
+    """One optimizer update on `batch` ([B, t] arrays), split into `grad_accum_steps` micro-batches.
+
+    The loss is the mean over all tokens of the batch whatever the accumulation, so accumulating
+    changes memory, not the result. Dropout's key is derived from (base_rng, step): a resumed run
+    draws the same masks.
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+    grad_fn = jax.value_and_grad(family_lib.of(model).loss_sum, argnums=1, has_aux=True)
+
+    if grad_accum_steps == 1:
+        (total, count), grads = grad_fn(model, state.params, batch, rng, True)
+    else:
+
+        def split(x):
+            # Strided split: micro-batch i takes rows i, i+k, ... so each keeps the batch's sharding.
+            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+            return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+
+        def body(carry, xs):
+            acc_grads, acc_total, acc_count = carry
+            mb, i = xs
+            (total, count), grads = grad_fn(model, state.params, mb, jax.random.fold_in(rng, i), True)
+            return (jax.tree.map(jnp.add, acc_grads, grads), acc_total + total, acc_count + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        micro = (jax.tree.map(split, batch), jnp.arange(grad_accum_steps))
+        (grads, total, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+
+    with jax.named_scope("optimizer"):  # names the update's ops in profiles (experiments/profile_step.py)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"loss": total / count, "grad_norm": grad_norm}
+
+
+def eval_step(params, batch: dict, *, model) -> dict:
+    """Summed loss and token count of one batch (sums, so that means over batches are exact)."""
+    total, count = family_lib.of(model).loss_sum(model, params, batch, None, False)
+    return {"loss_sum": total, "count": count}
+
+
+def skip_nonfinite(step_fn: Callable) -> Callable:
+    """Wraps a train step so that an update with a non-finite loss or gradient norm is dropped.
+
+    Decided inside the jitted step (no host round trip): params and optimizer state stay as they
+    were, the step counter still advances (the next step gets the next batch and dropout key), and
+    metrics['skipped'] is 1.
+    """
+
+    def step(state, batch, rng):
+        new_state, metrics = step_fn(state, batch, rng)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        return kept.replace(step=new_state.step), {**metrics, "skipped": jnp.logical_not(ok).astype(jnp.int32)}
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# State (born sharded) and jitted steps
+
+
+def init_state_fn(model, tx, seq_len: int) -> Callable[[jax.Array], TrainState]:
+    """rng -> TrainState with boxed (LogicallyPartitioned) params; the boxes give the shardings."""
+
+    def init(rng):
+        params = family_lib.init_params(model, rng, seq_len)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStructs carrying their shardings, the shardings) of the train state: nothing is
+    computed; what checkpoint restores and ahead-of-time compilation need."""
+    boxed = jax.eval_shape(init_state_fn(model, tx, seq_len), jax.random.key(0))
+    shardings = sharding.boxed_shardings(boxed, mesh, rules)
+    return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
+
+
+def create_sharded_state(model, tx, mesh, rules, rng, seq_len):
+    """(state, state_shardings): the state is born sharded; the full model never sits on one device."""
+    init = init_state_fn(model, tx, seq_len)
+    shardings = sharding.boxed_shardings(jax.eval_shape(init, rng), mesh, rules)
+    with mesh, nn.logical_axis_rules(rules):  # init is traced outside use_mesh (see its docstring)
+        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def make_steps(model, tx, mesh, rules, state_shardings, grad_accum_steps: int, on_nan: str = "stop"):
+    """Jitted (train_step, eval_step) with explicit shardings; the train step donates the state.
+
+    Each runs under `sharding.use_mesh`, so the activation constraints take effect; `.jitted` is the
+    bare jitted function (for lowering ahead of time). on_nan='skip': see `skip_nonfinite`.
+    """
+    batch_sh = sharding.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = functools.partial(train_step, model=model, tx=tx, grad_accum_steps=grad_accum_steps)
+    if on_nan == "skip":
+        step_fn = skip_nonfinite(step_fn)
+    p_train = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sh, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    p_eval = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(state_shardings.params, batch_sh),
+        out_shardings=replicated,
+    )
+
+    def with_rules(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            with sharding.use_mesh(mesh, rules):
+                return fn(*args)
+
+        run.jitted = fn
+        return run
+
+    return with_rules(p_train), with_rules(p_eval)
+
+
+def evaluate(p_eval, params, eval_batches, mesh) -> float:
+    """Mean validation loss per token over the fixed evaluation batches."""
+    outs = [p_eval(params, sharding.host_to_global(b, mesh)) for b in eval_batches]
+    got = jax.device_get(outs)
+    return math.fsum(float(m["loss_sum"]) for m in got) / math.fsum(float(m["count"]) for m in got)
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence: pure decisions on the training loss
+
+LOSS_MEAN_DECAY = 0.95  # the running mean of the training loss weighs about the last 20 steps
+SPIKE_MIN_GAP = 1.0  # a spike is also this far above the mean: near zero, losses vary by large factors
+
+
+def is_spike(loss: float, mean: float | None, factor: float) -> bool:
+    """Whether `loss` is more than `factor` times the running `mean` (and SPIKE_MIN_GAP above it);
+    never with no mean yet or factor 0."""
+    return factor > 0 and mean is not None and loss > factor * mean and loss > mean + SPIKE_MIN_GAP
+
+
+def updated_mean(mean: float | None, loss: float, factor: float) -> float | None:
+    """The running mean after a step's loss. Spikes stay out of it: an exploding run must not drag
+    its own reference up until the explosion looks normal."""
+    if not math.isfinite(loss) or is_spike(loss, mean, factor):
+        return mean
+    return loss if mean is None else LOSS_MEAN_DECAY * mean + (1.0 - LOSS_MEAN_DECAY) * loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up: cheap checks, then the workdir is claimed; everything else is checked, and the
+# checkpoint restored, before anything else in the workdir changes
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What the loop's actions read; fixed for the whole run."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    log: Callable[..., None]
+    t_start: float
+    data: Any  # data.LMData or another source with the same interface
+    model: nn.Module
+    mesh: jax.sharding.Mesh
+    rules: Any
+    p_train: Callable
+    p_eval: Callable
+    eval_batches: list
+    dropout_rng: jax.Array
+    mngr: Any  # orbax CheckpointManager
+    lock: workdir_lib.WorkdirLock | None  # process 0's claim on the workdir (None on the others)
+    metrics: MetricsLog
+    preemption: distributed.Preemption
+    tokenizer_id: dict
+    flops_per_token: float
+    peak_flops: float | None
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop changes. Its small host part is saved in every checkpoint (`checkpoint_data`),
+    so a run resumed mid-way logs exactly what an uninterrupted one would."""
+
+    state: TrainState
+    step: int
+    saved_step: int
+    trained_context: int  # the longest context trained at so far: what decoding may use
+    window: list[float] = dataclasses.field(default_factory=list)  # losses of the logging window
+    window_skipped: int = 0
+    skipped_total: int = 0
+    pending: list = dataclasses.field(default_factory=list)  # device metrics of steps not yet fetched
+    grad_norm: float = float("nan")
+    loss_mean: float | None = None  # running mean of the training loss (`updated_mean`), for `check_sane`
+    log_time: float = 0.0
+    log_step: int = 0
+    train_record: dict = dataclasses.field(default_factory=dict)  # the latest log line's metrics
+    eval_record: dict = dataclasses.field(default_factory=dict)  # the latest evaluation's metrics
+    stop: str = ""  # why the loop ends early: 'target' | 'preempted'
+
+
+def checkpoint_data(trainer: Trainer, ls: LoopState) -> dict:
+    """The loop state saved beside the train state (JSON)."""
+    return {
+        "step": ls.step,
+        "window_losses": ls.window,
+        "window_skipped": ls.window_skipped,
+        "skipped_steps": ls.skipped_total,
+        "tokenizer": trainer.tokenizer_id,
+        "trained_context": ls.trained_context,
+        "loss_mean": ls.loss_mean,  # a resumed run decides on divergence as an uninterrupted one does
+    }
+
+
+def _load_data(config, workdir: str, start_over: bool, log):
+    """The configured data, with the run's own tokenizer when resuming."""
+    saved = not start_over and workdir_lib.has_tokenizer(workdir)
+    data = data_lib.load_data(config.data, tokenizer_dir=workdir_lib.tokenizer_dir(workdir) if saved else None, log=log)
+    if saved and data.tokenizer.kind != config.data.tokenizer:
+        raise BadValue(
+            f"{workdir_lib.tokenizer_dir(workdir)} holds the {data.tokenizer.kind!r} tokenizer this run was trained "
+            f"with, but config.data.tokenizer={config.data.tokenizer!r}; use {data.tokenizer.kind!r} to resume, or "
+            "start over with --config.train.overwrite=True (the old run is moved aside)"
+        )
+    data.check(config.data.seq_len)
+    return data, saved
+
+
+def check_batch(config, mesh, model_cfg) -> None:
+    tc = config.train
+    sharding.check_divisible(mesh, model_cfg, tc.batch_size)
+    sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
+    dp = sharding.data_parallel_size(mesh)
+    if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % dp:
+        raise BadValue(
+            f"config.train.batch_size={tc.batch_size} must split into grad_accum_steps={tc.grad_accum_steps} "
+            f"micro-batches that each divide over data*fsdp={dp} devices"
+        )
+    if tc.batch_size % jax.process_count():
+        raise BadValue(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
+
+
+def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, log):
+    """(step, state, loop data, unreadable steps) of the newest usable checkpoint; read only."""
+    if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+        return None, None, {}, []
+
+    def check_tokenizer(step, data):
+        saved = data.get("tokenizer")
+        if saved and saved != tokenizer_id:
+            raise ckpt_lib.IncompatibleCheckpoint(
+                f"checkpoint {ckpt_lib.checkpoint_dir(workdir)}/{step} was trained with tokenizer {saved}, but this "
+                f"run's tokenizer ({tokenizer_source}) is {tokenizer_id}; restore the run's own tokenizer in "
+                f"{workdir_lib.tokenizer_dir(workdir)}, or start over with --config.train.overwrite=True"
+            )
+
+    reader = ckpt_lib.manager(workdir, 1, read_only=True)
+    try:
+        return ckpt_lib.restore_latest(reader, abstract, check_tokenizer, log)
+    finally:
+        reader.close()
+
+
+def setup(
+    config, workdir: str, mesh, start_over: bool, lock, log, t_start: float, preemption
+) -> tuple[Trainer, LoopState]:
+    """Checks data and checkpoints, restores (or creates) the state, then opens the claimed
+    workdir for writing. Nothing in `workdir` but its lock changes before every check has passed."""
+    tc, seq_len = config.train, config.data.seq_len
+    rules = sharding.logical_rules(config)
+    data, saved_tokenizer = _load_data(config, workdir, start_over, log)
+    model_cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
+    check_batch(config, mesh, model_cfg)
+    model = family_lib.build(model_cfg)
+    tx = optim.make_optimizer(config.optim)
+    init_rng, dropout_key = jax.random.split(jax.random.key(config.seed))
+    abstract, state_sh = abstract_state(model, tx, mesh, rules, seq_len)
+    tokenizer_id = tok_lib.fingerprint(data.tokenizer)
+    source = workdir_lib.tokenizer_dir(workdir) if saved_tokenizer else "built from config.data"
+    latest, state, restored, bad_steps = (None, None, {}, []) if start_over else _restore(
+        workdir, abstract, tokenizer_id, source, log
+    )  # fmt: skip
+
+    # Every check passed: from here on the workdir may change.
+    if start_over:
+        workdir_lib.move_aside(workdir, log, lock)
+    workdir_lib.prepare(workdir, config, data.tokenizer)
+    ckpt_lib.move_aside(workdir, bad_steps, log)
+    mngr = ckpt_lib.manager(workdir, tc.keep_checkpoints)
+    if state is None:
+        state, state_sh = create_sharded_state(model, tx, mesh, rules, init_rng, seq_len)
+    start_step = int(restored.get("step", latest or 0))
+    p_train, p_eval = make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps, on_nan=tc.on_nan)
+    pi, pc = jax.process_index(), jax.process_count()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainer = Trainer(
+        config=config, workdir=workdir, log=log, t_start=t_start, data=data, model=model, mesh=mesh, rules=rules,
+        p_train=p_train, p_eval=p_eval,
+        eval_batches=data.eval_batches(tc.eval_steps, tc.eval_batch_size, seq_len, config.seed, pi, pc),
+        # Made by a jit with a replicated output: under several processes the mesh is not all addressable.
+        dropout_rng=jax.jit(lambda: dropout_key, out_shardings=replicated)(),
+        mngr=mngr, lock=lock, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
+        tokenizer_id=tokenizer_id, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
+        peak_flops=flops_lib.peak_flops(mesh.devices.flatten().tolist(), model_cfg.dtype)[0],
+    )  # fmt: skip
+    ls = LoopState(
+        state=state, step=start_step, saved_step=start_step, log_step=start_step, log_time=time.time(),
+        trained_context=max(int(restored.get("trained_context", 0)), seq_len),
+        window=[float(x) for x in restored.get("window_losses", [])],
+        window_skipped=int(restored.get("window_skipped", 0)), skipped_total=int(restored.get("skipped_steps", 0)),
+        loss_mean=restored.get("loss_mean"),
+    )  # fmt: skip
+    _log_start(trainer, ls, latest)
+    return trainer, ls
+
+
+def _log_start(trainer: Trainer, ls: LoopState, latest) -> None:
+    """The model summary (parameters per module, FLOPs per token, mesh, each tensor's sharding)."""
+    log = trainer.log
+    if jax.process_index() == 0:  # the only process that logs
+        seq_len = trainer.config.data.seq_len
+        log(summary_lib.summarize(trainer.model, ls.state.params, trainer.mesh, trainer.rules, seq_len))
+    if latest is not None:
+        log(f"resumed from {trainer.mngr.directory}/{latest} (step {ls.step})")
+    log(f"setup took {time.time() - trainer.t_start:.1f}s; training steps {ls.step}..{trainer.config.train.num_steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Periodic actions: each reads the Trainer and updates the LoopState
+
+
+def fetch(trainer: Trainer, ls: LoopState) -> None:
+    """Brings pending step metrics to the host and updates the running mean of the loss; a
+    non-finite loss stops the run (on_nan='stop')."""
+    if not ls.pending:
+        return
+    got, first = jax.device_get(ls.pending), ls.step - len(ls.pending) + 1
+    ls.pending = []
+    for i, m in enumerate(got):
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        if int(m.get("skipped", 0)):
+            ls.window_skipped += 1
+            ls.skipped_total += 1
+            trainer.log(f"step {first + i:6d} | skipped: loss {loss}, grad norm {gnorm} (config.train.on_nan='skip')")
+            continue
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            raise diverged(
+                trainer, ls, f"the training loss is {loss} (grad norm {gnorm}) at step {first + i}",
+                "Or skip such updates with config.train.on_nan='skip'.",
+            )  # fmt: skip
+        ls.window.append(loss)
+        ls.loss_mean = updated_mean(ls.loss_mean, loss, trainer.config.train.spike_factor)
+    ls.grad_norm = float(got[-1]["grad_norm"])
+
+
+def diverged(trainer: Trainer, ls: LoopState, what: str, advice: str) -> Diverged:
+    """The error that stops a diverged run, naming the last good checkpoint (the save in flight, if
+    any, was started from a checked state: it is waited for) and the step to resume from."""
+    trainer.mngr.wait_until_finished()
+    last, lr = trainer.mngr.latest_step(), trainer.config.optim.lr
+    lower = f"a lower learning rate (e.g. --config.optim.lr={lr / 10:g}; gradient clipping: config.optim.grad_clip)"
+    if last is None:
+        where = f"No checkpoint was kept (it diverged before its first save): start again with {lower}."
+    else:
+        where = (
+            f"The last good checkpoint is step {last} in {trainer.mngr.directory}: run the same command with "
+            f"{lower} to resume from step {last}."
+        )
+    return Diverged(f"training diverged: {what}; step {ls.step} was not saved. {where} {advice}")
+
+
+def host_batch(trainer: Trainer, step: int) -> dict:
+    """This process's rows of the training batch of `step` (a pure function of the seed and step)."""
+    tc = trainer.config.train
+    pi, pc = jax.process_index(), jax.process_count()
+    return trainer.data.train_batch(step, tc.batch_size, trainer.config.data.seq_len, trainer.config.seed, pi, pc)
+
+
+def check_sane(trainer: Trainer, ls: LoopState) -> None:
+    """Raises Diverged unless the state about to be saved is sane: the loss of its own parameters on
+    the next training batch (without dropout) is finite and no spike over the running mean. A step's
+    own loss is of the parameters before its update, so it cannot tell whether that update exploded
+    them; this costs one forward pass per save and changes nothing. It reads as many rows as an
+    evaluation batch: a shape the eval step compiles anyway and that is known to fit in memory (a
+    save on SIGTERM has no time for a compilation)."""
+    tc = trainer.config.train
+    if tc.spike_factor <= 0:
+        return
+    rows = min(tc.eval_batch_size, tc.batch_size) // jax.process_count()
+    batch = {k: v[:rows] for k, v in host_batch(trainer, ls.step).items()}
+    loss = evaluate(trainer.p_eval, ls.state.params, [batch], trainer.mesh)
+    if math.isfinite(loss) and not is_spike(loss, ls.loss_mean, tc.spike_factor):
+        return
+    mean = "none yet" if ls.loss_mean is None else f"{ls.loss_mean:.4g}"
+    raise diverged(
+        trainer, ls,
+        f"the loss of the parameters at step {ls.step} is {loss:.4g}, more than "
+        f"config.train.spike_factor={tc.spike_factor:g} times the running mean of the training loss ({mean})",
+        "A spike that is no divergence: raise config.train.spike_factor (0 turns the check off).",
+    )  # fmt: skip
+
+
+def log_progress(trainer: Trainer, ls: LoopState) -> None:
+    """The training log line and its metrics.jsonl record: mean loss of the window, speed, MFU, ETA."""
+    fetch(trainer, ls)
+    tc = trainer.config.train
+    now = time.time()
+    loss = math.fsum(ls.window) / len(ls.window) if ls.window else float("nan")
+    tps = (ls.step - ls.log_step) * tc.batch_size * trainer.config.data.seq_len / max(now - ls.log_time, 1e-9)
+    eta = (tc.num_steps - ls.step) * (now - ls.log_time) / max(ls.step - ls.log_step, 1)
+    mfu = flops_lib.mfu(tps, trainer.flops_per_token, trainer.peak_flops)
+    ls.train_record = {
+        "train/loss": loss,
+        # The rate of the step's last update (optax counts updates from 0), for plots.
+        "train/lr": float(optim.make_schedule(trainer.config.optim)(max(ls.step - 1, 0))),
+        "train/grad_norm": ls.grad_norm,
+        "train/tokens_per_sec": tps,
+        "train/mfu": mfu,
+        "time_s": now - trainer.t_start,
+    }
+    if tc.on_nan == "skip":
+        ls.train_record["train/skipped_steps"] = ls.skipped_total
+    trainer.metrics.write(ls.step, ls.train_record)
+    skipped = f" | {ls.window_skipped} skipped" if ls.window_skipped else ""
+    mfu_text = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
+    trainer.log(
+        f"step {ls.step:6d} | loss {loss:.4f}{skipped} | {tps:,.0f} tok/s{mfu_text} | eta {eta:.0f}s | "
+        f"{now - trainer.t_start:.0f}s"
+    )
+    ls.window, ls.window_skipped, ls.log_time, ls.log_step = [], 0, now, ls.step
+
+
+def run_eval(trainer: Trainer, ls: LoopState) -> None:
+    """Validation loss on the fixed evaluation batches; stops the run once it reaches the target."""
+    fetch(trainer, ls)
+    loss = evaluate(trainer.p_eval, ls.state.params, trainer.eval_batches, trainer.mesh)
+    elapsed = time.time() - trainer.t_start
+    ls.eval_record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "time_s": elapsed}
+    trainer.metrics.write(ls.step, ls.eval_record)
+    trainer.log(
+        f"step {ls.step:6d} | eval loss {loss:.4f} | perplexity {ls.eval_record['eval/perplexity']:.2f} | "
+        f"{elapsed:.1f}s"
+    )
+    target = trainer.config.train.target_eval_loss
+    if target > 0 and loss <= target:
+        trainer.log(f"reached target eval loss {target} at step {ls.step} after {elapsed:.1f}s")
+        ls.stop = "target"
+
+
+def sample(trainer: Trainer, ls: LoopState, seed: int | None = None) -> str:
+    """Logs (and returns) a sample from the current params, decoded within the trained context."""
+    tc, tokenizer = trainer.config.train, trainer.data.tokenizer
+    prompt = tc.sample_prompt or ("\n" if tokenizer.kind != "sentencepiece" else "")
+    seed = trainer.config.seed + ls.step if seed is None else seed
+    try:
+        with sharding.use_mesh(trainer.mesh, trainer.rules):
+            text = decode_lib.complete(
+                trainer.model, ls.state.params, tokenizer, [prompt], tc.sample_tokens, seed=seed,
+                temperature=tc.sample_temperature, top_k=tc.sample_top_k, context=ls.trained_context,
+            )[0]  # fmt: skip
+    except ValueError as e:  # e.g. a character the vocabulary lacks: a sample is not worth a crash
+        trainer.log(f"sample skipped: {e}")
+        return ""
+    trainer.log("sample:\n" + prompt + text + "\n" + "-" * 40)
+    return prompt + text
+
+
+def run_decode_eval(trainer: Trainer, ls: LoopState) -> None:
+    """The family's decoding metrics on validation data (BLEU for translation), logged like the others."""
+    t0 = time.time()
+    with sharding.use_mesh(trainer.mesh, trainer.rules):
+        metrics = family_lib.of(trainer.model).decode_metrics(
+            trainer.model, ls.state.params, trainer.data, trainer.config
+        )
+    if metrics:
+        trainer.metrics.write(ls.step, metrics)
+        ls.eval_record.update(metrics)
+        shown = " | ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+        trainer.log(f"step {ls.step:6d} | {shown} | {time.time() - t0:.1f}s to decode")
+
+
+def save(trainer: Trainer, ls: LoopState) -> None:
+    """Starts an async checkpoint of the current state (once its loss has been checked)."""
+    if ls.step == ls.saved_step:
+        return
+    fetch(trainer, ls)  # never save a state whose loss has not been checked
+    check_sane(trainer, ls)
+    ckpt_lib.save(trainer.mngr, ls.step, ls.state, checkpoint_data(trainer, ls))
+    ls.saved_step = ls.step
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+    """An action run every `every` steps (0: never) and, if `at_end`, after the last step."""
+
+    every: int
+    action: Callable[[Trainer, LoopState], Any]
+    at_end: bool = True
+
+    def due(self, step: int, last: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (self.at_end and step == last)
+
+
+def periodic_actions(tc) -> list[Periodic]:
+    return [
+        Periodic(tc.log_every, log_progress),
+        Periodic(tc.eval_every, run_eval),
+        Periodic(tc.decode_eval_every, run_decode_eval, at_end=tc.decode_eval_every > 0),
+        Periodic(tc.sample_every, sample, at_end=False),  # the final sample comes after the last save
+        Periodic(tc.checkpoint_every, save),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop(trainer: Trainer, ls: LoopState) -> None:
+    """Steps until `num_steps`, a reached target or a preemption notice, running the due actions."""
+    tc, seq_len = trainer.config.train, trainer.config.data.seq_len
+    pi, pc = jax.process_index(), jax.process_count()
+    actions = periodic_actions(tc)
+    # Batch N is data.train_batch(N) whatever the iterator: it only builds the next ones ahead.
+    host_batches = data_lib.batches(
+        trainer.data, ls.step, tc.batch_size, seq_len, trainer.config.seed, pi, pc, num_steps=tc.num_steps
+    )
+    while ls.step < tc.num_steps and not ls.stop:
+        host = next(host_batches)
+        batch = sharding.host_to_global(host, trainer.mesh)
+        with jax.transfer_guard("disallow"):  # the step must not move data behind our back
+            ls.state, metrics = trainer.p_train(ls.state, batch, trainer.dropout_rng)
+        ls.pending.append(metrics)
+        ls.step += 1
+        for periodic in actions:
+            if periodic.due(ls.step, tc.num_steps):
+                periodic.action(trainer, ls)
+        if ls.stop:  # reached the target: keep this state
+            save(trainer, ls)
+        elif trainer.preemption.reached(ls.step):
+            save(trainer, ls)
+            trainer.mngr.wait_until_finished()
+            ls.stop = "preempted"
+            trainer.log(
+                f"preempted (SIGTERM): saved step {ls.step} to {trainer.mngr.directory}/{ls.step}; exiting. "
+                "Run the same command again to resume."
+            )
+    trainer.mngr.wait_until_finished()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) training as `config` says; returns the final metrics.
+
+    The config, the mesh and the workdir's config.json are checked first; then the workdir is
+    claimed (created if missing, probed for writing, locked: a second run on it is refused or
+    waits, see llm_jax/training/workdir.py); then the data and checkpoints are checked (and the checkpoint
+    restored) before anything else in `workdir` changes. SIGTERM finishes the current step, saves
+    it and returns (`preempted` is True).
+    """
+    t_start = time.time()
+    config_lib.check_keys(config)
+    config = config_lib.finalize(config)
+    config_lib.check_train(config.train)
+    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    mesh = sharding.make_mesh(config.mesh)
+    start_over = workdir_lib.check(workdir, config)
+    hint = ", or pass --config.train.wait_for_lock=SECONDS to wait for it; each run needs its own --workdir"
+    lock = workdir_lib.claim(workdir, config.train.wait_for_lock, log, "llm_jax.main", hint)
+    preemption = distributed.Preemption()  # early: a notice during set-up stops after the first step
+    try:
+        trainer, ls = setup(config, workdir, mesh, start_over, lock, log, t_start, preemption)
+        try:
+            train_loop(trainer, ls)
+        finally:
+            try:  # an exception (e.g. a NaN) must not cut short the save of the last good state
+                trainer.mngr.wait_until_finished()
+                trainer.mngr.close()
+            finally:
+                trainer.metrics.close()
+    finally:
+        preemption.close()
+        if lock is not None:
+            lock.release()
+    summary = {"step": ls.step, **ls.train_record, **ls.eval_record, "preempted": ls.stop == "preempted"}
+    if ls.stop != "preempted" and config.train.sample_tokens > 0:
+        summary["sample"] = sample(trainer, ls, seed=config.seed)
+    log(f"done: step {ls.step} in {time.time() - t_start:.1f}s; checkpoints in {trainer.mngr.directory}")
+    return summary
