@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 import runlib as R
 
+from llm_jax.models import family as family_lib
 from llm_jax.models import flops
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.tools import bench
@@ -32,7 +33,7 @@ def test_flops_per_token_gpt2_by_hand():
     weights, 6 FLOPs each, plus causal attention 6 * t * h * d per layer."""
     cfg = config_lib.model_config(config_lib.finalize(_bench_cpu()), 8192)
     matmul = 4 * (3 * 256 * 256 + 256 * 256 + 2 * 256 * 1024) + 256 * 8192
-    assert flops.flops_per_token(cfg, 256) == 6 * matmul + 6 * 256 * 4 * 64 * 4 == 33_030_144
+    assert family_lib.flops_per_token(cfg, 256) == 6 * matmul + 6 * 256 * 4 * 64 * 4 == 33_030_144
 
 
 def test_flops_per_token_llama_gqa_swiglu():
@@ -50,7 +51,7 @@ def test_flops_per_token_llama_gqa_swiglu():
     )
     d = 8
     per_layer = 64 * (8 + 2 * 2) * d + 8 * d * 64 + 3 * 64 * 96
-    assert flops.flops_per_token(cfg, 128) == 6 * (2 * per_layer + 64 * 1000) + 6 * 128 * 8 * d * 2
+    assert family_lib.flops_per_token(cfg, 128) == 6 * (2 * per_layer + 64 * 1000) + 6 * 128 * 8 * d * 2
     # 6N: the matmul weights are the parameters less norms and the embedding lookup table.
     params = TransformerLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     n = sum(x.size for x in jax.tree.leaves(params))

@@ -411,10 +411,9 @@ def test_label_smoothing_in_the_chunked_loss_equals_the_full_logits_loss(name):
 
 
 def test_encoder_decoder_flops_by_hand():
-    from llm_jax.models import flops
 
     cfg = CONFIGS["learned"]  # 2 encoder + 1 decoder blocks, e 32, h 4 (d 8), mlp 64 (gelu), v 64
     attn, mlp = 4 * 32 * 32, 2 * 32 * 64
     matmul = 2 * (attn + mlp) + 1 * (2 * attn + mlp) + 32 * 64
     attention = 12 * 16 * 32 * 2 + 18 * 16 * 32 * 1
-    assert flops.flops_per_token(cfg, 16) == 6 * matmul + attention
+    assert family_lib.flops_per_token(cfg, 16) == 6 * matmul + attention

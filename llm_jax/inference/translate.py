@@ -1,19 +1,11 @@
-"""Translation with a trained encoder-decoder run:
+"""Translation with an encoder-decoder: sentences in, detokenized translations out, and BLEU.
 
-    python -m llm_jax.translate --workdir runs/mt --input test.en [--output test.de] [--beam_size 4]
-        [--length_penalty 0.6] [--reference test.de.ref] [--batch_size 64]
-
-A mistake in the input is one line, `translate: error: ...` (`--debug` shows the traceback).
-
-Writes one detokenized translation per input line, in order (an empty input line gives an empty
-output line; `.gz` inputs are read as such), to --output (default: stdout), and prints corpus BLEU
-(sacrebleu: detokenized, cased, its default 13a tokenization) on stderr when --reference is given.
-
-Python API (the trainer's BLEU evaluation uses it too):
-
-    run = load_run("runs/mt")
+    run = load_run("runs/mt")              # llm_jax.training.saved_run
     with run.use_mesh():
         outputs = translate(run, ["A man is riding a bike."], beam_size=4)
+
+The command line over it is `python -m llm_jax.translate` (llm_jax/translate.py); the trainer's
+BLEU evaluation is `validation_bleu`.
 
 Decoding is `llm_jax.inference.beam_search` over the family's decoding step: the source is encoded once,
 the cross-attention keys/values are computed once per sentence. Sentences are sorted by length
@@ -96,3 +88,21 @@ def translate(
             ids = [int(t) for t in tokens[r, : lengths[r]] if int(t) != tok.eos_id]
             out[i] = tok.decode(ids)
     return out
+
+
+def validation_bleu(model, params, data, config) -> dict[str, float]:
+    """{'eval/bleu': BLEU} of beam-search translations of the first `config.train.decode_eval_examples`
+    validation sources (0: all) of parallel `data`, with the `config.decode` settings. The trainer's
+    decoding evaluation of the encoder-decoder family; call inside the run's mesh context."""
+    n = config.train.decode_eval_examples or len(data.val.raw_source)
+    d = config.decode
+    hyps = translate(
+        Translator(model, params, data.tokenizer), data.val.raw_source[:n], d.beam_size, d.length_penalty,
+        d.max_len_a, d.max_len_b, d.batch_size,
+    )  # fmt: skip
+    return {"eval/bleu": bleu(hyps, data.val.raw_target[:n])}
+
+
+# Validation metrics that need decoding, by model family (`config.train.decode_eval_every`). They live
+# here, apart from the models they measure, and reach them only through the family interface.
+DECODE_METRICS = {"encdec": validation_bleu}

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.models import family as family_lib
+from llm_jax.models import flops
 from llm_jax.models.lm import token_loss_sum
 from llm_jax.models.model import (
     Memory,
@@ -164,21 +165,7 @@ class EncoderDecoderFamily(family_lib.ModelFamily):
         return token_loss_sum(model, params, batch, rng, train, *inputs, **segments)
 
     def flops_per_token(self, cfg, seq_len: int) -> float:
-        from llm_jax.models import flops
-
         return flops.encoder_decoder_flops_per_token(cfg, seq_len)
-
-    def decode_metrics(self, model, params, data, config) -> dict[str, float]:
-        """BLEU of beam-search translations of the validation sources (config.decode settings)."""
-        from llm_jax.inference import translate
-
-        n = config.train.decode_eval_examples or len(data.val.raw_source)
-        run = translate.Translator(model, params, data.tokenizer)
-        d = config.decode
-        hyps = translate.translate(
-            run, data.val.raw_source[:n], d.beam_size, d.length_penalty, d.max_len_a, d.max_len_b, d.batch_size
-        )
-        return {"eval/bleu": translate.bleu(hyps, data.val.raw_target[:n])}
 
     def init_cache(self, model, params, batch, length, start, mesh=None, source=None, **inputs):
         """Encodes `source` [b, s] (0 = padding, at the end of a row) once, and returns a cache of

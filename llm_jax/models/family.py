@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax.models import flops
 from llm_jax.runtime.errors import BadValue
 
 # Families shipped with llm_jax, imported on first use (each module registers its family).
@@ -79,14 +80,7 @@ class ModelFamily:
 
     def flops_per_token(self, cfg, seq_len: int) -> float:
         """Training FLOPs per token (for MFU); a decoder-only Transformer's count by default."""
-        from llm_jax.models import flops
-
         return flops.decoder_flops_per_token(cfg, seq_len)
-
-    def decode_metrics(self, model, params, data, config) -> dict[str, float]:
-        """Validation metrics that need decoding (BLEU for translation); none by default. Called by
-        the trainer every `config.train.decode_eval_every` steps, inside the run's mesh context."""
-        return {}
 
     def tokens_to_logits(self, model, params):
         raise NotImplementedError
@@ -148,3 +142,9 @@ def empty_cache(model: nn.Module, inputs: dict, mesh=None) -> tuple[Any, Any]:
 
     cache = jax.tree_util.tree_map_with_path(empty, abstract)
     return nn.with_logical_constraint(cache, specs, mesh=mesh), flax.core.freeze(specs)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per (target) token of `cfg` (a ModelConfig) at context `seq_len`, as its family
+    counts them (`ModelFamily.flops_per_token`; MaxText's accounting, llm_jax/models/flops.py)."""
+    return get(cfg.family).flops_per_token(cfg, seq_len)

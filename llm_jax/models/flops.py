@@ -1,5 +1,8 @@
 """FLOP and MFU accounting, shared by the benchmark (`llm_jax.bench`) and the trainer's log line.
 
+The counts here are pure functions of a ModelConfig; which count a model uses is its family's
+choice (`ModelFamily.flops_per_token`, and `family.flops_per_token(cfg, seq_len)` for any config).
+
 Model FLOPs per token follow MaxText's `calculate_tflops_training_per_device`: every matmul weight
 costs 6 FLOPs per token (2 forward, 4 backward), and attention's score and value matmuls cost
 6 * t * h * d per token per layer -- the causal half only (4 * t * h * d forward for the full square,
@@ -36,14 +39,6 @@ PEAK_FLOPS = {
     "TPU v6e": 918e12,
 }
 _FP32_ON_GPU = 0.5  # TF32 tensor-core peak is half the bf16 one on A100/H100/H200
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per (target) token of `cfg` (a ModelConfig) at context `seq_len`, as its family
-    counts them (`ModelFamily.flops_per_token`; MaxText's accounting)."""
-    from llm_jax.models import family as family_lib
-
-    return family_lib.get(cfg.family).flops_per_token(cfg, seq_len)
 
 
 def _attention_params(cfg) -> int:

@@ -142,7 +142,7 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
 
     step_time = float(np.median(times))
     tps = tc.batch_size * seq_len / step_time
-    fpt = flops_lib.flops_per_token(model_cfg, seq_len)
+    fpt = family_lib.flops_per_token(model_cfg, seq_len)
     peak, peak_source = flops_lib.peak_flops(mesh.devices.flatten().tolist(), model_cfg.dtype)
     mfu = flops_lib.mfu(tps, fpt, peak)
     result = {

@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from llm_jax.models import family as family_lib
-from llm_jax.models import flops as flops_lib
 
 _LAYER = re.compile(r"layers_(\d+)")
 
@@ -140,7 +139,7 @@ def summary_dict(model, params=None, mesh=None, rules=None, seq_len: int | None 
         "family": cfg.family, "preset": cfg.preset, "params": sum(r["size"] for r in rows),
         "bytes": sum(r["bytes"] for r in rows),
         "bytes_per_device": sum(r["per_device"] * np.dtype(r["dtype"]).itemsize for r in rows),
-        "flops_per_token": flops_lib.flops_per_token(cfg, seq_len), "seq_len": seq_len, "mesh": mesh_shape,
+        "flops_per_token": family_lib.flops_per_token(cfg, seq_len), "seq_len": seq_len, "mesh": mesh_shape,
         "devices": None if mesh is None else f"{mesh.devices.size} {mesh.devices.flat[0].platform}",
         "modules": module_counts(rows), "rows": collapsed_rows(rows),
     }  # fmt: skip

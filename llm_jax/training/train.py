@@ -32,6 +32,7 @@ import optax
 from llm_jax.data import lm_data as data_lib
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.inference import decode as decode_lib
+from llm_jax.inference import translate as translate_lib
 from llm_jax.models import family as family_lib
 from llm_jax.models import flops as flops_lib
 from llm_jax.runtime import distributed, sharding
@@ -366,7 +367,7 @@ def setup(
         # Made by a jit with a replicated output: under several processes the mesh is not all addressable.
         dropout_rng=jax.jit(lambda: dropout_key, out_shardings=replicated)(),
         mngr=mngr, lock=lock, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
-        tokenizer_id=tokenizer_id, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
+        tokenizer_id=tokenizer_id, flops_per_token=family_lib.flops_per_token(model_cfg, seq_len),
         peak_flops=flops_lib.peak_flops(mesh.devices.flatten().tolist(), model_cfg.dtype)[0],
     )  # fmt: skip
     ls = LoopState(
@@ -532,12 +533,14 @@ def sample(trainer: Trainer, ls: LoopState, seed: int | None = None) -> str:
 
 
 def run_decode_eval(trainer: Trainer, ls: LoopState) -> None:
-    """The family's decoding metrics on validation data (BLEU for translation), logged like the others."""
+    """The family's decoding metrics on validation data (BLEU for translation, `translate_lib.DECODE_METRICS`),
+    logged like the others; none for a family without any."""
+    evaluate = translate_lib.DECODE_METRICS.get(trainer.config.model.family)
+    if evaluate is None:
+        return
     t0 = time.time()
     with sharding.use_mesh(trainer.mesh, trainer.rules):
-        metrics = family_lib.of(trainer.model).decode_metrics(
-            trainer.model, ls.state.params, trainer.data, trainer.config
-        )
+        metrics = evaluate(trainer.model, ls.state.params, trainer.data, trainer.config)
     if metrics:
         trainer.metrics.write(ls.step, metrics)
         ls.eval_record.update(metrics)
