@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from llm_jax import cli
 from llm_jax.runtime import distributed
-from llm_jax.training import train
+from llm_jax.training import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
@@ -44,7 +44,7 @@ def main(argv):
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.auto_distributed
     )
-    train.train_and_evaluate(config, FLAGS.workdir)
+    loop.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ def qa_config(**train):
 @functools.cache
 def qa_run() -> tuple[str, dict]:
     """(workdir, final metrics) of 40 steps of configs/qa_finetune.py:tiny on 400 examples."""
-    from llm_jax.training import train
+    from llm_jax.training import loop
 
     root = tempfile.mkdtemp(prefix="llm_jax_qa_")
     write_upper_jsonl(os.path.join(root, "qa.jsonl"), 400)
     config = qa_config()
     config.data.path = os.path.join(root, "qa.jsonl")
     workdir = os.path.join(root, "run")
-    return workdir, train.train_and_evaluate(config, workdir)
+    return workdir, loop.train_and_evaluate(config, workdir)

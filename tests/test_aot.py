@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from llm_jax.runtime import sharding
@@ -160,6 +161,28 @@ def test_oom_messages_are_parsed():
     late = "XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 63.80G of 30.75G hbm."
     assert aot.parse_oom(late)["per_device_bytes"] == int(63.80 * 2**30)
     assert aot.parse_oom("INTERNAL: something else") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The abstract step (no libtpu needed: built over this process's CPU devices, never compiled)
+
+
+@pytest.mark.parametrize(
+    "data, keys",
+    [
+        ({}, {"inputs", "targets"}),
+        ({"data.source": "jsonl"}, {"inputs", "targets", "weights"}),  # prompt-completion: completions only
+        ({"data.source": "jsonl", "data.packing": "documents"}, {"inputs", "targets", "weights"}),
+        ({"data.packing": "documents"}, {"inputs", "targets", "weights", "segment_ids", "positions"}),
+    ],
+)
+def test_batch_spec_has_the_arrays_of_the_configured_data(data, keys):
+    """The step aot compiles reads the arrays the run's data yields (lm_data.batch_options)."""
+    config = _config("gpt2", "tiny", data)
+    step = aot.build_train_step(config, jax.devices())
+    assert set(step.batch) == keys
+    shape = (config.train.batch_size, config.data.seq_len)
+    assert all(x.shape == shape and x.sharding == sharding.batch_sharding(step.mesh) for x in step.batch.values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from llm_jax.models import model as model_lib
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
 from llm_jax.tools import attention_maps as attention
-from llm_jax.training import train
+from llm_jax.training import loop
 from llm_jax.training.saved_run import load_run
 
 
@@ -89,7 +89,7 @@ def fsdp_tensor_run(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("attn") / "run")
     corpus = R.write_corpus(str(tmp_path_factory.mktemp("attn_data") / "c.txt"), 30_000)
     overrides = R.tiny_overrides(corpus, 3, 3, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    train.train_and_evaluate(R.tiny_config(overrides), work)
+    loop.train_and_evaluate(R.tiny_config(overrides), work)
     return work
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import runlib as R
 
-from llm_jax.training import train
+from llm_jax.training import loop
 
 
 def _config(corpus, **over):
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     corpus = R.write_corpus(str(root / "corpus.txt"))
     wd = str(root / "run")
-    train.train_and_evaluate(_config(corpus), wd)
+    loop.train_and_evaluate(_config(corpus), wd)
     assert R.finished_steps(wd) == [1, 2]
     return {"workdir": wd, "corpus": corpus, "root": root}
 
@@ -55,7 +55,7 @@ def _refused(run, workdir, match, error=ValueError, **over):
     """Runs with `over`; asserts the error message and that `workdir` did not change at all."""
     before = R.snapshot(workdir)
     with pytest.raises(error, match=match):
-        train.train_and_evaluate(_config(run["corpus"], **over), workdir)
+        loop.train_and_evaluate(_config(run["corpus"], **over), workdir)
     assert R.snapshot(workdir) == before, "the existing run must be untouched"
 
 
@@ -66,7 +66,7 @@ def test_unknown_config_key_in_a_config_file(run, workdir):
     with pytest.raises(
         ValueError, match=r"config\.train\.chekpoint_every \(did you mean config\.train\.checkpoint_every\?\)"
     ):
-        train.train_and_evaluate(c, workdir)
+        loop.train_and_evaluate(c, workdir)
     assert R.snapshot(workdir) == before
 
 
@@ -174,7 +174,7 @@ def test_workdir_holding_a_different_model(run, workdir):
     )
     # Told to start over: the old run is moved aside intact, and a new one starts in its place.
     before = R.snapshot(workdir)
-    last = train.train_and_evaluate(
+    last = loop.train_and_evaluate(
         _config(run["corpus"], **{"model.num_layers": 3, "train.overwrite": True, "train.num_steps": 1}), workdir
     )
     assert last["step"] == 1

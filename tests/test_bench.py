@@ -13,8 +13,10 @@ import runlib as R
 from llm_jax.models import family as family_lib
 from llm_jax.models import flops
 from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.runtime.errors import BadValue
 from llm_jax.tools import bench
 from llm_jax.training import config as config_lib
+from llm_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,7 +149,7 @@ def test_scan_compiles_the_same_program_at_any_depth():
     import flax.linen as nn
     import optax
 
-    from llm_jax.training import train
+    from llm_jax.training import state as state_lib
 
     def lowered_size(layers):
         cfg = ModelConfig(
@@ -162,13 +164,33 @@ def test_scan_compiles_the_same_program_at_any_depth():
         )
         model = TransformerLM(cfg)
         tx = optax.adamw(1e-3)
-        state = jax.eval_shape(train.init_state_fn(model, tx, 16), jax.random.key(0))
+        state = jax.eval_shape(state_lib.init_state_fn(model, tx, 16), jax.random.key(0))
         state = nn.meta.unbox(state)
         batch = {
             "inputs": jax.ShapeDtypeStruct((2, 16), jnp.int32),
             "targets": jax.ShapeDtypeStruct((2, 16), jnp.int32),
         }
-        step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(0), model=model, tx=tx))
+        step = jax.jit(lambda s, b: state_lib.train_step(s, b, jax.random.key(0), model=model, tx=tx))
         return len(step.lower(state, batch).as_text())
 
     assert lowered_size(24) <= 1.02 * lowered_size(2)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # 8 rows do not split into 3 micro-batches: the trainer's check_batch, now bench's too.
+        ({"train.grad_accum_steps": 3}, r"batch_size=8 must split into grad_accum_steps=3 micro-batches"),
+        ({"train.num_stesp": 5}, r"unknown config key: config\.train\.num_stesp"),  # check_keys
+        ({"train.on_nan": "ignore"}, r"config\.train\.on_nan='ignore'"),  # check_train
+    ],
+)
+def test_bench_refuses_what_the_trainer_refuses(tmp_path, overrides, message):
+    """bench builds its step with the trainer's builder (`state.build`): the same config errors, word for word."""
+    corpus = R.write_corpus(str(tmp_path / "corpus.txt"))
+    config = R.tiny_config({"data.source": "text", "data.path": corpus, "train.batch_size": 8, **overrides})
+    with pytest.raises(BadValue, match=message) as from_trainer:
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    with pytest.raises(BadValue, match=message) as from_bench:
+        bench.prepare(config, log=lambda *a: None)
+    assert str(from_bench.value) == str(from_trainer.value)

@@ -13,7 +13,8 @@ import pytest
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.runtime import sharding
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import optim, train
+from llm_jax.training import optim
+from llm_jax.training import state as state_lib
 from llm_jax.training.config import base_config
 
 SEQ = 16
@@ -30,7 +31,7 @@ def mesh_of(shape):
 
 def state_shardings(mesh):
     abstract = jax.eval_shape(
-        train.init_state_fn(TransformerLM(CFG), optim.make_optimizer(base_config().optim), SEQ), jax.random.key(0)
+        state_lib.init_state_fn(TransformerLM(CFG), optim.make_optimizer(base_config().optim), SEQ), jax.random.key(0)
     )
     return abstract, sharding.boxed_shardings(abstract, mesh, sharding.LOGICAL_RULES)
 
@@ -97,14 +98,14 @@ def test_restore_is_bit_exact_on_any_mesh(saved, shape):
 
 
 def train_one_step(state, mesh):
-    """(new state, loss) of one step of the trainer's jitted step (`train.make_steps`) on `mesh`,
+    """(new state, loss) of one step of the trainer's jitted step (`state.make_steps`) on `mesh`,
     at a constant lr 0.1 (the random step counter is past any warm-up) so the weights move by far
     more than the comparison's tolerance; eps 1e-2 keeps AdamW from magnifying float noise."""
     c = base_config().optim
     c.update(lr=0.1, schedule="constant", warmup_steps=0, eps=1e-2)
     tx = optim.make_optimizer(c)
     _, shardings = state_shardings(mesh)
-    p_train, _ = train.make_steps(TransformerLM(CFG), tx, mesh, sharding.LOGICAL_RULES, shardings, 1)
+    p_train, _ = state_lib.make_steps(TransformerLM(CFG), tx, mesh, sharding.LOGICAL_RULES, shardings, 1)
     tok = np.random.default_rng(3).integers(0, CFG.vocab_size, (8, SEQ + 1)).astype(np.int32)
     batch = sharding.host_to_global({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
     new, metrics = p_train(jax.device_put(state, shardings), batch, jax.random.key(1))
@@ -121,7 +122,7 @@ def test_restored_state_trains_like_the_original(saved):
     mngr = ckpt_lib.manager(workdir, keep=3)
     restored, _ = ckpt_lib.restore(mngr, 7, ckpt_lib.abstract_like(expected, shardings))
     mngr.close()
-    assert isinstance(restored, train.TrainState)
+    assert isinstance(restored, state_lib.TrainState)
     original, loss = train_one_step(jax.device_put(expected, saved_shardings), mesh_of((1, 4, 2)))
     trained, restored_loss = train_one_step(restored, mesh)
     assert restored_loss == pytest.approx(loss, rel=1e-6)

@@ -15,7 +15,7 @@ import pytest
 
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.training import config as config_lib
-from llm_jax.training import train
+from llm_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -214,16 +214,16 @@ def _tiny(tmp_path, **mesh):
 )
 def test_impossible_mesh_shape_fails_clearly(tmp_path, mesh, message):
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(_tiny(tmp_path, **mesh), str(tmp_path / "run"))
+        loop.train_and_evaluate(_tiny(tmp_path, **mesh), str(tmp_path / "run"))
 
 
 def test_mesh_that_does_not_fit_the_model_fails_clearly(tmp_path):
     c = _tiny(tmp_path, data=1, fsdp=2, tensor=4)
     c.model.update(num_heads=2, embed_dim=36)  # 2 heads over tensor=4; width 36 over fsdp=2 is fine
     with pytest.raises(ValueError, match=r"num_heads=2 is not divisible by mesh tensor=4") as e:
-        train.train_and_evaluate(c, str(tmp_path / "run"))
+        loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert "config.mesh" in str(e.value)
     c = _tiny(tmp_path, data=8)
     c.train.batch_size = 12
     with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
-        train.train_and_evaluate(c, str(tmp_path / "run2"))
+        loop.train_and_evaluate(c, str(tmp_path / "run2"))

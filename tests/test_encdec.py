@@ -25,7 +25,7 @@ from llm_jax.inference import decode, translate
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
-from llm_jax.training import train
+from llm_jax.training import loop
 from llm_jax.training.config import base_config
 
 BOS, EOS = 2, 3
@@ -338,17 +338,17 @@ def mt_data(tmp_path_factory):
 
 def test_resume_of_a_translation_run_is_exact(tmp_path, mt_data):
     straight = str(tmp_path / "straight")
-    train.train_and_evaluate(_mt_config(mt_data, 6), straight)
+    loop.train_and_evaluate(_mt_config(mt_data, 6), straight)
     halves = str(tmp_path / "halves")
-    train.train_and_evaluate(_mt_config(mt_data, 3), halves)
-    train.train_and_evaluate(_mt_config(mt_data, 6), halves)  # resumes from step 3
+    loop.train_and_evaluate(_mt_config(mt_data, 3), halves)
+    loop.train_and_evaluate(_mt_config(mt_data, 6), halves)  # resumes from step 3
     assert R.losses_list(halves) == R.losses_list(straight)
     R.assert_bitwise_equal(R.read_state(halves, 6), R.read_state(straight, 6))
 
 
 def test_translate_cli_keeps_lines_and_prints_bleu(tmp_path, mt_data):
     work = str(tmp_path / "run")
-    train.train_and_evaluate(_mt_config(mt_data, 3), work)
+    loop.train_and_evaluate(_mt_config(mt_data, 3), work)
     (tmp_path / "in.en").write_text("a man runs\n\nthe red dog\n")
     (tmp_path / "ref.de").write_text("RUNS MAN A\n\nDOG RED THE\n")
     out = tmp_path / "out.de"
@@ -373,7 +373,7 @@ def test_the_config_reads_multi30k_and_its_tiny_run_trains(tmp_path):
     assert os.path.isdir(data), f"Multi30k not found at {data}: set LLM_JAX_DATA to the folder holding multi30k/"
     c = _mt_config(data, 4)
     c.train.update(decode_eval_every=4, eval_every=4)
-    summary = train.train_and_evaluate(c, str(tmp_path / "mt"))
+    summary = loop.train_and_evaluate(c, str(tmp_path / "mt"))
     assert summary["step"] == 4 and math.isfinite(summary["eval/loss"]) and "eval/bleu" in summary
     assert base_config().data.src_lang == "en"
 

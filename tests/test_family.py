@@ -1,6 +1,8 @@
 """The model-family interface (llm_jax/models/family.py): a second family, defined only in this file, trains,
 checkpoints, resumes and decodes through the shared trainer, loader and sampler with no edit to them."""
 
+from types import SimpleNamespace
+
 import flax
 import flax.linen as nn
 import jax
@@ -9,10 +11,12 @@ import numpy as np
 import pytest
 import runlib as R
 
+from llm_jax.data import lm_data
+from llm_jax.data import parallel as parallel_data
 from llm_jax.inference import decode
 from llm_jax.models import family as family_lib
 from llm_jax.models import loss as loss_lib
-from llm_jax.training import train
+from llm_jax.training import loop
 from llm_jax.training.saved_run import load_run
 
 
@@ -73,7 +77,7 @@ def bigram_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bigram")
     corpus = R.write_corpus(str(root / "corpus.txt"))
     workdir = str(root / "run")
-    first = train.train_and_evaluate(_config(corpus, 30), workdir)
+    first = loop.train_and_evaluate(_config(corpus, 30), workdir)
     return corpus, workdir, first
 
 
@@ -81,7 +85,7 @@ def test_a_new_family_trains_and_resumes_through_the_shared_loop(bigram_run):
     corpus, workdir, first = bigram_run
     losses = [loss for _, loss in R.losses_list(workdir)]
     assert losses[-1] < losses[0] - 1.0, losses  # it learns byte bigrams
-    more = train.train_and_evaluate(_config(corpus, 40), workdir)  # resumes from step 30
+    more = loop.train_and_evaluate(_config(corpus, 40), workdir)  # resumes from step 30
     assert more["step"] == 40 and R.finished_steps(workdir)[-1] == 40
     assert more["eval/loss"] < first["eval/loss"]
 
@@ -102,3 +106,34 @@ def test_a_new_family_decodes_through_load_run_and_the_shared_sampler(bigram_run
             run.model, run.params, tokens, start, jax.random.key(0), max_new_tokens=len(expected), context=run.context
         )
     assert np.asarray(out.tokens)[0].tolist() == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch spec: what a step is compiled for (aot), what benchmarks feed it, what the data yields
+
+
+def _shapes(batch: dict) -> dict:
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("family", ["lm", "encdec"])
+@pytest.mark.parametrize("options", [{}, {"weights": True}, {"weights": True, "packed": True}])
+def test_random_batch_has_the_shapes_and_dtypes_of_batch_spec(family, options):
+    fam, cfg = family_lib.get(family), SimpleNamespace(vocab_size=64)
+    assert _shapes(fam.random_batch(cfg, 4, 8, 0, **options)) == _shapes(fam.batch_spec(cfg, 4, 8, **options))
+
+
+def test_batch_spec_is_what_the_data_yields():
+    """Real batches of each source against the family's spec for that source's `batch_options`."""
+    lm, encdec, cfg = family_lib.get("lm"), family_lib.get("encdec"), SimpleNamespace(vocab_size=64)
+    options = lambda source, packing="none": lm_data.batch_options(SimpleNamespace(source=source, packing=packing))
+    tokens = lm_data.ArrayTokens(np.arange(200) % 50, doc_starts=np.array([0, 30, 70, 150]))
+    for packing in lm_data.PACKING:
+        batch = lm_data.windows(tokens, np.array([0, 40, 100]), 8, packing)
+        assert _shapes(batch) == _shapes(lm.batch_spec(cfg, 3, 8, **options("text", packing))), packing
+    example = (np.array([5, 6, 7], np.int32), np.array([8, 2], np.int32))
+    prompts = lm_data.PromptCompletionData(None, [example] * 4, [example] * 2)
+    batch = prompts.train_batch(0, 3, 8, seed=0)
+    assert _shapes(batch) == _shapes(lm.batch_spec(cfg, 3, 8, **options("jsonl", "documents")))
+    pairs, _ = parallel_data.pack([np.array([5, 6])], [np.array([7])], 3, 8, bos=1, eos=2)
+    assert _shapes(pairs) == _shapes(encdec.batch_spec(cfg, 3, 8, **options("parallel")))

@@ -10,7 +10,8 @@ from llm_jax.models.model import TransformerLM
 from llm_jax.runtime import sharding
 from llm_jax.tools.bench import compiled_memory
 from llm_jax.training import config as config_lib
-from llm_jax.training import optim, train
+from llm_jax.training import optim
+from llm_jax.training import state as state_lib
 
 
 def _state_bytes_per_device(mesh_shape):
@@ -23,12 +24,12 @@ def _state_bytes_per_device(mesh_shape):
     mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
     model = TransformerLM(config_lib.model_config(config, 1024))
     tx = optim.make_optimizer(config.optim)
-    state, sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), 32)
+    state, sh = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), 32)
     dev = jax.devices()[0]
     shard_bytes = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards if s.device == dev)
     full_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
 
-    p_train, _ = train.make_steps(model, tx, mesh, rules, sh, 1)
+    p_train, _ = state_lib.make_steps(model, tx, mesh, rules, sh, 1)
     tok = np.zeros((8, 32), np.int32)
     batch = sharding.host_to_global({"inputs": tok, "targets": tok}, mesh)
     with sharding.use_mesh(mesh, rules):

@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from llm_jax.interop import hf  # noqa: E402
 from llm_jax.runtime import sharding  # noqa: E402
-from llm_jax.training import train  # noqa: E402
+from llm_jax.training import loop  # noqa: E402
 from llm_jax.training.saved_run import load_run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,7 +333,7 @@ def test_run_import_finetune_export(tmp_path):
 
     finetune = _load_config_file("hf_finetune").get_config(f"{work},tiny")
     assert finetune.model.vocab_size == vocab and finetune.model.vocab_multiple == 1
-    metrics = train.train_and_evaluate(finetune, str(work))
+    metrics = loop.train_and_evaluate(finetune, str(work))
     assert metrics["step"] == 2
 
     # The command line, as documented in llm_jax/convert.py.

@@ -20,7 +20,7 @@ from llm_jax.data import lm_data as data_lib
 from llm_jax.data import prepare as prepare_lib
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
-from llm_jax.training import train
+from llm_jax.training import loop
 from llm_jax.training.config import base_config
 
 QUIET = dict(log=lambda *a: None)
@@ -190,7 +190,7 @@ def test_tfds_dataset_prepares_and_trains_without_tensorflow(tmp_path):
     }  # fmt: skip
     config = R.tiny_config(over)
     os.environ.setdefault("LLM_JAX_CPU_PEAK_FLOPS", "1e11")
-    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+    summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["step"] == 4 and np.isfinite(summary["eval/loss"])
     (manifest,) = glob.glob(str(tmp_path / "cache" / "data" / "tfds-byte-*" / prepare_lib.MANIFEST))
     with open(manifest) as f:

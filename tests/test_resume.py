@@ -23,7 +23,8 @@ from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import Diverged
 from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import config as config_lib
-from llm_jax.training import optim, train
+from llm_jax.training import loop, optim
+from llm_jax.training import state as state_lib
 from llm_jax.training.saved_run import load_run
 
 N_STEPS = 20
@@ -162,7 +163,7 @@ def test_finished_run_continues_on_another_mesh(tmp_path, finished_run, capsys):
     shutil.copytree(ref, on_2)
     R.finish(R.start(on_2, more, devices=DEVICES))
     os.environ.setdefault("LLM_JAX_CPU_PEAK_FLOPS", "1e11")
-    last = train.train_and_evaluate(R.tiny_config({**more, "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}), on_8)
+    last = loop.train_and_evaluate(R.tiny_config({**more, "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}), on_8)
     out = capsys.readouterr().out
     assert f"checkpoints/{N_STEPS} (step {N_STEPS})" in out and f"training steps {N_STEPS}..{N_STEPS + 1}" in out
     assert "over 8 cpu devices" in out and last["step"] == N_STEPS + 1
@@ -266,7 +267,7 @@ def _mesh(data, fsdp, tensor, n):
 def _abstract(model, tx, mesh, rules, seq_len):
     import flax.linen as nn
 
-    boxed = jax.eval_shape(train.init_state_fn(model, tx, seq_len), jax.random.key(0))
+    boxed = jax.eval_shape(state_lib.init_state_fn(model, tx, seq_len), jax.random.key(0))
     shardings = sharding.boxed_shardings(boxed, mesh, rules)
     return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
 
@@ -276,7 +277,7 @@ def test_restore_onto_other_mesh_and_device_count(tmp_path):
     rules = sharding.logical_rules(c)
     seq = c.data.seq_len
     mesh_a = _mesh(2, 4, 1, 8)  # saved on 8 devices as data=2 x fsdp=4
-    state, sh_a = train.create_sharded_state(model, tx, mesh_a, rules, jax.random.key(0), seq)
+    state, sh_a = state_lib.create_sharded_state(model, tx, mesh_a, rules, jax.random.key(0), seq)
     # Non-trivial optimizer moments too (zeros would compare equal whatever happened).
     state = state.replace(opt_state=jax.tree.map(lambda x: x + 0.25 if x.dtype == jnp.float32 else x, state.opt_state))
     mngr = ckpt_lib.manager(str(tmp_path), 3)
@@ -304,7 +305,7 @@ def test_restore_onto_other_mesh_and_device_count(tmp_path):
 
 
 def _poison(monkeypatch, at_step):
-    orig = train.train_step
+    orig = state_lib.train_step
 
     def poisoned(state, batch, rng, **kw):
         new, metrics = orig(state, batch, rng, **kw)
@@ -312,7 +313,7 @@ def _poison(monkeypatch, at_step):
         new = new.replace(params=jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new.params))
         return new, {**metrics, "loss": jnp.where(bad, jnp.inf, metrics["loss"])}
 
-    monkeypatch.setattr(train, "train_step", poisoned)
+    monkeypatch.setattr(state_lib, "train_step", poisoned)
 
 
 def _inprocess_config(corpus, **train_over):
@@ -328,7 +329,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
     # Step 4 was due to be saved but its state descends from the bad step 3: never saved.
     last_good = r"at step 3; step 4 was not saved\. The last good checkpoint is step 2 .* to resume from step 2"
     with pytest.raises(Diverged, match=r"training diverged: the training loss is inf .*" + last_good):
-        train.train_and_evaluate(_inprocess_config(corpus), wd)
+        loop.train_and_evaluate(_inprocess_config(corpus), wd)
     assert R.finished_steps(wd) == [2] and not R.tmp_checkpoints(wd)
     assert all(np.isfinite(v).all() for v in R.read_state(wd, 2).values())
 
@@ -336,7 +337,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
 def test_nan_loss_skip_drops_that_update(tmp_path, corpus, monkeypatch, capsys):
     _poison(monkeypatch, at_step=3)
     wd = str(tmp_path / "run")
-    last = train.train_and_evaluate(
+    last = loop.train_and_evaluate(
         _inprocess_config(corpus, on_nan="skip", checkpoint_every=1, keep_checkpoints=10), wd
     )
     assert last["step"] == 6 and last["train/skipped_steps"] == 1 and np.isfinite(last["train/loss"])
@@ -356,13 +357,13 @@ def test_nan_loss_skip_drops_that_update(tmp_path, corpus, monkeypatch, capsys):
 def test_running_mean_leaves_spikes_out():
     mean = None
     for loss in (5.0, 5.0, 4.0):
-        mean = train.updated_mean(mean, loss, 10.0)
+        mean = loop.updated_mean(mean, loss, 10.0)
     assert 4.0 < mean < 5.0
-    assert train.is_spike(60.0, mean, 10.0) and not train.is_spike(40.0, mean, 10.0)
-    assert train.updated_mean(mean, 1e10, 10.0) == mean, "a spike does not move the mean"
-    assert train.updated_mean(mean, float("nan"), 10.0) == mean
-    assert not train.is_spike(0.5, 0.01, 10.0), "near zero, 50x is noise (less than 1 above the mean)"
-    assert not train.is_spike(1e10, mean, 0.0) and not train.is_spike(1e10, None, 10.0)
+    assert loop.is_spike(60.0, mean, 10.0) and not loop.is_spike(40.0, mean, 10.0)
+    assert loop.updated_mean(mean, 1e10, 10.0) == mean, "a spike does not move the mean"
+    assert loop.updated_mean(mean, float("nan"), 10.0) == mean
+    assert not loop.is_spike(0.5, 0.01, 10.0), "near zero, 50x is noise (less than 1 above the mean)"
+    assert not loop.is_spike(1e10, mean, 0.0) and not loop.is_spike(1e10, None, 10.0)
 
 
 def _loss_of(run, corpus) -> float:
@@ -383,7 +384,7 @@ def test_lr_1e6_stops_before_saving_and_the_kept_checkpoint_is_good(tmp_path, co
     c = _inprocess_config(corpus, num_steps=10, checkpoint_every=1, keep_checkpoints=10, log_every=1)
     c.optim.update(lr=1e6, warmup_steps=2)
     with pytest.raises(Diverged) as e:
-        train.train_and_evaluate(c, wd)
+        loop.train_and_evaluate(c, wd)
     message = str(e.value)
     assert re.match(
         r"training diverged: the loss of the parameters at step 2 is \S+, more than "
@@ -401,23 +402,23 @@ def test_lr_1e6_stops_before_saving_and_the_kept_checkpoint_is_good(tmp_path, co
     # Without the check (spike_factor=0) the exploded state is saved: what the check prevents.
     c.train.spike_factor = 0.0
     with pytest.raises(Diverged, match="the training loss is"):
-        train.train_and_evaluate(c, str(tmp_path / "unchecked"))
+        loop.train_and_evaluate(c, str(tmp_path / "unchecked"))
     last = max(R.finished_steps(str(tmp_path / "unchecked")))
     assert last >= 2 and max(np.abs(v).max() for v in R.read_state(str(tmp_path / "unchecked"), last).values()) > 1e3
 
 
 def test_diverged_run_resumes_from_the_named_checkpoint_with_a_lower_lr(tmp_path, corpus):
     wd = str(tmp_path / "run")
-    train.train_and_evaluate(_inprocess_config(corpus, num_steps=4, checkpoint_every=2), wd)
+    loop.train_and_evaluate(_inprocess_config(corpus, num_steps=4, checkpoint_every=2), wd)
     good = R.read_state(wd, 4)
     c = _inprocess_config(corpus, num_steps=10, checkpoint_every=2)
     c.optim.lr = 1e6
     with pytest.raises(
         Diverged, match=r"step 6 was not saved\. The last good checkpoint is step 4 .* to resume from step 4"
     ):
-        train.train_and_evaluate(c, wd)
+        loop.train_and_evaluate(c, wd)
     assert R.finished_steps(wd) == [2, 4]
     R.assert_bitwise_equal(R.read_state(wd, 4), good)
     c.optim.lr = 1e-3  # what the message says: the same command with a lower learning rate
-    assert train.train_and_evaluate(c, wd)["step"] == 10
+    assert loop.train_and_evaluate(c, wd)["step"] == 10
     assert R.logged_steps(wd) == [4, 5, 10], "step 5 of the diverged attempt is logged once, by the resumed run"

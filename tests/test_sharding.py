@@ -2,7 +2,7 @@
 
 The loss and the gradients of one step on meshes (data, fsdp, tensor) = 1x1x1, 8x1x1, 1x8x1,
 2x2x2 and 2x1x4 must equal the single-device result, every leaf to 1e-5 of its own largest value
-(tests/leafcheck.py). The real jitted train step (`train.make_steps`) is checked for its
+(tests/leafcheck.py). The real jitted train step (`state.make_steps`) is checked for its
 parameter shardings (spec and per-device shard shape), its activation constraints and the
 collectives of its compiled program.
 """
@@ -26,7 +26,8 @@ from llm_jax.data import lm_data as data_lib
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.runtime import sharding
-from llm_jax.training import optim, train
+from llm_jax.training import optim
+from llm_jax.training import state as state_lib
 from llm_jax.training.config import base_config
 
 SEQ, BATCH = 16, 16
@@ -119,7 +120,7 @@ FAST = {"xla_backend_optimization_level": 0}
 def ref_state(name):
     """The initial train state (seed 0), computed on one device without any mesh (numpy leaves)."""
     model = TransformerLM(CONFIGS[name])
-    init = train.init_state_fn(model, optimizer(), SEQ)
+    init = state_lib.init_state_fn(model, optimizer(), SEQ)
     return jax.device_get(jax.jit(lambda r: nn.meta.unbox(init(r)), compiler_options=FAST)(jax.random.key(0)))
 
 
@@ -165,7 +166,8 @@ def adam_moments(opt_state):
 
 
 def state_shardings(name, mesh):
-    abstract = jax.eval_shape(train.init_state_fn(TransformerLM(CONFIGS[name]), optimizer(), SEQ), jax.random.key(0))
+    init = state_lib.init_state_fn(TransformerLM(CONFIGS[name]), optimizer(), SEQ)
+    abstract = jax.eval_shape(init, jax.random.key(0))
     return sharding.boxed_shardings(abstract, mesh, sharding.LOGICAL_RULES)
 
 
@@ -210,7 +212,7 @@ def test_sharded_train_step_with_grad_accumulation_equals_single_device():
     ref_new, ref_metrics = ref_step(name)
     mesh, rules = mesh_of((2, 2, 2)), sharding.LOGICAL_RULES
     model, tx = TransformerLM(cfg), optimizer()
-    state, state_sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
+    state, state_sh = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
     # Born sharded, and the same weights as the single-device init (compiled differently, so
     # compared to float precision; zero-initialised biases and moments exactly).
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(ref_state(name))):
@@ -218,7 +220,7 @@ def test_sharded_train_step_with_grad_accumulation_equals_single_device():
     q = state.params["layers_0"]["attn"]["query"]["kernel"]  # [embed 32 / fsdp 2, heads 8 / tensor 2, kv 4]
     assert {s.data.shape for s in q.addressable_shards} == {(16, 4, 4)}
     state = jax.device_put(ref_state(name), state_sh)  # exactly the reference's weights
-    p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=2)
+    p_train, _ = state_lib.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=2)
     rng = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
     new_state, metrics = p_train(state, sharding.host_to_global(make_batch(cfg), mesh), rng)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
@@ -319,19 +321,19 @@ def _padded(spec, ndim):
 
 def _abstract_state(cfg):
     model = TransformerLM(cfg)
-    return jax.eval_shape(train.init_state_fn(model, optimizer(), SEQ), jax.random.key(0))
+    return jax.eval_shape(state_lib.init_state_fn(model, optimizer(), SEQ), jax.random.key(0))
 
 
 @functools.cache
 def real_step(name, shape):
-    """The trainer's jitted train step (`train.make_steps`, under `sharding.use_mesh` as the
+    """The trainer's jitted train step (`state.make_steps`, under `sharding.use_mesh` as the
     trainer runs it) on mesh `shape`, compiled ahead of time and run once from a state born
     sharded: (compiled, lowered StableHLO text, optimized HLO text, the new state)."""
     cfg = {"spec": SPEC_MODEL, **CONFIGS}[name]
     mesh, rules = mesh_of(shape), sharding.LOGICAL_RULES
     model, tx = TransformerLM(cfg), optimizer()
-    state, state_sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
-    p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=1)
+    state, state_sh = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
+    p_train, _ = state_lib.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=1)
     batch = sharding.host_to_global(make_batch(cfg), mesh)
     rng = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
     with sharding.use_mesh(mesh, rules):

@@ -18,7 +18,8 @@ from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.runtime import sharding
 from llm_jax.training import config as config_lib
-from llm_jax.training import optim, train
+from llm_jax.training import optim
+from llm_jax.training import state as state_lib
 
 B, T = 4, 16
 
@@ -95,7 +96,7 @@ def test_scan_init_has_layer_axis_and_shards_on_fsdp():
     mesh = sharding.make_mesh(_mesh_cfg(data=2, fsdp=4))
     rules = sharding.logical_rules()
     tx = optim.make_optimizer(config_lib.base_config().optim)
-    state, sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), T)
+    state, sh = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), T)
     spec = sh.params["layers"]["attn"]["query"]["kernel"].spec
     assert spec[0] is None and spec[1] == "fsdp", spec  # [layers, embed, heads, kv]
     kernel = state.params["layers"]["mlp"]["wi"]["kernel"]
@@ -170,22 +171,22 @@ def _fast_path_config():
 
 
 def _one_step(config, accum, **model_kw):
-    """(before, after, metrics) of one real jitted train step (`train.make_steps`), as host trees
+    """(before, after, metrics) of one real jitted train step (`state.make_steps`), as host trees
     in the unrolled layout; a scanned model starts from the unrolled model's weights, stacked."""
     mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
     tx = optim.make_optimizer(config.optim)
     cfg = dataclasses.replace(config_lib.model_config(config, 128), **model_kw)
     model = TransformerLM(cfg)
-    state, sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), T)
+    state, sh = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), T)
     if cfg.scan_layers:  # same starting weights as the unrolled run
         unrolled = TransformerLM(dataclasses.replace(cfg, scan_layers=False))
-        ref_state, _ = train.create_sharded_state(unrolled, tx, mesh, rules, jax.random.key(0), T)
+        ref_state, _ = state_lib.create_sharded_state(unrolled, tx, mesh, rules, jax.random.key(0), T)
         params = jax.device_put(_stack_layers(ref_state.params, cfg.num_layers), sh.params)
         state = state.replace(params=params, opt_state=jax.device_put(tx.init(params), sh.opt_state))
     before = jax.device_get(state.params)
     tok = np.random.default_rng(1).integers(0, 128, (16, T + 1), dtype=np.int32)
     batch = sharding.host_to_global({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
-    p_train, _ = train.make_steps(model, tx, mesh, rules, sh, accum)
+    p_train, _ = state_lib.make_steps(model, tx, mesh, rules, sh, accum)
     state, metrics = p_train(state, batch, jax.random.key(2))
     adam = state.opt_state[1][0]  # chain(clip, adamw(scale_by_adam, ...)): AdamW's moments
     # The second moment (0.05 x g^2) is compared by its square root: the gradients' own range.

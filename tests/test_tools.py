@@ -16,7 +16,7 @@ import runlib as R
 from jax.experimental.compilation_cache import compilation_cache
 
 from llm_jax.training import config as config_lib
-from llm_jax.training import optim, train
+from llm_jax.training import loop, optim
 
 pytest.importorskip("matplotlib", reason="the pictures need the notebook extra: pip install -e '.[notebook]'")
 
@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
         config = R.tiny_config(R.tiny_overrides(corpus, 6, 6, **{"train.eval_every": 3, "seed": seed}))
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            train.train_and_evaluate(config, str(root / name))
+            loop.train_and_evaluate(config, str(root / name))
         out[name], out[name + "_log"] = str(root / name), log.getvalue()
     mt_data = str(root / "mt_data")
     os.makedirs(mt_data)
@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
             f.write("\n".join(" ".join(w.upper() for w in s.split()[::-1]) for s in src[:n]) + "\n")
     config = _mt_config(mt_data)
     with contextlib.redirect_stdout(io.StringIO()):
-        train.train_and_evaluate(config, str(root / "mt"))
+        loop.train_and_evaluate(config, str(root / "mt"))
     out["mt"] = str(root / "mt")
     return out
 

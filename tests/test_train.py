@@ -18,7 +18,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.models import loss as loss_lib
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import train
+from llm_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,13 +97,13 @@ def runs(tmp_path_factory, text_file):
     root = tmp_path_factory.mktemp("runs")
     resumed, straight = str(root / "resumed"), str(root / "straight")
     out = {"resumed": resumed, "straight": straight}
-    out["a"] = train.train_and_evaluate(tiny_config(text_file, 3), resumed)
+    out["a"] = loop.train_and_evaluate(tiny_config(text_file, 3), resumed)
     out["a_metrics"] = read_metrics(resumed)
     out["a_checkpoints"] = sorted(os.listdir(os.path.join(resumed, "checkpoints")))
     with contextlib.redirect_stdout(io.StringIO()) as log:
-        out["b"] = train.train_and_evaluate(tiny_config(text_file, 6), resumed)
+        out["b"] = loop.train_and_evaluate(tiny_config(text_file, 6), resumed)
     out["b_log"] = log.getvalue()
-    out["c"] = train.train_and_evaluate(tiny_config(text_file, 6), straight)
+    out["c"] = loop.train_and_evaluate(tiny_config(text_file, 6), straight)
     return out
 
 

@@ -248,6 +248,17 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print):
     return data
 
 
+def batch_options(cfg) -> dict[str, bool]:
+    """Which optional arrays the batches of the configured source (`config.data`) carry, as the
+    keyword arguments of a family's `batch_spec` / `random_batch`: `weights` (jsonl prompt-completion
+    learns the completions only; packed documents drop the target across each boundary; parallel
+    text weighs out padding) and `packed` (segment ids and positions: packing='documents', or
+    parallel text, whose pairs are always packed). jsonl rows are never packed by document."""
+    documents = cfg.packing == "documents" and cfg.source not in ("jsonl", "parallel")
+    weighted = cfg.source in ("jsonl", "parallel") or documents
+    return {"weights": weighted, "packed": cfg.source == "parallel" or documents}
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompt-completion fine-tuning: source='jsonl'
 
@@ -324,7 +335,7 @@ class PromptCompletionData:
     Each example is `prompt` then `completion` then EOS, tokenized separately (as the generate CLI
     encodes a prompt); examples are packed in file order into rows of seq_len + 1 tokens, and the
     batch's `weights` [rows, seq_len] are 1 only where the target is a completion token or its EOS,
-    so `train.token_loss` learns (and evaluates) the completions alone. Training rows are drawn
+    so the loss (`llm_jax.models.loss.token_loss`) learns (and evaluates) the completions alone. Training rows are drawn
     with replacement by a generator seeded with (seed, step); evaluation takes the validation rows
     in order.
     """

@@ -19,7 +19,7 @@ logical axis rules give), so neither a device nor the host ever holds the unshar
 scanned model (`scan_layers=True`) gets its per-layer tensors stacked shard by shard.
 
 Run directories: `import_run` makes a workdir that `python -m llm_jax.main` fine-tunes (config.json,
-tokenizer/, checkpoints/0 with the TrainState of train.py, written by checkpoint.py), `export_run`
+tokenizer/, checkpoints/0 with the TrainState of training/state.py, written by checkpoint.py), `export_run`
 writes a run's checkpoint (read by `run.load_run`) back as a Hugging Face directory;
 `python -m llm_jax.convert` is their command line.
 """
@@ -54,6 +54,7 @@ from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import config as config_lib
 from llm_jax.training import optim
 from llm_jax.training import saved_run as run_lib
+from llm_jax.training import state as state_lib
 from llm_jax.training import workdir as workdir_lib
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -417,14 +418,12 @@ def _imported_model_config(hf_dir: str, hf_cfg: dict, config: ml_collections.Con
 
 
 def _initial_state(cfg: ModelConfig, config: ml_collections.ConfigDict, params: dict, mesh: Mesh, rules):
-    """TrainState(step=0, params, fresh optimizer state), sharded as train.py shards it."""
-    from llm_jax.training import train  # the training loop (data, decoding, metrics): only import_run needs it
-
+    """TrainState(step=0, params, fresh optimizer state), sharded as the trainer shards it."""
     tx = optim.make_optimizer(config.optim)
-    _, state_sh = train.abstract_state(family_lib.build(cfg), tx, mesh, rules, 1)
+    _, state_sh = state_lib.abstract_state(family_lib.build(cfg), tx, mesh, rules, 1)
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), state_sh.step)
-    return train.TrainState(step=step, params=params, opt_state=opt_state)
+    return state_lib.TrainState(step=step, params=params, opt_state=opt_state)
 
 
 def import_run(

@@ -145,18 +145,21 @@ class EncoderDecoderFamily(family_lib.ModelFamily):
         zeros = jnp.zeros((batch, length), jnp.int32)
         return {"source": zeros, "tokens": zeros}
 
-    def random_batch(self, cfg, batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
-        """Unpacked random pairs of `length` source and target tokens."""
+    def batch_spec(self, cfg, batch: int, length: int, *, weights: bool = True, packed: bool = True) -> dict:
+        """Parallel text's batch (llm_jax/data/parallel.py), whatever the flags: its pairs are always
+        packed and weighted. `source`, `source_positions`, `source_segments`, `inputs`, `targets`,
+        `positions`, `segments` [batch, length] int32 and `weights` [batch, length] float32."""
+        keys = dict.fromkeys(("source", "source_positions", "source_segments", "inputs", "targets"), jnp.int32)
+        keys.update(positions=jnp.int32, segments=jnp.int32, weights=jnp.float32)
+        return {k: jax.ShapeDtypeStruct((batch, length), dt) for k, dt in keys.items()}
+
+    def random_batch(self, cfg, batch: int, length: int, seed: int, **options) -> dict[str, np.ndarray]:
+        """Unpacked random pairs of `length` source and target tokens (ids from 4: past the specials)."""
         rng = np.random.default_rng(seed)
         tokens = rng.integers(4, cfg.vocab_size, (batch, length + 1), dtype=np.int32)
         source = rng.integers(4, cfg.vocab_size, (batch, length), dtype=np.int32)
-        pos = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
-        ones = np.ones((batch, length), np.int32)
-        return {
-            "source": source, "source_positions": pos, "source_segments": ones,
-            "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": pos, "segments": ones,
-            "weights": ones.astype(np.float32),
-        }  # fmt: skip
+        spec = self.batch_spec(cfg, batch, length, **options)
+        return family_lib.filled(spec, {"source": source, "inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
 
     def loss_sum(self, model, params, batch, rng, train):
         """(summed cross-entropy of `targets`, token count), weighted; label smoothing when training."""

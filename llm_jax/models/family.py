@@ -6,15 +6,15 @@ A family (decoder-only LM in `llm_jax/models/lm.py`; a new one in a file of its 
 - `make_model(cfg)`: the `flax.linen` module for a `ModelConfig`;
 - `init_inputs(cfg, batch, length)`: the keyword inputs `model.init` is traced with;
 - `loss_sum(model, params, batch, rng, train)`: summed loss and token count of a
-  batch (a dict of [b, t] arrays from the family's data; `random_batch` makes one of random tokens,
-  next-token `inputs` / `targets` unless the family overrides it). `train`: dropout (if any) and
-  label smoothing apply; False is evaluation: the plain cross-entropy;
+  batch (a dict of [b, t] arrays from the family's data, shaped as `batch_spec` says: next-token
+  `inputs` / `targets` unless the family overrides it; `random_batch` makes one of random tokens).
+  `train`: dropout (if any) and label smoothing apply; False is evaluation: the plain cross-entropy;
 - `init_cache(model, params, batch, length, start, mesh, **inputs)`: a decoding `Cache` of `length`
   slots whose next position is `start` [b] (negative while a left-padded row is still on padding);
 - `tokens_to_logits(model, params)`: the decoding step `(tokens [b, t], cache) -> (logits [b, v]
   of the last position, cache)`, built once per generation so per-call work stays out of the loop.
 
-Everything else is written once over these: `train.py` (state, steps, loop), `checkpoint.py`,
+Everything else is written once over these: `training/state.py` (state, steps), `training/loop.py`, `checkpoint.py`,
 `decode.py` (samplers, sliding window, beam search). `register` adds a family under its `name`;
 `get(name)` / `of(model)` find it. The two helpers below are the only places that call
 `model.init`: `init_params` for training state and `empty_cache` for decoding caches.
@@ -69,11 +69,29 @@ class ModelFamily:
     def loss_sum(self, model, params, batch: dict, rng, train: bool) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
 
-    def random_batch(self, cfg, batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
-        """A training batch of random tokens with the shapes of the family's data (for benchmarks and
-        ahead-of-time compilation): next-token `inputs` / `targets` [batch, length] by default."""
+    def batch_spec(
+        self, cfg, batch: int, length: int, *, weights: bool = False, packed: bool = False
+    ) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of a training batch of the family's data (what a step is compiled for).
+
+        By default next-token data (llm_jax/data/lm_data.py): `inputs` / `targets` [batch, length]
+        int32; `weights` [batch, length] float32 when the data weighs its targets; `segment_ids` /
+        `positions` [batch, length] int32 when it packs documents (`packed`). Which of these a run's
+        data yields: `lm_data.batch_options(config.data)`.
+        """
+        keys = {"inputs": jnp.int32, "targets": jnp.int32}
+        keys.update({"weights": jnp.float32} if weights else {})
+        keys.update({"segment_ids": jnp.int32, "positions": jnp.int32} if packed else {})
+        return {k: jax.ShapeDtypeStruct((batch, length), dt) for k, dt in keys.items()}
+
+    def random_batch(
+        self, cfg, batch: int, length: int, seed: int, *, weights: bool = False, packed: bool = False
+    ) -> dict[str, np.ndarray]:
+        """A training batch of random tokens with the arrays of `batch_spec` (for benchmarks): next-token
+        `inputs` / `targets` by default, every row one unpacked sequence (`filled`)."""
         tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length + 1), dtype=np.int32)
-        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        spec = self.batch_spec(cfg, batch, length, weights=weights, packed=packed)
+        return filled(spec, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
 
     def init_cache(self, model, params, batch: int, length: int, start: jax.Array, mesh=None, **inputs) -> Cache:
         raise NotImplementedError
@@ -84,6 +102,20 @@ class ModelFamily:
 
     def tokens_to_logits(self, model, params):
         raise NotImplementedError
+
+
+def filled(spec: dict[str, jax.ShapeDtypeStruct], tokens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A host batch of `spec`: the given `tokens` arrays, and every other key as if each row held one
+    sequence: positions 0..t-1 (keys ending in 'positions'), segment ids and weights 1."""
+
+    def array(key, s):
+        if key in tokens:
+            return tokens[key]
+        if key.endswith("positions"):
+            return np.broadcast_to(np.arange(s.shape[-1], dtype=s.dtype), s.shape).copy()
+        return np.ones(s.shape, s.dtype)
+
+    return {k: array(k, s) for k, s in spec.items()}
 
 
 def register(family: ModelFamily) -> ModelFamily:

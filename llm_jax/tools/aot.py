@@ -34,13 +34,11 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue, Unavailable
 from llm_jax.tools import bench, hlo
-from llm_jax.training import config as config_lib
-from llm_jax.training import optim, train
+from llm_jax.training import state as state_lib
 
 GIB = 2**30
 # HBM per chip, from the Cloud TPU system-architecture pages (v4: 32 GiB; v5e: 16 GB; v5p: 95 GB;
@@ -169,7 +167,7 @@ def generation_of(device_kind: str) -> str | None:
 class Step:
     lower: Callable[[], Any]  # () -> jax.stages.Lowered of the trainer's train step
     state: Any  # TrainState of ShapeDtypeStructs carrying the shardings
-    batch: dict  # {'inputs', 'targets'[, 'weights']}: ShapeDtypeStructs [batch_size, seq_len]
+    batch: dict  # the family's batch_spec for the configured data: ShapeDtypeStructs [batch_size, seq_len]
     mesh: jax.sharding.Mesh
     model_cfg: ModelConfig
 
@@ -177,47 +175,20 @@ class Step:
 def build_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> Step:
     """The jitted train step `llm_jax.main` would run on `devices`, with abstract arguments.
 
-    What the trainer does (llm_jax/training/train.py: the config checks, `check_batch`, `abstract_state`,
-    `make_steps`), on shapes only. Raises a UserError for a config that does not fit the devices
-    (a mesh that does not divide them, a batch that does not split).
+    The trainer's own builder (`llm_jax.training.state.build`: config checks, `check_batch`, abstract
+    state, `make_steps`, the batch the configured data yields), on shapes only. Raises a UserError
+    for a config that does not fit the devices (a mesh that does not divide them, a batch that does
+    not split).
     """
-    config_lib.check_keys(config)
-    config = config_lib.finalize(config)
-    tc, seq_len = config.train, config.data.seq_len
-    config_lib.check_train(tc)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = sharding.logical_rules(config)
-    model_cfg = config_lib.model_config(config, bench.bench_vocab(config))
-    train.check_batch(config, mesh, model_cfg)
-    model = family_lib.build(model_cfg)
-    tx = optim.make_optimizer(config.optim)
-    state, state_sh = train.abstract_state(model, tx, mesh, rules, seq_len)
-    p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps, on_nan=tc.on_nan)
-    batch_sh = sharding.batch_sharding(mesh)
-    batch = {k: _abstract(v, batch_sh) for k, v in _batch_shapes(config, model_cfg).items()}
-    key = jax.eval_shape(lambda: jax.random.key(config.seed))  # a key's type; nothing runs anywhere
-    rng = _abstract(key, NamedSharding(mesh, P()))
+    b = state_lib.build(config, bench.bench_vocab(config), devices)
+    key = jax.eval_shape(lambda: jax.random.key(b.config.seed))  # a key's type; nothing runs anywhere
+    rng = _abstract(key, NamedSharding(b.mesh, P()))
 
     def lower():
-        with sharding.use_mesh(mesh, rules):  # the context the trainer's step is traced in
-            return p_train.jitted.lower(state, batch, rng)
+        with sharding.use_mesh(b.mesh, b.rules):  # the context the trainer's step is traced in
+            return b.p_train.jitted.lower(b.state, b.batch, rng)
 
-    return Step(lower, state, batch, mesh, model_cfg)
-
-
-def _batch_shapes(config, model_cfg) -> dict:
-    """The arrays of one global training batch: the family's (random_batch), plus the weights of
-    prompt-completion data and the positions / segment ids of packed documents."""
-    tc, seq_len = config.train, config.data.seq_len
-    batch = family_lib.get(model_cfg.family).random_batch(model_cfg, tc.batch_size, seq_len, 0)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    extra = {}
-    if model_cfg.family == "lm" and config.data.source == "jsonl":
-        extra = {"weights": jnp.float32}
-    elif model_cfg.family == "lm" and config.data.packing == "documents":
-        extra = {"weights": jnp.float32, "positions": jnp.int32, "segment_ids": jnp.int32}
-    shapes.update({k: jax.ShapeDtypeStruct((tc.batch_size, seq_len), dt) for k, dt in extra.items()})
-    return shapes
+    return Step(lower, b.state, b.batch, b.mesh, b.model_cfg)
 
 
 def _abstract(x, s) -> jax.ShapeDtypeStruct:

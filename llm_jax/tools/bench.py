@@ -1,8 +1,9 @@
 """Training-step benchmark: `python -m llm_jax.bench --config configs/X.py[:arg] [--config.K=V ...] [--steps N]`.
 
-Builds the run's model, optimizer, mesh and sharded state exactly as the trainer does, compiles the
-real `train_step` (`train.make_steps`), runs warm-up steps, then times `--steps` steps on random
-tokens of the configured shape (`train.batch_size` x `data.seq_len`). Progress goes to stderr; the
+Builds the run's model, optimizer, mesh, sharded state and jitted step with the trainer's own
+builder (`llm_jax.training.state.build`: the same checks), compiles the real `train_step`, runs
+warm-up steps, then times `--steps` steps on random tokens of the configured shape
+(`train.batch_size` x `data.seq_len`, with the arrays the configured data yields). Progress goes to stderr; the
 last line of stdout is one JSON object (a bad config or mesh: one line, `bench: error: ...`):
 
   tokens_per_sec      global tokens per second at the median step time
@@ -29,12 +30,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from llm_jax.data import lm_data as data_lib
 from llm_jax.models import family as family_lib
 from llm_jax.models import flops as flops_lib
 from llm_jax.models.model import count_params
 from llm_jax.runtime import hostmem, sharding
-from llm_jax.training import config as config_lib
-from llm_jax.training import optim, train
+from llm_jax.training import state as state_lib
 
 
 def compiled_memory(compiled) -> dict:
@@ -110,26 +111,23 @@ class Prepared:
 
 
 def prepare(config, log=lambda *a: print(*a, file=sys.stderr)) -> Prepared:
-    """Builds the run's model, optimizer, mesh and sharded state as the trainer does, and compiles
-    the real train step (`train.make_steps`) for a random batch of the configured shape."""
-    config = config_lib.finalize(config)
+    """Builds the run's model, optimizer, mesh and sharded state as the trainer does (`state.build`:
+    the same checks, so a config the trainer refuses is refused here), and compiles the real train
+    step for a random batch with the arrays of the configured data."""
+    b = state_lib.build(config, bench_vocab(config))
+    config, mesh, model_cfg = b.config, b.mesh, b.model_cfg
     tc, seq_len = config.train, config.data.seq_len
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
-    model_cfg = config_lib.model_config(config, bench_vocab(config))
-    sharding.check_divisible(mesh, model_cfg, tc.batch_size)
-    model = family_lib.build(model_cfg)
-    tx = optim.make_optimizer(config.optim)
-    state, state_sh = train.create_sharded_state(model, tx, mesh, rules, jax.random.key(config.seed), seq_len)
+    state = b.create_state(jax.random.key(config.seed))
     num_params = count_params(state.params)
-    p_train, _ = train.make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps)
-    host = family_lib.of(model).random_batch(model_cfg, tc.batch_size, seq_len, config.seed)
+    options = data_lib.batch_options(config.data)
+    host = family_lib.of(b.model).random_batch(model_cfg, tc.batch_size, seq_len, config.seed, **options)
     batch = sharding.host_to_global(host, mesh)
     step_rng = jax.device_put(jax.random.key(1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     log(f"bench: {num_params:,} params, mesh {dict(mesh.shape)}, batch {tc.batch_size} x {seq_len}; compiling")
     t0 = time.perf_counter()
-    with sharding.use_mesh(mesh, rules):  # the context the trainer's step runs in
-        compiled = p_train.jitted.lower(state, batch, step_rng).compile()
+    with sharding.use_mesh(mesh, b.rules):  # the context the trainer's step runs in
+        compiled = b.p_train.jitted.lower(state, batch, step_rng).compile()
     return Prepared(config, compiled, state, batch, step_rng, model_cfg, mesh, num_params, time.perf_counter() - t0)
 
 

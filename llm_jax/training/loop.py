@@ -1,11 +1,10 @@
-"""Training: the state, pure jitted steps, and the loop of periodic actions.
+"""The training loop: steps plus the periodic actions that are due.
 
-`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch) -> metrics` are
-pure and written over the model-family interface (llm_jax/models/family.py), so every family trains with
-them. `train_and_evaluate` checks everything, claims the workdir (one writer), restores or creates
-the sharded state, then runs the loop: one jitted step per iteration, followed by the periodic
-actions (log, evaluate, sample, checkpoint) that are due, all of them reading a `Trainer` (what
-stays fixed) and updating a `LoopState` (what the loop changes).
+`train_and_evaluate` checks everything, claims the workdir (one writer), builds the run's state and
+steps (`llm_jax/training/state.py`: `build`), restores or creates the sharded state, then runs the
+loop: one jitted step per iteration, followed by the periodic actions (log, evaluate, sample,
+checkpoint) that are due, all of them reading a `Trainer` (what stays fixed) and updating a
+`LoopState` (what the loop changes).
 
 Divergence: a checkpoint is written only from a sane state (`check_sane`): the loss of the very
 parameters to save is finite and not a spike over the running mean of the training loss. Else
@@ -15,19 +14,15 @@ the run stops naming the last good checkpoint, so that one always is good.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 
 from llm_jax.data import lm_data as data_lib
 from llm_jax.data import tokenizer as tok_lib
@@ -38,152 +33,11 @@ from llm_jax.models import flops as flops_lib
 from llm_jax.runtime import distributed, sharding
 from llm_jax.runtime.errors import BadValue, Diverged
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import config as config_lib
 from llm_jax.training import optim
+from llm_jax.training import state as state_lib
 from llm_jax.training import summary as summary_lib
 from llm_jax.training import workdir as workdir_lib
 from llm_jax.training.metrics import MetricsLog
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # scalar int32: number of updates applied
-    params: Any
-    opt_state: Any
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure functions
-
-
-def train_step(
-    state: TrainState, batch: dict, base_rng: jax.Array, *, model, tx: optax.GradientTransformation,
-    grad_accum_steps: int = 1,
-) -> tuple[TrainState, dict]:  # fmt: skip
-    """One optimizer update on `batch` ([B, t] arrays), split into `grad_accum_steps` micro-batches.
-
-    The loss is the mean over all tokens of the batch whatever the accumulation, so accumulating
-    changes memory, not the result. Dropout's key is derived from (base_rng, step): a resumed run
-    draws the same masks.
-    """
-    rng = jax.random.fold_in(base_rng, state.step)
-    grad_fn = jax.value_and_grad(family_lib.of(model).loss_sum, argnums=1, has_aux=True)
-
-    if grad_accum_steps == 1:
-        (total, count), grads = grad_fn(model, state.params, batch, rng, True)
-    else:
-
-        def split(x):
-            # Strided split: micro-batch i takes rows i, i+k, ... so each keeps the batch's sharding.
-            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
-            return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
-
-        def body(carry, xs):
-            acc_grads, acc_total, acc_count = carry
-            mb, i = xs
-            (total, count), grads = grad_fn(model, state.params, mb, jax.random.fold_in(rng, i), True)
-            return (jax.tree.map(jnp.add, acc_grads, grads), acc_total + total, acc_count + count), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        micro = (jax.tree.map(split, batch), jnp.arange(grad_accum_steps))
-        (grads, total, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
-
-    with jax.named_scope("optimizer"):  # names the update's ops in profiles (experiments/profile_step.py)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": total / count, "grad_norm": grad_norm}
-
-
-def eval_step(params, batch: dict, *, model) -> dict:
-    """Summed loss and token count of one batch (sums, so that means over batches are exact)."""
-    total, count = family_lib.of(model).loss_sum(model, params, batch, None, False)
-    return {"loss_sum": total, "count": count}
-
-
-def skip_nonfinite(step_fn: Callable) -> Callable:
-    """Wraps a train step so that an update with a non-finite loss or gradient norm is dropped.
-
-    Decided inside the jitted step (no host round trip): params and optimizer state stay as they
-    were, the step counter still advances (the next step gets the next batch and dropout key), and
-    metrics['skipped'] is 1.
-    """
-
-    def step(state, batch, rng):
-        new_state, metrics = step_fn(state, batch, rng)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-        return kept.replace(step=new_state.step), {**metrics, "skipped": jnp.logical_not(ok).astype(jnp.int32)}
-
-    return step
-
-
-# ----------------------------------------------------------------------------------------------
-# State (born sharded) and jitted steps
-
-
-def init_state_fn(model, tx, seq_len: int) -> Callable[[jax.Array], TrainState]:
-    """rng -> TrainState with boxed (LogicallyPartitioned) params; the boxes give the shardings."""
-
-    def init(rng):
-        params = family_lib.init_params(model, rng, seq_len)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    return init
-
-
-def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, TrainState]:
-    """(ShapeDtypeStructs carrying their shardings, the shardings) of the train state: nothing is
-    computed; what checkpoint restores and ahead-of-time compilation need."""
-    boxed = jax.eval_shape(init_state_fn(model, tx, seq_len), jax.random.key(0))
-    shardings = sharding.boxed_shardings(boxed, mesh, rules)
-    return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
-
-
-def create_sharded_state(model, tx, mesh, rules, rng, seq_len):
-    """(state, state_shardings): the state is born sharded; the full model never sits on one device."""
-    init = init_state_fn(model, tx, seq_len)
-    shardings = sharding.boxed_shardings(jax.eval_shape(init, rng), mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):  # init is traced outside use_mesh (see its docstring)
-        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
-    return state, shardings
-
-
-def make_steps(model, tx, mesh, rules, state_shardings, grad_accum_steps: int, on_nan: str = "stop"):
-    """Jitted (train_step, eval_step) with explicit shardings; the train step donates the state.
-
-    Each runs under `sharding.use_mesh`, so the activation constraints take effect; `.jitted` is the
-    bare jitted function (for lowering ahead of time). on_nan='skip': see `skip_nonfinite`.
-    """
-    batch_sh = sharding.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = functools.partial(train_step, model=model, tx=tx, grad_accum_steps=grad_accum_steps)
-    if on_nan == "skip":
-        step_fn = skip_nonfinite(step_fn)
-    p_train = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_sh, replicated),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
-    p_eval = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(state_shardings.params, batch_sh),
-        out_shardings=replicated,
-    )
-
-    def with_rules(fn):
-        @functools.wraps(fn)
-        def run(*args):
-            with sharding.use_mesh(mesh, rules):
-                return fn(*args)
-
-        run.jitted = fn
-        return run
-
-    return with_rules(p_train), with_rules(p_eval)
 
 
 def evaluate(p_eval, params, eval_batches, mesh) -> float:
@@ -249,7 +103,7 @@ class LoopState:
     """What the loop changes. Its small host part is saved in every checkpoint (`checkpoint_data`),
     so a run resumed mid-way logs exactly what an uninterrupted one would."""
 
-    state: TrainState
+    state: state_lib.TrainState
     step: int
     saved_step: int
     trained_context: int  # the longest context trained at so far: what decoding may use
@@ -293,20 +147,6 @@ def _load_data(config, workdir: str, start_over: bool, log):
     return data, saved
 
 
-def check_batch(config, mesh, model_cfg) -> None:
-    tc = config.train
-    sharding.check_divisible(mesh, model_cfg, tc.batch_size)
-    sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
-    dp = sharding.data_parallel_size(mesh)
-    if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % dp:
-        raise BadValue(
-            f"config.train.batch_size={tc.batch_size} must split into grad_accum_steps={tc.grad_accum_steps} "
-            f"micro-batches that each divide over data*fsdp={dp} devices"
-        )
-    if tc.batch_size % jax.process_count():
-        raise BadValue(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
-
-
 def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, log):
     """(step, state, loop data, unreadable steps) of the newest usable checkpoint; read only."""
     if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
@@ -328,24 +168,17 @@ def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, 
         reader.close()
 
 
-def setup(
-    config, workdir: str, mesh, start_over: bool, lock, log, t_start: float, preemption
-) -> tuple[Trainer, LoopState]:
+def setup(config, workdir: str, start_over: bool, lock, log, t_start: float, preemption) -> tuple[Trainer, LoopState]:
     """Checks data and checkpoints, restores (or creates) the state, then opens the claimed
     workdir for writing. Nothing in `workdir` but its lock changes before every check has passed."""
-    tc, seq_len = config.train, config.data.seq_len
-    rules = sharding.logical_rules(config)
     data, saved_tokenizer = _load_data(config, workdir, start_over, log)
-    model_cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
-    check_batch(config, mesh, model_cfg)
-    model = family_lib.build(model_cfg)
-    tx = optim.make_optimizer(config.optim)
+    b = state_lib.build(config, data.tokenizer.vocab_size)
+    config, tc, seq_len = b.config, b.config.train, b.config.data.seq_len
     init_rng, dropout_key = jax.random.split(jax.random.key(config.seed))
-    abstract, state_sh = abstract_state(model, tx, mesh, rules, seq_len)
     tokenizer_id = tok_lib.fingerprint(data.tokenizer)
     source = workdir_lib.tokenizer_dir(workdir) if saved_tokenizer else "built from config.data"
     latest, state, restored, bad_steps = (None, None, {}, []) if start_over else _restore(
-        workdir, abstract, tokenizer_id, source, log
+        workdir, b.state, tokenizer_id, source, log
     )  # fmt: skip
 
     # Every check passed: from here on the workdir may change.
@@ -355,20 +188,19 @@ def setup(
     ckpt_lib.move_aside(workdir, bad_steps, log)
     mngr = ckpt_lib.manager(workdir, tc.keep_checkpoints)
     if state is None:
-        state, state_sh = create_sharded_state(model, tx, mesh, rules, init_rng, seq_len)
+        state = b.create_state(init_rng)
     start_step = int(restored.get("step", latest or 0))
-    p_train, p_eval = make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps, on_nan=tc.on_nan)
     pi, pc = jax.process_index(), jax.process_count()
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(b.mesh, jax.sharding.PartitionSpec())
     trainer = Trainer(
-        config=config, workdir=workdir, log=log, t_start=t_start, data=data, model=model, mesh=mesh, rules=rules,
-        p_train=p_train, p_eval=p_eval,
+        config=config, workdir=workdir, log=log, t_start=t_start, data=data, model=b.model, mesh=b.mesh,
+        rules=b.rules, p_train=b.p_train, p_eval=b.p_eval,
         eval_batches=data.eval_batches(tc.eval_steps, tc.eval_batch_size, seq_len, config.seed, pi, pc),
         # Made by a jit with a replicated output: under several processes the mesh is not all addressable.
         dropout_rng=jax.jit(lambda: dropout_key, out_shardings=replicated)(),
         mngr=mngr, lock=lock, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
-        tokenizer_id=tokenizer_id, flops_per_token=family_lib.flops_per_token(model_cfg, seq_len),
-        peak_flops=flops_lib.peak_flops(mesh.devices.flatten().tolist(), model_cfg.dtype)[0],
+        tokenizer_id=tokenizer_id, flops_per_token=family_lib.flops_per_token(b.model_cfg, seq_len),
+        peak_flops=flops_lib.peak_flops(b.mesh.devices.flatten().tolist(), b.model_cfg.dtype)[0],
     )  # fmt: skip
     ls = LoopState(
         state=state, step=start_step, saved_step=start_step, log_step=start_step, log_time=time.time(),
@@ -626,17 +458,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     it and returns (`preempted` is True).
     """
     t_start = time.time()
-    config_lib.check_keys(config)
-    config = config_lib.finalize(config)
-    config_lib.check_train(config.train)
+    config = state_lib.checked_config(config)
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
-    mesh = sharding.make_mesh(config.mesh)
+    sharding.make_mesh(config.mesh)  # a mesh the devices cannot take fails here, before the workdir is claimed
     start_over = workdir_lib.check(workdir, config)
     hint = ", or pass --config.train.wait_for_lock=SECONDS to wait for it; each run needs its own --workdir"
     lock = workdir_lib.claim(workdir, config.train.wait_for_lock, log, "llm_jax.main", hint)
     preemption = distributed.Preemption()  # early: a notice during set-up stops after the first step
     try:
-        trainer, ls = setup(config, workdir, mesh, start_over, lock, log, t_start, preemption)
+        trainer, ls = setup(config, workdir, start_over, lock, log, t_start, preemption)
         try:
             train_loop(trainer, ls)
         finally:
