@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig
-from llm_jax.runtime import sharding
+from llm_jax.runtime import files, sharding
 from llm_jax.runtime.errors import BadValue, Unavailable
 from llm_jax.tools import bench, hlo
 from llm_jax.training import config as config_lib
@@ -388,8 +388,7 @@ def dump_hlo(dump_dir: str, r: dict, lowered_text: str, compiled_text: str) -> l
     stem = re.sub(r"[^\w.\-]+", "_", f"{r['preset']}_{r['topology']}_{layout}")
     paths = [os.path.join(dump_dir, f"{stem}.stablehlo.mlir"), os.path.join(dump_dir, f"{stem}.optimized.hlo.txt")]
     for path, text in zip(paths, (lowered_text, compiled_text)):
-        with open(path, "w") as f:
-            f.write(text)
+        files.write_text(path, text)
     return paths
 
 
