@@ -316,7 +316,7 @@ def pack_examples(
 
 @dataclasses.dataclass
 class PromptCompletionData:
-    """Prompt-completion examples (fine-tuning), with the interface of `LMData`.
+    """Prompt-completion examples (fine-tuning), a `DataSource` (llm_jax/data/protocol.py) like `LMData`.
 
     Each example is `prompt` then `completion` then EOS, tokenized separately (as the generate CLI
     encodes a prompt); examples are packed in file order into rows of seq_len + 1 tokens, and the

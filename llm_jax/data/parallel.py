@@ -148,7 +148,7 @@ def pack(source: list[np.ndarray], target: list[np.ndarray], rows: int, width: i
 
 @dataclasses.dataclass
 class ParallelData:
-    """Packed translation pairs of both splits plus the joint tokenizer (the interface of data.LMData)."""
+    """Packed translation pairs of both splits plus the joint tokenizer (a `DataSource`, llm_jax/data/protocol.py)."""
 
     tokenizer: tok_lib.Tokenizer
     train: Encoded
