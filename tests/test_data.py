@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from llm_jax.data import lm_data as data_lib
-from llm_jax.data import sources
+from llm_jax.data import parallel, sources
 from llm_jax.data import tokenizer as tok_lib
+from llm_jax.data.protocol import DataSource, rows_of
 from llm_jax.training.config import base_config
 
 TEXTS = [
@@ -278,3 +279,42 @@ def test_tfds_offline_is_a_clear_error(tmp_path):
         data_lib.load_data(cfg)
     assert "tfds build tiny_shakespeare --file_format=array_record" in str(e.value)
     assert "--config.data.source=text" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The data-source protocol (llm_jax/data/protocol.py) and the one tokenizer load-or-build
+
+
+def test_rows_of_blocks_concatenate_to_the_global_batch():
+    batch = {"inputs": np.arange(12).reshape(6, 2), "targets": np.arange(6)}
+    blocks = [rows_of(batch, i, 3) for i in range(3)]
+    assert [b["targets"].tolist() for b in blocks] == [[0, 1], [2, 3], [4, 5]]
+    for k in batch:  # process order, contiguous: what sharding.host_to_global assembles
+        np.testing.assert_array_equal(np.concatenate([b[k] for b in blocks]), batch[k])
+    np.testing.assert_array_equal(rows_of(np.arange(8), 1, 2), [4, 5, 6, 7])
+    np.testing.assert_array_equal(rows_of(np.arange(8), 0, 1), np.arange(8))
+
+
+def test_every_data_source_offers_the_protocol(lm_data):
+    tok = tok_lib.ByteTokenizer()
+    for data in (lm_data, data_lib.PromptCompletionData(tok, [], []), parallel.ParallelData(tok, None, None, 8)):
+        assert isinstance(data, DataSource), type(data).__name__
+    assert not isinstance(tok, DataSource)
+
+
+def test_load_or_build_prefers_the_saved_then_the_cached_tokenizer(tmp_path):
+    built = []
+
+    def build():
+        built.append(1)
+        return tok_lib.CharTokenizer("abc")
+
+    saved = str(tmp_path / "run_tok")
+    tok_lib.save_whole(tok_lib.ByteTokenizer(), saved)
+    assert tok_lib.load_or_build(saved, build).kind == "byte" and built == []  # a resumed run's own
+    assert tok_lib.load_or_build(str(tmp_path / "none"), build).kind == "char" and built == [1]
+    cache = str(tmp_path / "cache" / "char-x")
+    os.makedirs(os.path.dirname(cache))
+    for _ in range(2):  # built once, then read back from the cache
+        assert tok_lib.load_or_build(None, build, cache_dir=cache).chars == ["a", "b", "c"]
+    assert built == [1, 1] and tok_lib.saved_in(cache)

@@ -31,6 +31,7 @@ from llm_jax.data import prepare as prepare_lib
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.data.prepare import build_tokenizer  # noqa: F401  (part of this module's interface)
+from llm_jax.data.protocol import DataSource, rows_of
 from llm_jax.runtime.errors import BadValue, NotFound
 
 PACKING = ("none", "documents")
@@ -174,9 +175,7 @@ class LMData:
         starts = np.random.default_rng([seed, step]).integers(
             0, len(self.train_tokens) - seq_len - 1, size=global_batch
         )
-        rows = global_batch // process_count
-        mine = starts[process_index * rows : (process_index + 1) * rows]
-        return windows(self.train_tokens, mine, seq_len, self.packing)
+        return windows(self.train_tokens, rows_of(starts, process_index, process_count), seq_len, self.packing)
 
     def eval_batches(
         self,
@@ -189,17 +188,15 @@ class LMData:
     ) -> list[dict[str, np.ndarray]]:
         """A fixed set of validation batches (the same every evaluation, so evals compare)."""
         rng = np.random.default_rng([seed, 2**31 - 1])
-        rows = global_batch // process_count
         out = []
         for _ in range(num_batches):
             starts = rng.integers(0, len(self.val_tokens) - seq_len - 1, size=global_batch)
-            mine = starts[process_index * rows : (process_index + 1) * rows]
-            out.append(windows(self.val_tokens, mine, seq_len, self.packing))
+            out.append(windows(self.val_tokens, rows_of(starts, process_index, process_count), seq_len, self.packing))
         return out
 
 
 def batches(
-    data,
+    data: DataSource,
     start_step: int,
     global_batch: int,
     seq_len: int,
@@ -227,7 +224,7 @@ def batches(
     return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
 
 
-def load_data(cfg, tokenizer_dir: str | None = None, log=print):
+def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> DataSource:
     """The configured data: prepared token files (prepared now on first use), with the tokenizer
     from `tokenizer_dir` when given (a resumed run), else the configured one."""
     if cfg.source == "jsonl":
@@ -330,7 +327,7 @@ def pack_examples(
 
 @dataclasses.dataclass
 class PromptCompletionData:
-    """Prompt-completion examples (fine-tuning), with the interface of `LMData`.
+    """Prompt-completion examples (fine-tuning), a `DataSource` (llm_jax/data/protocol.py) like `LMData`.
 
     Each example is `prompt` then `completion` then EOS, tokenized separately (as the generate CLI
     encodes a prompt); examples are packed in file order into rows of seq_len + 1 tokens, and the
@@ -367,8 +364,7 @@ class PromptCompletionData:
         """This process's rows of the global batch of `step`: inputs/targets/weights [rows, seq_len]."""
         tokens, mask, _ = self.rows("train", seq_len)
         idx = np.random.default_rng([seed, step]).integers(0, len(tokens), size=global_batch)
-        rows = global_batch // process_count
-        return _shifted(tokens, mask, idx[process_index * rows : (process_index + 1) * rows])
+        return _shifted(tokens, mask, rows_of(idx, process_index, process_count))
 
     def eval_batches(
         self,
@@ -381,11 +377,10 @@ class PromptCompletionData:
     ) -> list[dict[str, np.ndarray]]:
         """The validation rows in order (wrapping around if there are fewer than asked), the same every time."""
         tokens, mask, _ = self.rows("val", seq_len)
-        rows = global_batch // process_count
         out = []
         for b in range(num_batches):
             idx = (b * global_batch + np.arange(global_batch)) % len(tokens)
-            out.append(_shifted(tokens, mask, idx[process_index * rows : (process_index + 1) * rows]))
+            out.append(_shifted(tokens, mask, rows_of(idx, process_index, process_count)))
         return out
 
 
@@ -409,10 +404,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
                 f"val_fraction={cfg.val_fraction} for validation; add examples or give config.data.val_path"
             )
         train, val = train[:-n_val], train[-n_val:]
-    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
-        tokenizer = tok_lib.load(tokenizer_dir)
-    else:
-        tokenizer = build_tokenizer(cfg, [p + c for p, c in train])
+    tokenizer = tok_lib.load_or_build(tokenizer_dir, lambda: build_tokenizer(cfg, [p + c for p, c in train]))
     if tokenizer.eos_id is None:
         raise BadValue(
             f"config.data.source='jsonl' ends each completion with EOS, but the {tokenizer.kind!r} tokenizer has none; "

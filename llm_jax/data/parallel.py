@@ -22,7 +22,6 @@ step's rows waits for the next epoch (counted).
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import time
 
@@ -30,6 +29,8 @@ import numpy as np
 
 from llm_jax.data import progress as progress_lib
 from llm_jax.data import tokenizer as tok_lib
+from llm_jax.data.protocol import rows_of
+from llm_jax.runtime import files
 from llm_jax.runtime.errors import BadValue, FileError, NotFound
 
 BATCH_KEYS = ("source", "source_positions", "source_segments", "inputs", "targets", "positions", "segments")
@@ -49,9 +50,8 @@ def split_path(directory: str, split: str, lang: str) -> str:
 
 def read_lines(path: str) -> list[str]:
     """The lines of a plain or gzipped UTF-8 text file, without line ends."""
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with files.open_bytes(path) as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise FileError(f"{path} cannot be read ({e}); give a readable text or .gz file") from None
@@ -146,14 +146,9 @@ def pack(source: list[np.ndarray], target: list[np.ndarray], rows: int, width: i
     return batch, left_out
 
 
-def _rows_of(batch: dict, process_index: int, process_count: int) -> dict:
-    rows = len(batch["source"]) // process_count
-    return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
-
-
 @dataclasses.dataclass
 class ParallelData:
-    """Packed translation pairs of both splits plus the joint tokenizer (the interface of data.LMData)."""
+    """Packed translation pairs of both splits plus the joint tokenizer (a `DataSource`, llm_jax/data/protocol.py)."""
 
     tokenizer: tok_lib.Tokenizer
     train: Encoded
@@ -183,7 +178,7 @@ class ParallelData:
         order = np.random.default_rng([seed, epoch]).permutation(len(self.train.source))[j * k : (j + 1) * k]
         src, tgt = [self.train.source[i] for i in order], [self.train.target[i] for i in order]
         batch, _ = pack(src, tgt, global_batch, seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
-        return _rows_of(batch, process_index, process_count)
+        return rows_of(batch, process_index, process_count)
 
     def eval_batches(self, num_batches: int, global_batch: int, seq_len: int, seed: int,
                      process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:  # fmt: skip
@@ -193,9 +188,19 @@ class ParallelData:
         while remaining and len(out) < num_batches:
             src, tgt = [self.val.source[i] for i in remaining], [self.val.target[i] for i in remaining]
             batch, left = pack(src, tgt, global_batch, seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
-            out.append(_rows_of(batch, process_index, process_count))
+            out.append(rows_of(batch, process_index, process_count))
             remaining = [remaining[i] for i in left]
         return out
+
+
+def joint_vocabulary(cfg, src: list[str], tgt: list[str], log=print) -> tok_lib.SentencePieceTokenizer:
+    """One SentencePiece vocabulary for both languages, trained on the training pairs as prose."""
+    if cfg.tokenizer != "sentencepiece":
+        raise BadValue(f"config.data.tokenizer={cfg.tokenizer!r}: source='parallel' uses 'sentencepiece'")
+    log(f"data: training a joint {cfg.vocab_size}-piece SentencePiece vocabulary on {len(src):,} pairs")
+    return tok_lib.SentencePieceTokenizer.train(
+        src + tgt, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars, prose=True, log=log
+    )
 
 
 def load_parallel_data(cfg, tokenizer_dir: str | None = None, log=print) -> ParallelData:
@@ -205,15 +210,7 @@ def load_parallel_data(cfg, tokenizer_dir: str | None = None, log=print) -> Para
         raise BadValue("config.data.source='parallel' needs config.data.path: a directory of {split}.{lang}[.gz]")
     train_src, train_tgt = read_pairs(cfg.path, cfg.train_split, cfg.src_lang, cfg.tgt_lang)
     val_src, val_tgt = read_pairs(cfg.path, cfg.val_split, cfg.src_lang, cfg.tgt_lang)
-    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
-        tokenizer = tok_lib.load(tokenizer_dir)
-    elif cfg.tokenizer == "sentencepiece":
-        log(f"data: training a joint {cfg.vocab_size}-piece SentencePiece vocabulary on {len(train_src):,} pairs")
-        tokenizer = tok_lib.SentencePieceTokenizer.train(
-            train_src + train_tgt, cfg.vocab_size, max_chars=cfg.tokenizer_train_chars, prose=True, log=log
-        )
-    else:
-        raise BadValue(f"config.data.tokenizer={cfg.tokenizer!r}: source='parallel' uses 'sentencepiece'")
+    tokenizer = tok_lib.load_or_build(tokenizer_dir, lambda: joint_vocabulary(cfg, train_src, train_tgt, log))
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise BadValue(f"the {tokenizer.kind!r} tokenizer has no BOS/EOS ids, which the decoder needs")
     data = ParallelData(

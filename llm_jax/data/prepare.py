@@ -29,8 +29,6 @@ written, under a file lock (a second preparer of the same set waits, then reuses
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -44,6 +42,7 @@ import numpy as np
 from llm_jax.data import progress as progress_lib
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
+from llm_jax.runtime import files
 from llm_jax.runtime.errors import BadValue
 
 FORMAT_VERSION = 1
@@ -99,31 +98,25 @@ def train_texts(pieces: list[sources.Piece]):
 def resolve_tokenizer(cfg, ident: dict, root: str, tokenizer_dir: str | None, log) -> tok_lib.Tokenizer:
     """The run's own tokenizer (`tokenizer_dir`, when resuming), a fixed one (byte, hf), or one
     trained from the data, cached by source and tokenizer config (trained once, by one process)."""
-    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok_lib.META)):
-        return tok_lib.load(tokenizer_dir)
     if cfg.tokenizer not in ("char", "sentencepiece"):
-        return build_tokenizer(cfg, [])
+        return tok_lib.load_or_build(tokenizer_dir, lambda: build_tokenizer(cfg, []))
     spec = {"format": FORMAT_VERSION, "source": ident, "kind": cfg.tokenizer}
     if cfg.tokenizer == "sentencepiece":
         spec.update(vocab_size=cfg.vocab_size, train_chars=cfg.tokenizer_train_chars)
     directory = os.path.join(root, "tokenizers", f"{cfg.tokenizer}-{_hash(spec)}")
-    meta = os.path.join(directory, tok_lib.META)
-    if not os.path.exists(meta):
-        with _locked(directory + ".lock", log):
-            if not os.path.exists(meta):
-                t0 = time.time()
-                pieces = sources.plan(cfg, _piece_bytes(cfg))
-                tokenizer = build_tokenizer(cfg, train_texts(pieces))
-                _save_tokenizer(tokenizer, directory)
-                log(f"prepare: trained the {cfg.tokenizer} tokenizer in {time.time() - t0:.1f}s -> {directory}")
-    return tok_lib.load(directory)
+
+    def train() -> tok_lib.Tokenizer:
+        t0 = time.time()
+        tokenizer = build_tokenizer(cfg, train_texts(sources.plan(cfg, _piece_bytes(cfg))))
+        log(f"prepare: trained the {cfg.tokenizer} tokenizer in {time.time() - t0:.1f}s -> {directory}")
+        return tokenizer
+
+    return tok_lib.load_or_build(tokenizer_dir, train, cache_dir=directory, on_wait=_waiting(directory, log))
 
 
-def _save_tokenizer(tokenizer: tok_lib.Tokenizer, directory: str) -> None:
-    tmp = f"{directory}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save(tmp)
-    os.replace(tmp, directory)
+def _waiting(directory: str, log):
+    """What a process says when another one holds the lock of what it is about to prepare."""
+    return lambda: log(f"prepare: waiting for another process preparing {directory}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +139,7 @@ def prepare(cfg, tokenizer_dir: str | None = None, log=print) -> tuple[str, dict
     )
     directory = os.path.join(root, "data", f"{cfg.source}-{tokenizer.kind}-{key}")
     if not os.path.exists(os.path.join(directory, MANIFEST)):
-        with _locked(directory + ".lock", log):
+        with files.locked(directory + ".lock", _waiting(directory, log)):
             if not os.path.exists(os.path.join(directory, MANIFEST)):
                 _build(cfg, directory, tokenizer, log)
     return directory, read_manifest(directory, tokenizer), tokenizer
@@ -196,8 +189,8 @@ def _build(cfg, directory: str, tokenizer: tok_lib.Tokenizer, log) -> None:
         if ".tmp" in name:
             path = os.path.join(partial, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    if not os.path.exists(os.path.join(partial, "tokenizer", tok_lib.META)):
-        _save_tokenizer(tokenizer, os.path.join(partial, "tokenizer"))
+    if not tok_lib.saved_in(os.path.join(partial, "tokenizer")):
+        tok_lib.save_whole(tokenizer, os.path.join(partial, "tokenizer"))
     tasks = _tasks(sources.plan(cfg, _piece_bytes(cfg)), _piece_bytes(cfg))
     todo = [i for i in range(len(tasks)) if not os.path.exists(_task_json(partial, i))]
     if len(todo) < len(tasks):
@@ -214,8 +207,8 @@ def _build(cfg, directory: str, tokenizer: tok_lib.Tokenizer, log) -> None:
                 f"the {split} split of source={cfg.source!r} holds no tokens; give more text or change "
                 "config.data.val_fraction"
             )
-    _atomic_write(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    os.replace(partial, directory)
+    files.write_json(os.path.join(partial, MANIFEST), manifest, indent=1)
+    files.replace(partial, directory)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     log(
         f"prepare: {directory}: {tr['tokens']:,} train / {va['tokens']:,} val tokens, {tr['docs']:,} / {va['docs']:,} "
@@ -305,11 +298,11 @@ def _run_task(work: tuple) -> dict:
             continue
         name = f"{split}-{index:05d}"
         tokens = np.concatenate(parts[split]).astype(_dtype(tokenizer))
-        _atomic_write(os.path.join(directory, name + ".tokens"), tokens.tobytes())
+        files.write_bytes(os.path.join(directory, name + ".tokens"), tokens.tobytes())
         buf = _npy_bytes(np.asarray(starts[split], np.int64))
-        _atomic_write(os.path.join(directory, name + ".docs.npy"), buf)
+        files.write_bytes(os.path.join(directory, name + ".docs.npy"), buf)
         info[split] = {"name": name, "tokens": int(sizes[split]), "docs": len(starts[split])}
-    _atomic_write(_task_json(directory, index), json.dumps(info, sort_keys=True).encode())
+    files.write_json(_task_json(directory, index), info, indent=None)
     time.sleep(float(os.environ.get("LLM_JAX_PREPARE_TASK_DELAY", 0)))  # tests: time to kill a prepare midway
     return info
 
@@ -318,29 +311,3 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Temp file, flushed to disk, then renamed: a kill never leaves a half-written file under `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _locked(path: str, log):
-    """An exclusive lock on `path` (POSIX record lock: released by the OS when its holder dies)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log(f"prepare: waiting for another process preparing {path.removesuffix('.lock')}")
-            fcntl.lockf(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)

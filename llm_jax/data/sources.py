@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from llm_jax.runtime import files
 from llm_jax.runtime.errors import BadValue, FileError, NotFound, Unavailable
 
 # Directories of the standard library left out of the default corpus: tests, the IDE, vendored
@@ -244,7 +244,7 @@ def _ranges(path: str, split: str, lo: int, hi: int, piece_bytes: int, errors: s
     """Bytes [lo, hi) of one document as pieces cut just after a newline (so UTF-8 characters,
     and the lines SentencePiece encodes one by one, are never cut)."""
     cuts = [lo]
-    with _open(path) as f:
+    with files.open_bytes(path) as f:
         while hi - cuts[-1] > piece_bytes:
             f.seek(cuts[-1] + piece_bytes)
             line = f.readline()
@@ -274,16 +274,12 @@ def _size(path: str) -> int:
     """Bytes of text in a file (a .gz file's uncompressed size)."""
     if not path.endswith(".gz"):
         return os.path.getsize(path)
-    with gzip.open(path, "rb") as f:
+    with files.open_bytes(path) as f:
         return f.seek(0, os.SEEK_END)
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading
-
-
-def _open(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _decode(raw: bytes, path: str, offset: int, errors: str) -> str:
@@ -297,7 +293,7 @@ def _decode(raw: bytes, path: str, offset: int, errors: str) -> str:
 
 def _read_text(path: str, errors: str) -> str:
     try:
-        with _open(path) as f:
+        with files.open_bytes(path) as f:
             return _decode(f.read(), path, 0, errors)
     except OSError as e:
         raise FileError(f"config.data.path={path!r} cannot be read: {e}") from e
@@ -306,7 +302,7 @@ def _read_text(path: str, errors: str) -> str:
 def count_chars(path: str) -> int:
     """Characters of a UTF-8 file, counted in blocks (bytes that do not continue a character)."""
     n = 0
-    with _open(path) as f:
+    with files.open_bytes(path) as f:
         while block := f.read(_BLOCK):
             n += int(np.count_nonzero((np.frombuffer(block, np.uint8) & 0xC0) != 0x80))
     return n
@@ -317,7 +313,7 @@ def char_offsets(path: str, chars: list[int]) -> list[int]:
     out, seen, base = [], 0, 0
     want = iter(chars)
     target = next(want, None)
-    with _open(path) as f:
+    with files.open_bytes(path) as f:
         while target is not None and (block := f.read(_BLOCK)):
             starts = np.flatnonzero((np.frombuffer(block, np.uint8) & 0xC0) != 0x80)
             while target is not None and target < seen + len(starts):
@@ -333,7 +329,7 @@ def char_offsets(path: str, chars: list[int]) -> list[int]:
 def read_piece(piece: Piece) -> Iterator[Doc]:
     """The documents (or parts of one) a piece holds, in order."""
     if piece.kind == "file":
-        with _open(piece.path) as f:
+        with files.open_bytes(piece.path) as f:
             f.seek(piece.lo)
             text = _decode(f.read(piece.hi - piece.lo), piece.path, piece.lo, piece.errors)
         if piece.chars >= 0:
@@ -365,7 +361,7 @@ def json_line(line: str, where: str):
 def _read_jsonl(piece: Piece) -> Iterator[Doc]:
     """Lines starting in [lo, hi) (the line cut by `lo` belongs to the piece before)."""
     key, val_fraction, name = piece.args
-    with _open(piece.path) as f:
+    with files.open_bytes(piece.path) as f:
         if piece.lo > 0:
             f.seek(piece.lo - 1)
             f.readline()  # up to the first line that starts at or after lo

@@ -13,11 +13,12 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from llm_jax.data import progress
+from llm_jax.runtime import files
 from llm_jax.runtime.errors import BadValue, NotFound
 
 META = "llm_jax_tokenizer.json"
@@ -43,7 +44,7 @@ class Tokenizer:
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        _atomic_write(os.path.join(directory, META), json.dumps(self._meta(), indent=1))
+        files.write_text(os.path.join(directory, META), json.dumps(self._meta(), indent=1))
 
     def _meta(self) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size}
@@ -194,7 +195,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, directory):
         super().save(directory)
-        _atomic_write(os.path.join(directory, self.MODEL), self.proto)
+        files.write_bytes(os.path.join(directory, self.MODEL), self.proto)
 
 
 def _train_spm(spm, log, **kwargs) -> None:
@@ -262,7 +263,37 @@ class HFTokenizer(Tokenizer):
 
     def save(self, directory):
         super().save(directory)
-        _atomic_write(os.path.join(directory, self.FILE), self.json_str)
+        files.write_text(os.path.join(directory, self.FILE), self.json_str)
+
+
+def saved_in(directory: str | None) -> bool:
+    """Whether `directory` holds a tokenizer saved by `Tokenizer.save` (its META file is written first)."""
+    return bool(directory) and os.path.exists(os.path.join(directory, META))
+
+
+def save_whole(tokenizer: Tokenizer, directory: str) -> None:
+    """`tokenizer.save(directory)` as one rename: the (missing or empty) directory appears with all
+    its files or not at all, so a process killed midway never leaves half a tokenizer."""
+    with files.atomic_path(directory) as tmp:
+        tokenizer.save(tmp)
+
+
+def load_or_build(
+    saved_dir: str | None, build: Callable[[], Tokenizer], cache_dir: str | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> Tokenizer:  # fmt: skip
+    """The tokenizer a run uses: the run's own when `saved_dir` holds one (a resumed run), else the
+    one in `cache_dir` (built there by `build()` once, by one process, while the others wait;
+    `on_wait()` is called before waiting), else a new one from `build()`."""
+    if saved_in(saved_dir):
+        return load(saved_dir)
+    if cache_dir is None:
+        return build()
+    if not saved_in(cache_dir):
+        with files.locked(cache_dir + ".lock", on_wait):
+            if not saved_in(cache_dir):  # another process may have built it while we waited
+                save_whole(build(), cache_dir)
+    return load(cache_dir)
 
 
 def load(directory: str) -> Tokenizer:
@@ -293,12 +324,3 @@ def fingerprint(tokenizer: Tokenizer) -> dict:
         if v is not None:
             h.update(v if isinstance(v, bytes) else v.encode())
     return {"kind": tokenizer.kind, "vocab_size": int(tokenizer.vocab_size), "sha256": h.hexdigest()[:16]}
-
-
-def _atomic_write(path: str, data) -> None:
-    """Write to a temp file then rename: a crash never leaves a half-written file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)

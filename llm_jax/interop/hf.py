@@ -48,7 +48,7 @@ from llm_jax.interop.hf_specs import HFError, Spec
 from llm_jax.interop.safetensors_io import INDEX_FILE, SafetensorsDir  # noqa: F401 - part of this module's API
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import RUNTIME_FIELDS, ModelConfig, TransformerLM
-from llm_jax.runtime import sharding
+from llm_jax.runtime import files, sharding
 from llm_jax.runtime.errors import AlreadyExists, BadValue, NotFound
 from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import config as config_lib
@@ -338,7 +338,7 @@ def save_pretrained(
     stored = {_DTYPE_NAMES.get(v.dtype, str(v.dtype)) for v in tensors.values()}
     if len(stored) == 1:  # what the weights are, which a cast may have changed
         hf_cfg["dtype"] = stored.pop()
-    safetensors_io.write_json(os.path.join(hf_dir, "config.json"), hf_cfg)
+    files.write_json(os.path.join(hf_dir, "config.json"), hf_cfg)
     if isinstance(tokenizer, tok_lib.HFTokenizer):
         _write_tokenizer(hf_dir, tokenizer, cfg.max_len)
 
@@ -346,13 +346,12 @@ def save_pretrained(
 def _write_tokenizer(hf_dir: str, tokenizer: tok_lib.HFTokenizer, max_len: int) -> None:
     """tokenizer.json, and a minimal tokenizer_config.json unless an imported one was carried over
     (AutoTokenizer needs one to pick the fast tokenizer class)."""
-    with open(os.path.join(hf_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(tokenizer.json_str)
+    files.write_text(os.path.join(hf_dir, "tokenizer.json"), tokenizer.json_str)
     if not os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")):
         tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
         if tokenizer.eos_id is not None:
             tc["eos_token"] = tokenizer.tok.id_to_token(int(tokenizer.eos_id))
-        safetensors_io.write_json(os.path.join(hf_dir, "tokenizer_config.json"), tc)
+        files.write_json(os.path.join(hf_dir, "tokenizer_config.json"), tc)
 
 
 # ----------------------------------------------------------------------------------------------

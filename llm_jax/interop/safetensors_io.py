@@ -17,6 +17,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from llm_jax.runtime import files
 from llm_jax.runtime.errors import BadValue, NotFound
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,23 +126,20 @@ def write(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int =
         os.remove(stale)
     shards = shard_names(tensors, max_shard_bytes)
     if len(shards) == 1:
-        safetensors.numpy.save_file(tensors, os.path.join(directory, SAFE_FILE), metadata=_METADATA)
+        _save(safetensors.numpy, tensors, os.path.join(directory, SAFE_FILE))
         return [SAFE_FILE]
     weight_map = {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         part = {n: tensors[n] for n in names}
-        safetensors.numpy.save_file(part, os.path.join(directory, fname), metadata=_METADATA)
+        _save(safetensors.numpy, part, os.path.join(directory, fname))
         weight_map.update(dict.fromkeys(names, fname))
     total = sum(v.nbytes for v in tensors.values())
-    write_json(os.path.join(directory, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    files.write_json(os.path.join(directory, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
     return sorted(set(weight_map.values()))
 
 
-def write_json(path: str, obj: dict) -> None:
-    """`obj` as indented JSON, atomically (a temporary file renamed over `path`)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def _save(st_numpy, tensors: dict[str, np.ndarray], path: str) -> None:
+    """One safetensors file, atomically: a killed export never leaves a truncated shard."""
+    with files.atomic_path(path) as tmp:
+        st_numpy.save_file(tensors, tmp, metadata=_METADATA)

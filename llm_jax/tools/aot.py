@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.models.model import ModelConfig
-from llm_jax.runtime import sharding
+from llm_jax.runtime import files, sharding
 from llm_jax.runtime.errors import BadValue, Unavailable
 from llm_jax.tools import bench, hlo
 from llm_jax.training import state as state_lib
@@ -359,8 +359,7 @@ def dump_hlo(dump_dir: str, r: dict, lowered_text: str, compiled_text: str) -> l
     stem = re.sub(r"[^\w.\-]+", "_", f"{r['preset']}_{r['topology']}_{layout}")
     paths = [os.path.join(dump_dir, f"{stem}.stablehlo.mlir"), os.path.join(dump_dir, f"{stem}.optimized.hlo.txt")]
     for path, text in zip(paths, (lowered_text, compiled_text)):
-        with open(path, "w") as f:
-            f.write(text)
+        files.write_text(path, text)
     return paths
 
 

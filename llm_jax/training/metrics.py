@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 
+from llm_jax.runtime import files
+
 
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) and TensorBoard events, from process 0 only.
@@ -76,10 +78,7 @@ def _truncate_jsonl(path: str, keep_until: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass
     if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        files.write_text(path, "".join(kept))
 
 
 def _scalar(v):

@@ -21,8 +21,6 @@ lock for all of them.
 from __future__ import annotations
 
 import datetime
-import errno
-import fcntl
 import json
 import os
 import socket
@@ -35,7 +33,7 @@ import ml_collections
 
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.models.model import RUNTIME_FIELDS
-from llm_jax.runtime import distributed
+from llm_jax.runtime import distributed, files
 from llm_jax.runtime.errors import BadValue, FileError, UserError, WorkdirBusy
 from llm_jax.training import config as config_lib
 
@@ -52,7 +50,7 @@ def tokenizer_dir(workdir: str) -> str:
 
 
 def has_tokenizer(workdir: str) -> bool:
-    return os.path.exists(os.path.join(tokenizer_dir(workdir), tok_lib.META))
+    return tok_lib.saved_in(tokenizer_dir(workdir))
 
 
 def sync(name: str) -> None:
@@ -123,13 +121,9 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, tokenizer=None) -> 
     if it is not there yet. Process 0 writes; call only once every check has passed."""
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        path = os.path.join(workdir, CONFIG_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(config_lib.to_json(config))
-        os.replace(tmp, path)
+        files.write_text(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
         if tokenizer is not None and not has_tokenizer(workdir):
-            tokenizer.save(tokenizer_dir(workdir))
+            tok_lib.save_whole(tokenizer, tokenizer_dir(workdir))
     sync("llm_jax:prepare_workdir")
 
 
@@ -196,16 +190,14 @@ def _open_locked(path: str) -> tuple[int | None, bool]:
             why = f"lock file {path} cannot be opened for writing ({e.strerror})"
             raise FileError(f"{why}; fix its permissions") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            kernel_lock = True
-        except BlockingIOError:
+            held = files.try_flock(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if held is False:
             os.close(fd)
             return None, True
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                os.close(fd)
-                raise
-            kernel_lock = False
+        kernel_lock = held is True
         # Between open and flock the file may have been moved aside with its workdir, or removed by
         # a run that failed in a workdir it had created: then this lock guards nothing; start over.
         try:
