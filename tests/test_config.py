@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.runtime.errors import BadValue
 from llm_jax.training import config as config_lib
 from llm_jax.training import train
 
@@ -113,14 +114,14 @@ def test_model_config_vocabulary_and_length_checks():
     c.model.vocab_multiple = 1
     assert config_lib.model_config(c, 257).vocab_size == 257
     c.model.vocab_size = 200
-    with pytest.raises(ValueError, match=r"vocab_size=200 is smaller than the tokenizer's vocabulary \(257\)"):
+    with pytest.raises(BadValue, match=r"vocab_size=200 is smaller than the tokenizer's vocabulary \(257\)"):
         config_lib.model_config(c, 257)
     c.model.vocab_size = 0
-    with pytest.raises(ValueError, match=r"vocab_size=0 must be positive \(leave it unset"):
+    with pytest.raises(BadValue, match=r"vocab_size=0 must be positive \(leave it unset"):
         config_lib.model_config(c, 257)
     c.model.vocab_size = None  # unset: the tokenizer's
     c.data.seq_len, c.model.max_len = 512, 256
-    with pytest.raises(ValueError, match=r"seq_len=512 is longer than .*max_len=256"):
+    with pytest.raises(BadValue, match=r"seq_len=512 is longer than .*max_len=256"):
         config_lib.model_config(c, 257)
 
 
@@ -170,7 +171,7 @@ def test_renamed_keys_fail_naming_the_new_key(tmp_path):
     assert "config.model.rope_scaling.factor is now config.model.rope_scaling_factor" in proc.stderr, proc.stderr
     d = config_lib.base_config().to_dict()
     d["model"]["rope_scaling"] = {"type": "linear"}  # a config written for the old layout
-    with pytest.raises(ValueError, match="config.model.rope_scaling.type is now config.model.rope_scaling"):
+    with pytest.raises(BadValue, match="config.model.rope_scaling.type is now config.model.rope_scaling"):
         config_lib.check_keys(ml_collections.ConfigDict(d))
 
 
@@ -213,17 +214,17 @@ def _tiny(tmp_path, **mesh):
     ],
 )
 def test_impossible_mesh_shape_fails_clearly(tmp_path, mesh, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(BadValue, match=message):
         train.train_and_evaluate(_tiny(tmp_path, **mesh), str(tmp_path / "run"))
 
 
 def test_mesh_that_does_not_fit_the_model_fails_clearly(tmp_path):
     c = _tiny(tmp_path, data=1, fsdp=2, tensor=4)
     c.model.update(num_heads=2, embed_dim=36)  # 2 heads over tensor=4; width 36 over fsdp=2 is fine
-    with pytest.raises(ValueError, match=r"num_heads=2 is not divisible by mesh tensor=4") as e:
+    with pytest.raises(BadValue, match=r"num_heads=2 is not divisible by mesh tensor=4") as e:
         train.train_and_evaluate(c, str(tmp_path / "run"))
     assert "config.mesh" in str(e.value)
     c = _tiny(tmp_path, data=8)
     c.train.batch_size = 12
-    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
+    with pytest.raises(BadValue, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
         train.train_and_evaluate(c, str(tmp_path / "run2"))

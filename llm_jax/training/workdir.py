@@ -76,7 +76,9 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> bool:
         with open(path) as f:
             old = config_lib.upgrade(json.load(f))
         diffs = _model_diffs(old.get("model", {}), json.loads(json.dumps(config.model.to_dict())))
-    except (OSError, ValueError, AttributeError) as e:
+    except OSError as e:  # a permission or I/O error: not a reason to move the run aside (overwrite)
+        raise FileError(f"{path} cannot be read ({e.strerror or e}); make it readable or use another --workdir") from e
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not a dict
         diffs = [f"its config.json cannot be read ({type(e).__name__}: {e})"]
     if not diffs:
         return False
