@@ -21,9 +21,10 @@ reads the workdir and takes no lock. A mistake in the input is one line, `conver
 (`--debug` shows the traceback; llm_jax/cli.py).
 """
 
-from absl import app, flags, logging
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
 
-from llm_jax import cli
+# isort: split
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (read by from_hf, written by to_hf).")

@@ -16,10 +16,12 @@ A mistake in the input (a config key or value, the mesh, the data, the workdir) 
 `main: error: ...`, and exit status 1; `--debug` or LLM_JAX_DEBUG=1 shows its traceback (llm_jax/cli.py).
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import cli
 from llm_jax.runtime import distributed
 from llm_jax.training import train
 
