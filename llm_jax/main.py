@@ -28,7 +28,7 @@ from llm_jax.training import train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config.json, metrics, tokenizer. Resumed if present.")
-flags.DEFINE_string("coordinator_address", "", "Multi-process: HOST:PORT of process 0's coordinator (jax.distributed).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
 flags.DEFINE_bool(

@@ -35,6 +35,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.")
-    flags.DEFINE_string("workdir", "", "Optional: a run directory whose tokenizer to use (as a resumed run would).")
+    flags.DEFINE_string("workdir", None, "Optional: a run directory whose tokenizer to use (as a resumed run would).")
     flags.mark_flags_as_required(["config"])
     cli.run(main, "prepare")

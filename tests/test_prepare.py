@@ -186,6 +186,7 @@ def test_tfds_dataset_prepares_and_trains_without_tensorflow(tmp_path):
     LlmJaxTinyDocs(data_dir=data_dir, file_format="array_record").download_and_prepare()
     over = {
         "data.source": "tfds", "data.tfds_name": "llm_jax_tiny_docs", "data.tfds_data_dir": data_dir,
+        "data.max_chars": 0,  # the tiny config's limit of the text sources; tfds has max_docs
         "data.cache_dir": str(tmp_path / "cache"), "data.packing": "documents", "train.num_steps": 4,
         "train.eval_every": 4, "train.sample_tokens": 0,
     }  # fmt: skip

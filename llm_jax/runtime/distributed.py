@@ -43,7 +43,7 @@ def cluster_env_present() -> bool:
 
 
 def initialize(
-    coordinator_address: str = "",
+    coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     auto: bool = True,

@@ -128,7 +128,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, tokenizer=None) -> 
         path = os.path.join(workdir, CONFIG_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(config_lib.to_json(config))
+            f.write(config_lib.run_json(config))
         os.replace(tmp, path)
         if tokenizer is not None and not has_tokenizer(workdir):
             tokenizer.save(tokenizer_dir(workdir))
