@@ -252,7 +252,7 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
     for p, error in ((flag, "llm_jax.runtime.errors.BadValue: mesh shape"), (env, "llm_jax.runtime.errors.NotFound: ")):
         assert p.returncode != 0 and "Traceback (most recent call last)" in p.stderr and error in p.stderr, p.stderr
     # A bug (any exception but a UserError) keeps its traceback without being asked.
-    code = "from llm_jax import cli, errors; cli.run(lambda argv: {}, 'tool')"
+    code = "from llm_jax import cli; from llm_jax.runtime import errors; cli.run(lambda argv: {}, 'tool')"
     for body, ok in (("1 / 0", False), ("exec('raise errors.BadValue(\"bad x\\\\nfix it\")')", True)):
         p = subprocess.run([sys.executable, "-c", code.format(body)], cwd=R.REPO, env=R.env(1),
                            capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -132,7 +132,7 @@ def test_two_processes_build_the_same_batches(corpus, tmp_path):
     cfg = _cfg(corpus, tmp_path, packing="documents")
     data = data_lib.load_data(cfg, **QUIET)
     script = (
-        "import sys, numpy as np, ml_collections as mc; from llm_jax import data as D\n"
+        "import sys, numpy as np, ml_collections as mc; from llm_jax.data import lm_data as D\n"
         "cfg = mc.ConfigDict(__import__('json').loads(sys.argv[1])); i = int(sys.argv[2])\n"
         "d = D.load_data(cfg, log=lambda *a: None)\n"
         "b = [d.train_batch(s, 8, 64, 0, i, 2) for s in (0, 5)] + d.eval_batches(2, 8, 64, 0, i, 2)\n"
