@@ -42,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     if variant == "tiny":
-        c.data.update(source="stdlib", max_chars=30_000, seq_len=min(32, c.model.max_len))
+        c.data.update(source="stdlib", path="", max_chars=30_000, seq_len=min(32, c.model.max_len))
         c.train.update(
             batch_size=8,
             num_steps=2,

@@ -22,7 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import llm_jax  # noqa: E402, F401 - first: host memory settings (llm_jax/runtime/hostmem.py) before threads start
+from llm_jax.runtime import hostmem  # noqa: E402 - first: host memory settings before numpy and JAX start threads
+
+hostmem.keep_freed_memory()  # as the command lines do (llm_jax/cli.py); `import llm_jax` alone does not
 
 # isort: split
 import jax  # noqa: E402

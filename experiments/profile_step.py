@@ -58,12 +58,15 @@ def main():
     ap.add_argument("--top", type=int, default=40)
     args, overrides = ap.parse_known_args()
 
-    from llm_jax.tools import bench  # first: importing llm_jax sets host memory before JAX starts (hostmem.py)
+    from llm_jax.runtime import hostmem
 
-    # isort: split
+    hostmem.keep_freed_memory()  # first, as llm_jax.bench does: before numpy and JAX start threads (hostmem.py)
+
     import jax
     from absl import flags
     from ml_collections import config_flags
+
+    from llm_jax.tools import bench
 
     config_flags.DEFINE_config_file("config", None)  # parsed below: a default would load the file twice
     flags.FLAGS(["prog", f"--config={args.config}", *overrides])

@@ -51,7 +51,7 @@ SETTINGS = {  # name -> (torch.compile the forward + loss, AdamW keyword argumen
 
 
 def same_host_memory() -> bool:
-    """A PyTorch worker runs under the host-memory settings llm_jax applies on import (llm_jax/runtime/hostmem.py:
+    """A PyTorch worker runs under the host-memory settings llm_jax's commands apply first (llm_jax/runtime/hostmem.py:
     glibc keeps freed memory for reuse; PyTorch gains from them too, 4 - 5% on bench_cpu), decided the
     same way for both sides (LLM_JAX_KEEP_FREED_MEMORY=0 turns them off for both). Call it before torch
     is imported: threads pick their malloc arena at their first allocation."""

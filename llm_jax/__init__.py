@@ -1,12 +1,9 @@
-"""llm_jax: sharded Transformer language models in JAX/Flax."""
+"""llm_jax: sharded Transformer language models in JAX/Flax.
 
-from llm_jax.runtime import hostmem
-from llm_jax.runtime.errors import BadValue
+Importing it changes nothing in the process. The command lines (`python -m llm_jax.<name>`) set the
+C library to keep freed memory on a CPU host; a notebook or script does it with
+`llm_jax.runtime.hostmem.keep_freed_memory()`, called before numpy and JAX are imported
+(llm_jax/runtime/hostmem.py).
+"""
 
 __version__ = "0.1.0"
-
-# On a CPU host, before numpy or JAX start threads: keep freed step memory for reuse (hostmem.py).
-try:
-    hostmem.keep_freed_memory()
-except BadValue:  # importing still works; the command lines stop on it with one line (cli.py)
-    pass

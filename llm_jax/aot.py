@@ -8,6 +8,9 @@ The report (per-chip memory against HBM, fits or not, compile time, collectives)
 llm_jax/tools/aot.py. The last line of stdout is one JSON object.
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 import json
 import os
 import sys
@@ -16,7 +19,6 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import cli
 from llm_jax.tools import aot
 
 

@@ -8,9 +8,11 @@ What is drawn and the Python API: llm_jax/tools/attention_maps.py. matplotlib co
 `notebook` extra.
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 from absl import app, flags, logging
 
-from llm_jax import cli
 from llm_jax.runtime.errors import BadValue
 from llm_jax.tools import attention_maps as maps_lib
 from llm_jax.training.saved_run import load_run

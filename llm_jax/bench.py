@@ -4,12 +4,14 @@ Compiles the trainer's own train step for the config and times it on random toke
 of stdout is one JSON object (its fields: llm_jax/tools/bench.py).
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 import json
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import cli
 from llm_jax.tools import bench
 
 

@@ -3,12 +3,14 @@
 What is timed and the JSON it prints: llm_jax/tools/bench_decode.py.
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 import json
 
 import jax
 from absl import app, flags
 
-from llm_jax import cli
 from llm_jax.tools import bench_decode as bd
 
 

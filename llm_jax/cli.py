@@ -1,7 +1,14 @@
-"""The command lines' shared edge: expected errors as one line, the traceback on request.
+"""The command lines' shared edge: host memory set first, expected errors as one line, the traceback on request.
 
+    from llm_jax import cli  # a command module's first import
+    ...
     if __name__ == "__main__":
         cli.run(main, "generate")
+
+Importing this module applies llm_jax/runtime/hostmem.py's malloc settings, which must come before
+the first thread of numpy or JAX: so every command module imports it first, and it imports neither
+at its top (only the standard library, absl, ml_collections and llm_jax/runtime's light modules;
+the run config, which imports JAX, where it is used).
 
 A `UserError` (llm_jax/runtime/errors.py), an absl `UsageError` or a flag that does not parse ends the
 program with one line on stderr, `<tool>: error: <message>`, and exit status 1. `--debug` (every
@@ -20,11 +27,22 @@ from absl import app, flags
 
 from llm_jax.runtime import hostmem
 from llm_jax.runtime.errors import BadValue, UserError
-from llm_jax.training import config as config_lib
 
 DEBUG_ENV = "LLM_JAX_DEBUG"
 EXIT_USER_ERROR = 1
 _TRACEBACK = "Traceback (most recent call last)"
+
+
+def keep_freed_memory() -> None:
+    """hostmem.keep_freed_memory() for a command line, run at this module's import (see the module
+    docstring). A bad LLM_JAX_KEEP_FREED_MEMORY is left to `run`, which reports it in one line."""
+    try:
+        hostmem.keep_freed_memory()
+    except BadValue:
+        pass
+
+
+keep_freed_memory()
 
 
 def debugging(argv: list[str]) -> bool:
@@ -66,7 +84,7 @@ def run(main: Callable[[list[str]], object], tool: str, flags_parser: Callable |
 
     def parse(argv):
         try:
-            hostmem.wanted()  # a bad LLM_JAX_KEEP_FREED_MEMORY: one line (importing llm_jax let it pass)
+            hostmem.wanted()  # a bad LLM_JAX_KEEP_FREED_MEMORY: one line (keep_freed_memory let it pass)
             return parser(argv)
         except (flags.Error, UserError) as e:
             if debugging(argv):
@@ -103,6 +121,8 @@ def parse_config_flags(argv):
     """absl's flag parsing for the commands that take `--config FILE[:arg] --config.KEY=VALUE`
     (`llm_jax.main`, `llm_jax.aot`); an override of a key the config does not have (`--config.train.num_step=3`)
     is a BadValue naming the flag, instead of ml_collections' traceback."""
+    from llm_jax.training import config as config_lib  # here, not at the top: it imports JAX (module docstring)
+
     for arg in argv[1:]:
         renamed = config_lib.renamed_key_message(arg.split("=")[0].removeprefix("--"))
         if renamed and arg.startswith("--config."):

@@ -21,17 +21,18 @@ reads the workdir and takes no lock. A mistake in the input is one line, `conver
 (`--debug` shows the traceback; llm_jax/cli.py).
 """
 
-from absl import app, flags, logging
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
 
-from llm_jax import cli
+# isort: split
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (read by from_hf, written by to_hf).")
 flags.DEFINE_string("workdir", None, "llm_jax run directory (written by from_hf, read by to_hf).")
 flags.DEFINE_bool("scan_layers", False, "from_hf: store the layers stacked for nn.scan (model.scan_layers=True).")
 flags.DEFINE_string("mesh", "1,-1,1", "from_hf: data,fsdp,tensor mesh sizes to place the weights on while converting.")
-flags.DEFINE_integer("step", -1, "to_hf: checkpoint step to export (-1: the latest).")
-flags.DEFINE_string("dtype", "", "to_hf: cast the weights to float32, bfloat16 or float16 (default: as trained).")
+flags.DEFINE_integer("step", None, "to_hf: checkpoint step to export (default: the latest).")
+flags.DEFINE_string("dtype", None, "to_hf: cast the weights to float32, bfloat16 or float16 (default: as trained).")
 flags.mark_flags_as_required(["hf_dir", "workdir"])
 
 COMMANDS = ("from_hf", "to_hf")
@@ -60,9 +61,7 @@ def main(argv):
             if lock is not None:
                 lock.release()
     else:
-        hf.export_run(
-            FLAGS.workdir, FLAGS.hf_dir, step=None if FLAGS.step < 0 else FLAGS.step, dtype=FLAGS.dtype or None
-        )
+        hf.export_run(FLAGS.workdir, FLAGS.hf_dir, step=FLAGS.step, dtype=FLAGS.dtype)
 
 
 if __name__ == "__main__":

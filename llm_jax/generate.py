@@ -21,13 +21,15 @@ object per prompt ({"prompt", "completion"}) instead of text.
 
 from __future__ import annotations
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 import json
 import os
 import sys
 
 from absl import app, flags, logging
 
-from llm_jax import cli
 from llm_jax.inference import decode
 from llm_jax.runtime.errors import UserError
 from llm_jax.training.saved_run import load_run

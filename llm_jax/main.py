@@ -16,17 +16,19 @@ A mistake in the input (a config key or value, the mesh, the data, the workdir) 
 `main: error: ...`, and exit status 1; `--debug` or LLM_JAX_DEBUG=1 shows its traceback (llm_jax/cli.py).
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import cli
 from llm_jax.runtime import distributed
 from llm_jax.training import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config.json, metrics, tokenizer. Resumed if present.")
-flags.DEFINE_string("coordinator_address", "", "Multi-process: HOST:PORT of process 0's coordinator (jax.distributed).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0..num_processes-1.")
 flags.DEFINE_bool(

@@ -6,11 +6,13 @@ The panels: llm_jax/tools/plot.py (`figure` returns the matplotlib Figure in a n
 matplotlib comes with the `notebook` extra.
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 import os
 
 from absl import app, flags
 
-from llm_jax import cli
 from llm_jax.tools import plot
 
 

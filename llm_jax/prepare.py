@@ -6,13 +6,15 @@ llm_jax/data/prepare.py. The trainer prepares on first use by itself; this is fo
 (e.g. once, before a multi-host run).
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 import json
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax import cli
 from llm_jax.data import prepare as prepare_lib
 from llm_jax.training import config as config_lib
 from llm_jax.training import workdir as workdir_lib
@@ -33,6 +35,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.")
-    flags.DEFINE_string("workdir", "", "Optional: a run directory whose tokenizer to use (as a resumed run would).")
+    flags.DEFINE_string("workdir", None, "Optional: a run directory whose tokenizer to use (as a resumed run would).")
     flags.mark_flags_as_required(["config"])
     cli.run(main, "prepare")

@@ -10,12 +10,14 @@ A mistake in the input is one line, `translate: error: ...` (`--debug` shows the
 The decoding itself: llm_jax/inference/translate.py.
 """
 
+from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
+
+# isort: split
 import sys
 import time
 
 from absl import app, flags, logging
 
-from llm_jax import cli
 from llm_jax.data.parallel import read_lines
 from llm_jax.inference import translate as translate_lib
 from llm_jax.runtime.errors import BadValue

@@ -15,6 +15,7 @@ from llm_jax.models import family as family_lib
 from llm_jax.models import model as model_lib
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import BadValue
 from llm_jax.tools import attention_maps as attention
 from llm_jax.training import loop
 from llm_jax.training.saved_run import load_run
@@ -106,13 +107,13 @@ def test_attention_maps_are_the_same_on_any_mesh(fsdp_tensor_run):
     assert s.queries == s.keys and s.queries[:4] == ["d", "e", "f", "␣"] and "\\n" in s.queries
     cut = attention.attention_maps(run, text=text, max_tokens=5)
     assert cut.sections[0].weights.shape[-1] == 5 and f"first 5 of {len(text)} tokens" in cut.caption
-    with pytest.raises(ValueError, match="give --text"):
+    with pytest.raises(BadValue, match="give --text"):
         attention.attention_maps(run, source="a man")
     sub = attention.select(maps, layers=[1], heads=[0])
     assert sub.sections[0].weights.shape == (1, 1, len(text), len(text))
     assert (sub.sections[0].layer_ids, sub.sections[0].head_ids) == ([1], [0])  # the model's numbering
     np.testing.assert_array_equal(sub.sections[0].weights[0, 0], s.weights[1, 0])
-    with pytest.raises(ValueError, match="head 5 does not exist.*0..1"):
+    with pytest.raises(BadValue, match="head 5 does not exist.*0..1"):
         attention.select(maps, heads=[5])
 
 

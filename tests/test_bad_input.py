@@ -12,6 +12,7 @@ import sys
 import pytest
 import runlib as R
 
+from llm_jax.runtime.errors import BadValue, FileError, NotFound
 from llm_jax.training import loop
 
 
@@ -51,7 +52,7 @@ def workdir(run, tmp_path):
     return wd
 
 
-def _refused(run, workdir, match, error=ValueError, **over):
+def _refused(run, workdir, match, error=BadValue, **over):
     """Runs with `over`; asserts the error message and that `workdir` did not change at all."""
     before = R.snapshot(workdir)
     with pytest.raises(error, match=match):
@@ -64,7 +65,7 @@ def test_unknown_config_key_in_a_config_file(run, workdir):
     c.train.chekpoint_every = 5  # a config file's typo: ConfigDicts accept new keys until locked
     before = R.snapshot(workdir)
     with pytest.raises(
-        ValueError, match=r"config\.train\.chekpoint_every \(did you mean config\.train\.checkpoint_every\?\)"
+        BadValue, match=r"config\.train\.chekpoint_every \(did you mean config\.train\.checkpoint_every\?\)"
     ):
         loop.train_and_evaluate(c, workdir)
     assert R.snapshot(workdir) == before
@@ -112,13 +113,13 @@ def test_non_utf8_corpus(run, workdir, tmp_path):
 
 
 def test_missing_or_unreadable_data_path(run, workdir, tmp_path):
-    _refused(run, workdir, r"nope.txt' does not exist", FileNotFoundError, **{"data.path": str(tmp_path / "nope.txt")})
-    _refused(run, workdir, r"is not a file", FileNotFoundError, **{"data.path": str(tmp_path)})
+    _refused(run, workdir, r"nope.txt' does not exist", NotFound, **{"data.path": str(tmp_path / "nope.txt")})
+    _refused(run, workdir, r"is not a file", NotFound, **{"data.path": str(tmp_path)})
     if os.geteuid() != 0:  # root reads files whatever their mode
         locked = tmp_path / "locked.txt"
         locked.write_text("some text\n" * 100)
         locked.chmod(0)
-        _refused(run, workdir, r"cannot be read", OSError, **{"data.path": str(locked)})
+        _refused(run, workdir, r"cannot be read", FileError, **{"data.path": str(locked)})
 
 
 def test_seq_len_beyond_the_position_table(run, workdir):
@@ -185,6 +186,14 @@ def test_workdir_holding_a_different_model(run, workdir):
     assert R.finished_steps(workdir) == [1]
 
 
+def test_workdir_whose_config_json_cannot_be_read_is_not_moved_aside(run, workdir):
+    os.remove(os.path.join(workdir, "config.json"))
+    os.mkdir(os.path.join(workdir, "config.json"))  # an OSError on reading it (as a permission error would be)
+    _refused(run, workdir, r"config.json cannot be read \(Is a directory\); make it readable or use another", FileError,
+             **{"train.overwrite": True})  # fmt: skip
+    assert not glob.glob(workdir + ".old-*")
+
+
 # ----------------------------------------------------------------------------------------------
 # Command lines: an expected error is one line on stderr, `<tool>: error: ...`, without a traceback
 
@@ -243,7 +252,7 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path):
     for p, error in ((flag, "llm_jax.runtime.errors.BadValue: mesh shape"), (env, "llm_jax.runtime.errors.NotFound: ")):
         assert p.returncode != 0 and "Traceback (most recent call last)" in p.stderr and error in p.stderr, p.stderr
     # A bug (any exception but a UserError) keeps its traceback without being asked.
-    code = "from llm_jax import cli, errors; cli.run(lambda argv: {}, 'tool')"
+    code = "from llm_jax import cli; from llm_jax.runtime import errors; cli.run(lambda argv: {}, 'tool')"
     for body, ok in (("1 / 0", False), ("exec('raise errors.BadValue(\"bad x\\\\nfix it\")')", True)):
         p = subprocess.run([sys.executable, "-c", code.format(body)], cwd=R.REPO, env=R.env(1),
                            capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -1,5 +1,6 @@
 """Checkpoint save -> restore equal to the bit, onto the same and onto other mesh shapes."""
 
+import json
 import math
 import os
 from types import SimpleNamespace
@@ -156,3 +157,101 @@ def test_empty_workdir_has_no_checkpoint(tmp_path):
     mngr = ckpt_lib.manager(str(tmp_path), keep=2)
     assert mngr.latest_step() is None and mngr.all_steps() == []
     mngr.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Which read errors mean "damaged, fall back to an older checkpoint" and which surface
+
+
+def orbax_wrapped(inner: BaseException) -> Exception:
+    """The bare Exception orbax raises around TensorStore's error when an array read fails."""
+    outer = Exception("Encountered error while reading array index: (slice(0, 256, 1),).")
+    outer.__cause__ = inner
+    return outer
+
+
+DAMAGE = [  # what truncating or deleting each file of a saved checkpoint raised (orbax 0.11, TensorStore)
+    json.JSONDecodeError("Unterminated string starting at", '{"a', 1),
+    FileNotFoundError("File /ck/3/data/metadata not found."),
+    ValueError('NOT_FOUND: Error opening "zarr" driver: Error reading "b/.zarray" in OCDBT database'),
+    ValueError('DATA_LOSS: Error opening "zarr" driver: Error reading "b/.zarray" in OCDBT database'),
+    orbax_wrapped(ValueError('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database: Requested byte range')),
+    orbax_wrapped(ValueError('FAILED_PRECONDITION: Error reading "w/0.0": Truncated Zstd-compressed stream')),
+]
+NOT_DAMAGE = [  # a permission, a transient I/O error, a bug: the same read may work once fixed
+    PermissionError(13, "Permission denied", "/ck/3/state/_METADATA"),
+    OSError(5, "Input/output error"),
+    orbax_wrapped(ValueError('PERMISSION_DENIED: Error reading "w/0.0" in OCDBT database')),
+    orbax_wrapped(ValueError('UNAVAILABLE: Error reading "w/0.0" in OCDBT database')),
+    TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'"),
+    KeyError("params"),
+    ValueError("a bug's own message"),
+]
+
+
+@pytest.mark.parametrize("error", DAMAGE, ids=lambda e: repr(e)[:40])
+def test_damage_errors_are_damage(error):
+    assert ckpt_lib.is_damage(error)
+
+
+@pytest.mark.parametrize("error", NOT_DAMAGE, ids=lambda e: repr(e)[:40])
+def test_other_errors_are_not_damage(error):
+    assert not ckpt_lib.is_damage(error)
+
+
+def _reader_of_two_checkpoints(tmp_path):
+    state = {"w": np.arange(8.0, dtype=np.float32)}
+    mngr = ckpt_lib.manager(str(tmp_path), 5, async_save=False)
+    for step in (1, 2):
+        ckpt_lib.save(mngr, step, jax.tree.map(lambda x, s=step: x * s, state), {"step": step})
+    mngr.close()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+    return ckpt_lib.manager(str(tmp_path), 5, read_only=True), abstract
+
+
+@pytest.mark.parametrize("stage", ["metadata", "arrays"])
+@pytest.mark.parametrize("error", NOT_DAMAGE[:5], ids=lambda e: repr(e)[:40])
+def test_restore_latest_raises_a_read_error_that_is_not_damage(tmp_path, monkeypatch, stage, error):
+    reader, abstract = _reader_of_two_checkpoints(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    if stage == "metadata":
+        monkeypatch.setattr(reader, "item_metadata", fail)
+    else:
+        monkeypatch.setattr(ckpt_lib, "restore", fail)
+    logs = []
+    with pytest.raises(type(error)) as raised:
+        ckpt_lib.restore_latest(reader, abstract, log=logs.append)
+    reader.close()
+    assert raised.value is error and logs == [], "not skipped as corrupt: checkpoint 2 is intact"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+
+@pytest.mark.parametrize("stage", ["metadata", "arrays"])
+def test_restore_latest_skips_a_damaged_read(tmp_path, monkeypatch, stage):
+    reader, abstract = _reader_of_two_checkpoints(tmp_path)
+    damaged, real_meta, real_restore = DAMAGE[-1], reader.item_metadata, ckpt_lib.restore
+
+    def item_metadata(step):
+        if step == 2:
+            raise damaged
+        return real_meta(step)
+
+    def restore(mngr, step, abstract_state):
+        if step == 2:
+            raise damaged
+        return real_restore(mngr, step, abstract_state)
+
+    if stage == "metadata":
+        monkeypatch.setattr(reader, "item_metadata", item_metadata)
+    else:
+        monkeypatch.setattr(ckpt_lib, "restore", restore)
+    logs = []
+    step, restored, data_state, bad = ckpt_lib.restore_latest(reader, abstract, log=logs.append)
+    reader.close()
+    assert (step, data_state, bad) == (1, {"step": 1}, [2])
+    assert np.array_equal(restored["w"], np.arange(8.0))
+    assert len(logs) == 1 and "FAILED_PRECONDITION" in logs[0] and "corrupt or incomplete" in logs[0]

@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.runtime.errors import BadValue
 from llm_jax.training import config as config_lib
 from llm_jax.training import loop
 
@@ -113,14 +114,14 @@ def test_model_config_vocabulary_and_length_checks():
     c.model.vocab_multiple = 1
     assert config_lib.model_config(c, 257).vocab_size == 257
     c.model.vocab_size = 200
-    with pytest.raises(ValueError, match=r"vocab_size=200 is smaller than the tokenizer's vocabulary \(257\)"):
+    with pytest.raises(BadValue, match=r"vocab_size=200 is smaller than the tokenizer's vocabulary \(257\)"):
         config_lib.model_config(c, 257)
     c.model.vocab_size = 0
-    with pytest.raises(ValueError, match=r"vocab_size=0 must be positive \(leave it unset"):
+    with pytest.raises(BadValue, match=r"vocab_size=0 must be positive \(leave it unset"):
         config_lib.model_config(c, 257)
     c.model.vocab_size = None  # unset: the tokenizer's
     c.data.seq_len, c.model.max_len = 512, 256
-    with pytest.raises(ValueError, match=r"seq_len=512 is longer than .*max_len=256"):
+    with pytest.raises(BadValue, match=r"seq_len=512 is longer than .*max_len=256"):
         config_lib.model_config(c, 257)
 
 
@@ -170,7 +171,7 @@ def test_renamed_keys_fail_naming_the_new_key(tmp_path):
     assert "config.model.rope_scaling.factor is now config.model.rope_scaling_factor" in proc.stderr, proc.stderr
     d = config_lib.base_config().to_dict()
     d["model"]["rope_scaling"] = {"type": "linear"}  # a config written for the old layout
-    with pytest.raises(ValueError, match="config.model.rope_scaling.type is now config.model.rope_scaling"):
+    with pytest.raises(BadValue, match="config.model.rope_scaling.type is now config.model.rope_scaling"):
         config_lib.check_keys(ml_collections.ConfigDict(d))
 
 
@@ -213,17 +214,68 @@ def _tiny(tmp_path, **mesh):
     ],
 )
 def test_impossible_mesh_shape_fails_clearly(tmp_path, mesh, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(BadValue, match=message):
         loop.train_and_evaluate(_tiny(tmp_path, **mesh), str(tmp_path / "run"))
 
 
 def test_mesh_that_does_not_fit_the_model_fails_clearly(tmp_path):
     c = _tiny(tmp_path, data=1, fsdp=2, tensor=4)
     c.model.update(num_heads=2, embed_dim=36)  # 2 heads over tensor=4; width 36 over fsdp=2 is fine
-    with pytest.raises(ValueError, match=r"num_heads=2 is not divisible by mesh tensor=4") as e:
+    with pytest.raises(BadValue, match=r"num_heads=2 is not divisible by mesh tensor=4") as e:
         loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert "config.mesh" in str(e.value)
     c = _tiny(tmp_path, data=8)
     c.train.batch_size = 12
-    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
+    with pytest.raises(BadValue, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
         loop.train_and_evaluate(c, str(tmp_path / "run2"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Each data source's keys
+
+
+@pytest.mark.parametrize(
+    "source, key, value",
+    [
+        ("text", "src_lang", "fr"),
+        ("text", "tfds_name", "lm1b"),
+        ("stdlib", "path", "corpus.txt"),
+        ("jsonl", "max_chars", 1000),
+        ("parallel", "val_fraction", 0.2),
+        ("parallel", "cache_dir", "/tmp/cache"),
+        ("tfds", "text_key", "body"),
+    ],
+)
+def test_a_key_of_another_source_is_an_error_naming_both_sources(source, key, value):
+    c = config_lib.base_config()
+    c.data.update({"source": source, key: value})
+    owners = " or ".join(repr(s) for s in config_lib.SOURCE_KEYS[key])
+    want = f"config.data.{key}={value!r} is a key of source={owners}, but config.data.source={source!r}; remove it"
+    with pytest.raises(BadValue) as e:
+        config_lib.check_keys(c)
+    assert str(e.value) == want + " or set the source"
+
+
+def test_every_source_takes_its_own_keys_and_others_at_their_defaults():
+    assert set(config_lib.SOURCE_KEYS) <= set(config_lib.base_config().data)
+    for source in config_lib.SOURCES:
+        c = config_lib.base_config()
+        c.data.source = source
+        config_lib.check_keys(c)  # every key at its default: fine
+        for key, sources in config_lib.SOURCE_KEYS.items():
+            if source in sources:  # its own keys may be set
+                c.data[key] = 3 if isinstance(c.data[key], int) else 0.5 if isinstance(c.data[key], float) else "x"
+        config_lib.check_keys(c)
+
+
+def test_a_runs_config_json_leaves_out_other_sources_keys_and_reads_back_whole(tmp_path):
+    c = config_lib.finalize(config_lib.base_config())
+    c.unlock()
+    c.data.update(source="text", path="corpus.txt", max_chars=500)
+    saved = json.loads(config_lib.run_json(c))
+    assert set(saved["data"]) == set(c.data) - {k for k, s in config_lib.SOURCE_KEYS.items() if "text" not in s}
+    assert "src_lang" not in saved["data"] and "tfds_name" not in saved["data"] and saved["data"]["max_chars"] == 500
+    (tmp_path / "config.json").write_text(config_lib.run_json(c))
+    assert config_lib.load_run_config(str(tmp_path)).to_dict() == c.to_dict()
+    (tmp_path / "config.json").write_text(config_lib.to_json(c))  # a run saved before: every key of every source
+    assert config_lib.load_run_config(str(tmp_path)).to_dict() == c.to_dict()

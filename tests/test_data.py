@@ -10,6 +10,7 @@ from llm_jax.data import lm_data as data_lib
 from llm_jax.data import parallel, sources
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.data.protocol import DataSource, rows_of
+from llm_jax.runtime.errors import BadValue, NotFound, Unavailable
 from llm_jax.training.config import base_config
 
 TEXTS = [
@@ -75,11 +76,11 @@ def test_char_tokenizer():
     for text in ("hello world\n", "low\nrow", ""):
         assert tok.decode(tok.encode(text)) == text
         np.testing.assert_array_equal(tok.encode_array(text) if text else np.zeros(0, np.int32), tok.encode(text))
-    with pytest.raises(ValueError, match=r"character 'z' is not in this run's character vocabulary"):
+    with pytest.raises(BadValue, match=r"character 'z' is not in this run's character vocabulary"):
         tok.encode("hello z")
-    with pytest.raises(ValueError, match=r"character '€' is not in this run's character vocabulary"):
+    with pytest.raises(BadValue, match=r"character '€' is not in this run's character vocabulary"):
         tok.encode_array("hello €")  # the vectorised path gives the same clear error
-    with pytest.raises(ValueError, match="empty text"):
+    with pytest.raises(BadValue, match="empty text"):
         tok_lib.CharTokenizer.train("")
 
 
@@ -123,10 +124,10 @@ def test_tokenizer_save_and_load(kind, tmp_path, sp_tokenizer):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+    with pytest.raises(NotFound, match="no tokenizer in"):
         tok_lib.load(str(tmp_path))
     (tmp_path / tok_lib.META).write_text('{"kind": "morse"}')
-    with pytest.raises(ValueError, match="unknown tokenizer kind 'morse'"):
+    with pytest.raises(BadValue, match="unknown tokenizer kind 'morse'"):
         tok_lib.load(str(tmp_path))
 
 
@@ -182,7 +183,7 @@ def test_eval_batches_are_fixed_and_from_the_validation_split(lm_data):
 def test_split_too_short_is_a_clear_error():
     d = data_lib.LMData(tok_lib.ByteTokenizer(), np.arange(100, dtype=np.int32), np.arange(10, dtype=np.int32))
     d.check(8)
-    with pytest.raises(ValueError, match=r"validation split has 10 tokens, fewer than seq_len\+2=18"):
+    with pytest.raises(BadValue, match=r"validation split has 10 tokens, fewer than seq_len\+2=18"):
         d.check(16)
 
 
@@ -261,21 +262,21 @@ def test_text_file_errors(tmp_path, content, kind, message):
 
 
 def test_source_config_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"config.data.path is empty: give a text file with --config.data.path=FILE"):
+    with pytest.raises(BadValue, match=r"config.data.path is empty: give a text file with --config.data.path=FILE"):
         data_lib.load_data(_data_cfg(source="text", path=""))
-    with pytest.raises(FileNotFoundError, match=r"'\S*nothing-\*\.txt' matches no file"):
+    with pytest.raises(NotFound, match=r"'\S*nothing-\*\.txt' matches no file"):
         data_lib.load_data(_data_cfg(source="text", path=str(tmp_path / "nothing-*.txt")))
-    with pytest.raises(ValueError, match=r"config.data.source='web'"):
+    with pytest.raises(BadValue, match=r"config.data.source='web'"):
         data_lib.load_data(_data_cfg(source="web"))
-    with pytest.raises(ValueError, match=r"config.data.tokenizer='words'"):
+    with pytest.raises(BadValue, match=r"config.data.tokenizer='words'"):
         data_lib.build_tokenizer(_data_cfg(tokenizer="words"), ["x"])
-    with pytest.raises(ValueError, match=r"config.data.packing='rows'"):
+    with pytest.raises(BadValue, match=r"config.data.packing='rows'"):
         data_lib.LMData(tok_lib.ByteTokenizer(), np.arange(10), np.arange(10), packing="rows")
 
 
 def test_tfds_offline_is_a_clear_error(tmp_path):
     cfg = _data_cfg(source="tfds", tfds_name="tiny_shakespeare", tfds_data_dir=str(tmp_path / "tfds"))
-    with pytest.raises(RuntimeError, match=r"tfds dataset 'tiny_shakespeare' .* is not available") as e:
+    with pytest.raises(Unavailable, match=r"tfds dataset 'tiny_shakespeare' .* is not available") as e:
         data_lib.load_data(cfg)
     assert "tfds build tiny_shakespeare --file_format=array_record" in str(e.value)
     assert "--config.data.source=text" in str(e.value)

@@ -14,6 +14,7 @@ from llm_jax.inference import decode
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import BadValue
 
 # Larger than the training init so that random models give varied, well-separated greedy tokens.
 _COMMON = dict(vocab_size=64, num_layers=2, embed_dim=32, mlp_dim=64, max_len=32, init_std=0.3)
@@ -177,7 +178,7 @@ def test_complete_cuts_at_stop_and_crops_long_prompts():
     long = list(np.random.default_rng(1).integers(0, 60, 40))
     got = decode.complete(model, params, _Tok(), [" ".join(map(str, long))], 4, stop_ids=[], context=16)[0]
     assert got == " ".join(map(str, crop_reference(model, params, long, 4, 16)))
-    with pytest.raises(ValueError, match="context=64 must be in"):
+    with pytest.raises(BadValue, match="context=64 must be in"):
         gen(model, params, [[1] * 30], 8, context=64)  # past the position table of 32
 
 

@@ -25,6 +25,7 @@ from llm_jax.inference import decode, translate
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import BadValue, NotFound
 from llm_jax.training import loop
 from llm_jax.training.config import base_config
 
@@ -221,7 +222,7 @@ def test_bleu_of_references_against_themselves_is_100():
     refs = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch."]
     assert translate.bleu(refs, refs) == pytest.approx(100.0)
     assert translate.bleu(["Ein Hund.", "Zwei Katzen.", "Eine Frau."], refs) < 30.0
-    with pytest.raises(ValueError, match="align by line"):
+    with pytest.raises(BadValue, match="align by line"):
         translate.bleu(refs[:2], refs)
 
 
@@ -301,9 +302,9 @@ def write_pairs(d, split, src_lines, tgt_lines, gz=True):
 
 def test_misaligned_files_are_refused_and_rules_are_counted(tmp_path):
     write_pairs(str(tmp_path), "train", ["a b", "c d", "e f"], ["x y", "z w"])
-    with pytest.raises(ValueError, match=r"train.en.gz has 3 lines but .*train.de.gz has 2"):
+    with pytest.raises(BadValue, match=r"train.en.gz has 3 lines but .*train.de.gz has 2"):
         seq2seq.read_pairs(str(tmp_path), "train", "en", "de")
-    with pytest.raises(FileNotFoundError, match=r"no .*val.en or .*val.en.gz"):
+    with pytest.raises(NotFound, match=r"no .*val.en or .*val.en.gz"):
         seq2seq.read_pairs(str(tmp_path), "val", "en", "de")
     tok = SimpleNamespace(encode_batch=lambda lines: [[5] * len(s.split()) for s in lines])
     enc = seq2seq.encode_split(["a b", "", "c " * 20, "d"], ["x", "y", "z", ""], tok, 8)

@@ -12,6 +12,7 @@ from decode_fixtures import REPO, qa_run
 
 from llm_jax import generate as gen_cli
 from llm_jax.inference import decode
+from llm_jax.runtime.errors import NotFound
 from llm_jax.training.saved_run import load_run
 
 
@@ -56,18 +57,18 @@ def test_cli_end_to_end_matches_in_process_decoding(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    with pytest.raises(NotFound, match="config.json does not exist"):
         load_run(str(tmp_path))
     workdir, _ = qa_run()
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(os.path.join(workdir, "config.json"), bare)
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
+    with pytest.raises(NotFound, match="tokenizer"):
         load_run(str(bare))
     shutil.copytree(os.path.join(workdir, "tokenizer"), bare / "tokenizer")
-    with pytest.raises(FileNotFoundError, match="has no checkpoints"):
+    with pytest.raises(NotFound, match="has no checkpoints"):
         load_run(str(bare))
-    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+    with pytest.raises(NotFound, match="no checkpoint of step 7"):
         load_run(workdir, step=7)
     with pytest.raises(gen_cli.GenerateError, match="no prompt"):
         gen_cli.read_prompts([], None)
@@ -86,3 +87,26 @@ def test_sampling_defaults_to_the_runs_own_sample_settings():
     assert gen_cli.sampling(cfg, 0.0, None) == (0.0, 40)  # --temperature 0: greedy
     assert gen_cli.sampling(cfg, 1.2, 0) == (1.2, 0)
     assert gen_cli.sampling(ml_collections.ConfigDict({"model": {}}), None, None) == (0.0, 0)  # an older run
+
+
+def test_inference_mesh_falls_back_only_for_another_device_count(monkeypatch):
+    from llm_jax.runtime import sharding
+    from llm_jax.training.config import base_config
+    from llm_jax.training.saved_run import inference_mesh
+
+    config = base_config()
+    config.mesh.update(data=2, fsdp=4, tensor=1)  # fits the 8 devices of the tests
+    assert dict(inference_mesh(config).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    config.mesh.update(data=2, fsdp=2, tensor=1)  # trained on 4 devices: all 8 data-parallel
+    assert dict(inference_mesh(config).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    real = sharding.make_mesh
+
+    def make_mesh(mesh_config, *args):  # a bug in building the run's own mesh (the fallback would work)
+        if mesh_config is config.mesh:
+            raise ValueError("a bug in placing devices")
+        return real(mesh_config, *args)
+
+    monkeypatch.setattr(sharding, "make_mesh", make_mesh)
+    with pytest.raises(ValueError, match="a bug in placing devices"):  # not hidden by the fallback
+        inference_mesh(config)

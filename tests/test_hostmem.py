@@ -52,3 +52,60 @@ def test_kept_memory_ends_the_page_faults_of_each_step():
     assert out["1"]["keep_freed_memory"] and not out["0"]["keep_freed_memory"]
     assert out["1"]["minor_faults_per_step"] < 0.1 * temp_pages
     assert out["0"]["final_loss"] == out["1"]["final_loss"]  # where memory comes from changes no result
+
+
+COMMANDS = ("main", "generate", "translate", "convert", "prepare", "aot", "bench", "bench_decode", "plot", "attention")
+# Run in a fresh interpreter: imports `module`, then prints the state of hostmem when numpy or jax
+# was first imported (None: not applied, or hostmem not even imported yet) and after the import.
+_WATCH = """
+import importlib, importlib.abc, json, sys
+seen = {}
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in ("numpy", "jax") and "first" not in seen:
+            hostmem = sys.modules.get("llm_jax.runtime.hostmem")
+            seen["first"] = [name, hostmem and hostmem._applied]
+        return None
+sys.meta_path.insert(0, Watch())
+importlib.import_module(sys.argv[1])
+from llm_jax.runtime import hostmem
+print(json.dumps({**seen, "after": hostmem._applied}))
+"""
+
+
+def _watch(module: str, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _WATCH, module], cwd=R.REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", ["llm_jax", "llm_jax.training.loop", "llm_jax.runtime.hostmem"])
+def test_importing_the_library_leaves_malloc_alone(module):
+    env = {**R.env(1), hostmem.ENV: "1"}  # wanted here, so only the import decides
+    assert _watch(module, env)["after"] is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
+def test_every_command_sets_host_memory_before_numpy_and_jax_start():
+    env = {**R.env(1), hostmem.ENV: "1"}
+    procs = {  # in parallel: each imports JAX afresh
+        name: subprocess.Popen(
+            [sys.executable, "-c", _WATCH, f"llm_jax.{name}"], cwd=R.REPO, env=env, stdout=subprocess.PIPE, text=True
+        )
+        for name in COMMANDS
+    }
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, name
+        got = json.loads(out.strip().splitlines()[-1])
+        # (a command that imports neither at its import, e.g. convert, imports them later: after)
+        assert got.get("first", [None, True])[1] is True and got["after"] is True, (name, got)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
+def test_the_explicit_call_for_notebooks_and_scripts():
+    code = "from llm_jax.runtime import hostmem; print(hostmem.keep_freed_memory(), hostmem.in_force())"
+    for keep, want in (("1", "True True"), ("0", "False False")):
+        env = {**R.env(1), hostmem.ENV: keep}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=R.REPO, env=env, capture_output=True, text=True)
+        assert proc.stdout.strip() == want, proc.stderr[-2000:]

@@ -12,6 +12,7 @@ from decode_fixtures import qa_run, write_upper_jsonl
 
 from llm_jax.data import lm_data as data_lib
 from llm_jax.data import tokenizer as tok_lib
+from llm_jax.runtime.errors import BadValue, NotFound
 
 
 def jsonl_cfg(path, **kw):
@@ -91,21 +92,21 @@ def test_long_examples_keep_their_completion(tmp_path):
 def test_malformed_lines_name_line_and_field(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok", "completion": "fine"}\n\n' + line + "\n")
-    with pytest.raises(ValueError, match=f"bad.jsonl:3: {message}"):
+    with pytest.raises(BadValue, match=f"bad.jsonl:3: {message}"):
         data_lib.read_jsonl_examples(str(path))
 
 
 def test_bad_sources_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         data_lib.load_data(jsonl_cfg(tmp_path / "missing.jsonl"))
     (tmp_path / "bytes.jsonl").write_bytes(b'{"prompt": "\xff", "completion": ""}\n')
-    with pytest.raises(ValueError, match="bytes.jsonl:1: not UTF-8"):
+    with pytest.raises(BadValue, match="bytes.jsonl:1: not UTF-8"):
         data_lib.read_jsonl_examples(str(tmp_path / "bytes.jsonl"))
     (tmp_path / "one.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(BadValue, match="too few"):
         data_lib.load_data(jsonl_cfg(tmp_path / "one.jsonl"))
     write_upper_jsonl(str(tmp_path / "u.jsonl"), 20)
-    with pytest.raises(ValueError, match="has none"):  # a char vocabulary has no EOS to end completions
+    with pytest.raises(BadValue, match="has none"):  # a char vocabulary has no EOS to end completions
         cfg = jsonl_cfg(tmp_path / "u.jsonl")
         cfg.tokenizer = "char"
         data_lib.load_data(cfg)

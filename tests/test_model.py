@@ -23,6 +23,7 @@ from llm_jax.models.model import (
     rope_frequencies,
 )
 from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import BadValue
 
 GPT = ModelConfig(
     vocab_size=64,
@@ -493,11 +494,11 @@ def test_llama2_7b_has_6_74b_parameters():
 
 
 def test_model_config_validation_messages():
-    with pytest.raises(ValueError, match="embed_dim=30 is not divisible by num_heads=4"):
+    with pytest.raises(BadValue, match="embed_dim=30 is not divisible by num_heads=4"):
         ModelConfig(vocab_size=8, embed_dim=30, num_heads=4)
-    with pytest.raises(ValueError, match="num_kv_heads=3"):
+    with pytest.raises(BadValue, match="num_kv_heads=3"):
         ModelConfig(vocab_size=8, embed_dim=32, num_heads=4, num_kv_heads=3)
-    with pytest.raises(ValueError, match="rope needs an even head_dim"):
+    with pytest.raises(BadValue, match="rope needs an even head_dim"):
         ModelConfig(vocab_size=8, embed_dim=12, num_heads=4, positions="rope")
-    with pytest.raises(ValueError, match="norm='batchnorm'"):
+    with pytest.raises(BadValue, match="norm='batchnorm'"):
         ModelConfig(vocab_size=8, norm="batchnorm")

@@ -54,6 +54,7 @@ def test_quickstart_runs_top_to_bottom_and_draws_inline(tmp_path, monkeypatch):
     texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "parameters per module:" in texts and "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1}" in texts
     assert "parameters identical: True" in texts and "now at step 50" in texts
+    assert "| keep freed memory: True" in texts, "its first cell sets host memory (llm_jax/runtime/hostmem.py)"
     pngs = [
         base64.b64decode(o["data"]["image/png"])
         for c in nb.cells

@@ -20,7 +20,7 @@ from llm_jax.data import lm_data as data_lib
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import TransformerLM
 from llm_jax.runtime import sharding
-from llm_jax.runtime.errors import Diverged
+from llm_jax.runtime.errors import Diverged, Unavailable
 from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import config as config_lib
 from llm_jax.training import loop, optim
@@ -242,7 +242,7 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     abstract = {
         "w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     }
-    with pytest.raises(RuntimeError, match=r"no checkpoint in \S+ can be restored: step 1: "):
+    with pytest.raises(Unavailable, match=r"no checkpoint in \S+ can be restored: step 1: "):
         ckpt_lib.restore_latest(reader, abstract, log=lambda m: None)
 
 

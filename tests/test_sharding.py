@@ -26,6 +26,7 @@ from llm_jax.data import lm_data as data_lib
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import BadValue
 from llm_jax.training import optim
 from llm_jax.training import state as state_lib
 from llm_jax.training.config import base_config
@@ -505,26 +506,26 @@ def test_resolve_mesh_shape_fills_in_minus_one():
     ],
 )
 def test_impossible_mesh_shapes_fail_clearly(shape, devices, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(BadValue, match=message):
         sharding.resolve_mesh_shape(shape, devices)
 
 
 def test_make_mesh_with_too_few_devices_fails_clearly():
-    with pytest.raises(ValueError, match=r"needs 8 devices but 4 are available"):
+    with pytest.raises(BadValue, match=r"needs 8 devices but 4 are available"):
         sharding.make_mesh(SimpleNamespace(data=2, fsdp=2, tensor=2), jax.devices()[:4])
 
 
 def test_check_divisible_names_the_bad_sizes():
     cfg = ModelConfig(vocab_size=128, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=12, mlp_dim=64)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(BadValue) as e:
         sharding.check_divisible(mesh_of((1, 1, 8)), cfg, 16)
     msg = str(e.value)
     assert "num_heads=4 is not divisible by mesh tensor=8" in msg
     assert "num_kv_heads=2 is not divisible by mesh tensor=8" in msg
     assert "mlp_dim" not in msg and "vocab" not in msg
-    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
+    with pytest.raises(BadValue, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
         sharding.check_divisible(mesh_of((2, 4, 1)), dataclasses.replace(cfg, embed_dim=16), 12)
-    with pytest.raises(ValueError, match=r"embed_dim=12 is not divisible by mesh fsdp=8"):
+    with pytest.raises(BadValue, match=r"embed_dim=12 is not divisible by mesh fsdp=8"):
         sharding.check_divisible(mesh_of((1, 8, 1)), cfg, 16)
     sharding.check_divisible(mesh_of((2, 2, 2)), dataclasses.replace(cfg, embed_dim=16), 16)  # fits: no error
 
@@ -534,3 +535,12 @@ def test_logical_rule_overrides_from_config():
     rules = dict(sharding.logical_rules(c))
     assert rules["embed"] is None and rules["extra"] == "data" and rules["mlp"] == "tensor"
     assert sharding.logical_rules(None) == sharding.LOGICAL_RULES
+
+
+def test_a_mesh_that_does_not_split_over_tpu_slices_is_a_bad_value():
+    from llm_jax.runtime.errors import BadValue
+
+    devices = [SimpleNamespace(slice_index=i // 2) for i in range(4)]  # 2 slices of 2 chips
+    assert sharding._slices_axis((2, 1, 2), devices) == (2, 1, 1)
+    with pytest.raises(BadValue, match=r"over 2 TPU slices: neither data nor fsdp is a multiple of 2; set config.mesh"):
+        sharding._slices_axis((1, 1, 4), devices)

@@ -17,6 +17,7 @@ import pytest
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import BadValue
 from llm_jax.training import config as config_lib
 from llm_jax.training import optim
 from llm_jax.training import state as state_lib
@@ -140,7 +141,7 @@ def test_chunked_loss_matches_full_logits(tied, weights, chunk):
 
 def test_chunked_loss_rejects_a_chunk_that_does_not_divide():
     cfg = _cfg(loss_chunk=5)
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(BadValue, match="does not divide"):
         _loss_and_grads(cfg, _params(cfg), _batch())
 
 

@@ -213,3 +213,44 @@ def test_token_loss_hand_values():
     assert float(count) == 1 and float(total) == pytest.approx(math.log1p(math.exp(-10.0)), abs=2e-6)
     total, _ = token_loss(logits, jnp.asarray([[0, 0]]), jnp.asarray([[0.0, 1.0]]))
     assert float(total) == pytest.approx(10.0 + math.log1p(math.exp(-10.0)), abs=2e-6)
+
+
+@pytest.mark.parametrize("error", [TypeError("a bug"), ValueError("a bug's plain ValueError")])
+def test_sample_lets_a_bug_surface(monkeypatch, error):
+    trainer, ls, logs = _sample_fixture()
+
+    def complete(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loop.decode_lib, "complete", complete)
+    with pytest.raises(type(error), match="a bug"):
+        loop.sample(trainer, ls)
+    assert logs == []
+
+
+def test_sample_skips_a_prompt_the_vocabulary_cannot_encode():
+    trainer, ls, logs = _sample_fixture(prompt="zebra")  # the vocabulary holds only "ab\n"
+    assert loop.sample(trainer, ls) == ""
+    assert len(logs) == 1 and logs[0].startswith("sample skipped: character 'z' is not in this run's")
+
+
+def _sample_fixture(prompt="ab"):
+    """What `loop.sample` reads of a Trainer and LoopState: a 2-layer model on a 3-character vocabulary."""
+    from types import SimpleNamespace
+
+    from llm_jax.models.model import ModelConfig, TransformerLM
+    from llm_jax.runtime import sharding
+    from llm_jax.training.config import base_config
+
+    config = base_config()
+    config.train.update(sample_prompt=prompt, sample_tokens=2)
+    model = TransformerLM(ModelConfig(vocab_size=8, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=16, max_len=8))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    logs = []
+    trainer = SimpleNamespace(
+        config=config, data=SimpleNamespace(tokenizer=tok_lib.CharTokenizer.train("ab\n")), model=model,
+        mesh=sharding.make_mesh(SimpleNamespace(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+        rules=sharding.LOGICAL_RULES, log=logs.append,
+    )  # fmt: skip
+    ls = SimpleNamespace(step=0, state=SimpleNamespace(params=params), trained_context=8)
+    return trainer, ls, logs

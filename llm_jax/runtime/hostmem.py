@@ -24,8 +24,13 @@ and all threads share one arena, which makes XLA's compilation about 15% slower 
 
 Threads pick their arena at their first allocation, and an arena made before these settings
 stays in use (glibc may hand it to later threads): applied after numpy or JAX started threads,
-the translation step still faulted 57,000 pages a step. So it runs when `llm_jax` is imported
-(llm_jax/__init__.py); a script or notebook imports llm_jax before numpy and JAX.
+the translation step still faulted 57,000 pages a step. So it must run before numpy and JAX are
+imported. Every command line (`python -m llm_jax.<name>`) does it first thing: its module's first
+import is llm_jax/cli.py, which applies it. `import llm_jax` does not: a library must not change
+the malloc of the program that imports it. A notebook or script asks for it explicitly, first:
+
+    from llm_jax.runtime import hostmem
+    hostmem.keep_freed_memory()  # before importing numpy, JAX or the rest of llm_jax
 
 It is applied only where the CPU is JAX's platform: `JAX_PLATFORMS` starts with `cpu`, or it is
 unset and the host shows no GPU or TPU device (unmeasured there, and one shared arena could slow
@@ -75,8 +80,9 @@ def wanted(environ=os.environ) -> bool:
 def keep_freed_memory() -> bool:
     """Applies the settings of the module docstring once, where wanted; True when they are in force.
 
-    Not glibc (macOS, musl): nothing to do, False. A bad LLM_JAX_KEEP_FREED_MEMORY raises BadValue
-    on the first call only (the command lines check it again, llm_jax/cli.py).
+    Call it before importing numpy or JAX (see the module docstring); the command lines do
+    (llm_jax/cli.py). Not glibc (macOS, musl): nothing to do, False. A bad LLM_JAX_KEEP_FREED_MEMORY
+    raises BadValue on the first call only (the command lines check it again, llm_jax/cli.py).
     """
     global _applied
     if _applied is None:
@@ -86,3 +92,9 @@ def keep_freed_memory() -> bool:
             if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
                 _applied = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
     return _applied
+
+
+def in_force() -> bool:
+    """Whether keep_freed_memory() has applied the settings in this process (never applies them: by
+    the time a report asks, numpy and JAX have started their threads)."""
+    return bool(_applied)

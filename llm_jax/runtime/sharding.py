@@ -112,7 +112,7 @@ def _slices_axis(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> tuple
     for axis in range(2):  # data, then fsdp
         if shape[axis] % num_slices == 0:
             return tuple(num_slices if i == axis else 1 for i in range(len(shape)))
-    raise ValueError(
+    raise BadValue(
         f"mesh {dict(zip(MESH_AXES, shape))} over {num_slices} TPU slices: neither data nor fsdp is a multiple "
         f"of {num_slices}; set config.mesh.data (or config.mesh.fsdp) to a multiple of the number of slices"
     )

@@ -278,7 +278,7 @@ def report(
     and device}}, see llm_jax.tools.hlo.summarize).
     Sizes in bytes, times in seconds. Out of memory: fits=False, per_device_bytes and
     compiler_hbm_bytes from the compiler's message, the XLA sizes None. Raises TopologyError,
-    LibtpuMissing, or ValueError for a config that does not fit the devices' count.
+    LibtpuMissing, or BadValue for a config that does not fit the devices' count.
     """
     topo = parse_topology(topology, num_slices) if isinstance(topology, str) else topology
     if devices is None:
@@ -440,7 +440,7 @@ def sweep_candidates(config: ml_collections.ConfigDict, n: int, axes: Sequence[s
     m = config.mesh
     try:
         own = sharding.resolve_mesh_shape([m.data, m.fsdp, m.tensor], n)
-    except ValueError:
+    except BadValue:  # the config's own mesh does not fit n devices: every split is a candidate
         own = None
     if "mesh" in axes:
         for d, f, t in mesh_splits(n):
@@ -482,7 +482,7 @@ def sweep(
     for label, overrides in sweep_candidates(config, len(devices), axes):
         try:
             r = report(with_overrides(config, overrides), topo, devices=devices, dump_dir=dump_dir, log=log)
-        except ValueError as e:
+        except BadValue as e:  # a layout these devices cannot take; any other error is a bug
             r = {"invalid": str(e), "per_device_bytes": None, "fits": False}
         rows.append({"layout": label, **r})
     return sorted(rows, key=lambda r: (r["per_device_bytes"] is None, r["per_device_bytes"] or 0))

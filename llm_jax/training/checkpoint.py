@@ -8,8 +8,10 @@ Atomicity: orbax writes into `<step>.orbax-checkpoint-tmp` and renames it when c
 interrupted by a crash is never mistaken for a checkpoint (the next manager deletes the leftover).
 A finished checkpoint that cannot be read (a file truncated or deleted later) is skipped in favour
 of the previous one, with a warning, and then moved to `workdir/checkpoints_corrupt/` (never
-deleted). A checkpoint that reads fine but does not fit this run (other shapes, other tokenizer)
-is a hard error instead: falling back past it would silently drop a good run.
+deleted). Only the errors that damaged files raise mean "unreadable" (`is_damage`); a permission
+error, a transient I/O error or a bug surfaces instead of costing the run its latest checkpoint.
+A checkpoint that reads fine but does not fit this run (other shapes, other tokenizer) is a hard
+error instead: falling back past it would silently drop a good run.
 
 Restoring into `abstract_state` (ShapeDtypeStructs with shardings) places every array directly in
 its shards, on whatever mesh the abstract state names: any mesh shape, any device count.
@@ -17,6 +19,7 @@ its shards, on whatever mesh the abstract state names: any mesh shape, any devic
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +37,40 @@ CORRUPT_DIR = "checkpoints_corrupt"
 
 class IncompatibleCheckpoint(BadValue):
     """A readable checkpoint that does not belong to this run (shapes, tree or tokenizer differ)."""
+
+
+class DamagedCheckpoint(Exception):
+    """A finished checkpoint missing a part that every save writes (an item directory, the tree metadata)."""
+
+
+# TensorStore's status codes (the prefix of the ValueError it raises, which orbax may wrap in a bare
+# Exception) for a file of the checkpoint that was truncated, deleted or overwritten: measured by
+# truncating and deleting each file of a saved checkpoint in turn. PERMISSION_DENIED, UNAVAILABLE,
+# DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED and the rest are not damage: the same read may work later.
+DAMAGE_STATUS = ("DATA_LOSS", "FAILED_PRECONDITION", "NOT_FOUND", "OUT_OF_RANGE")
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether an error from reading a checkpoint means its files are damaged (use an older one).
+
+    Damage: a truncated JSON file (JSONDecodeError), a deleted one (FileNotFoundError), a
+    DamagedCheckpoint, a TensorStore ValueError with a DAMAGE_STATUS, or orbax's bare `Exception`
+    wrapped around one of these. Not damage: any other OSError (permission, I/O), any other
+    status, and everything else (a bug), which the caller lets surface.
+    """
+    return _damage(error) is not None
+
+
+def _damage(error: BaseException) -> BaseException | None:
+    """The error that shows damage (inside orbax's wrapper, if any), else None; see is_damage."""
+    if isinstance(error, (json.JSONDecodeError, FileNotFoundError, DamagedCheckpoint)):
+        return error
+    if type(error) is ValueError:
+        return error if str(error).split(":", 1)[0].strip() in DAMAGE_STATUS else None
+    inner = error.__cause__ or error.__context__
+    if type(error) is Exception and inner is not None:  # orbax's wrapper of a failed array read
+        return _damage(inner)
+    return None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -133,9 +170,10 @@ def restore_latest(
 ) -> tuple[int | None, Any, dict, list[int]]:
     """(step, state, data_state, bad_steps) of the newest checkpoint that restores.
 
-    Newest first: a checkpoint whose files cannot be read is skipped with a warning naming it (its
-    step goes into `bad_steps`, for `move_aside`). `check(step, data_state)` and the shape check
-    run on every readable checkpoint before its arrays are read; their errors are not caught.
+    Newest first: a checkpoint whose files are damaged (`is_damage`) is skipped with a warning naming
+    it (its step goes into `bad_steps`, for `move_aside`); any other error while reading it is
+    raised. `check(step, data_state)` and the shape check run on every readable checkpoint before
+    its arrays are read; their errors are not caught.
     (None, None, {}, []) if there is no checkpoint. Raises if there are checkpoints but none restores.
     """
     bad: list[tuple[int, str]] = []
@@ -148,12 +186,9 @@ def restore_latest(
         where = os.path.join(str(mngr.directory), str(step))
         error = None
         try:
-            meta = mngr.item_metadata(step)["state"]
-            if meta is None:
-                raise ValueError("no readable state metadata")
-            data_state = dict(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {})
-        except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
-            error = _first_line(e)
+            meta, data_state = _read_small_parts(mngr, step, where)
+        except Exception as e:  # noqa: BLE001 - is_damage decides; the rest is re-raised
+            error = _damage_or_raise(e)
         if not all_processes(error is None):  # they must agree on the checkpoint they resume from
             unusable(step, where, error or "unreadable on another process")
             continue
@@ -162,8 +197,8 @@ def restore_latest(
             check(step, data_state)
         try:
             state, data_state = restore(mngr, step, abstract_state)
-        except Exception as e:  # noqa: BLE001
-            error = _first_line(e)
+        except Exception as e:  # noqa: BLE001 - is_damage decides; the rest is re-raised
+            error = _damage_or_raise(e)
         if not all_processes(error is None):  # they must agree on the checkpoint they resume from
             unusable(step, where, error or "unreadable on another process")
             continue
@@ -175,6 +210,25 @@ def restore_latest(
             + ". Move them away to start from scratch, or start over with --config.train.overwrite=True."
         )
     return None, None, {}, []
+
+
+def _read_small_parts(mngr: ocp.CheckpointManager, step: int, where: str) -> tuple[Any, dict]:
+    """(tree metadata of the state, loop state) of checkpoint `step`: what is read before its arrays."""
+    for item in _handlers():
+        if not os.path.isdir(os.path.join(where, item)):
+            raise DamagedCheckpoint(f"no {item}/ directory")
+    meta = mngr.item_metadata(step)["state"]
+    if meta is None:
+        raise DamagedCheckpoint("no readable state metadata")
+    return meta, dict(mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] or {})
+
+
+def _damage_or_raise(error: Exception) -> str:
+    """The first line of a damage error (is_damage); any other error is raised again."""
+    damage = _damage(error)
+    if damage is None:
+        raise error
+    return _first_line(damage)
 
 
 def move_aside(workdir: str, steps: list[int], log: Callable[[str], None] = print) -> None:

@@ -7,6 +7,16 @@ Configs are `ml_collections.ConfigDict`s, nested by concern: `model`, `data`, `o
 
 `config.model` is `ModelConfig`'s fields, generated from the dataclass (None = unset, typed so the
 command line can set it), and `model_config` reads it back with `ModelConfig(**config.model)`.
+
+One spelling of "unset" per kind of key: in `config.model`, None (ModelConfig's own); elsewhere ''
+for a string (a path, a name: none given) and 0 for a count or size ("derive it" or "no limit", as
+the key's comment says); -1 is not "unset" but "all the rest" (the mesh axes). The command lines'
+flags leave an optional value None. Runs saved with other spellings are upgraded on reading
+(`upgrade`).
+
+`config.data` holds the keys of every data source; a run uses only its own source's keys
+(SOURCE_KEYS). A key of another source set to a non-default value is an error (`check_keys`), and
+the config.json written into a run leaves other sources' keys out (`run_json`).
 """
 
 from __future__ import annotations
@@ -140,6 +150,33 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The config.data keys that belong to some sources only (every other data key serves them all):
+# key -> the sources that read it. Prepared token files (llm_jax/data/prepare.py) serve the sources
+# that stream text; 'jsonl' and 'parallel' tokenize in memory.
+_STREAMED = ("stdlib", "text", "tfds")
+SOURCE_KEYS = {
+    "path": ("text", "jsonl", "parallel"),
+    "text_key": ("text",),
+    "val_path": ("jsonl",),
+    "val_fraction": ("stdlib", "text", "jsonl"),
+    "max_chars": ("stdlib", "text"),
+    "tfds_name": ("tfds",),
+    "tfds_data_dir": ("tfds",),
+    "tfds_train_split": ("tfds",),
+    "tfds_val_split": ("tfds",),
+    "tfds_text_key": ("tfds",),
+    "max_docs": ("tfds",),
+    "cache_dir": _STREAMED,
+    "prepare_workers": _STREAMED,
+    "prepare_shard_mb": _STREAMED,
+    "src_lang": ("parallel",),
+    "tgt_lang": ("parallel",),
+    "train_split": ("parallel",),
+    "val_split": ("parallel",),
+}
+SOURCES = ("stdlib", "text", "tfds", "jsonl", "parallel")
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks
 
@@ -165,21 +202,42 @@ def renamed_key_message(key: str) -> str | None:
 
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
-    """Unknown keys are errors: a config file that sets `c.train.chekpoint_every` must not run silently."""
+    """Unknown keys are errors: a config file that sets `c.train.chekpoint_every` must not run silently;
+    so is a data key of another source than the run's (`check_source_keys`)."""
     known = flatten(base_config().to_dict())
     given = flatten(config.to_dict())
     bad = [k for k in given if k not in known and not any(k == o or k.startswith(o + ".") for o in OPTIONAL_KEYS)]
-    if not bad:
-        return
-    hints = []
-    for k in bad:
-        close = difflib.get_close_matches(k, known, n=1)
-        renamed = renamed_key_message(k)
-        hints.append(renamed or f"config.{k}" + (f" (did you mean config.{close[0]}?)" if close else ""))
-    raise BadValue(
-        f"unknown config key{'s' if len(bad) > 1 else ''}: {', '.join(hints)}. Every key is defined in "
-        "llm_jax/training/config.py:base_config(); fix the spelling in the config file or on the command line"
-    )
+    if bad:
+        hints = []
+        for k in bad:
+            close = difflib.get_close_matches(k, known, n=1)
+            renamed = renamed_key_message(k)
+            hints.append(renamed or f"config.{k}" + (f" (did you mean config.{close[0]}?)" if close else ""))
+        raise BadValue(
+            f"unknown config key{'s' if len(bad) > 1 else ''}: {', '.join(hints)}. Every key is defined in "
+            "llm_jax/training/config.py:base_config(); fix the spelling in the config file or on the command line"
+        )
+    check_source_keys(config.data)
+
+
+def foreign_keys(data: ml_collections.ConfigDict) -> list[str]:
+    """The keys of `config.data` that the run's source does not read (SOURCE_KEYS), in table order."""
+    return [k for k, sources in SOURCE_KEYS.items() if data.source not in sources]
+
+
+def check_source_keys(data: ml_collections.ConfigDict) -> None:
+    """A data key of another source set away from its default is an error naming the key, its
+    source(s) and the run's: the run would silently ignore it (e.g. src_lang on a 'text' run)."""
+    if data.source not in SOURCES:
+        return  # the data loaders name the bad source, with the choices
+    defaults = base_config().data
+    for key in foreign_keys(data):
+        if key in data and data[key] != defaults[key]:
+            owners = " or ".join(repr(s) for s in SOURCE_KEYS[key])
+            raise BadValue(
+                f"config.data.{key}={data[key]!r} is a key of source={owners}, but config.data.source="
+                f"{data.source!r}; remove it or set the source"
+            )
 
 
 def check_train(tc) -> None:
@@ -232,6 +290,17 @@ def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> Mod
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=1, sort_keys=True)
+
+
+def run_json(config: ml_collections.ConfigDict) -> str:
+    """The config.json written into a run: `to_json` without the data keys of other sources than
+    the run's, which check_source_keys keeps at their defaults (`load_run_config` fills them back
+    in from base_config(), as for a key added since the run was saved)."""
+    d = config.to_dict()
+    if d.get("data", {}).get("source") in SOURCES:
+        for key in foreign_keys(config.data):
+            d["data"].pop(key, None)
+    return json.dumps(d, indent=1, sort_keys=True)
 
 
 def upgrade(saved: dict) -> dict:

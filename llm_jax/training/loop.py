@@ -357,7 +357,7 @@ def sample(trainer: Trainer, ls: LoopState, seed: int | None = None) -> str:
                 trainer.model, ls.state.params, tokenizer, [prompt], tc.sample_tokens, seed=seed,
                 temperature=tc.sample_temperature, top_k=tc.sample_top_k, context=ls.trained_context,
             )[0]  # fmt: skip
-    except ValueError as e:  # e.g. a character the vocabulary lacks: a sample is not worth a crash
+    except BadValue as e:  # e.g. a prompt character the vocabulary lacks: a sample is not worth a crash (a bug is)
         trainer.log(f"sample skipped: {e}")
         return ""
     trainer.log("sample:\n" + prompt + text + "\n" + "-" * 40)

@@ -21,7 +21,7 @@ import ml_collections
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.models import family as family_lib
 from llm_jax.runtime import sharding
-from llm_jax.runtime.errors import NotFound
+from llm_jax.runtime.errors import BadValue, NotFound
 from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import config as config_lib
 from llm_jax.training import workdir as workdir_lib
@@ -50,11 +50,15 @@ class Run:
 
 
 def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The run's mesh if it fits the devices here, else all devices data-parallel (params replicated)."""
+    """The run's mesh if its shape fits the number of devices here, else all devices data-parallel
+    (params replicated): a run trained on 8 devices decodes on 1. Only that mismatch falls back; any
+    other error of the mesh (a bug, a config this version cannot read) is raised."""
+    m = config.mesh
     try:
-        return sharding.make_mesh(config.mesh)
-    except ValueError:
+        sharding.resolve_mesh_shape([m.data, m.fsdp, m.tensor], jax.device_count())
+    except BadValue:  # trained on another number of devices
         return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+    return sharding.make_mesh(m)
 
 
 def trained_context(config: ml_collections.ConfigDict, loop_data: dict, max_len: int) -> int:

@@ -74,7 +74,9 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> bool:
         with open(path) as f:
             old = config_lib.upgrade(json.load(f))
         diffs = _model_diffs(old.get("model", {}), json.loads(json.dumps(config.model.to_dict())))
-    except (OSError, ValueError, AttributeError) as e:
+    except OSError as e:  # a permission or I/O error: not a reason to move the run aside (overwrite)
+        raise FileError(f"{path} cannot be read ({e.strerror or e}); make it readable or use another --workdir") from e
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not a dict
         diffs = [f"its config.json cannot be read ({type(e).__name__}: {e})"]
     if not diffs:
         return False
@@ -121,7 +123,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, tokenizer=None) -> 
     if it is not there yet. Process 0 writes; call only once every check has passed."""
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        files.write_text(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
+        files.write_text(os.path.join(workdir, CONFIG_FILE), config_lib.run_json(config))
         if tokenizer is not None and not has_tokenizer(workdir):
             tok_lib.save_whole(tokenizer, tokenizer_dir(workdir))
     sync("llm_jax:prepare_workdir")
