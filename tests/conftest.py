@@ -14,6 +14,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import tempfile  # noqa: E402
 
 os.environ["LLM_JAX_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_cache_")
+# One persistent compilation cache per session, for this process and the trainer subprocesses
+# (tests/runlib.py): a program compiled by one test (a tiny model's step, say) loads from disk in the
+# next one instead of compiling again.
+JIT_CACHE = os.environ["LLM_JAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
 
 from llm_jax.runtime import hostmem  # noqa: E402 - first: host memory settings before numpy and JAX start threads
 
@@ -23,11 +27,21 @@ hostmem.keep_freed_memory()  # as the command lines do (llm_jax/cli.py); `import
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
+# Programs that compile in well under a second recompile faster than a cache entry is written.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: any size (0 lets JAX pick)
 
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("LLM_JAX_DATA", os.path.join(REPO, "..", "shared", "data"))
+
+
+@pytest.fixture(scope="session")
+def compile_cache():
+    """The session's persistent compilation cache directory (for subprocesses that should share it)."""
+    return JIT_CACHE
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Helpers for the reliability tests: tiny trainer runs in subprocesses, and reading their results.
 
-Subprocess runs share a persistent compilation cache (one per test session), so only the first
-run of a configuration compiles.
+Subprocess runs share a persistent compilation cache (one per test session, the one of the pytest
+process itself), so only the first run of a configuration compiles.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CACHE = tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
+# The in-process tests' cache when conftest set one (the same programs compile once in all).
+_CACHE = os.environ.get("LLM_JAX_TEST_JIT_CACHE") or tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
 
 
 def write_corpus(path: str, chars: int = 60_000) -> str:

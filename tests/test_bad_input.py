@@ -212,6 +212,7 @@ def _other_model_workdir(path, corpus) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_each_command_line_ends_a_user_error_in_one_line(run, tmp_path, capsys):
     corpus, data = run["corpus"], ["--config.data.source=text", f"--config.data.path={run['corpus']}"]
     hf_bad = tmp_path / "hf_bad"

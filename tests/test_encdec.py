@@ -258,7 +258,15 @@ def reference():
     return params, loss, grads
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+# The 2x2x2 mesh shards over all three axes at once; the one-axis meshes only in the full suite.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1), pytest.param((8, 1, 1), marks=SLOW), pytest.param((1, 8, 1), marks=SLOW), (2, 2, 2)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_loss_and_grads_on_meshes_equal_one_device(shape):
     params0, ref_loss, ref_grads = reference()
     model = family_lib.build(MESH_CFG)
@@ -337,6 +345,7 @@ def mt_data(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_resume_of_a_translation_run_is_exact(tmp_path, mt_data):
     straight = str(tmp_path / "straight")
     loop.train_and_evaluate(_mt_config(mt_data, 6), straight)
@@ -369,6 +378,7 @@ def test_translate_cli_keeps_lines_and_prints_bleu(tmp_path, mt_data):
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("translate: error: ")
 
 
+@pytest.mark.slow
 def test_the_config_reads_multi30k_and_its_tiny_run_trains(tmp_path):
     data = os.path.join(os.environ.get("LLM_JAX_DATA", os.path.join(R.REPO, "..", "shared", "data")), "multi30k")
     assert os.path.isdir(data), f"Multi30k not found at {data}: set LLM_JAX_DATA to the folder holding multi30k/"
@@ -379,7 +389,7 @@ def test_the_config_reads_multi30k_and_its_tiny_run_trains(tmp_path):
     assert base_config().data.src_lang == "en"
 
 
-@pytest.mark.parametrize("name", ["learned", "sinusoidal_scan"])
+@pytest.mark.parametrize("name", ["learned", pytest.param("sinusoidal_scan", marks=pytest.mark.slow)])
 def test_label_smoothing_in_the_chunked_loss_equals_the_full_logits_loss(name):
     """Training loss with label smoothing 0.1: the fused chunked loss gives the loss and gradients
     of the plain one; evaluation (train=False) is the unsmoothed cross-entropy."""

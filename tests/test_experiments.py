@@ -1,5 +1,7 @@
 """Smoke tests of every benchmark and peer script (experiments/, llm_jax.bench_decode) on a tiny
-size, one or two steps each, through their command lines: none of them can rot unnoticed.
+size, one or two steps each, through their command lines: none of them can rot unnoticed. The fast
+subset (-m "not slow") keeps the two that only need JAX and take seconds: the decode benchmark and
+the profiler's step breakdown.
 
 The PyTorch peers need the hf extra (torch, transformers); CI installs it on Python 3.11, where
 nothing may be skipped. On Python 3.12 CI has no torch and those tests skip, naming the extra.
@@ -13,8 +15,6 @@ import sys
 
 import pytest
 import runlib as R
-
-pytestmark = pytest.mark.slow
 
 NEEDS_HF = "needs the hf extra (torch, transformers): pip install torch==2.13.0 transformers safetensors"
 # A 1-layer GPT-2 of bench_cpu's kind (with its chunked loss): every script below runs it in seconds.
@@ -46,6 +46,7 @@ def test_bench_decode_command():
     assert 0 < out["llm_jax_tokens_per_sec"] <= out["best_llm_jax_tokens_per_sec"]
 
 
+@pytest.mark.slow
 def test_decode_peer_times_both_thread_counts():
     pytest.importorskip("torch", reason=NEEDS_HF)
     out = last_json(run([sys.executable, "experiments/decode_peer.py", *TINY_DECODE]))
@@ -55,6 +56,7 @@ def test_decode_peer_times_both_thread_counts():
         assert 0 < out[f"worst_{name}_tokens_per_sec"] <= out[f"best_{name}_tokens_per_sec"], name
 
 
+@pytest.mark.slow
 def test_torch_peer_settings_train_the_same_model():
     """Every PyTorch setting (eager, foreach, fused AdamW, torch.compile + fused) builds the same
     GPT-2 (same first loss, before any update) and trains it (a finite loss after a step)."""
@@ -73,6 +75,7 @@ def test_torch_peer_settings_train_the_same_model():
         assert math.isfinite(out["final_loss"]) and out["final_loss"] < first, setting
 
 
+@pytest.mark.slow
 def test_torch_peer_rounds_and_ratios():
     pytest.importorskip("torch", reason=NEEDS_HF)
     args = ["--rounds=1", "--steps=1", "--warmup=1", "--settings=eager", "--threads=default,1"]
@@ -88,6 +91,7 @@ def test_torch_peer_rounds_and_ratios():
     assert all(f"round 1: {name}" in stdout for name in entries)
 
 
+@pytest.mark.slow
 def test_mt_torch_peer_runs_the_same_size_translation_model():
     pytest.importorskip("torch", reason=NEEDS_HF)
     tiny = ["--config.model.num_layers=1", "--config.model.num_encoder_layers=1", "--config.model.embed_dim=64"]
@@ -104,6 +108,7 @@ def test_mt_torch_peer_runs_the_same_size_translation_model():
     assert "round 1: llm_jax" in stdout
 
 
+@pytest.mark.slow
 def test_ab_bench_alternates_two_sides():
     sys.path.insert(0, os.path.join(R.REPO, "experiments"))
     import ab_bench
@@ -120,6 +125,7 @@ def test_ab_bench_alternates_two_sides():
     assert len(out["ratio_rounds"]) == 2 and math.isfinite(out["ratio"]) and out["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_compile_time_script():
     out = last_json(run([sys.executable, "experiments/compile_time.py", "--layers", "1", "2", "--rounds", "1"]
                         + overrides(skip=("model.num_layers",))))  # fmt: skip
@@ -137,6 +143,7 @@ def test_profile_step_script():
     assert "matmul" in stdout.split("by part and op kind")[1].splitlines()[1], stdout
 
 
+@pytest.mark.slow
 def test_data_throughput_script_on_a_small_corpus(tmp_path):
     corpus = tmp_path / "corpus"
     stdout = run([sys.executable, "experiments/data_throughput.py", "--gb=0.005", "--sp_mb=1", f"--dir={corpus}"])
@@ -148,6 +155,7 @@ def test_data_throughput_script_on_a_small_corpus(tmp_path):
     assert not corpus.exists(), "the corpus and its cache are removed unless --keep"
 
 
+@pytest.mark.slow
 def test_h200_script_on_a_tiny_llama(tmp_path):
     """The H200 script's command at a tiny size on CPU (its figures need the GPU)."""
     tiny = "--config.model.num_layers=1 --config.model.embed_dim=64 --config.model.mlp_dim=128"

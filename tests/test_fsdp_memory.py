@@ -39,7 +39,6 @@ def _state_bytes_per_device(mesh_shape):
     return shard_bytes, analysed, full_bytes
 
 
-@pytest.mark.slow
 def test_fsdp8_state_is_at_most_a_sixth_of_replicated():
     assert jax.device_count() >= 8, "needs the 8-device CPU mesh of tests/conftest.py"
     rep_shards, rep_analysed, full = _state_bytes_per_device({"data": 8, "fsdp": 1, "tensor": 1})

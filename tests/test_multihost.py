@@ -11,7 +11,6 @@ import socket
 
 import leafcheck
 import numpy as np
-import pytest
 import runlib as R
 
 STEPS = 4
@@ -23,7 +22,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     corpus = R.write_corpus(str(tmp_path / "corpus.txt"))
     over = R.tiny_overrides(corpus, STEPS, STEPS)

@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import runlib as R
 
 # Runs in a fresh interpreter: a tiny training run of the CLI (steps, evaluation, sample,
@@ -64,7 +63,6 @@ print(json.dumps({"imported": seen, "loaded": loaded, "probe_seen": imported[len
 """
 
 
-@pytest.mark.slow
 def test_training_never_imports_tensorflow(tmp_path):
     workdir = str(tmp_path / "run")
     args = ["--config=configs/default.py:tiny", "--config.train.num_steps=2", "--config.train.eval_every=2"]

@@ -27,6 +27,7 @@ def test_the_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_top_to_bottom_and_draws_inline(tmp_path, monkeypatch):
     # A kernel spec of this very interpreter, so the kernel runs where llm_jax is installed.
     spec_dir = tmp_path / "jupyter" / "kernels" / "llm_jax_test"

@@ -223,6 +223,7 @@ def _peak_rss_mb(workdir, path, cache):
     return usage.ru_maxrss / 1024  # KB -> MB (Linux)
 
 
+@pytest.mark.slow
 def test_training_memory_does_not_grow_with_the_corpus(tmp_path):
     cache = str(tmp_path / "cache")
     paths = {mb: _write_corpus(str(tmp_path / f"c{mb}"), mb) for mb in (4, 40)}

@@ -334,6 +334,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
     assert all(np.isfinite(v).all() for v in R.read_state(wd, 2).values())
 
 
+@pytest.mark.slow
 def test_nan_loss_skip_drops_that_update(tmp_path, corpus, monkeypatch, capsys):
     _poison(monkeypatch, at_step=3)
     wd = str(tmp_path / "run")
@@ -376,6 +377,7 @@ def _loss_of(run, corpus) -> float:
     return float(total) / float(count)
 
 
+@pytest.mark.slow
 def test_lr_1e6_stops_before_saving_and_the_kept_checkpoint_is_good(tmp_path, corpus):
     """The warmup's first update has lr 0 (a good step 1); the second explodes the parameters while
     the step's own loss, of the parameters before it, still looks fine: only the loss of the state
@@ -407,6 +409,7 @@ def test_lr_1e6_stops_before_saving_and_the_kept_checkpoint_is_good(tmp_path, co
     assert last >= 2 and max(np.abs(v).max() for v in R.read_state(str(tmp_path / "unchecked"), last).values()) > 1e3
 
 
+@pytest.mark.slow
 def test_diverged_run_resumes_from_the_named_checkpoint_with_a_lower_lr(tmp_path, corpus):
     wd = str(tmp_path / "run")
     loop.train_and_evaluate(_inprocess_config(corpus, num_steps=4, checkpoint_every=2), wd)

@@ -9,30 +9,14 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import runlib as R
-from jax.experimental.compilation_cache import compilation_cache
 
 from llm_jax.training import config as config_lib
 from llm_jax.training import loop, optim
 
 pytest.importorskip("matplotlib", reason="the pictures need the notebook extra: pip install -e '.[notebook]'")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache: the second LM run compiles nothing new."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

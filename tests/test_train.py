@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.models import loss as loss_lib
@@ -23,9 +22,9 @@ from llm_jax.training import loop
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The same overrides in-process and on the command line: the same programs, so the CLI run reuses
-# the compilations of the in-process runs through the persistent compilation cache. A short
-# warmup and a decay horizon that does not depend on num_steps: a run stopped at step 3 and
-# resumed to 6 follows the schedule of a 6-step run.
+# the compilations of the in-process runs through the session's persistent compilation cache
+# (tests/conftest.py). A short warmup and a decay horizon that does not depend on num_steps: a run
+# stopped at step 3 and resumed to 6 follows the schedule of a 6-step run.
 OVERRIDES = {
     "optim.lr": 1e-2,
     "optim.warmup_steps": 1,
@@ -34,26 +33,6 @@ OVERRIDES = {
     "train.eval_every": 3,
     "train.checkpoint_every": 2,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (the runs below compile the same programs)."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {n: getattr(jax.config, n) for n in names}
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    compilation_cache.reset_cache()
-    yield path
-    for n, v in old.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -132,6 +132,7 @@ def test_claim_creates_checks_and_cleans_up(tmp_path):
         workdir_lib.claim(str(tmp_path / "afile"))
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_workdir(tmp_path):
     """The second `llm_jax.main` is refused at once, naming the first, and changes nothing; told to
     wait, a third waits for the first to end and then resumes its run. Each step is logged once."""
