@@ -331,7 +331,7 @@ def test_checker_asks_for_a_new_subpackage_in_the_table(tmp_path):
 DOCS = ["README.md", "ARCHITECTURE.md", "pyproject.toml", ".ci/run"]
 DOC_GLOBS = [("configs", ".py"), ("experiments", ""), (PACKAGE, ".py")]
 PATH_MENTION = re.compile(r"(?<![\w-])llm_jax/((?:\w+/)*\w+\.py)\b")
-COMMAND_MENTION = re.compile(r"\bpython3?\s+-m\s+(llm_jax(?:\.\w+)*)")
+COMMAND_MENTION = re.compile(r"\bpython3?\s+-m\s+(llm_jax(?:\.\w+)*)(?!\.<)")  # `llm_jax.<name>`: a placeholder
 
 
 def _doc_files() -> list[str]:
