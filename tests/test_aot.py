@@ -171,8 +171,11 @@ def test_oom_messages_are_parsed():
     "data, keys",
     [
         ({}, {"inputs", "targets"}),
-        ({"data.source": "jsonl"}, {"inputs", "targets", "weights"}),  # prompt-completion: completions only
-        ({"data.source": "jsonl", "data.packing": "documents"}, {"inputs", "targets", "weights"}),
+        (
+            {"data.source": "jsonl", "data.max_chars": 0},
+            {"inputs", "targets", "weights"},
+        ),  # prompt-completion: completions only
+        ({"data.source": "jsonl", "data.max_chars": 0, "data.packing": "documents"}, {"inputs", "targets", "weights"}),
         ({"data.packing": "documents"}, {"inputs", "targets", "weights", "segment_ids", "positions"}),
     ],
 )

@@ -130,7 +130,9 @@ def locked(path: str, on_wait: Callable[[], None] | None = None):
     with open(path, "a") as f:
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):  # held by another process: wait; else a real error
+                raise
             if on_wait is not None:
                 on_wait()
             fcntl.lockf(f, fcntl.LOCK_EX)

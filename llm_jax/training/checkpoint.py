@@ -182,26 +182,32 @@ def restore_latest(
         bad.append((step, error))
         log(f"WARNING: checkpoint {where} is corrupt or incomplete ({error}); falling back to the previous one")
 
-    for step in sorted(mngr.all_steps(), reverse=True):
-        where = os.path.join(str(mngr.directory), str(step))
-        error = None
+    def attempt(read, step, where):
+        """read()'s result, or None where the checkpoint is damaged on this or another process (the
+        processes must agree on the checkpoint they resume from); any other error is raised."""
+        error = result = None
         try:
-            meta, data_state = _read_small_parts(mngr, step, where)
+            result = read()
         except Exception as e:  # noqa: BLE001 - is_damage decides; the rest is re-raised
             error = _damage_or_raise(e)
-        if not all_processes(error is None):  # they must agree on the checkpoint they resume from
-            unusable(step, where, error or "unreadable on another process")
+        if all_processes(error is None):
+            return result
+        unusable(step, where, error or "unreadable on another process")
+        return None
+
+    for step in sorted(mngr.all_steps(), reverse=True):
+        where = os.path.join(str(mngr.directory), str(step))
+        small = attempt(lambda: _read_small_parts(mngr, step, where), step, where)  # noqa: B023 - called at once
+        if small is None:
             continue
+        meta, data_state = small
         check_shapes(where, meta, abstract_state)
         if check is not None:
             check(step, data_state)
-        try:
-            state, data_state = restore(mngr, step, abstract_state)
-        except Exception as e:  # noqa: BLE001 - is_damage decides; the rest is re-raised
-            error = _damage_or_raise(e)
-        if not all_processes(error is None):  # they must agree on the checkpoint they resume from
-            unusable(step, where, error or "unreadable on another process")
+        restored = attempt(lambda: restore(mngr, step, abstract_state), step, where)  # noqa: B023 - called at once
+        if restored is None:
             continue
+        state, data_state = restored
         return step, state, data_state, [s for s, _ in bad]
     if bad:
         raise Unavailable(
