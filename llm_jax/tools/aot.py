@@ -182,17 +182,13 @@ def build_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> St
     """
     b = state_lib.build(config, bench.bench_vocab(config), devices)
     key = jax.eval_shape(lambda: jax.random.key(b.config.seed))  # a key's type; nothing runs anywhere
-    rng = _abstract(key, NamedSharding(b.mesh, P()))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(b.mesh, P()))
 
     def lower():
         with sharding.use_mesh(b.mesh, b.rules):  # the context the trainer's step is traced in
             return b.p_train.jitted.lower(b.state, b.batch, rng)
 
     return Step(lower, b.state, b.batch, b.mesh, b.model_cfg)
-
-
-def _abstract(x, s) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -131,10 +131,12 @@ def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, Tr
     return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
 
 
-def create_sharded_state(model, tx, mesh, rules, rng, seq_len):
-    """(state, state_shardings): the state is born sharded; the full model never sits on one device."""
+def create_sharded_state(model, tx, mesh, rules, rng, seq_len, shardings=None):
+    """(state, state_shardings): the state is born sharded; the full model never sits on one device.
+    `shardings`: the state's, where `abstract_state` gave them already (else traced here)."""
     init = init_state_fn(model, tx, seq_len)
-    shardings = sharding.boxed_shardings(jax.eval_shape(init, rng), mesh, rules)
+    if shardings is None:
+        shardings = sharding.boxed_shardings(jax.eval_shape(init, rng), mesh, rules)
     with mesh, nn.logical_axis_rules(rules):  # init is traced outside use_mesh (see its docstring)
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
@@ -223,7 +225,7 @@ class Built:
     def create_state(self, rng: jax.Array) -> TrainState:
         """A fresh state, born sharded as `state_shardings` say."""
         seq_len = self.config.data.seq_len
-        return create_sharded_state(self.model, self.tx, self.mesh, self.rules, rng, seq_len)[0]
+        return create_sharded_state(self.model, self.tx, self.mesh, self.rules, rng, seq_len, self.state_shardings)[0]
 
 
 def build(config: ml_collections.ConfigDict, vocab_size: int, devices: Sequence | None = None) -> Built:
