@@ -12,7 +12,7 @@ import runlib as R
 
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.models import family as family_lib
-from llm_jax.models import model as model_lib
+from llm_jax.models import attention as attention_lib
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue
@@ -27,7 +27,7 @@ class Probe(nn.Module):
     impl: str
 
     def __call__(self, q, k, v, mask):
-        return model_lib._attend(self, q, k, v, mask, self.impl)
+        return attention_lib.attend_recording(self, q, k, v, mask, ModelConfig(attention=self.impl))
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ from llm_jax.models.model import (
     ModelConfig,
     add_positions,
     apply_layers,
+    embed_tokens,
     make_embed,
     make_head,
     make_norm,
@@ -97,7 +98,8 @@ class EncoderDecoder(nn.Module):
     def encode(self, source, source_positions, source_segments, deterministic: bool = True) -> Array:
         """source [b, s] -> encoded [b, s, e]: bidirectional, each token seeing its own segment."""
         embed = self.embed if self.cfg.share_embeddings else self.source_embed
-        x = self.dropout(add_positions(self.cfg, embed(source), source_positions, self.source_pos_embed), deterministic)
+        x = embed_tokens(self.cfg, embed, source)
+        x = self.dropout(add_positions(self.cfg, x, source_positions, self.source_pos_embed), deterministic)
         mask = same_segment(source_segments, source_segments)
         x = self.encoder(x, source_positions, mask, None, None, deterministic, False, False)
         return self.encoder_norm(x)
@@ -106,7 +108,8 @@ class EncoderDecoder(nn.Module):
         """Decoder over `tokens` [b, t] -> final normed hidden states [b, t, e], causal within
         `segments` [b, t]. In decode mode `segments` is None (the cache masks) and `memory` None
         after the cache set-up."""
-        x = self.dropout(add_positions(self.cfg, self.embed(tokens), positions, self.pos_embed), deterministic)
+        x = embed_tokens(self.cfg, self.embed, tokens)
+        x = self.dropout(add_positions(self.cfg, x, positions, self.pos_embed), deterministic)
         x = self.decoder(x, positions, None, segments, memory, deterministic, decode, False)
         return self.decoder_norm(x)
 

@@ -35,7 +35,7 @@ def token_loss_sum(model, params, batch, rng, train: bool, *inputs, **kwargs):
         chunk = min(cfg.loss_chunk, hidden.shape[1])
         with jax.named_scope("loss"):  # names the loss's ops in profiles (experiments/profile_step.py)
             return loss_lib.chunked_cross_entropy(
-                hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first, smoothing
+                hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first, smoothing, cfg.final_softcap
             )
     logits = model.apply(variables, *inputs, deterministic=deterministic, rngs=rngs, **kwargs)
     with jax.named_scope("loss"):

@@ -49,14 +49,14 @@ def _unchunk(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _xent(hidden, kernel, targets, weights, chunk, vocab_first, smoothing):
-    return _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _xent(hidden, kernel, targets, weights, chunk, vocab_first, smoothing, cap):
+    return _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing, cap)[0]
 
 
-def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing):
+def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing, cap):
     """hidden [b, t, e]; kernel [v, e] (vocab_first) or [e, v]; targets [b, t] int; weights [b, t] f32;
-    smoothing: label smoothing (a Python float)."""
+    smoothing: label smoothing, cap: the logits' soft-cap or 0 (Python floats)."""
     logits_eq = "bce,ve->bcv" if vocab_first else "bce,ev->bcv"
     f32 = jnp.float32
 
@@ -64,6 +64,9 @@ def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing):
         h, tgt, w = xs
         # float32 logits and softmax whatever the compute dtype (bf16 log-sum-exp loses the loss).
         logits = jnp.einsum(logits_eq, h, kernel, preferred_element_type=f32)
+        if cap:  # logits = cap * tanh(z / cap); d logits / dz = 1 - tanh^2, applied to dlogits below
+            squashed = jnp.tanh(logits / cap)
+            logits = cap * squashed
         # One exp pass serves both the loss and its gradient: p = exp(logits - max), the loss is
         # max + log(sum p) - logit[target] (optax's formula), dlogits = p / sum p - onehot.
         top = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
@@ -77,6 +80,8 @@ def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing):
         else:
             row, dlogits = top + jnp.log(total) - target_logit, p / total - is_target
         loss = (row[..., 0] * w).sum()
+        if cap:
+            dlogits = dlogits * (1.0 - squashed * squashed)
         dlogits = (dlogits * w[..., None]).astype(h.dtype)
         dh = jnp.einsum("bcv,ve->bce" if vocab_first else "bcv,ev->bce", dlogits, kernel, preferred_element_type=f32)
         # The kernel's gradient is accumulated as [e, v] whatever the kernel's layout: h^T @ dlogits
@@ -93,7 +98,7 @@ def _xent_fwd(hidden, kernel, targets, weights, chunk, vocab_first, smoothing):
     return losses.sum(), (_unchunk(dh), dkernel.astype(kernel.dtype))
 
 
-def _xent_bwd(chunk, vocab_first, smoothing, res, g):
+def _xent_bwd(chunk, vocab_first, smoothing, cap, res, g):
     dh, dkernel = res
     # No cotangent for the integer targets, nor for the weights (data, not parameters).
     return (g * dh).astype(dh.dtype), (g * dkernel).astype(dkernel.dtype), None, None
@@ -110,17 +115,20 @@ def chunked_cross_entropy(
     chunk: int,
     vocab_first: bool,
     label_smoothing: float = 0.0,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed cross-entropy and token count, as `token_loss` of the projected logits.
 
     hidden: [b, t, e] final (normed) hidden states in the compute dtype; kernel: the output
     projection, [v, e] when `vocab_first` (tied embedding table) else [e, v]; targets [b, t] int;
     weights [b, t] or None. `chunk` must divide t. Gradients flow to `hidden` and `kernel`.
-    `label_smoothing`: as in `token_loss`.
+    `label_smoothing`: as in `token_loss`; `softcap`: the model's `final_softcap` (logits squashed
+    to cap * tanh(logits / cap) before the softmax).
     """
     b, t = targets.shape
     if t % chunk:
         raise BadValue(f"loss chunk size {chunk} does not divide the sequence length {t}; pick a divisor of {t}")
     count = jnp.float32(b * t) if weights is None else weights.sum()
     w = jnp.ones((b, t), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    return _xent(hidden, kernel.astype(hidden.dtype), targets, w, chunk, vocab_first, float(label_smoothing)), count
+    smoothing, cap = float(label_smoothing), float(softcap or 0.0)
+    return _xent(hidden, kernel.astype(hidden.dtype), targets, w, chunk, vocab_first, smoothing, cap), count

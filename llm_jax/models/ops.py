@@ -20,10 +20,17 @@ Array = jax.Array
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def rope_frequencies(cfg: Any) -> Array:
-    """RoPE inverse frequencies [d/2] float32, scaled as Hugging Face's `rope_scaling` says."""
+def rope_frequencies(cfg: Any, local: bool = False) -> Array:
+    """RoPE inverse frequencies [d/2] float32, scaled as Hugging Face's `rope_scaling` says.
+
+    `local`: for a local (sliding-window) layer. With `cfg.local_rope_theta` set those use their
+    own base and no scaling (Gemma 3: 10k locally, 1M and the scaling globally).
+    """
     d = cfg.dim_per_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    if local and cfg.local_rope_theta:
+        return 1.0 / (cfg.local_rope_theta**exponents)
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
     if cfg.rope_scaling == "linear":
         inv_freq = inv_freq / cfg.rope_scaling_factor
     elif cfg.rope_scaling == "llama3":
@@ -58,27 +65,62 @@ def rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out.astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str, segment_ids: Array | None = None) -> Array:
+def scores(q: Array, k: Array, scale: float | None = None, softcap: float | None = None) -> Array:
+    """Attention logits, float32 whatever the compute dtype (a bf16 softmax is not stable).
+
+    q: [b, t, k, g, d] (queries grouped by their kv head); k: [b, s, k, d] -> [b, k, g, t, s],
+    scaled by `scale` (default 1/sqrt(d)) and, with `softcap`, squashed to cap * tanh(x / cap).
+    """
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+def within_window(q_pos: Array, k_pos: Array, window: int | Array | None) -> Array | bool:
+    """[..., t] query and [..., s] key positions -> [..., t, s]: the key is among the last `window`
+    positions up to the query (Hugging Face's `kv_idx > q_idx - sliding_window`); True without a window."""
+    if window is None:
+        return True
+    return k_pos[..., None, :] > q_pos[..., :, None] - window
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    impl: str,
+    segment_ids: Array | None = None,
+    window: int | Array | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> Array:
     """Scaled dot-product attention with grouped-query support.
 
     q: [b, t, h, d]; k, v: [b, s, k, d] with h a multiple of k; mask: [b, t, s] bool (True = may
     attend) or None for plain causal (t == s), then within segments if `segment_ids` [b, t] int is
-    given (packed documents: a query sees only earlier keys of its own document). Returns [b, t, h, d].
+    given (packed documents: a query sees only earlier keys of its own document), and within the
+    last `window` positions if given (a local layer; an explicit mask already holds its window).
+    `scale` / `softcap`: as in `scores`. Returns [b, t, h, d].
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
-    if impl == "dot_product":
+    if impl == "dot_product" and not softcap:  # jax's fused attention has no soft-capping
         # On GPU this dispatches to cuDNN flash attention when shapes and dtypes allow.
         if mask is None:
-            same = None if segment_ids is None else _same_segment(segment_ids, segment_ids)[:, None]
-            return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+            same = None if segment_ids is None else _same_segment(segment_ids, segment_ids)
+            if window is not None:
+                idx = jnp.arange(t)
+                near = within_window(idx, idx, window)[None]
+                same = near if same is None else same & near
+            same = None if same is None else same[:, None]
+            return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale)
     if mask is None:
-        return _causal_attention(q, k, v, segment_ids)
-    qg = q.reshape(b, t, kv, h // kv, d)
-    # Logits and softmax in float32 whatever the compute dtype (bf16 softmax is not stable).
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
+        return _causal_attention(q, k, v, segment_ids, window, scale, softcap)
+    logits = scores(q.reshape(b, t, kv, h // kv, d), k, scale, softcap)
     logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -98,9 +140,18 @@ def _same_segment(q_seg: Array, k_seg: Array) -> Array:
     return q_seg[:, :, None] == k_seg[:, None, :]
 
 
-def _causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None) -> Array:
+def _causal_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array | None = None,
+    window: int | Array | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> Array:
     """Causal self-attention (t == s), the einsum path's training case; within segments if
-    `segment_ids` [b, t] is given (every query sees at least itself, so no row is empty).
+    `segment_ids` [b, t] is given and within the last `window` positions if given (every query sees
+    at least itself, so no row is empty).
 
     Queries go in blocks; block i attends to keys [0, end of block i) only, so the fully masked
     upper-right blocks are never computed (at 2 blocks, 25% fewer attention FLOPs and softmax
@@ -113,31 +164,35 @@ def _causal_attention(q: Array, k: Array, v: Array, segment_ids: Array | None = 
     g = h // kv
     n = _causal_blocks(t)
     tb = t // n
-    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    scale = jnp.float32(d**-0.5 if scale is None else scale)
     outs = []
     for i in range(n):
         lo, hi = i * tb, (i + 1) * tb
         qi, ki, vi = q[:, lo:hi], k[:, :hi], v[:, :hi]
-        visible = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]  # [tb, hi], constant
+        q_idx, k_idx = jnp.arange(lo, hi), jnp.arange(hi)
+        visible = (q_idx[:, None] >= k_idx[None, :]) & within_window(q_idx, k_idx, window)  # [tb, hi]
         if segment_ids is not None:  # [b, 1, tb, hi]: broadcasts over heads (and groups below)
             visible = (visible & _same_segment(segment_ids[:, lo:hi], segment_ids[:, :hi]))[:, None]
         if g == 1:
             logits = jnp.einsum("bthd,bshd->bhts", qi, ki, preferred_element_type=jnp.float32) * scale
+            if softcap:
+                logits = softcap * jnp.tanh(logits / softcap)
             logits = jnp.where(visible, logits, _MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
             outs.append(jnp.einsum("bhts,bshd->bthd", probs, vi))
         else:
-            qg = qi.reshape(b, tb, kv, g, d)
-            logits = jnp.einsum("btkgd,bskd->bkgts", qg, ki, preferred_element_type=jnp.float32) * scale
+            logits = scores(qi.reshape(b, tb, kv, g, d), ki, scale, softcap)
             logits = jnp.where(visible if segment_ids is None else visible[:, :, None], logits, _MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
             outs.append(jnp.einsum("bkgts,bskd->btkgd", probs, vi).reshape(b, tb, h, d))
     return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
 
 
-def _positions_mask(q_pos: Array, k_pos: Array) -> Array:
-    """[b, t] query positions, [b, s] key positions -> [b, t, s]: key is real and not in the future."""
-    return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+def _positions_mask(q_pos: Array, k_pos: Array, window: int | Array | None = None) -> Array:
+    """[b, t] query positions, [b, s] key positions -> [b, t, s]: key is real, not in the future and
+    (with a `window`) among the last `window` positions."""
+    causal = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    return causal & within_window(q_pos, k_pos, window)
 
 
 def sinusoidal(positions: Array, dim: int) -> Array:
