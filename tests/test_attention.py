@@ -11,8 +11,8 @@ import pytest
 import runlib as R
 
 from llm_jax.data import tokenizer as tok_lib
-from llm_jax.models import family as family_lib
 from llm_jax.models import attention as attention_lib
+from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue

@@ -135,10 +135,11 @@ def model_config_from_hf(hf_cfg: dict, **overrides) -> ModelConfig:
 
 
 def hf_config_from_model(cfg: ModelConfig, base: dict | None = None, eos_id: int | None = None) -> dict:
-    """config.json for `cfg`: the first architecture (GPT2LMHeadModel, LlamaForCausalLM) that computes
-    the same function. `base` (an imported checkpoint's original config.json) of that architecture
-    keeps its other fields (token ids, ...)."""
-    spec = hf_specs.for_model(cfg)
+    """config.json for `cfg`: the architecture of `base` (an imported checkpoint's original
+    config.json) if it computes the same function, else the first in `hf_specs.SPECS` that does.
+    `base` of that architecture keeps its other fields (token ids, ...)."""
+    prefer = (base.get("architectures") or [None])[0] if base else None
+    spec = hf_specs.for_model(cfg, prefer)
     out = dict(base) if base and base.get("architectures") == [spec.architecture] else {}
     for key in ("torch_dtype", "transformers_version"):  # describe the old file, not this one
         out.pop(key, None)
