@@ -69,7 +69,42 @@ LLAMA_SCAN = ModelConfig(
     remat="dots",
     attention="dot_product",
 )
-CONFIGS = {"gpt_gqa": GPT_GQA, "llama_scan": LLAMA_SCAN}
+# "gemma_scan": every block option of today's open models at once (local and global layers, whose
+# window and RoPE base are traced under scan, QK-norm, (1 + w) norms, post-norms, GeGLU, embedding
+# scale, query scale, both soft-caps, q/k/v biases without an output bias), with remat.
+# "gemma_dot": the same unscanned through jax.nn.dot_product_attention (its window mask path).
+GEMMA_SCAN = ModelConfig(
+    vocab_size=128,
+    num_layers=3,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=12,
+    embed_dim=32,
+    mlp_dim=64,
+    max_len=SEQ,
+    positions="rope",
+    norm="rmsnorm",
+    norm_plus_one=True,
+    post_norms=True,
+    qk_norm=True,
+    embed_scale=True,
+    mlp_activation="geglu",
+    use_bias=False,
+    attention_bias=True,
+    attention_out_bias=False,
+    layer_pattern="llg",
+    sliding_window=5,
+    local_rope_theta=100.0,
+    query_scale=10.0,
+    attn_softcap=5.0,
+    final_softcap=8.0,
+    scan_layers=True,
+    remat="full",
+)
+GEMMA_DOT = dataclasses.replace(
+    GEMMA_SCAN, scan_layers=False, remat="none", attention="dot_product", attn_softcap=None, layer_pattern="lg"
+)
+CONFIGS = {"gpt_gqa": GPT_GQA, "llama_scan": LLAMA_SCAN, "gemma_scan": GEMMA_SCAN, "gemma_dot": GEMMA_DOT}
 # The same models on packed documents (config.data.packing='documents'): segment ids mask the
 # attention (einsum path for gpt_gqa, jax.nn.dot_product_attention for llama_scan), positions
 # restart per document, and weights drop the targets across a boundary.
@@ -182,7 +217,8 @@ def state_shardings(name, mesh):
     # The one-axis meshes only in the full suite: 2x2x2 and 2x1x4 shard over every axis at once.
     [("gpt_gqa", s) if s not in ONE_AXIS else pytest.param("gpt_gqa", s, marks=pytest.mark.slow) for s in MESHES]
     + [("llama_scan", (2, 1, 4)), ("gpt_gqa_packed", (2, 2, 2))]
-    + [("llama_scan_packed", (2, 1, 4))],
+    + [("llama_scan_packed", (2, 1, 4))]
+    + [("gemma_scan", (2, 2, 2)), ("gemma_dot", (1, 2, 4)), ("gemma_scan_packed", (2, 1, 4))],
     ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x,
 )
 def test_loss_and_grads_equal_single_device(name, shape):

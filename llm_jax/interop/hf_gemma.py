@@ -128,7 +128,11 @@ GEMMA_NORMS = (
     Tensor(_LAYER + "pre_feedforward_layernorm.weight", "ln_2/scale"),
     Tensor(_LAYER + "post_feedforward_layernorm.weight", "ln_2_post/scale"),
 )
-_COMMON = dict(backbone="model.", table=decoder_table(GEMMA_NORMS), buffers=("rotary_emb.inv_freq", "embed_scale"))
+_COMMON = dict(
+    backbone="model.",
+    table=decoder_table(GEMMA_NORMS, mlp_biases=False),
+    buffers=("rotary_emb.inv_freq", "embed_scale"),
+)
 
 GEMMA2 = Spec(
     architecture="Gemma2ForCausalLM",

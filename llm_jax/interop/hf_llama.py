@@ -255,8 +255,14 @@ LLAMA_NORMS = (
 )
 
 
-def decoder_table(norms: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The tensor table of a Llama-shaped decoder whose per-layer norms are `norms`."""
+def decoder_table(norms: tuple[Tensor, ...], mlp_biases: bool = True) -> tuple[Tensor, ...]:
+    """The tensor table of a Llama-shaped decoder whose per-layer norms are `norms` (and, where the
+    architecture has them, optional MLP biases)."""
+    biases = (
+        Tensor(_MLP + "gate_proj.bias", "mlp/wi_0/bias", when=mlp_bias),
+        Tensor(_MLP + "up_proj.bias", "mlp/wi_1/bias", when=mlp_bias),
+        Tensor(_MLP + "down_proj.bias", "mlp/wo/bias", when=mlp_bias),
+    )
     return (
         Tensor("model.embed_tokens.weight", "embed/embedding"),
         Tensor("model.norm.weight", "ln_f/scale"),
@@ -274,9 +280,7 @@ def decoder_table(norms: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         Tensor(_MLP + "gate_proj.weight", "mlp/wi_0/kernel", "m e -> e m"),
         Tensor(_MLP + "up_proj.weight", "mlp/wi_1/kernel", "m e -> e m"),
         Tensor(_MLP + "down_proj.weight", "mlp/wo/kernel", "e m -> m e"),
-        Tensor(_MLP + "gate_proj.bias", "mlp/wi_0/bias", when=mlp_bias),
-        Tensor(_MLP + "up_proj.bias", "mlp/wi_1/bias", when=mlp_bias),
-        Tensor(_MLP + "down_proj.bias", "mlp/wo/bias", when=mlp_bias),
+        *(biases if mlp_biases else ()),
         Tensor("lm_head.weight", "lm_head/kernel", "v e -> e v", when=untied),
     )
 
