@@ -151,3 +151,36 @@ def test_pickled_weights_are_reported_before_the_missing_tokenizer(tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
     assert proc.returncode != 0
     assert "never unpickles" in proc.stderr and "has no tokenizer.json" not in proc.stderr
+
+
+_DECODER = {
+    "vocab_size": 10,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+}
+
+
+@pytest.mark.parametrize(
+    "arch, changes, message",
+    [
+        ("Qwen2ForCausalLM", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'"),
+        ("Qwen3ForCausalLM", {"layer_types": ["chunked_attention", "full_attention"]}, r"\['chunked_attention'\]"),
+        ("Gemma2ForCausalLM", {"sliding_window": None}, "no sliding_window size"),
+        ("MistralForCausalLM", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ("Gemma2ForCausalLM", {"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+        ("Gemma3ForCausalLM", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        (
+            "Gemma3ForCausalLM",
+            {"rope_parameters": {"full_attention": {}, "sliding_attention": {"rope_type": "linear", "factor": 2}}},
+            r"sliding_attention\.rope_type='linear'",
+        ),
+        ("Gemma3ForCausalLM", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+        ("MixtralForCausalLM", {}, r"architectures=\['MixtralForCausalLM'\]"),
+    ],
+)
+def test_unsupported_options_are_refused_by_name(arch, changes, message):
+    with pytest.raises(hf.HFError, match=message):
+        hf.model_config_from_hf({**_DECODER, "architectures": [arch], **changes})

@@ -32,7 +32,8 @@ def _gemma_fields(hf_cfg: dict, default_period: int) -> dict:
     }
     return {
         **fields,
-        **window_fields(layer_pattern(types), get(hf_cfg, "sliding_window")),
+        # transformers' default window when config.json has none; an explicit null is refused.
+        **window_fields(layer_pattern(types), hf_cfg.get("sliding_window", 4096)),
         **softcaps,
         "mlp_activation": "geglu",
         "attention_bias": bool(get(hf_cfg, "attention_bias", False)),
