@@ -10,7 +10,7 @@ text (`--config.data.source=text --config.data.path=FILE` or a prepared tfds dat
 
 import ml_collections
 
-from llm_jax.training.config import base_config
+from llm_jax.training import config as config_lib
 
 SIZES = {  # layers, heads, width
     "tiny": (2, 2, 64),
@@ -25,7 +25,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     if arg not in SIZES:
         raise ValueError(f"configs/gpt2.py: unknown size {arg!r}; use one of {sorted(SIZES)}")
     layers, heads, width = SIZES[arg]
-    c = base_config()
+    c = config_lib.base_config()
     c.model.update(
         preset=f"gpt2-{arg}",
         num_layers=layers,
@@ -50,7 +50,6 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
     c.train.update(batch_size=256, num_steps=100_000, log_every=100, eval_every=2000, checkpoint_every=2000)
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     if arg == "tiny":
-        c.model.update(max_len=128, scan_layers=False, remat="none", dtype="float32", attention="einsum")
-        c.data.update(tokenizer="byte", seq_len=64, max_chars=300_000)
-        c.train.update(batch_size=8, num_steps=10, log_every=5, eval_every=10, eval_steps=2, checkpoint_every=10)
+        c.model.max_len = 128
+        config_lib.cpu_smoke(c)
     return c

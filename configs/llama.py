@@ -9,7 +9,7 @@ Arguments: 1b (~1.2B params, context 2048), 7b (Llama-2-7B shape), `tiny` for a 
 
 import ml_collections
 
-from llm_jax.training.config import base_config
+from llm_jax.training import config as config_lib
 
 SIZES = {  # layers, heads, kv heads, width, mlp
     "tiny": (2, 4, 2, 64, 192),
@@ -22,7 +22,7 @@ def get_config(arg: str = "1b") -> ml_collections.ConfigDict:
     if arg not in SIZES:
         raise ValueError(f"configs/llama.py: unknown size {arg!r}; use one of {sorted(SIZES)}")
     layers, heads, kv_heads, width, mlp = SIZES[arg]
-    c = base_config()
+    c = config_lib.base_config()
     c.model.update(
         preset=f"llama-{arg}",
         num_layers=layers,
@@ -38,19 +38,10 @@ def get_config(arg: str = "1b") -> ml_collections.ConfigDict:
         mlp_activation="swiglu",
         use_bias=False,
         tie_embeddings=False,
-        dropout_rate=0.0,
-        scan_layers=True,
-        remat="dots",
-        attention="dot_product",
-        dtype="bfloat16",
-        param_dtype="float32",
     )
-    c.data.update(tokenizer="sentencepiece", vocab_size=32000, seq_len=2048)
-    c.optim.update(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
-    c.train.update(batch_size=64, num_steps=100_000, log_every=50, eval_every=2000, checkpoint_every=1000)
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.data.update(tokenizer="sentencepiece", vocab_size=32000)
+    config_lib.pretraining(c, seq_len=2048, batch_size=64, lr=3e-4)
     if arg == "tiny":
-        c.model.update(max_len=128, scan_layers=False, remat="none", dtype="float32", attention="einsum")
-        c.data.update(tokenizer="byte", seq_len=64, max_chars=300_000)
-        c.train.update(batch_size=8, num_steps=10, log_every=5, eval_every=10, eval_steps=2, checkpoint_every=10)
+        c.model.max_len = 128
+        config_lib.cpu_smoke(c)
     return c

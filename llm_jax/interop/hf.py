@@ -359,6 +359,13 @@ def _write_tokenizer(hf_dir: str, tokenizer: tok_lib.HFTokenizer, max_len: int) 
 # Run directories
 
 
+def model_keys(hf_cfg: dict, preset: str) -> dict:
+    """`config.model` keys (every ModelConfig field) of the model this config.json describes: what
+    `run_config` reads from a checkpoint and what the presets of published models (configs/llama3.py,
+    qwen.py, gemma.py) are written as, so a preset and an imported checkpoint cannot disagree."""
+    return dataclasses.asdict(model_config_from_hf(hf_cfg, preset=preset))
+
+
 def run_config(path: str) -> ml_collections.ConfigDict:
     """`base_config()` with the model keys of a Hugging Face directory or of a run made by `import_run`.
 
@@ -368,8 +375,7 @@ def run_config(path: str) -> ml_collections.ConfigDict:
     found = read_config(path)
     c = config_lib.base_config()
     if "architectures" in found:  # a Hugging Face directory
-        spec = hf_specs.for_config(found)
-        keys = dataclasses.asdict(model_config_from_hf(found, preset=f"hf:{spec.model_type}"))
+        keys = model_keys(found, preset=f"hf:{hf_specs.for_config(found).model_type}")
         tokenizer_path = os.path.join(path, "tokenizer.json")
     elif "model" in found:  # a run directory: read as every run is read
         keys = config_lib.load_run_config(path).model.to_dict()

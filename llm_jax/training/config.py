@@ -150,6 +150,31 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def pretraining(c: ml_collections.ConfigDict, *, seq_len: int, batch_size: int, lr: float) -> ml_collections.ConfigDict:
+    """`c` set up to pre-train a large decoder on GPUs or TPUs (the billion-parameter presets):
+    bfloat16 compute with float32 parameters, scanned layers (one layer's compile), remat of all but
+    the matmuls, the fused attention kernel, FSDP over every device, AdamW with a long cosine."""
+    c.model.update(scan_layers=True, remat="dots", attention="dot_product", dtype="bfloat16", param_dtype="float32")
+    c.model.dropout_rate = 0.0
+    c.data.seq_len = seq_len
+    c.optim.update(lr=lr, warmup_steps=2000, min_lr_ratio=0.1, b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
+    c.train.update(batch_size=batch_size, num_steps=100_000, log_every=50, eval_every=2000, checkpoint_every=1000)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    return c
+
+
+def cpu_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` shrunk to a seconds-long CPU run on the standard library's sources (a preset's `tiny`):
+    float32, unscanned, byte tokens, 10 steps at a learning rate that moves the loss in them."""
+    c.model.update(scan_layers=False, remat="none", dtype="float32", attention="einsum")
+    c.optim.update(lr=3e-3, warmup_steps=2)
+    c.data.update(source="stdlib", tokenizer="byte", tokenizer_path="", seq_len=64, max_chars=300_000)
+    c.train.update(
+        batch_size=8, num_steps=10, log_every=5, eval_every=10, eval_steps=2, checkpoint_every=10, sample_tokens=32
+    )
+    return c
+
+
 # The config.data keys that belong to some sources only (every other data key serves them all):
 # key -> the sources that read it. Prepared token files (llm_jax/data/prepare.py) serve the sources
 # that stream text; 'jsonl' and 'parallel' tokenize in memory.
