@@ -14,7 +14,7 @@ last line of stdout is one JSON object (a bad config or mesh: one line, `bench: 
                       float32 matmul measured by this command on CPU)
   peak_memory_bytes   per-device peak of the compiled step (XLA memory analysis)
   cpu_time_per_step_s this process's CPU seconds per step (all threads), system_time_per_step_s the
-                      part in the kernel, minor_faults_per_step its page faults
+                      part in the kernel, minor_faults_per_step its page faults (minor_faults_each_step: per step)
   keep_freed_memory   whether the glibc settings of llm_jax/runtime/hostmem.py are in force
   num_params, mesh, devices, ...
 """
@@ -79,18 +79,23 @@ def time_steps(compiled, state, batch, rng, steps: int, warmup: int) -> tuple[li
     for _ in range(warmup):
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(state)
-    times = []
+    times, faults = [], []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         state, metrics = compiled(state, batch, rng)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     process = {
         "cpu_time_per_step_s": (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / steps,
         "system_time_per_step_s": (r1.ru_stime - r0.ru_stime) / steps,
         "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+        # Each step's own: the heap may still grow in a step after the warm-up (the order in which
+        # XLA's threads free varies), which the mean hides and a median does not.
+        "minor_faults_each_step": faults,
     }
     return times, process, float(metrics["loss"])
 
