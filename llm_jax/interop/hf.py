@@ -1,16 +1,18 @@
-"""Hugging Face interop: GPT-2 and Llama checkpoints in and out, straight into the sharded layout.
+"""Hugging Face interop: today's open decoders in and out, straight into the sharded layout.
 
     from llm_jax.interop import hf
     model, params = hf.load_pretrained("path/to/hf_dir")           # config.json + *.safetensors
     logits = model.apply({"params": params}, tokens)               # [batch, length, vocab] float32
     hf.save_pretrained("path/to/out", model.cfg, params)           # transformers' from_pretrained reads it
 
-What each architecture is lives in `hf_specs.py`: one spec per architecture with its config.json
-mapping and the one tensor table that both import and export below read. Supported:
-`GPT2LMHeadModel` (learned positions, LayerNorm, tanh-GELU, biases) and `LlamaForCausalLM` (RoPE
-with theta and 'linear' / 'llama3' scaling, RMSNorm eps, SwiGLU, grouped-query attention,
-`attention_bias` / `mlp_bias`, tied or untied embeddings). A field whose value this model cannot
-reproduce exactly is an error that names it, never a silent guess.
+What each architecture is lives in the tables (`hf_table.py` for their vocabulary; `hf_gpt2.py`,
+`hf_llama.py`, `hf_gemma.py`; `hf_specs.py` the registry): one spec per architecture with its
+config.json mapping and the one tensor table that both import and export below read. Supported:
+`GPT2LMHeadModel`, `LlamaForCausalLM` (incl. Llama 3.x RoPE scaling), `MistralForCausalLM`
+(sliding window), `Qwen2ForCausalLM` (q/k/v biases), `Qwen3ForCausalLM` (QK-norm),
+`Gemma2ForCausalLM` and `Gemma3ForCausalLM` (text: local and global layers, soft-capping,
+(1 + w) norms, post-norms, GeGLU). A field whose value this model cannot reproduce exactly is an
+error that names it, never a silent guess.
 
 Weights are read from safetensors only (`safetensors_io.py`): pickled `.bin` / `.pt` files can run
 code when loaded and are refused. Files are memory-mapped and each device's shard is sliced out of
