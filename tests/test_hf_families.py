@@ -89,11 +89,11 @@ ARCHS = {
 }
 
 
-def make_model(path, name):
+def make_model(path, name, **overrides):
     """The random transformers model of `name`, saved to `path` (safetensors); returns it."""
     cls, fields, _ = ARCHS[name]
     torch.manual_seed(0)
-    config = getattr(transformers, cls)(**{**_SIZES, **fields})
+    config = getattr(transformers, cls)(**{**_SIZES, **fields, **overrides})
     config._attn_implementation = "eager"  # the reference: soft-capping and windows exactly as written
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -144,3 +144,60 @@ def test_logits_greedy_generation_and_export_match_transformers(tmp_path, name):
     back_diff = float(np.abs(torch_logits(back, toks) - ref).max())
     print(f"{name}: {NEW} greedy tokens equal; exported -> from_pretrained: max |logit diff| = {back_diff:.2e}")
     assert back_diff < 1e-5
+
+
+def _tokenizer(path):
+    """A byte-level BPE tokenizer.json trained on a little code (about 300 tokens), saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 50, "import os\nprint(os.path)\n" * 50], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    return tok.get_vocab_size()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_imported_model_fine_tunes_resumes_samples_and_exports(tmp_path, name):
+    """from_hf -> llm_jax.main fine-tunes 2 steps -> resumes to 3 -> samples -> to_hf: transformers
+    gives the fine-tuned model's logits and greedy tokens."""
+    import importlib.util
+    import os
+
+    from llm_jax.training import loop
+    from llm_jax.training.saved_run import load_run
+
+    src, work, out = tmp_path / "src", tmp_path / "run", tmp_path / "out"
+    src.mkdir()
+    vocab = _tokenizer(src)
+    make_model(src, name, vocab_size=vocab)
+    config = hf.run_config(str(src))
+    config.mesh.update(data=-1, fsdp=2, tensor=1)
+    hf.import_run(str(src), str(work), config, log=lambda *a: None)
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hf_finetune.py")
+    spec = importlib.util.spec_from_file_location("hf_finetune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    finetune = module.get_config(f"{work},tiny")
+    assert loop.train_and_evaluate(finetune, str(work))["step"] == 2
+    finetune.train.num_steps = 3
+    resumed = loop.train_and_evaluate(finetune, str(work))
+    assert resumed["step"] == 3 and isinstance(resumed["sample"], str) and resumed["sample"]
+
+    hf.export_run(str(work), str(out), log=lambda *a: None)
+    run = load_run(str(work), on_host=True)
+    toks = tokens(length=16) % vocab
+    ours = np.asarray(jax.jit(run.model.apply)({"params": run.params}, toks))
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    assert float(np.abs(torch_logits(back, toks) - ours).max()) < 1e-4
+    prompt = toks[:, :PROMPT]
+    with torch.no_grad():
+        want = back.generate(torch.as_tensor(prompt), max_new_tokens=16, do_sample=False)[:, PROMPT:].numpy()
+    tokens_, start = decode.left_pad(prompt.tolist())
+    got = decode.generate(run.model, run.params, tokens_, start, jax.random.key(0), max_new_tokens=16)
+    np.testing.assert_array_equal(np.asarray(got.tokens), want)
