@@ -155,9 +155,10 @@ def summarize(model, params=None, mesh=None, rules=None, seq_len: int | None = N
     cfg = model.cfg
     kv = f" ({cfg.kv_heads} kv)" if cfg.kv_heads != cfg.num_heads else ""
     enc = f"{cfg.encoder_layers} encoder + " if cfg.family == "encdec" else ""
+    local = f" (pattern {cfg.layer_pattern!r}, window {cfg.sliding_window})" if "l" in cfg.layer_pattern else ""
     lines = [
         f"model: {type(model).__name__} (family {cfg.family!r}, preset {cfg.preset!r}): {d['params']:,} parameters "
-        f"({_mb(d['bytes'])}, {_mb(d['bytes_per_device'])} per device); {enc}{cfg.num_layers} layers x "
+        f"({_mb(d['bytes'])}, {_mb(d['bytes_per_device'])} per device); {enc}{cfg.num_layers} layers{local} x "
         f"{cfg.embed_dim} wide, {cfg.num_heads} heads{kv} of {cfg.dim_per_head}, mlp {cfg.mlp_dim} "
         f"{cfg.mlp_activation}, vocab {cfg.vocab_size}, {cfg.positions} positions, {cfg.dtype} compute",
         f"FLOPs per token (training, context {d['seq_len']}): {d['flops_per_token'] / 1e6:,.2f} M",
