@@ -144,8 +144,31 @@ def chat_for(tokenizer, template_path: str | None = None, where: str = "the run'
             "pass a Jinja template file (--chat_template FILE) or use a checkpoint whose tokenizer_config.json has one"
         )
     variables = dict(getattr(tokenizer, "special_tokens", {}))
-    ends = tuple(t for t in (tokenizer.tok.id_to_token(i) for i in tokenizer.stop_ids) if t)
+    vocab = getattr(tokenizer, "tok", None)  # an HF tokenizer's `tokenizers.Tokenizer`; others name no tokens
+    ends = tuple(t for t in (vocab.id_to_token(i) for i in tokenizer.stop_ids) if t) if vocab else ()
     return Chat(template, variables, ends, origin)
+
+
+def conversation(user: str | None = None, system: str | None = None, path: str | None = None) -> list[dict]:
+    """The conversation to continue: the messages of the JSON file `path` (a list of messages, or an
+    object with a "messages" list), then the `system` message (first) and the `user` message
+    (last) where given."""
+    messages = []
+    if path:
+        if not os.path.isfile(path):
+            raise NotFound(f"messages file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ChatError(f"{path} is not a JSON file ({e}); give a list of {{'role', 'content'}} objects") from None
+        messages = loaded.get("messages") if isinstance(loaded, dict) else loaded
+        messages = check_messages(messages, path)
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    if user is not None:
+        messages.append({"role": "user", "content": user})
+    return check_messages(messages)
 
 
 def encode_prompt(tokenizer, chat: Chat, messages: list[dict]) -> list[int]:
