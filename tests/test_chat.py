@@ -304,3 +304,158 @@ def test_one_line_errors(tmp_path):
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
     with pytest.raises(chat_lib.ChatError, match=r"bad.jinja is not valid Jinja"):
         chat_lib.chat_for(bare, str(tmp_path / "bad.jinja")).render(CHATS[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# As a new user: a random Qwen3 / Gemma 3 checkpoint with its tokenizer, imported, chatted with,
+# fine-tuned on a messages JSONL (and resumed), exported, read back by transformers.
+
+# architecture (tests/test_hf_families.py's random models) -> tokenizer family of this file
+USER_FLOWS = {"qwen3": "qwen", "gemma3": "gemma"}
+
+
+def make_checkpoint(path, arch: str):
+    """test_hf_families' random `arch` model over our tokenizer's vocabulary, with the family's
+    tokenizer files beside it; returns the torch model."""
+    torch = pytest.importorskip("torch")
+    from test_hf_families import _SIZES, ARCHS
+
+    family = USER_FLOWS[arch]
+    write_tokenizer(path, family)
+    tok = ours(path, family)
+    generation = (path / "generation_config.json").read_text()
+    cls, fields, _ = ARCHS[arch]
+    ids = dict(eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=None)
+    torch.manual_seed(0)
+    config = getattr(transformers, cls)(
+        **{**_SIZES, **fields, **ids, "vocab_size": tok.vocab_size, "max_position_embeddings": 128}
+    )
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.eval().save_pretrained(path)
+    (path / "generation_config.json").write_text(generation)  # the family's eos list, as published
+    return model
+
+
+def write_chat_jsonl(path, n: int = 24, system: bool = True) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            turns = [
+                {"role": "user", "content": f"What is {i} plus one?"},
+                {"role": "assistant", "content": f"It is {i + 1}."},
+                {"role": "user", "content": "Thank you."},
+                {"role": "assistant", "content": "You are welcome."},
+            ]
+            f.write(json.dumps({"messages": ([SYSTEM] if system else []) + turns}) + "\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(USER_FLOWS))
+def test_import_chat_finetune_resume_export(tmp_path, arch):
+    import importlib.util
+
+    import jax
+    import runlib
+    import torch
+
+    from llm_jax.training import loop
+    from llm_jax.training.saved_run import load_run
+
+    src, work, out = tmp_path / "src", tmp_path / "run", tmp_path / "out"
+    tmodel = make_checkpoint(src, arch)
+    p = runlib.run_cli("llm_jax.convert", "from_hf", "--hf_dir", str(src), "--workdir", str(work))
+    assert p.returncode == 0, p.stderr[-3000:]
+    names = sorted(os.listdir(work / "tokenizer"))
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(names), names
+
+    # generate --chat: the reply of transformers' greedy generate on apply_chat_template's ids
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    messages = [{"role": "user", "content": "Hello there!"}]
+    p = runlib.run_cli(
+        "llm_jax.generate", "--workdir", str(work), "--chat", "Hello there!", "--max_new_tokens", "12",
+        "--temperature", "0", "--format", "jsonl", devices=1,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    reply = json.loads(p.stdout.strip().splitlines()[-1])["reply"]
+    prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        want = tmodel.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+    assert reply == hf_tok.decode(want, skip_special_tokens=True)
+    if arch == "gemma3":  # its template refuses a system message: one line, the template's own words
+        p = runlib.run_cli(
+            "llm_jax.generate", "--workdir", str(work), "--chat", "Hi", "--system", "Be brief.", devices=1
+        )
+        runlib.assert_one_line_error(p, "generate", "refuses this conversation: System role not supported")
+
+    # fine-tune on a messages JSONL (2 steps), then resume to 3
+    write_chat_jsonl(tmp_path / "chat.jsonl", system=arch != "gemma3")
+    spec = importlib.util.spec_from_file_location("hf_finetune", os.path.join(runlib.REPO, "configs", "hf_finetune.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(str(work))
+    config.data.update(source="jsonl", path=str(tmp_path / "chat.jsonl"))
+    config.train.update(num_steps=2, log_every=1, eval_every=2, eval_steps=1, checkpoint_every=1, sample_tokens=4)
+    config.mesh.update(data=-1, fsdp=1)
+    assert (
+        loop.train_and_evaluate(
+            config,
+            str(work),
+        )["step"]
+        == 2
+    )
+    config.train.num_steps = 3
+    assert (
+        loop.train_and_evaluate(
+            config,
+            str(work),
+        )["step"]
+        == 3
+    )
+
+    p = runlib.run_cli("llm_jax.convert", "to_hf", "--workdir", str(work), "--hf_dir", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = load_run(str(work), on_host=True)
+    toks = np.random.RandomState(0).randint(0, run.tokenizer.vocab_size, (2, 16)).astype(np.int32)
+    ours_logits = np.asarray(jax.jit(run.model.apply)({"params": run.params}, toks))
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = back(torch.as_tensor(toks)).logits.numpy()
+    assert float(np.abs(theirs - ours_logits).max()) < 1e-4
+    with torch.no_grad():  # and the fine-tuning changed the model
+        assert float(np.abs(tmodel(torch.as_tensor(toks)).logits.numpy() - theirs).max()) > 1e-3
+    back_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    chat = chat_lib.chat_for(run.tokenizer)
+    for conv in (messages, CHATS[1]):
+        assert back_tok.apply_chat_template(conv, tokenize=False) == chat.render(conv)
+    assert back_tok("Hello there")["input_ids"] == run.tokenizer.encode_prompt("Hello there")
+
+
+def test_messages_jsonl_errors_name_the_line(tmp_path):
+    import ml_collections
+
+    from llm_jax.data import lm_data
+
+    write_tokenizer(tmp_path, "gemma")
+    path = tmp_path / "chat.jsonl"
+    write_chat_jsonl(path, n=3, system=False)
+    with open(path, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
+    with pytest.raises(BadValue, match=r"chat.jsonl:4: messages\[0\]: role 'robot' is not one of"):
+        lm_data.read_jsonl_examples(str(path))
+    write_chat_jsonl(path, n=10, system=True)  # the Gemma template refuses it: the line is named
+    cfg = ml_collections.ConfigDict(
+        dict(source="jsonl", path=str(path), val_path="", val_fraction=0.1, tokenizer="hf", vocab_size=0,
+             tokenizer_path=str(tmp_path / "tokenizer.json"), seq_len=64)
+    )  # fmt: skip
+    with pytest.raises(chat_lib.ChatError, match=r"chat.jsonl:1: the chat template .* System role not supported"):
+        lm_data.load_data(cfg, log=lambda *a: None)
+    write_chat_jsonl(path, n=10, system=False)
+    data = lm_data.load_data(cfg, log=lambda *a: None)
+    longest = max(len(ids) for ids, _ in data.train_examples)
+    tokens, mask, truncated = data.rows("train", longest)
+    assert truncated == 0 and 0 < mask.sum() < (tokens != 0).sum()
+    tokens, mask, truncated = data.rows("train", 15)  # longer than a row: kept from the end, counted
+    assert truncated == len(data.train_examples) and mask.any(axis=1).all()
