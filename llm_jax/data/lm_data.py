@@ -463,6 +463,8 @@ def _encode_example(tokenizer, chat, example) -> tuple[np.ndarray, np.ndarray]:
             return chat_lib.encode_conversation(tokenizer, chat, example.messages)
         except chat_lib.ChatError as e:
             raise chat_lib.ChatError(f"{example.where}: {e}") from None
-    prompt, completion = tokenizer.encode_array(example[0]), tokenizer.encode_array(example[1])
+    # The prompt as generate encodes one (an HF tokenizer's BOS in front), so training matches use.
+    prompt = np.asarray(tokenizer.encode_prompt(example[0]), np.int32)
+    completion = tokenizer.encode_array(example[1])
     ids = np.concatenate([prompt, completion, [tokenizer.eos_id]]).astype(np.int32)
     return ids, np.arange(len(ids)) >= len(prompt)

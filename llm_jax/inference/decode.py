@@ -233,12 +233,12 @@ def complete(
     comes from `load_run`). With sharded params, call inside `nn.logical_axis_rules(rules)` (and
     the mesh context): the cache is sharded on the params' mesh.
     """
+    # Any object with encode / decode / eos_id will do (llm_jax/data/tokenizer.py's add the rest).
     if stop_ids is None:
-        stop_ids = tokenizer.stop_ids
+        stop_ids = getattr(tokenizer, "stop_ids", None) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
     stop_ids = tuple(sorted({int(s) for s in stop_ids}))
-    encoded = [
-        (tokenizer.encode_prompt(p) if isinstance(p, str) else list(p)) or [tokenizer.eos_id or 0] for p in prompts
-    ]
+    encode = getattr(tokenizer, "encode_prompt", tokenizer.encode)
+    encoded = [(encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eos_id or 0] for p in prompts]
     tokens, start = left_pad(encoded)
     new = generate(
         model, params, tokens, start, jax.random.key(seed), max_new_tokens=int(max_new_tokens), context=context,
