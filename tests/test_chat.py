@@ -452,10 +452,20 @@ def test_messages_jsonl_errors_name_the_line(tmp_path):
     )  # fmt: skip
     with pytest.raises(chat_lib.ChatError, match=r"chat.jsonl:1: the chat template .* System role not supported"):
         lm_data.load_data(cfg, log=lambda *a: None)
-    write_chat_jsonl(path, n=10, system=False)
+    write_chat_jsonl(path, n=12, system=False)
     data = lm_data.load_data(cfg, log=lambda *a: None)
     longest = max(len(ids) for ids, _ in data.train_examples)
     tokens, mask, truncated = data.rows("train", longest)
     assert truncated == 0 and 0 < mask.sum() < (tokens != 0).sum()
     tokens, mask, truncated = data.rows("train", 15)  # longer than a row: kept from the end, counted
     assert truncated == len(data.train_examples) and mask.any(axis=1).all()
+    said = []
+    short, long = sorted(data.train_examples, key=lambda e: len(e[0]))[:: len(data.train_examples) - 1]
+    assert len(long[0]) > len(short[0])  # "What is 10 plus one?" has a digit more than "... 0 ..."
+    some_cut = lm_data.PromptCompletionData(data.tokenizer, [short, long], [short], log=said.append)
+    some_cut.check(len(short[0]) - 1)  # some are cut: a count, not an error
+    assert len(said) == 1 and said[0].startswith(
+        f"data: 1 of 2 training examples are longer than seq_len+1={len(short[0])}"
+    )
+    with pytest.raises(BadValue, match="every training example is longer"):
+        data.check(14)

@@ -362,6 +362,7 @@ class PromptCompletionData:
     train_examples: list  # [(ids int32 [n], learn bool [n])]
     val_examples: list
     _packed: dict = dataclasses.field(default_factory=dict, repr=False)
+    log: object = dataclasses.field(default=print, repr=False)  # where `check` reports truncated examples
 
     def rows(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(tokens, mask [rows, seq_len + 1], examples truncated) of 'train' or 'val', packed once per seq_len."""
@@ -377,6 +378,13 @@ class PromptCompletionData:
                 raise BadValue(
                     f"every {name} example is longer than seq_len+1={seq_len + 1} tokens, so all lose the start "
                     "of their prompt; raise config.data.seq_len (and config.model.max_len)"
+                )
+            n = len(self.train_examples if split == "train" else self.val_examples)
+            if truncated:
+                self.log(
+                    f"data: {truncated} of {n} {name} examples are longer than seq_len+1={seq_len + 1} tokens and "
+                    "keep only their last tokens (the answer and the context nearest to it); raise config.data.seq_len "
+                    "to keep them whole"
                 )
             if not mask[:, 1:].any():
                 raise BadValue(
@@ -446,7 +454,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     def encode(examples):
         return [_encode_example(tokenizer, chat, e) for e in examples]
 
-    data = PromptCompletionData(tokenizer, encode(train), encode(val))
+    data = PromptCompletionData(tokenizer, encode(train), encode(val), log=log)
     n_tokens = sum(len(ids) for ids, _ in data.train_examples)
     log(
         f"data: jsonl -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), {len(train):,} train / "
