@@ -126,10 +126,13 @@ class Chat:
             raise ChatError(f"the chat template of {self.origin} refuses this conversation: {e}") from None
 
 
-def chat_for(tokenizer, template_path: str | None = None, where: str = "the run's tokenizer") -> Chat:
+def chat_for(
+    tokenizer, template_path: str | None = None, where: str = "the run's tokenizer", fix: str = "--chat_template FILE"
+) -> Chat:
     """The Chat of an HF tokenizer: its own template, or the Jinja file `template_path` instead.
 
-    No template is a NotFound naming what was searched and the two ways out.
+    No template is a NotFound naming what was searched (`where`) and the two ways out (`fix`: how
+    the caller takes a template file).
     """
     if template_path:
         if not os.path.isfile(template_path):
@@ -141,7 +144,7 @@ def chat_for(tokenizer, template_path: str | None = None, where: str = "the run'
     if not template:
         raise NotFound(
             f"{where} has no chat template (no 'chat_template' in tokenizer_config.json, no chat_template.jinja); "
-            "pass a Jinja template file (--chat_template FILE) or use a checkpoint whose tokenizer_config.json has one"
+            f"pass a Jinja template file ({fix}) or use a checkpoint whose tokenizer_config.json has one"
         )
     variables = dict(getattr(tokenizer, "special_tokens", {}))
     vocab = getattr(tokenizer, "tok", None)  # an HF tokenizer's `tokenizers.Tokenizer`; others name no tokens

@@ -444,7 +444,8 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     chat = None
     if any(isinstance(e, Conversation) for e in train + val):
         where = f"the tokenizer of this run ({tokenizer_dir or cfg.tokenizer_path or cfg.tokenizer})"
-        chat = chat_lib.chat_for(tokenizer, where=where)
+        fix = f"save it as {os.path.join(tokenizer_dir or 'WORKDIR/tokenizer', 'chat_template.jinja')}"
+        chat = chat_lib.chat_for(tokenizer, where=where, fix=fix)
     elif tokenizer.eos_id is None:
         raise BadValue(
             f"config.data.source='jsonl' ends each completion with EOS, but the {tokenizer.kind!r} tokenizer has none; "

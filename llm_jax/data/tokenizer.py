@@ -419,12 +419,14 @@ def load(directory: str) -> Tokenizer:
 
 
 def fingerprint(tokenizer: Tokenizer) -> dict:
-    """Identifies a tokenizer (kind, vocab size, hash of its files): saved with every checkpoint."""
+    """Identifies a tokenizer (kind, vocab size, hash of its files): saved with every checkpoint.
+
+    An HF tokenizer's side files (chat template, special-token names) are left out: they do not
+    change which id is which, so a template can be added to a run (workdir/tokenizer/
+    chat_template.jinja) without it refusing its own checkpoints."""
     h = hashlib.sha256(json.dumps(tokenizer._meta(), sort_keys=True).encode())
     for attr in ("proto", "json_str"):  # SentencePiece model / HF tokenizer.json
         v = getattr(tokenizer, attr, None)
         if v is not None:
             h.update(v if isinstance(v, bytes) else v.encode())
-    for name, text in sorted(getattr(tokenizer, "side_files", {}).items()):  # none: the hash of older runs
-        h.update(f"{name}\0{text}".encode())
     return {"kind": tokenizer.kind, "vocab_size": int(tokenizer.vocab_size), "sha256": h.hexdigest()[:16]}
