@@ -8,12 +8,14 @@ fine-tune it, and write it back:
         --config.data.path=../shared/data/tinyshakespeare/input.txt
     python -m llm_jax.convert to_hf --workdir runs/gpt2_ft --hf_dir runs/gpt2_ft_hf
 
-`from_hf` writes workdir/config.json, workdir/tokenizer/, workdir/hf/ (the original small files)
-and workdir/checkpoints/0, which `llm_jax.main` restores and trains from. The layer layout is part
-of the checkpoint: pass `--scan_layers` here to fine-tune with `model.scan_layers=True`. `--mesh`
+`from_hf` writes workdir/config.json, workdir/tokenizer/ (tokenizer.json with the checkpoint's
+tokenizer_config.json, special_tokens_map.json, chat_template.jinja: special tokens, BOS rule, chat
+template), workdir/hf/ (the original config.json, generation_config.json) and
+workdir/checkpoints/0, which `llm_jax.main` restores and trains from. The layer layout is part of
+the checkpoint: pass `--scan_layers` here to fine-tune with `model.scan_layers=True`. `--mesh`
 (data,fsdp,tensor; -1 fills in) is where the weights are placed while converting; the checkpoint
 restores onto any mesh. `to_hf` writes the latest checkpoint (or `--step`) as config.json +
-model.safetensors (+ tokenizer.json), loadable with transformers' `from_pretrained`.
+model.safetensors (+ tokenizer.json and its files), loadable with transformers' `from_pretrained`.
 
 `from_hf` writes a workdir, so it takes the workdir's lock like `llm_jax.main` (a workdir in use is
 refused at once, naming the run that holds it) after checking it can write there; `to_hf` only

@@ -14,6 +14,17 @@ Only reads the workdir (it takes no lock, so it can sample from a run that is st
 a read-only workdir is fine). A mistake in the input (no such run, a prompt the tokenizer cannot
 encode, ...) is one line, `generate: error: ...` (`--debug` shows the traceback; llm_jax/cli.py).
 
+Chat with an imported instruction-tuned checkpoint (its tokenizer's chat template, read by
+llm_jax/data/chat.py as transformers' `apply_chat_template` renders it):
+
+    python -m llm_jax.generate --workdir runs/qwen --chat "What is the capital of France?" [--system "Be brief."]
+        [--messages conversation.json] [--chat_template template.jinja]
+
+renders the conversation (`--messages`: a JSON list of {"role", "content"} objects, then the
+`--chat` message as the user's last turn) with the generation prompt, samples until one of the
+checkpoint's end-of-sequence ids (e.g. <|im_end|>, <|eot_id|>, <end_of_turn>) and prints the
+assistant's reply alone, without special tokens.
+
 `--prompt_file`: one prompt per non-empty line, or for a `.jsonl` file the `prompt` field of each
 line (the fine-tuning format of `config.data.source='jsonl'`). `--format=jsonl` prints one JSON
 object per prompt ({"prompt", "completion"}) instead of text.
@@ -30,6 +41,7 @@ import sys
 
 from absl import app, flags, logging
 
+from llm_jax.data import chat as chat_lib
 from llm_jax.inference import decode
 from llm_jax.runtime.errors import UserError
 from llm_jax.training.saved_run import load_run
@@ -43,6 +55,10 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "Run directory of llm_jax.main (config.json, tokenizer/, checkpoints/).")
     flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several (generated as one batch).")
     flags.DEFINE_string("prompt_file", None, "Prompts, one per non-empty line; or a .jsonl file with a 'prompt' field.")
+    flags.DEFINE_string("chat", None, "A user message: the reply under the run's chat template is printed.")
+    flags.DEFINE_string("system", None, "With --chat / --messages: a system message in front.")
+    flags.DEFINE_string("messages", None, "A conversation to continue: a JSON list of {'role', 'content'} objects.")
+    flags.DEFINE_string("chat_template", None, "A Jinja chat template file instead of the tokenizer's own.")
     flags.DEFINE_integer("max_new_tokens", 200, "New tokens per prompt at most (fewer if the context is full).")
     flags.DEFINE_float(
         "temperature", None, "0: greedy; >0: sample from softmax(logits / temperature). Default: the run's own "
@@ -104,12 +120,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; put the prompt in --prompt TEXT")
     logging.set_verbosity(logging.ERROR)  # orbax reports every read at INFO/WARNING
-    prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file)
+    chatting = FLAGS.chat is not None or FLAGS.messages is not None
+    if chatting and (FLAGS.prompt or FLAGS.prompt_file):
+        raise GenerateError("give either --chat / --messages or --prompt / --prompt_file, not both")
+    if FLAGS.system is not None and not chatting:
+        raise GenerateError("--system needs --chat TEXT or --messages FILE")
+    messages = chat_lib.conversation(FLAGS.chat, FLAGS.system, FLAGS.messages) if chatting else None
+    prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file) if not chatting else []
     try:
         stop_ids = None if FLAGS.stop_ids is None else [int(s) for s in FLAGS.stop_ids]
     except ValueError:
         raise GenerateError(f"--stop_ids={','.join(FLAGS.stop_ids)}: give comma-separated token ids") from None
     run = load_run(FLAGS.workdir, FLAGS.step)
+    if chatting:
+        where = f"the tokenizer of {FLAGS.workdir} ({os.path.join(FLAGS.workdir, 'tokenizer')})"
+        chat = chat_lib.chat_for(run.tokenizer, FLAGS.chat_template, where)
+        prompts = [chat_lib.encode_prompt(run.tokenizer, chat, messages)]
     temperature, top_k = sampling(run.config, FLAGS.temperature, FLAGS.top_k)
     print(
         f"generate: {FLAGS.workdir} step {run.step} (trained context {run.context} tokens), {len(prompts)} prompt(s), "
@@ -125,6 +151,12 @@ def main(argv):
                 seed=FLAGS.seed + i, temperature=temperature, top_k=top_k, top_p=FLAGS.top_p,
                 stop_ids=stop_ids, context=run.context,
             )  # fmt: skip
+    if chatting:
+        reply = completions[0]
+        print(
+            json.dumps({"messages": messages, "reply": reply}, ensure_ascii=False) if FLAGS.format == "jsonl" else reply
+        )
+        return
     for n, (prompt, completion) in enumerate(zip(prompts, completions)):
         if FLAGS.format == "jsonl":
             print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))

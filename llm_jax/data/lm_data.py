@@ -4,7 +4,9 @@ Every language-modelling source (`stdlib`, `text`, `tfds`: llm_jax/data/sources.
 by llm_jax/data/prepare.py into sharded token files; `load_data` prepares them on first use and opens
 them here as memory maps (`TokenFiles`), so a run's memory does not grow with the corpus and every
 process reads only the windows of its own rows. `jsonl` (prompt-completion fine-tuning, small by
-nature) is read whole: `PromptCompletionData`, at the end of this file.
+nature) is read whole: `PromptCompletionData`, at the end of this file, with prompt-completion lines or
+conversations (`{"messages": [...]}` lines, rendered by the tokenizer's chat template, the
+assistant turns learned).
 
 Batches are windows of `seq_len + 1` tokens at positions drawn from a generator seeded with
 `(seed, step)`: the batch of step N is a pure function of N, so the iterator's whole state is the
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from llm_jax.data import chat as chat_lib
 from llm_jax.data import prepare as prepare_lib
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
@@ -260,10 +263,22 @@ def batch_options(cfg) -> dict[str, bool]:
 # Prompt-completion fine-tuning: source='jsonl'
 
 
-def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str]]:
-    """(prompt, completion) of every non-empty line of a JSONL file; errors name the line and field."""
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A `{"messages": [...]}` line of a fine-tuning JSONL file, rendered later with the chat template."""
+
+    messages: list  # [{"role", "content"}, ...], checked by chat.check_messages
+    where: str  # "FILE:LINE", for errors
+
+
+def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str] | Conversation]:
+    """The examples of every non-empty line of a JSONL file: (prompt, completion) of a
+    {"prompt", "completion"} line, a Conversation of a {"messages": [{"role", "content"}, ...]}
+    line; errors name the line and field."""
     if not path:
-        raise BadValue(f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} lines')
+        raise BadValue(
+            f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} or {{"messages": [...]}} lines'
+        )
     if not os.path.isfile(path):
         raise NotFound(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
     examples = []
@@ -279,8 +294,12 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
                 continue
             if not isinstance(obj, dict):
                 raise BadValue(
-                    f"{where}: expected a JSON object with 'prompt' and 'completion', got {type(obj).__name__}"
+                    f"{where}: expected a JSON object with 'prompt' and 'completion' (or 'messages'), "
+                    f"got {type(obj).__name__}"
                 )
+            if "messages" in obj:
+                examples.append(Conversation(chat_lib.check_messages(obj["messages"], f"{where}: messages"), where))
+                continue
             for field in ("prompt", "completion"):
                 if field not in obj:
                     raise BadValue(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
@@ -295,12 +314,13 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
 def pack_examples(
     examples: list[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int = 0
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Packs tokenized (prompt, completion + EOS) examples, in order, into rows of `width` tokens.
+    """Packs tokenized examples, (ids [n] int32, learn [n] bool) each, in order, into rows of `width` tokens.
 
-    Returns (tokens [rows, width] int32, mask [rows, width] bool: True on completion and EOS
-    tokens, the only ones learned; False on prompts and padding, number of examples truncated).
-    Whole examples go into a row while they fit; the rest of the row is padding. An example longer
-    than a row keeps its last `width` tokens: the completion and the context nearest to it.
+    Returns (tokens [rows, width] int32, mask [rows, width] bool: True on the learned tokens (a
+    completion and its EOS, an assistant turn and its end-of-turn token); False on prompts, user
+    turns and padding, number of examples truncated). Whole examples go into a row while they fit;
+    the rest of the row is padding. An example longer than a row keeps its last `width` tokens: the
+    (last) answer and the context nearest to it.
     """
     rows, masks, truncated = [], [], 0
     row, mask = [], []
@@ -312,9 +332,8 @@ def pack_examples(
             row.clear()
             mask.clear()
 
-    for prompt, completion in examples:
-        toks = np.concatenate([prompt, completion]).astype(np.int32)
-        learn = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(completion), bool)])
+    for toks, learn in examples:
+        toks, learn = np.asarray(toks, np.int32), np.asarray(learn, bool)
         if len(toks) > width:
             toks, learn, truncated = toks[-width:], learn[-width:], truncated + 1
         if sum(map(len, row)) + len(toks) > width:
@@ -330,17 +349,20 @@ class PromptCompletionData:
     """Prompt-completion examples (fine-tuning), a `DataSource` (llm_jax/data/protocol.py) like `LMData`.
 
     Each example is `prompt` then `completion` then EOS, tokenized separately (as the generate CLI
-    encodes a prompt); examples are packed in file order into rows of seq_len + 1 tokens, and the
-    batch's `weights` [rows, seq_len] are 1 only where the target is a completion token or its EOS,
-    so the loss (`llm_jax.models.loss.token_loss`) learns (and evaluates) the completions alone. Training rows are drawn
+    encodes a prompt), or a conversation rendered whole with the tokenizer's chat template
+    (llm_jax/data/chat.py) whose assistant turns, each with its end-of-turn token, are learned.
+    Examples are packed in file order into rows of seq_len + 1 tokens, and the batch's `weights`
+    [rows, seq_len] are 1 only where the target is a learned token, so the loss
+    (`llm_jax.models.loss.token_loss`) learns (and evaluates) the answers alone. Training rows are drawn
     with replacement by a generator seeded with (seed, step); evaluation takes the validation rows
     in order.
     """
 
     tokenizer: tok_lib.Tokenizer
-    train_examples: list  # [(prompt ids, completion ids + EOS)] int32 arrays
+    train_examples: list  # [(ids int32 [n], learn bool [n])]
     val_examples: list
     _packed: dict = dataclasses.field(default_factory=dict, repr=False)
+    log: object = dataclasses.field(default=print, repr=False)  # where `check` reports truncated examples
 
     def rows(self, split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(tokens, mask [rows, seq_len + 1], examples truncated) of 'train' or 'val', packed once per seq_len."""
@@ -351,11 +373,24 @@ class PromptCompletionData:
 
     def check(self, seq_len: int) -> None:
         for name, split in (("training", "train"), ("validation", "val")):
-            tokens, _, truncated = self.rows(split, seq_len)
+            tokens, mask, truncated = self.rows(split, seq_len)
             if truncated == len(self.train_examples if split == "train" else self.val_examples):
                 raise BadValue(
                     f"every {name} example is longer than seq_len+1={seq_len + 1} tokens, so all lose the start "
                     "of their prompt; raise config.data.seq_len (and config.model.max_len)"
+                )
+            n = len(self.train_examples if split == "train" else self.val_examples)
+            if truncated:
+                self.log(
+                    f"data: {truncated} of {n} {name} examples are longer than seq_len+1={seq_len + 1} tokens and "
+                    "keep only their last tokens (the answer and the context nearest to it); raise config.data.seq_len "
+                    "to keep them whole"
+                )
+            if not mask[:, 1:].any():
+                raise BadValue(
+                    f"no {name} example has a token to learn (a completion, an EOS or an assistant turn) within "
+                    f"seq_len+1={seq_len + 1} tokens; give conversations with assistant turns, or raise "
+                    "config.data.seq_len"
                 )
 
     def train_batch(
@@ -404,21 +439,41 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
                 f"val_fraction={cfg.val_fraction} for validation; add examples or give config.data.val_path"
             )
         train, val = train[:-n_val], train[-n_val:]
-    tokenizer = tok_lib.load_or_build(tokenizer_dir, lambda: build_tokenizer(cfg, [p + c for p, c in train]))
-    if tokenizer.eos_id is None:
+    texts = ["".join(m["content"] for m in e.messages) if isinstance(e, Conversation) else e[0] + e[1] for e in train]
+    tokenizer = tok_lib.load_or_build(tokenizer_dir, lambda: build_tokenizer(cfg, texts))
+    chat = None
+    if any(isinstance(e, Conversation) for e in train + val):
+        where = f"the tokenizer of this run ({tokenizer_dir or cfg.tokenizer_path or cfg.tokenizer})"
+        fix = f"save it as {os.path.join(tokenizer_dir or 'WORKDIR/tokenizer', 'chat_template.jinja')}"
+        chat = chat_lib.chat_for(tokenizer, where=where, fix=fix)
+    elif tokenizer.eos_id is None:
         raise BadValue(
             f"config.data.source='jsonl' ends each completion with EOS, but the {tokenizer.kind!r} tokenizer has none; "
             "use config.data.tokenizer='byte' or 'sentencepiece'"
         )
-    eos = np.asarray([tokenizer.eos_id], np.int32)
 
     def encode(examples):
-        return [(tokenizer.encode_array(p), np.concatenate([tokenizer.encode_array(c), eos])) for p, c in examples]
+        return [_encode_example(tokenizer, chat, e) for e in examples]
 
-    data = PromptCompletionData(tokenizer, encode(train), encode(val))
-    n_tokens = sum(len(p) + len(c) for p, c in data.train_examples)
+    data = PromptCompletionData(tokenizer, encode(train), encode(val), log=log)
+    n_tokens = sum(len(ids) for ids, _ in data.train_examples)
     log(
         f"data: jsonl -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), {len(train):,} train / "
         f"{len(val):,} val examples ({n_tokens:,} train tokens) in {time.time() - t0:.1f}s"
     )
     return data
+
+
+def _encode_example(tokenizer, chat, example) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n], learn bool [n]) of a (prompt, completion) pair (completion + EOS learned) or
+    of a Conversation (its assistant turns learned); a conversation's error names its line."""
+    if isinstance(example, Conversation):
+        try:
+            return chat_lib.encode_conversation(tokenizer, chat, example.messages)
+        except chat_lib.ChatError as e:
+            raise chat_lib.ChatError(f"{example.where}: {e}") from None
+    # The prompt as generate encodes one (an HF tokenizer's BOS in front), so training matches use.
+    prompt = np.asarray(tokenizer.encode_prompt(example[0]), np.int32)
+    completion = tokenizer.encode_array(example[1])
+    ids = np.concatenate([prompt, completion, [tokenizer.eos_id]]).astype(np.int32)
+    return ids, np.arange(len(ids)) >= len(prompt)

@@ -83,6 +83,9 @@ def build_tokenizer(cfg, train_texts) -> tok_lib.Tokenizer:
     if cfg.tokenizer == "hf":
         if not cfg.tokenizer_path:
             raise BadValue("config.data.tokenizer='hf' needs config.data.tokenizer_path=.../tokenizer.json")
+        directory, name = os.path.split(cfg.tokenizer_path)
+        if name == tok_lib.HFTokenizer.FILE:  # with the files beside it: special tokens, chat template
+            return tok_lib.HFTokenizer.from_dir(directory)
         return tok_lib.HFTokenizer.from_file(cfg.tokenizer_path)
     raise BadValue(f"config.data.tokenizer={cfg.tokenizer!r}: use 'byte', 'char', 'sentencepiece' or 'hf'")
 

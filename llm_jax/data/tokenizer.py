@@ -33,6 +33,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt to continue, with what the tokenizer puts in front of one (HF: BOS by its rule)."""
+        return self.encode(text)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: the EOS, if any (HF tokenizers may name several)."""
+        return () if self.eos_id is None else (self.eos_id,)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
@@ -234,36 +243,129 @@ def _train_spm(spm, log, **kwargs) -> None:
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face `tokenizer.json` through the `tokenizers` library (no transformers needed)."""
+    """A Hugging Face tokenizer: `tokenizer.json` through the `tokenizers` library (no transformers
+    needed), with the files beside it that say how the checkpoint uses it (`SIDE_FILES`): its named
+    special tokens, its BOS/EOS rule and its chat template (rendered by llm_jax/data/chat.py). The
+    side files are kept verbatim, saved with the run and written back on export.
+
+    `encode` is the text alone (training text, chat renderings, which carry their own special
+    tokens); `encode_prompt` adds what transformers' `tokenizer(text)` adds in front (Llama 3's
+    <|begin_of_text|>, Gemma's <bos>, nothing for Qwen). That BOS/EOS rule is tokenizer.json's
+    post-processor alone: transformers 5 ignores tokenizer_config.json's `add_bos_token` /
+    `add_eos_token` when a tokenizer.json is present, and so does this class. `stop_ids`: every end-of-sequence id the
+    checkpoint names (tokenizer_config.json's eos_token, config.json's and generation_config.json's
+    eos_token_id, e.g. Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Qwen's <|im_end|>). `decode`
+    never returns special tokens' text.
+    """
 
     kind = "hf"
     FILE = "tokenizer.json"
+    SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    # The named special tokens transformers passes to a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+    SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-    def __init__(self, json_str: str, eos_id: int | None = None):
+    def __init__(
+        self, json_str: str, eos_id: int | None = None, side_files: dict | None = None, stop_ids: Sequence[int] = ()
+    ):
         from tokenizers import Tokenizer as _Tok
 
-        self.json_str = json_str
+        self.json_str, self.side_files = json_str, dict(side_files or {})
         self.tok = _Tok.from_str(json_str)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = eos_id
+        config = self._side_json("tokenizer_config.json")
+        # tokenizer_config.json's special tokens win over special_tokens_map.json's, as in transformers.
+        named = {**self._side_json("special_tokens_map.json"), **config}
+        self.special_tokens = {k: _token_text(named[k]) for k in self.SPECIAL_KEYS if named.get(k) is not None}
+        self.bos_id = self._id_of("bos_token")
+        self.eos_id = eos_id if eos_id is not None else self._id_of("eos_token")
+        ids = [self.eos_id, self._id_of("eos_token"), *stop_ids]
+        self._stop_ids = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+        # transformers >= 4.5x saves the template as chat_template.jinja, older ones inside tokenizer_config.json.
+        jinja = self.side_files.get("chat_template.jinja")
+        self.chat_template = jinja or _default_template(config.get("chat_template"))
+
+    def _side_json(self, name: str) -> dict:
+        text = self.side_files.get(name)
+        if text is None:
+            return {}
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadValue(f"{name} of the tokenizer is not valid JSON ({e})") from None
+        if not isinstance(out, dict):
+            raise BadValue(f"{name} of the tokenizer holds a {type(out).__name__}, not a JSON object")
+        return out
+
+    def _id_of(self, key: str) -> int | None:
+        text = self.special_tokens.get(key)
+        return None if text is None else self.tok.token_to_id(text)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self._stop_ids
 
     @classmethod
     def from_file(cls, path: str, eos_id: int | None = None):
         with open(path, encoding="utf-8") as f:
             return cls(f.read(), eos_id)
 
+    @classmethod
+    def from_dir(cls, directory: str, eos_id: int | None = None, stop_ids: Sequence[int] = ()) -> "HFTokenizer":
+        """tokenizer.json of `directory` and whichever of the SIDE_FILES lie beside it."""
+        side = {}
+        for name in cls.SIDE_FILES:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    side[name] = f.read()
+        with open(os.path.join(directory, cls.FILE), encoding="utf-8") as f:
+            return cls(f.read(), eos_id, side, stop_ids)
+
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's (start, end) character offsets in `text`."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def encode_special(self, text: str) -> list[int]:
+        """What transformers' `tokenizer(text).input_ids` gives: the text with BOS / EOS by the rule."""
+        return self.tok.encode(text, add_special_tokens=True).ids
+
+    def encode_prompt(self, text):
+        ids = self.encode_special(text)
+        if ids and ids[-1] in self.stop_ids and self.encode(text)[-1:] != ids[-1:]:
+            ids = ids[:-1]  # a prompt is continued, not ended (add_eos_token=True)
+        return ids
+
     def decode(self, ids):
-        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)
+        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
 
     def _meta(self):
-        return {**super()._meta(), "eos_id": self.eos_id}
+        meta = {**super()._meta(), "eos_id": self.eos_id}
+        if self.stop_ids != ((self.eos_id,) if self.eos_id is not None else ()):
+            meta["stop_ids"] = list(self.stop_ids)
+        return meta
 
     def save(self, directory):
         super().save(directory)
         files.write_text(os.path.join(directory, self.FILE), self.json_str)
+        for name, text in self.side_files.items():
+            files.write_text(os.path.join(directory, name), text)
+
+
+def _token_text(value) -> str:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _default_template(value) -> str | None:
+    """tokenizer_config.json's chat_template: one template, or a list of named ones ('default' is used)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default")
+    return value
 
 
 def saved_in(directory: str | None) -> bool:
@@ -312,12 +414,16 @@ def load(directory: str) -> Tokenizer:
         with open(os.path.join(directory, SentencePieceTokenizer.MODEL), "rb") as f:
             return SentencePieceTokenizer(f.read())
     if kind == "hf":
-        return HFTokenizer.from_file(os.path.join(directory, HFTokenizer.FILE), meta.get("eos_id"))
+        return HFTokenizer.from_dir(directory, meta.get("eos_id"), meta.get("stop_ids", ()))
     raise BadValue(f"{path}: unknown tokenizer kind {kind!r}")
 
 
 def fingerprint(tokenizer: Tokenizer) -> dict:
-    """Identifies a tokenizer (kind, vocab size, hash of its files): saved with every checkpoint."""
+    """Identifies a tokenizer (kind, vocab size, hash of its files): saved with every checkpoint.
+
+    An HF tokenizer's side files (chat template, special-token names) are left out: they do not
+    change which id is which, so a template can be added to a run (workdir/tokenizer/
+    chat_template.jinja) without it refusing its own checkpoints."""
     h = hashlib.sha256(json.dumps(tokenizer._meta(), sort_keys=True).encode())
     for attr in ("proto", "json_str"):  # SentencePiece model / HF tokenizer.json
         v = getattr(tokenizer, attr, None)

@@ -215,7 +215,7 @@ def complete(
     model,
     params,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[Sequence[int]],
     max_new_tokens: int,
     seed: int = 0,
     temperature: float = 0.0,
@@ -226,15 +226,19 @@ def complete(
 ) -> list[str]:
     """Text in, text out: each prompt's continuation, cut before its stop token.
 
-    `stop_ids` None means the tokenizer's EOS (if it has one). An empty prompt starts from EOS, the
-    document separator of training. `context`: see `generate` (a run's comes from `load_run`). With
-    sharded params, call inside `nn.logical_axis_rules(rules)` (and the mesh context): the cache is
-    sharded on the params' mesh.
+    `prompts`: texts, encoded by `tokenizer.encode_prompt` (an HF tokenizer puts its BOS in front,
+    as transformers does), or token id lists taken as they are (a rendered chat). `stop_ids` None
+    means the tokenizer's (its EOS; every end-of-sequence id an HF checkpoint names). An empty
+    prompt starts from EOS, the document separator of training. `context`: see `generate` (a run's
+    comes from `load_run`). With sharded params, call inside `nn.logical_axis_rules(rules)` (and
+    the mesh context): the cache is sharded on the params' mesh.
     """
+    # Any object with encode / decode / eos_id will do (llm_jax/data/tokenizer.py's add the rest).
     if stop_ids is None:
-        stop_ids = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+        stop_ids = getattr(tokenizer, "stop_ids", None) or ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
     stop_ids = tuple(sorted({int(s) for s in stop_ids}))
-    encoded = [tokenizer.encode(p) or [tokenizer.eos_id or 0] for p in prompts]
+    encode = getattr(tokenizer, "encode_prompt", tokenizer.encode)
+    encoded = [(encode(p) if isinstance(p, str) else list(p)) or [tokenizer.eos_id or 0] for p in prompts]
     tokens, start = left_pad(encoded)
     new = generate(
         model, params, tokens, start, jax.random.key(seed), max_new_tokens=int(max_new_tokens), context=context,

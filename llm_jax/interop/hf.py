@@ -60,8 +60,12 @@ from llm_jax.training import state as state_lib
 from llm_jax.training import workdir as workdir_lib
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-# Small files of an imported checkpoint kept in the run (workdir/hf/) and written back on export.
-CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+# Small files of an imported checkpoint kept in the run (workdir/hf/) and written back on export. The
+# tokenizer's own files (tokenizer_config.json, special_tokens_map.json, chat_template.jinja) travel
+# with the tokenizer instead (workdir/tokenizer/, HFTokenizer.SIDE_FILES): the run reads them there.
+CARRIED_FILES = ("config.json", "generation_config.json")
+# Runs imported before the tokenizer carried its files kept them in workdir/hf/; export still copies them.
+_OLD_CARRIED = ("tokenizer_config.json", "special_tokens_map.json")
 # Export dtypes, and the names config.json gives them.
 _CASTS = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _DTYPE_NAMES = {np.dtype(t): name for name, t in _CASTS.items()}
@@ -103,15 +107,31 @@ def check_weights(hf_dir: str) -> list[str]:
     raise NotFound(f"{hf_dir} has no *.safetensors weights (and no {INDEX_FILE})")
 
 
+def _eos_ids(hf_dir: str, name: str, cfg: dict | None = None) -> list[int]:
+    """eos_token_id of `name` in `hf_dir` (config.json, generation_config.json): one id or a list."""
+    if cfg is None:
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            return []
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise HFError(f"{path} is not valid JSON ({e})") from None
+    eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+
+
 def load_tokenizer(hf_dir: str, hf_cfg: dict | None = None) -> tok_lib.HFTokenizer | None:
-    """The directory's tokenizer.json as an HFTokenizer (EOS from config.json), or None if absent."""
-    path = os.path.join(hf_dir, "tokenizer.json")
-    if not os.path.isfile(path):
+    """The directory's tokenizer (tokenizer.json and the files beside it: special tokens, chat
+    template) as an HFTokenizer, or None if there is no tokenizer.json. Its EOS is config.json's
+    (the first, if a list); every eos_token_id of config.json and generation_config.json stops a
+    generation (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    if not os.path.isfile(os.path.join(hf_dir, tok_lib.HFTokenizer.FILE)):
         return None
-    eos = (hf_cfg if hf_cfg is not None else read_config(hf_dir)).get("eos_token_id")
-    if isinstance(eos, list):  # several end tokens (Llama 3): the first one ends our samples
-        eos = eos[0] if eos else None
-    return tok_lib.HFTokenizer.from_file(path, eos)
+    model_eos = _eos_ids(hf_dir, "config.json", hf_cfg if hf_cfg is not None else read_config(hf_dir))
+    stop = model_eos + _eos_ids(hf_dir, "generation_config.json")
+    return tok_lib.HFTokenizer.from_dir(hf_dir, model_eos[0] if model_eos else None, stop)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,9 +367,12 @@ def save_pretrained(
 
 
 def _write_tokenizer(hf_dir: str, tokenizer: tok_lib.HFTokenizer, max_len: int) -> None:
-    """tokenizer.json, and a minimal tokenizer_config.json unless an imported one was carried over
-    (AutoTokenizer needs one to pick the fast tokenizer class)."""
+    """tokenizer.json and the checkpoint's tokenizer files as imported (special tokens, chat
+    template), or a minimal tokenizer_config.json if there was none (AutoTokenizer needs one to pick
+    the fast tokenizer class)."""
     files.write_text(os.path.join(hf_dir, "tokenizer.json"), tokenizer.json_str)
+    for name, text in tokenizer.side_files.items():
+        files.write_text(os.path.join(hf_dir, name), text)
     if not os.path.exists(os.path.join(hf_dir, "tokenizer_config.json")):
         tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
         if tokenizer.eos_id is not None:
@@ -440,7 +463,9 @@ def import_run(
     """Makes `workdir` a run that `llm_jax.main` resumes from the imported weights.
 
     Writes workdir/config.json (`config`, default `run_config(hf_dir)`), workdir/tokenizer/ (the HF
-    tokenizer.json), workdir/hf/ (the original config.json and other small files, reused on export)
+    tokenizer.json with its tokenizer_config.json, special_tokens_map.json, chat_template.jinja:
+    what the run encodes, chats and stops with), workdir/hf/ (the original config.json and
+    generation_config.json, reused on export)
     and workdir/checkpoints/0 (TrainState(step=0, params, fresh opt_state), sharded on `config.mesh`).
     Problems are reported most fundamental first: no config.json, an unsupported architecture, no
     safetensors weights, then what a run needs on top (an empty workdir, a tokenizer).
@@ -485,7 +510,8 @@ def export_run(workdir: str, hf_dir: str, step: int | None = None, dtype: str | 
     run = run_lib.load_run(workdir, step, on_host=True)
     carried = os.path.join(workdir, "hf")
     base = read_config(carried) if os.path.isfile(os.path.join(carried, "config.json")) else None
-    extra = {n: os.path.join(carried, n) for n in CARRIED_FILES[1:] if os.path.isfile(os.path.join(carried, n))}
+    names = (*CARRIED_FILES[1:], *_OLD_CARRIED)
+    extra = {n: os.path.join(carried, n) for n in names if os.path.isfile(os.path.join(carried, n))}
     cfg = run.model.cfg
     save_pretrained(hf_dir, cfg, run.params, tokenizer=run.tokenizer, base_config=base, dtype=dtype, extra_files=extra)
     log(f"wrote {hf_dir} from {workdir}/checkpoints/{run.step} ({hf_specs.for_model(cfg).architecture})")
