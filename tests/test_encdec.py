@@ -128,7 +128,9 @@ def test_cached_decoding_equals_full_decoding(mp):
     for i in range(TGT.shape[1]):
         logits, cache = step(TGT[:, i : i + 1], cache)
         got.append(np.asarray(logits))
-    np.testing.assert_allclose(np.stack(got, 1), full, rtol=1e-5, atol=1e-5)
+    # One position at a time sums in another order than the full pass (XLA picks per shape and host):
+    # 2.3e-5 apart on one 2-core host, where another stayed under 1e-5.
+    np.testing.assert_allclose(np.stack(got, 1), full, rtol=1e-5, atol=1e-4)
 
 
 def test_beam_size_1_is_greedy(mp):
