@@ -1,0 +1,141 @@
+"""Log-likelihoods of continuations, batched by length and sharded over a run's mesh.
+
+An evaluation request is (context tokens, continuation tokens): the summed log-probability of the
+continuation given the context, and whether greedy decoding would have produced it. Requests are
+sorted by length (longest first) and cut into batches of `batch_size` rows; each batch is padded
+on the right to a bucket length (a power of two, at most the model's `max_length`) and its
+continuations to a bucket width, so a whole evaluation compiles a handful of programs. Right
+padding never changes what a real position sees (attention is causal), so a padded row scores as
+it would alone.
+
+A request longer than `max_length + 1` tokens keeps its last ones, as lm-eval's `hf` backend
+does: the input is `(context + continuation)[-(max_length + 1):][:-1]`, and a continuation longer
+than that input is scored on its last `max_length` tokens.
+
+Multi-host: every process passes the same requests; each places its own shards of a batch and
+reads the replicated results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llm_jax.models import family as family_lib
+from llm_jax.runtime import sharding
+from llm_jax.runtime.errors import BadValue
+
+MIN_BUCKET = 16  # shortest padded length: shorter buckets save little and cost a compile each
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One request as the model reads it: `tokens` (the input, at most max_length) and `targets`,
+    the tokens its last len(targets) positions should predict."""
+
+    tokens: tuple[int, ...]
+    targets: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """A model and its params on `mesh` (sharded by `rules`), scored `batch_size` rows at a time
+    (rounded up to a multiple of the mesh's data x fsdp size) over at most `max_length` positions."""
+
+    model: Any
+    params: Any
+    mesh: Mesh
+    rules: Any
+    max_length: int
+    batch_size: int = 16
+
+    @property
+    def rows_per_batch(self) -> int:
+        dp = sharding.data_parallel_size(self.mesh)
+        return -(-max(1, self.batch_size) // dp) * dp
+
+
+def to_row(context: Sequence[int], continuation: Sequence[int], max_length: int) -> Row:
+    """(context, continuation) -> the Row the model reads, left-truncated to `max_length` inputs."""
+    if not continuation:
+        raise BadValue("a loglikelihood request needs a non-empty continuation")
+    whole = (list(context) + list(continuation))[-(max_length + 1) :]
+    if len(whole) < 2:
+        raise BadValue("a loglikelihood request needs at least one token of context (lm-eval adds a prefix token)")
+    n = min(len(continuation), len(whole) - 1)
+    return Row(tuple(whole[:-1]), tuple(whole[-n:]))
+
+
+def bucket(n: int, cap: int, least: int = 1) -> int:
+    """The padded size of `n`: the next power of two of at least `least`, at most `cap`."""
+    return min(cap, max(least, 1 << max(0, n - 1).bit_length()))
+
+
+@functools.lru_cache(maxsize=64)
+def _score_fn(model, mesh: Mesh):
+    """The jitted score of a batch: results replicated, so every process can read them."""
+    rep = NamedSharding(mesh, P())
+
+    def fn(params, tokens, index, targets):
+        return family_lib.of(model).score(model, params, tokens, index, targets)
+
+    return jax.jit(fn, out_shardings=(rep, rep))
+
+
+def _global(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array every process holds in full -> a global array sharded by rows (each process
+    places only its own shards)."""
+    spec = sharding.batch_sharding(mesh)
+    return jax.make_array_from_callback(array.shape, spec, lambda idx: array[idx])
+
+
+def _pack(rows: Sequence[Row], n_rows: int, length: int, width: int) -> tuple[np.ndarray, ...]:
+    """Rows -> tokens [n_rows, length], index and targets [n_rows, width] int32 and mask [n_rows,
+    width] bool. Targets sit in the last columns of `width` (a row's read positions end at its last
+    token); missing rows and columns read position 0 and are masked out."""
+    tokens = np.zeros((n_rows, length), np.int32)
+    index = np.zeros((n_rows, width), np.int32)
+    targets = np.zeros((n_rows, width), np.int32)
+    mask = np.zeros((n_rows, width), bool)
+    for i, row in enumerate(rows):
+        t, n = len(row.tokens), len(row.targets)
+        tokens[i, :t] = row.tokens
+        index[i, width - n :] = np.arange(t - n, t)
+        targets[i, width - n :] = row.targets
+        mask[i, width - n :] = True
+    return tokens, index, targets, mask
+
+
+def score_rows(scorer: Scorer, rows: Sequence[Row]) -> list[tuple[float, bool]]:
+    """(summed log-probability of each row's targets, all of them greedy), in the order given."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), -len(rows[i].targets)))
+    b = scorer.rows_per_batch
+    fn = _score_fn(scorer.model, scorer.mesh)
+    pending = []
+    with sharding.use_mesh(scorer.mesh, scorer.rules):
+        for start in range(0, len(order), b):
+            chunk = [rows[i] for i in order[start : start + b]]
+            length = bucket(max(len(r.tokens) for r in chunk), scorer.max_length, MIN_BUCKET)
+            width = bucket(max(len(r.targets) for r in chunk), length)
+            tokens, index, targets, mask = _pack(chunk, b, length, width)
+            out = fn(scorer.params, *(_global(a, scorer.mesh) for a in (tokens, index, targets)))
+            pending.append((order[start : start + b], mask, out))  # dispatched: the host packs the next
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    for ids, mask, (logp, greedy) in pending:
+        logp, greedy = (np.asarray(x.addressable_data(0)) for x in (logp, greedy))
+        for j, i in enumerate(ids):
+            m = mask[j]
+            results[i] = (float(logp[j][m].astype(np.float64).sum()), bool(greedy[j][m].all()))
+    return results
+
+
+def loglikelihoods(scorer: Scorer, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), greedy) of each (context tokens, continuation tokens)."""
+    return score_rows(scorer, [to_row(c, x, scorer.max_length) for c, x in requests])

@@ -1,0 +1,195 @@
+"""Evaluation (llm_jax/evaluation/): the lm-eval backend against lm-eval's own `hf` backend on the same
+small random checkpoints (GPT-2 and Llama, each with a BPE tokenizer built offline), the perplexity
+command against rolling log-likelihoods, and the same numbers on 1 and 8 devices.
+
+Needs the `eval` extra (lm-eval, accelerate) and the `hf` extra (torch, transformers) for the
+reference backend; skipped with the reason when missing. The tasks are local files in
+tests/eval_tasks/ (multiple choice, generation, rolling text), so nothing is downloaded.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="evaluation tests need the 'eval' extra: pip install -e .[eval]")
+torch = pytest.importorskip(
+    "torch", reason="the lm-eval hf reference backend needs the 'hf' extra: pip install -e .[hf]"
+)
+transformers = pytest.importorskip("transformers", reason="the reference backend needs the 'hf' extra")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from llm_jax.evaluation import harness, perplexity, scoring  # noqa: E402
+from llm_jax.interop import hf  # noqa: E402
+from llm_jax.runtime import sharding  # noqa: E402
+from llm_jax.training.saved_run import load_run  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = os.path.join(REPO, "tests", "eval_tasks")
+MAX_LEN = 48  # short, so that the longer requests are left-truncated
+
+
+def _tokenizer(kind):
+    """A byte-level BPE trained here; the Llama one prepends <s> through its template, as Llama's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    with open(os.path.join(TASKS, "mc.jsonl"), encoding="utf-8") as f:
+        text = f.read()
+    tok.train_from_iterator([text, "def f(x):\n    return x + 1\n" * 20], trainer)
+    if kind == "llama":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return tok
+
+
+def _checkpoint(root, kind):
+    """(HF directory, imported llm_jax workdir) of a random float32 model of `kind`."""
+    src, work = root / f"{kind}_hf", root / f"{kind}_run"
+    tok = _tokenizer(kind)
+    vocab = tok.get_vocab_size()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab, n_positions=MAX_LEN, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1
+        )
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger than init, so the choices' log-likelihoods differ clearly
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(src)
+    tok.save(str(src / "tokenizer.json"))
+    special = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    (src / "tokenizer_config.json").write_text(json.dumps(special))
+    config = hf.run_config(str(src))
+    hf.import_run(str(src), str(work), config, log=lambda *a: None)
+    return str(src), str(work)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def checkpoint(request, tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("eval"), request.param)
+
+
+def _evaluate(model, tasks, limit=None):
+    return lm_eval.simple_evaluate(
+        model=model, tasks=tasks, task_manager=TaskManager(include_path=TASKS), log_samples=True, limit=limit,
+        bootstrap_iters=0, verbosity="ERROR",
+    )  # fmt: skip
+
+
+def _resps(results, task):
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [[r[0] if isinstance(r, list) else r for r in s["resps"]] for s in samples]
+
+
+def _hflm(src):
+    return HFLM(pretrained=src, batch_size=4, device="cpu", dtype="float32")
+
+
+def test_loglikelihoods_and_generations_equal_lm_eval_hf_backend(checkpoint):
+    """Per request: the same log-likelihood (to 1e-4), the same greedy flag, the same accuracy on the
+    multiple-choice task, and the same generated text, cut where HF's stops."""
+    src, work = checkpoint
+    ours = _evaluate(harness.LlmJaxLM(load_run(work), batch_size=4), ["llm_jax_mc", "llm_jax_gen"])
+    ref = _evaluate(_hflm(src), ["llm_jax_mc", "llm_jax_gen"])
+    mine, theirs = _resps(ours, "llm_jax_mc"), _resps(ref, "llm_jax_mc")
+    assert len(mine) == 12 and all(len(m) == 4 for m in mine)
+    a = np.array([[ll for ll, _ in m] for m in mine])
+    b = np.array([[ll for ll, _ in m] for m in theirs])
+    assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
+    assert [[g for _, g in m] for m in mine] == [[g for _, g in m] for m in theirs]
+    assert len(set(np.round(a, 3).ravel())) > 40  # the choices really differ: a discriminating test
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["llm_jax_mc"][metric] == ref["results"]["llm_jax_mc"][metric]
+    gen_ours, gen_ref = _resps(ours, "llm_jax_gen"), _resps(ref, "llm_jax_gen")
+    assert gen_ours == gen_ref
+    assert any(g[0] for g in gen_ours)  # something was generated
+
+
+def test_rolling_loglikelihood_equals_perplexity_command(checkpoint, tmp_path):
+    """The rolling task's bits per byte: ours = HF backend's = `llm_jax.evaluate --perplexity` over the
+    same texts (the command line, as a user runs it)."""
+    src, work = checkpoint
+    ours = _evaluate(harness.LlmJaxLM(load_run(work), batch_size=4), ["llm_jax_text"])["results"]["llm_jax_text"]
+    ref = _evaluate(_hflm(src), ["llm_jax_text"])["results"]["llm_jax_text"]
+    assert abs(ours["bits_per_byte,none"] - ref["bits_per_byte,none"]) < 1e-6
+    with open(os.path.join(TASKS, "text.jsonl"), encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    for i, text in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "llm_jax.evaluate", "--workdir", work, "--perplexity", str(tmp_path / "doc*.txt")]
+    proc = subprocess.run([*cmd, "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bits per byte" in proc.stdout
+    got = json.loads(out.read_text())
+    assert got["documents"] == 3 and got["bytes"] == sum(len(t.encode()) for t in texts)
+    assert abs(got["bits_per_byte"] - ours["bits_per_byte,none"]) < 1e-6
+    # A metrics line went to the run's metrics.jsonl.
+    with open(os.path.join(work, "metrics.jsonl"), encoding="utf-8") as f:
+        assert any("perplexity/bits_per_byte" in json.loads(line) for line in f)
+
+
+def _mesh(data, fsdp, n):
+    return sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": 1}), jax.devices()[:n])
+
+
+def test_same_scores_on_1_and_8_devices_and_data_x_fsdp(checkpoint):
+    """Log-likelihoods, rolling log-likelihoods and generations on one device, 8 data-parallel and
+    2 data x 4 fsdp (the params sharded): the same to float rounding, the same greedy flags and texts."""
+    _, work = checkpoint
+    requests = [([5, 6, 7] * k, [8, 9, 10][: 1 + k % 3]) for k in range(1, 23)]  # up to 66 tokens: truncated too
+    docs = [list(range(2, 2 + n)) for n in (3, 50, 120)]
+    got = []
+    for data, fsdp, n in ((1, 1, 1), (8, 1, 8), (2, 4, 8)):
+        run = load_run(work, mesh=_mesh(data, fsdp, n))
+        scorer = scoring.Scorer(run.model, run.params, run.mesh, run.rules, run.context, batch_size=8)
+        lm = harness.LlmJaxLM(run, batch_size=8)
+        texts = lm._generate_group(["def f(x):", "import os", "x"], {"until": ["\n"], "max_gen_toks": 6})
+        got.append(
+            (scoring.loglikelihoods(scorer, requests), perplexity.rolling_loglikelihoods(scorer, docs, 1), texts)
+        )
+    for other in got[1:]:
+        np.testing.assert_allclose([x for x, _ in other[0]], [x for x, _ in got[0][0]], rtol=0, atol=1e-5)
+        assert [g for _, g in other[0]] == [g for _, g in got[0][0]]
+        np.testing.assert_allclose(other[1], got[0][1], rtol=1e-6)
+        assert other[2] == got[0][2]
+
+
+def test_rolling_windows_cover_every_token_once():
+    """Stride < max_length: every token predicted once, each after at least max_length - stride of context."""
+    tokens = list(range(10, 40))
+    for stride in (3, 8):
+        rows = perplexity.rolling_rows(tokens, 1, 8, stride)
+        assert [t for r in rows for t in r.targets] == tokens
+        assert rows[0].tokens == (1, *tokens[:7])
+        assert all(len(r.tokens) == 8 for r in rows[1:])
+        assert all(len(r.targets) <= stride for r in rows[1:])
+    with pytest.raises(ValueError, match="stride=9"):
+        perplexity.rolling_rows(tokens, 1, 8, 9)
+
+
+def test_scoring_truncates_like_lm_eval_and_buckets():
+    row = scoring.to_row(list(range(100)), [100, 101], 8)
+    assert row.tokens == tuple(range(93, 101)) and row.targets == (100, 101)
+    assert scoring.to_row([1], list(range(2, 20)), 8).targets == tuple(range(12, 20))  # its last 8
+    assert [scoring.bucket(n, 64, 16) for n in (1, 16, 17, 40, 64, 65)] == [16, 16, 32, 64, 64, 64]
