@@ -173,23 +173,3 @@ def test_same_scores_on_1_and_8_devices_and_data_x_fsdp(checkpoint):
         assert [g for _, g in other[0]] == [g for _, g in got[0][0]]
         np.testing.assert_allclose(other[1], got[0][1], rtol=1e-6)
         assert other[2] == got[0][2]
-
-
-def test_rolling_windows_cover_every_token_once():
-    """Stride < max_length: every token predicted once, each after at least max_length - stride of context."""
-    tokens = list(range(10, 40))
-    for stride in (3, 8):
-        rows = perplexity.rolling_rows(tokens, 1, 8, stride)
-        assert [t for r in rows for t in r.targets] == tokens
-        assert rows[0].tokens == (1, *tokens[:7])
-        assert all(len(r.tokens) == 8 for r in rows[1:])
-        assert all(len(r.targets) <= stride for r in rows[1:])
-    with pytest.raises(ValueError, match="stride=9"):
-        perplexity.rolling_rows(tokens, 1, 8, 9)
-
-
-def test_scoring_truncates_like_lm_eval_and_buckets():
-    row = scoring.to_row(list(range(100)), [100, 101], 8)
-    assert row.tokens == tuple(range(93, 101)) and row.targets == (100, 101)
-    assert scoring.to_row([1], list(range(2, 20)), 8).targets == tuple(range(12, 20))  # its last 8
-    assert [scoring.bucket(n, 64, 16) for n in (1, 16, 17, 40, 64, 65)] == [16, 16, 32, 64, 64, 64]
