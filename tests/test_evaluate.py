@@ -88,10 +88,23 @@ def checkpoint(request, tmp_path_factory):
     return _checkpoint(tmp_path_factory.mktemp("eval"), request.param)
 
 
-def _evaluate(model, tasks, limit=None):
+@pytest.fixture(scope="module")
+def task_manager():
+    return TaskManager(include_path=TASKS, include_defaults=False)  # the local tasks only: quick to index
+
+
+@pytest.fixture(scope="module")
+def results(checkpoint, task_manager):
+    """(ours, lm-eval hf backend's) results of the three local tasks, with every sample's responses."""
+    src, work = checkpoint
+    ref = HFLM(pretrained=src, batch_size=4, device="cpu", dtype="float32")
+    return tuple(_evaluate(lm, task_manager) for lm in (harness.LlmJaxLM(load_run(work), batch_size=4), ref))
+
+
+def _evaluate(model, task_manager):
     return lm_eval.simple_evaluate(
-        model=model, tasks=tasks, task_manager=TaskManager(include_path=TASKS), log_samples=True, limit=limit,
-        bootstrap_iters=0, verbosity="ERROR",
+        model=model, tasks=["llm_jax_mc", "llm_jax_gen", "llm_jax_text"], task_manager=task_manager,
+        log_samples=True, bootstrap_iters=0, verbosity="ERROR",
     )  # fmt: skip
 
 
@@ -100,18 +113,12 @@ def _resps(results, task):
     return [[r[0] if isinstance(r, list) else r for r in s["resps"]] for s in samples]
 
 
-def _hflm(src):
-    return HFLM(pretrained=src, batch_size=4, device="cpu", dtype="float32")
-
-
-def test_loglikelihoods_and_generations_equal_lm_eval_hf_backend(checkpoint):
+def test_loglikelihoods_and_generations_equal_lm_eval_hf_backend(results):
     """Per request: the same log-likelihood (to 1e-4), the same greedy flag, the same accuracy on the
     multiple-choice task, and the same generated text, cut where HF's stops."""
-    src, work = checkpoint
-    ours = _evaluate(harness.LlmJaxLM(load_run(work), batch_size=4), ["llm_jax_mc", "llm_jax_gen"])
-    ref = _evaluate(_hflm(src), ["llm_jax_mc", "llm_jax_gen"])
+    ours, ref = results
     mine, theirs = _resps(ours, "llm_jax_mc"), _resps(ref, "llm_jax_mc")
-    assert len(mine) == 12 and all(len(m) == 4 for m in mine)
+    assert len(mine) == 13 and all(len(m) == 4 for m in mine)
     a = np.array([[ll for ll, _ in m] for m in mine])
     b = np.array([[ll for ll, _ in m] for m in theirs])
     assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
@@ -124,18 +131,16 @@ def test_loglikelihoods_and_generations_equal_lm_eval_hf_backend(checkpoint):
     assert any(g[0] for g in gen_ours)  # something was generated
 
 
-def test_rolling_loglikelihood_equals_perplexity_command(checkpoint, tmp_path):
+def test_rolling_loglikelihood_equals_perplexity_command(results, checkpoint, tmp_path):
     """The rolling task's bits per byte: ours = HF backend's = `llm_jax.evaluate --perplexity` over the
     same texts (the command line, as a user runs it)."""
-    src, work = checkpoint
-    ours = _evaluate(harness.LlmJaxLM(load_run(work), batch_size=4), ["llm_jax_text"])["results"]["llm_jax_text"]
-    ref = _evaluate(_hflm(src), ["llm_jax_text"])["results"]["llm_jax_text"]
-    assert abs(ours["bits_per_byte,none"] - ref["bits_per_byte,none"]) < 1e-6
+    ours, ref = (r["results"]["llm_jax_text"]["bits_per_byte,none"] for r in results)
+    assert abs(ours - ref) < 1e-6
     with open(os.path.join(TASKS, "text.jsonl"), encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     for i, text in enumerate(texts):
         (tmp_path / f"doc{i}.txt").write_text(text, encoding="utf-8")
-    out = tmp_path / "ppl.json"
+    out, work = tmp_path / "ppl.json", checkpoint[1]
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "llm_jax.evaluate", "--workdir", work, "--perplexity", str(tmp_path / "doc*.txt")]
     proc = subprocess.run([*cmd, "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
@@ -143,9 +148,8 @@ def test_rolling_loglikelihood_equals_perplexity_command(checkpoint, tmp_path):
     assert "bits per byte" in proc.stdout
     got = json.loads(out.read_text())
     assert got["documents"] == 3 and got["bytes"] == sum(len(t.encode()) for t in texts)
-    assert abs(got["bits_per_byte"] - ours["bits_per_byte,none"]) < 1e-6
-    # A metrics line went to the run's metrics.jsonl.
-    with open(os.path.join(work, "metrics.jsonl"), encoding="utf-8") as f:
+    assert abs(got["bits_per_byte"] - ours) < 1e-6
+    with open(os.path.join(work, "metrics.jsonl"), encoding="utf-8") as f:  # and a line in the run's metrics
         assert any("perplexity/bits_per_byte" in json.loads(line) for line in f)
 
 
@@ -173,3 +177,32 @@ def test_same_scores_on_1_and_8_devices_and_data_x_fsdp(checkpoint):
         assert [g for _, g in other[0]] == [g for _, g in got[0][0]]
         np.testing.assert_allclose(other[1], got[0][1], rtol=1e-6)
         assert other[2] == got[0][2]
+
+
+def test_training_evaluates_tasks_logs_them_and_plot_draws_them(tmp_path):
+    """config.train.eval_tasks: scores at every eval_tasks_every steps and at the end, in metrics.jsonl,
+    in the picture's task panel; an unknown task fails before training; the bare loop refuses the key."""
+    import runlib as R
+
+    from llm_jax.evaluation import periodic
+    from llm_jax.runtime.errors import BadValue
+    from llm_jax.tools import plot
+    from llm_jax.training import loop
+
+    corpus = R.write_corpus(str(tmp_path / "corpus.txt"), 20_000)
+    tasks = {"train.eval_tasks": os.path.join(TASKS, "llm_jax_mc.yaml"), "train.eval_tasks_every": 2}
+    config = R.tiny_config(R.tiny_overrides(corpus, 3, 3, **tasks, **{"train.eval_tasks_limit": 5}))
+    with pytest.raises(BadValue, match="needs the evaluation layer"):
+        loop.train_and_evaluate(config, str(tmp_path / "bare"))
+    bad = R.tiny_config(R.tiny_overrides(corpus, 3, 3, **{"train.eval_tasks": "llm_jax_mcq,no_such_task"}))
+    with pytest.raises(BadValue, match=r"unknown lm-eval task\(s\) llm_jax_mcq, no_such_task"):
+        periodic.train_and_evaluate(bad, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")  # refused before the workdir was made
+    work = str(tmp_path / "run")
+    summary = periodic.train_and_evaluate(config, work)
+    acc = R.metric(work, "tasks/llm_jax_mc/acc")
+    assert [s for s, _ in acc] == [2, 3] and all(0 <= v <= 1 for _, v in acc)
+    assert summary["tasks/llm_jax_mc/acc"] == acc[-1][1]
+    fig = plot.figure([work])
+    panel = next(ax for ax in fig.axes if ax.get_title() == "lm-eval tasks")
+    assert {line.get_label() for line in panel.get_lines()} == {"run llm_jax_mc/acc", "run llm_jax_mc/acc_norm"}

@@ -14,11 +14,12 @@ from llm_jax.training.metrics import MetricsLog
 
 def task_metrics(results: dict) -> dict[str, float]:
     """lm-eval results -> {'tasks/<task>/<metric>': value} for every finite number (filters other
-    than 'none' keep their name: `tasks/gsm8k/exact_match,flexible-extract`; standard errors left out)."""
+    than 'none' keep their name: `tasks/gsm8k/exact_match,flexible-extract`; standard errors and the
+    sample count left out)."""
     out = {}
     for task, metrics in sorted(results.get("results", {}).items()):
         for key, value in metrics.items():
-            if "_stderr" in key or isinstance(value, bool) or not isinstance(value, int | float):
+            if "_stderr" in key or key == "sample_len" or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             if math.isfinite(value):
                 out[f"tasks/{task}/{key.removesuffix(',none')}"] = float(value)

@@ -10,6 +10,7 @@ what to do.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -31,11 +32,20 @@ def _yaml_task(path: str) -> str:
     return match.group(1).strip("'\"")
 
 
+@functools.lru_cache(maxsize=8)
+def _manager(paths: tuple[str, ...], defaults: bool):
+    """lm-eval's TaskManager over `paths` (and its own tasks if `defaults`: indexing those takes seconds,
+    so managers are kept for the next evaluation)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise Unavailable("lm-eval tasks need the eval extra: pip install -e '.[eval]' (lm-eval 0.4)") from None
+    return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
+
+
 def resolve(names: Sequence[str], include_path: str | None = None):
     """(task names, lm-eval TaskManager) for `names`: task names or YAML files. BadValue naming the
     unknown ones (with close matches) and how to list or add tasks."""
-    from lm_eval.tasks import TaskManager  # lm-eval: the `eval` extra
-
     paths = [include_path] if include_path else []
     tasks = []
     for name in names:
@@ -48,7 +58,9 @@ def resolve(names: Sequence[str], include_path: str | None = None):
             tasks.append(name)
     if not tasks:
         raise BadValue("no task given: --tasks hellaswag,arc_easy (lm-eval names) or a task YAML file")
-    manager = TaskManager(include_path=paths or None)
+    manager = _manager(tuple(paths), False) if paths else None  # local tasks only: quick to index
+    if manager is None or not set(tasks) <= set(manager.all_tasks):
+        manager = _manager(tuple(paths), True)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
