@@ -100,4 +100,4 @@ def test_scoring_truncates_like_lm_eval_and_buckets():
     row = scoring.to_row(list(range(100)), [100, 101], 8)
     assert row.tokens == tuple(range(93, 101)) and row.targets == (100, 101)
     assert scoring.to_row([1], list(range(2, 20)), 8).targets == tuple(range(12, 20))  # its last 8
-    assert [scoring.bucket(n, 64, 16) for n in (1, 16, 17, 40, 64, 65)] == [16, 16, 32, 64, 64, 64]
+    assert [scoring.bucket(n, 64, 16) for n in (1, 16, 17, 40, 49, 65)] == [16, 16, 24, 48, 64, 64]

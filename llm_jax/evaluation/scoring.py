@@ -3,8 +3,8 @@
 An evaluation request is (context tokens, continuation tokens): the summed log-probability of the
 continuation given the context, and whether greedy decoding would have produced it. Requests are
 sorted by length (longest first) and cut into batches of `batch_size` rows; each batch is padded
-on the right to a bucket length (a power of two, at most the model's `max_length`) and its
-continuations to a bucket width, so a whole evaluation compiles a handful of programs. Right
+on the right to a bucket length (a power of two or the midpoint of two, at most the model's
+`max_length`) and its continuations to a bucket width, so a whole evaluation compiles a handful of programs. Right
 padding never changes what a real position sees (attention is causal), so a padded row scores as
 it would alone.
 
@@ -74,8 +74,13 @@ def to_row(context: Sequence[int], continuation: Sequence[int], max_length: int)
 
 
 def bucket(n: int, cap: int, least: int = 1) -> int:
-    """The padded size of `n`: the next power of two of at least `least`, at most `cap`."""
-    return min(cap, max(least, 1 << max(0, n - 1).bit_length()))
+    """The padded size of `n`: the next of least, then powers of two and their midpoints (16, 24, 32,
+    48, 64, 96, ...: at most a third of a batch is padding, and a few compiles), at most `cap`."""
+    size = max(least, 1)
+    while size < n:
+        half = 1 << (size.bit_length() - 1)  # the power of two at or below `size`
+        size = half * 3 // 2 if size == half and half >= 4 else 2 * half
+    return min(cap, size)
 
 
 @functools.lru_cache(maxsize=64)
