@@ -3,6 +3,7 @@
     python -m llm_jax.evaluate --workdir runs/x --tasks hellaswag,arc_easy,lambada_openai
         [--num_fewshot K] [--limit N] [--include_path DIR] [--batch_size B] [--output FILE]
     python -m llm_jax.evaluate --workdir runs/x --perplexity 'data/*.txt' [--stride S] [--output FILE]
+    python -m llm_jax.evaluate --workdir runs/x --perplexity val   # the run's own validation text
 
 `--tasks`: lm-evaluation-harness tasks (the `eval` extra), by name or as task YAML files; the
 harness's table is printed, its JSON results written to `--output` (default
@@ -41,7 +42,9 @@ def define_flags():
     flags.DEFINE_string("include_path", None, "A directory of extra task YAML files.")
     flags.DEFINE_integer("batch_size", 32, "Requests scored or generated together (rounded up to the mesh).")
     flags.DEFINE_integer("max_gen_toks", 256, "New tokens at most for generation tasks that set none.")
-    flags.DEFINE_string("perplexity", None, "A text file or glob: token perplexity and bits per byte.")
+    flags.DEFINE_string(
+        "perplexity", None, "A text file or glob, or 'val' (the run's own validation text): perplexity, bits per byte."
+    )
     flags.DEFINE_integer("stride", None, "Perplexity: tokens predicted per window after the first (default: window).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
     flags.DEFINE_string("output", None, "JSON results file (default: workdir/eval/<kind>-<step>.json).")
@@ -55,7 +58,8 @@ def _output(run, kind: str) -> str:
 
 
 def run_perplexity(run) -> None:
-    texts = corpus.read_texts(FLAGS.perplexity)
+    own = FLAGS.perplexity == "val"
+    texts = corpus.validation_texts(run.config.data) if own else corpus.read_texts(FLAGS.perplexity)
     codec = corpus.Codec.of_run(run.tokenizer, run.workdir)
     scorer = scoring.Scorer(run.model, run.params, run.mesh, run.rules, run.context, FLAGS.batch_size)
     measures = perplexity.perplexity(scorer, codec.encode, texts, codec.prefix, FLAGS.stride)

@@ -1,5 +1,6 @@
 """Text in and out of an evaluation: how a run's tokenizer encodes what a task or corpus gives it,
-and the texts of a perplexity corpus (a file or a glob of files, one document each, gzip by suffix).
+and the texts of a perplexity corpus (a file or a glob of files, one document each, gzip by suffix;
+or `val`, the run's own validation documents, read from its data source as training split them).
 
 `Codec` holds the encoding rules lm-eval's `hf` backend applies, so the harness and the perplexity
 command encode text alike: an HF tokenizer applies its own special-token template (a Llama
@@ -16,6 +17,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.runtime import files
 from llm_jax.runtime.errors import NotFound
@@ -85,4 +87,22 @@ def read_texts(pattern: str) -> list[str]:
     for path in paths(pattern):
         with files.open_bytes(path) as f:
             texts.append(f.read().decode("utf-8", errors="replace"))
+    return texts
+
+
+def validation_texts(data_config) -> list[str]:
+    """The validation documents of a run's data source (`config.data`), as training held them out
+    (llm_jax/data/sources.py: by file hash, or the end of a single file); NotFound if there are none."""
+    texts: list[str] = []
+    for piece in sources.plan(data_config, 1 << 62):  # one piece per document: no document is cut
+        if piece.split not in ("val", ""):  # '': JSON lines, split document by document
+            continue
+        for doc in sources.read_piece(piece):
+            if doc.split != "val":
+                continue
+            if doc.starts_doc or not texts:
+                texts.append("")
+            texts[-1] += doc.text
+    if not texts:
+        raise NotFound(f"the run's data source ({data_config.source}) holds no validation documents")
     return texts
