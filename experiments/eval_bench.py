@@ -15,8 +15,9 @@ tokenizer is trained on it, and the requests are spans of it, shaped like three 
 Each backend answers the whole list once to warm up (JAX compiles), then the two are timed in turn
 `--repeats` times (so both see the same machine load). The last stdout line is one JSON object:
 per mode the median requests/s of each side, their ratio, the largest log-likelihood difference
-(or the share of identical generations), and each side's MFU: model forward FLOPs of the real
-(unpadded) tokens over the host's float32 matmul peak measured here.
+(or the share of identical generations), each side's first call (llm_jax's includes compiling) and
+each side's MFU: model forward FLOPs of the real (unpadded) tokens over the host's float32 matmul
+peak measured here.
 """
 
 from __future__ import annotations
@@ -158,13 +159,18 @@ def main(argv):
     rng = np.random.default_rng(f.seed)
     for mode in f.modes:
         reqs = requests(mode, text, f.docs, rng)
-        (_, a), (_, b) = call(ours, reqs), call(ref, reqs)  # warm-up: compiles
+        (first_ours, a), (first_hf, b) = call(ours, reqs), call(ref, reqs)  # warm-up: JAX compiles
         times = {"llm_jax": [], "hf": []}
         for _ in range(f.repeats):
             for name, lm in (("llm_jax", ours), ("hf", ref)):
                 times[name].append(call(lm, reqs)[0])
         work_flops = forward_tokens(ours, reqs, a) * fwd_per_token
-        row = {"requests": len(reqs), **compare(mode, a, b)}
+        row = {
+            "requests": len(reqs),
+            **compare(mode, a, b),
+            "llm_jax_first_call_s": first_ours,
+            "hf_first_call_s": first_hf,
+        }
         for name, t in times.items():
             med = statistics.median(t)
             row[f"{name}_requests_per_sec"] = len(reqs) / med

@@ -83,7 +83,8 @@ def _checkpoint(root, kind):
     return str(src), str(work)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# Llama repeats GPT-2's checks with a tokenizer that adds BOS: in the full suite (CI's 3.11 pass), not in -m "not slow".
+@pytest.fixture(scope="module", params=["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def checkpoint(request, tmp_path_factory):
     return _checkpoint(tmp_path_factory.mktemp("eval"), request.param)
 
@@ -179,6 +180,7 @@ def test_same_scores_on_1_and_8_devices_and_data_x_fsdp(checkpoint):
         assert other[2] == got[0][2]
 
 
+@pytest.mark.slow  # a whole (tiny) training run
 def test_training_evaluates_tasks_logs_them_and_plot_draws_them(tmp_path):
     """config.train.eval_tasks: scores at every eval_tasks_every steps and at the end, in metrics.jsonl,
     in the picture's task panel; an unknown task fails before training; the bare loop refuses the key."""

@@ -168,13 +168,14 @@ class LlmJaxLM(TemplateLM):
 
     def _stop_ids(self, until: tuple[str, ...]) -> tuple[int, ...]:
         """Tokens whose own text holds a stop sequence: once one is emitted, nothing after it survives
-        the cut, so the decoder may stop that row there (the result is the same, sooner)."""
+        the cut, so the decoder may stop that row there (the result is the same, sooner). Special
+        tokens decode to nothing here, as in the text that is cut, so none of them is one."""
         if until not in self._stop_cache:
             terms = [t for t in until if t]
             vocab = self.run.tokenizer.vocab_size
             found = []
             for i in range(vocab):
-                text = self.tok_decode([i], skip_special_tokens=False)
+                text = self.tok_decode([i])
                 if "\ufffd" not in text and any(t in text for t in terms):
                     found.append(i)
             self._stop_cache[until] = tuple(found)
