@@ -208,3 +208,18 @@ def test_training_evaluates_tasks_logs_them_and_plot_draws_them(tmp_path):
     fig = plot.figure([work])
     panel = next(ax for ax in fig.axes if ax.get_title() == "lm-eval tasks")
     assert {line.get_label() for line in panel.get_lines()} == {"run llm_jax_mc/acc", "run llm_jax_mc/acc_norm"}
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_eval_bench_smoke(shakespeare_path):
+    """experiments/eval_bench.py on a tiny model: both backends answer every mode alike, JSON last."""
+    env = {**os.environ, "PYTHONPATH": REPO, "LLM_JAX_DATA": os.path.dirname(os.path.dirname(shakespeare_path))}
+    tiny = ["--docs=3", "--repeats=1", "--layers=1", "--width=32", "--heads=2", "--vocab=300", "--max_len=96"]
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "eval_bench.py"), *tiny, "--batch_size=4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["mc"]["requests"] == 12 and out["mc"]["max_abs_loglikelihood_diff"] < 1e-4
+    assert out["single"]["max_abs_loglikelihood_diff"] < 1e-4 and out["gen"]["identical_generations"] == 1.0
+    assert all(out[m]["llm_jax_requests_per_sec"] > 0 and out[m]["hf_requests_per_sec"] > 0 for m in ("mc", "gen"))
