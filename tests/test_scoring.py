@@ -101,3 +101,10 @@ def test_scoring_truncates_like_lm_eval_and_buckets():
     assert row.tokens == tuple(range(93, 101)) and row.targets == (100, 101)
     assert scoring.to_row([1], list(range(2, 20)), 8).targets == tuple(range(12, 20))  # its last 8
     assert [scoring.bucket(n, 64, 16) for n in (1, 16, 17, 40, 49, 65)] == [16, 16, 24, 48, 64, 64]
+
+
+def test_a_family_without_score_is_refused_by_name():
+    cfg = dataclasses.replace(CFG, family="encdec", num_encoder_layers=1, layer_pattern="g", final_softcap=None)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
+    with pytest.raises(ValueError, match="model family 'encdec' does not"):
+        scoring.Scorer(family_lib.build(cfg), None, mesh, (), 16)

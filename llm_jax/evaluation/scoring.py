@@ -56,6 +56,14 @@ class Scorer:
     max_length: int
     batch_size: int = 16
 
+    def __post_init__(self):
+        family = family_lib.of(self.model)
+        if type(family).score is family_lib.ModelFamily.score:
+            raise BadValue(
+                f"evaluation scores next tokens, which model family {family.name!r} does not (it has no `score`); "
+                "evaluate a decoder-only run (config.model.family='lm')"
+            )
+
     @property
     def rows_per_batch(self) -> int:
         dp = sharding.data_parallel_size(self.mesh)
