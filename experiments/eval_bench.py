@@ -1,7 +1,7 @@
 """lm-eval requests per second: the llm_jax backend (`LlmJaxLM`) against lm-eval's own `hf` backend
 (PyTorch, CPU), on the same random GPT-2 checkpoint and the same requests, side by side.
 
-    .venv/bin/python experiments/eval_bench.py [--modes mc,single,gen] [--repeats 3] [--batch_size 16]
+    .venv/bin/python experiments/eval_bench.py [--modes mc,letters,single,gen] [--repeats 3] [--batch_size 16]
         [--layers 4 --width 256 --heads 4 --vocab 4096 --max_len 256] [--docs 48]
 
 Needs the eval and hf extras, and ../shared/data/tinyshakespeare/input.txt ($LLM_JAX_DATA): a BPE
@@ -9,6 +9,8 @@ tokenizer is trained on it, and the requests are spans of it, shaped like three 
 
 - `mc`: hellaswag-like multiple choice, a ~100-token context and 4 endings of ~10 tokens each
   (4 loglikelihood requests per document);
+- `letters`: MMLU-like multiple choice, a ~100-token context and the answers " A" ... " D" (one
+  token each: both backends read one forward for the four);
 - `single`: lambada-like, a ~100-token context and its next word (one request per document);
 - `gen`: generate_until, a ~60-token prompt, at most 32 new tokens, cut at a blank line.
 
@@ -40,7 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_list("modes", ["mc", "single", "gen"], "Request kinds to time: mc, single, gen.")
+flags.DEFINE_list("modes", ["mc", "letters", "single", "gen"], "Request kinds to time: mc, letters, single, gen.")
 flags.DEFINE_integer("repeats", 3, "Timed calls per backend (alternating).")
 flags.DEFINE_integer("batch_size", 16, "Both backends' batch size.")
 flags.DEFINE_integer("docs", 48, "Documents per mode (mc: 4 requests each).")
@@ -99,6 +101,10 @@ def requests(mode: str, text: str, n: int, rng: np.random.Generator):
             ctx = span(400)
             for k in range(4):
                 out.append(Instance("loglikelihood", {}, (ctx, " " + span(40).strip()), 4 * d + k))
+        elif mode == "letters":
+            ctx = span(400) + "\nAnswer:"
+            for k, letter in enumerate("ABCD"):
+                out.append(Instance("loglikelihood", {}, (ctx, " " + letter), 4 * d + k))
         elif mode == "single":
             ctx = span(400).rsplit(" ", 1)[0]
             out.append(Instance("loglikelihood", {}, (ctx, " " + span(30).split()[1]), d))

@@ -42,6 +42,11 @@ def _reference(model, params, row: scoring.Row):
     return total, bool((np.asarray(logits)[at].argmax(-1) == np.asarray(row.targets)).all())
 
 
+def _logits(model, params, tokens):
+    """The last position's (soft-capped) logits [v] of one unpadded row."""
+    return jax.jit(model.apply)({"params": params}, jnp.asarray([tokens]))[0, -1]
+
+
 def test_score_includes_the_final_softcap():
     model, params = _model()
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 10)), jnp.int32)
@@ -58,14 +63,21 @@ def test_score_includes_the_final_softcap():
 
 
 def test_batched_bucketed_scores_equal_one_request_at_a_time():
-    """Sorting, right padding to buckets, the batch rounded to the mesh and left truncation change nothing."""
+    """Sorting, right padding to buckets, the batch rounded to the mesh, left truncation and rows sharing
+    one forward (alternatives of the last token) change nothing."""
     model, params = _model()
     rng = np.random.RandomState(1)
     requests = [(list(rng.randint(0, 64, n)), list(rng.randint(0, 64, c))) for n, c in
                 [(1, 1), (3, 2), (20, 1), (30, 3), (7, 30), (12, 5), (24, 1), (2, 9)]]  # fmt: skip
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 1}), jax.devices()[:2])
     scorer = scoring.Scorer(model, params, mesh, (), CFG.max_len, 3)  # 4 rows a batch on 2 devices
+    shared = list(rng.randint(0, 64, 9))  # choices of one token, and choices differing in their last token only
+    requests += [(shared, [c]) for c in range(20)] + [(shared, [5, c]) for c in (7, 8, 9)]
+    requests += [(shared, list(np.argmax(np.asarray(_logits(model, params, shared)))[None]))]  # the greedy one
     got = scoring.loglikelihoods(scorer, requests)
+    # 8 alone, 21 one-token choices in 2 jobs (at most 16 each), the 3 two-token ones in 1.
+    assert len(scoring._jobs([scoring.to_row(c, x, CFG.max_len) for c, x in requests])) == 8 + 2 + 1
+    assert got[-1][1] and not all(g for _, g in got[8:28])  # greedy flags of shared rows read per alternative
     for (ll, greedy), (context, continuation) in zip(got, requests):
         want, want_greedy = _reference(model, params, scoring.to_row(context, continuation, CFG.max_len))
         assert abs(ll - want) < 1e-4 and greedy == want_greedy

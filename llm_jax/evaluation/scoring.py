@@ -8,6 +8,10 @@ on the right to a bucket length (a power of two or the midpoint of two, at most 
 padding never changes what a real position sees (attention is causal), so a padded row scores as
 it would alone.
 
+Requests that read the same input and differ only in their last target (the answers " A" ... " D"
+after one question) share one forward: its last position is read once per answer (lm-eval's `hf`
+backend does the same with its logits cache).
+
 A request longer than `max_length + 1` tokens keeps its last ones, as lm-eval's `hf` backend
 does: the input is `(context + continuation)[-(max_length + 1):][:-1]`, and a continuation longer
 than that input is scored on its last `max_length` tokens.
@@ -33,6 +37,7 @@ from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue
 
 MIN_BUCKET = 16  # shortest padded length: shorter buckets save little and cost a compile each
+MAX_ALTERNATIVES = 16  # last tokens read after one shared forward (more make another job)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,43 +114,75 @@ def _global(array: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(array.shape, spec, lambda idx: array[idx])
 
 
-def _pack(rows: Sequence[Row], n_rows: int, length: int, width: int) -> tuple[np.ndarray, ...]:
-    """Rows -> tokens [n_rows, length], index and targets [n_rows, width] int32 and mask [n_rows,
-    width] bool. Targets sit in the last columns of `width` (a row's read positions end at its last
-    token); missing rows and columns read position 0 and are masked out."""
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Rows that read the same input and differ only in their last target (multiple-choice answers of
+    one token after one context: lm-eval's `hf` backend shares their forward too, its logits cache).
+    One forward reads the shared targets once and the last position once per alternative."""
+
+    tokens: tuple[int, ...]
+    shared: tuple[int, ...]  # the targets before the last, common to every row of the job
+    last: tuple[int, ...]  # each row's last target
+    rows: tuple[int, ...]  # the rows (indices into score_rows' list), aligned with `last`
+
+    @property
+    def width(self) -> int:
+        return len(self.shared) + len(self.last)
+
+
+def _jobs(rows: Sequence[Row], most: int = MAX_ALTERNATIVES) -> list[_Job]:
+    """Rows grouped into jobs (at most `most` alternatives each), in first-appearance order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row.tokens, row.targets[:-1]), []).append(i)
+    jobs = []
+    for (tokens, shared), ids in groups.items():
+        for k in range(0, len(ids), most):
+            part = tuple(ids[k : k + most])
+            jobs.append(_Job(tokens, shared, tuple(rows[i].targets[-1] for i in part), part))
+    return jobs
+
+
+def _pack(jobs: Sequence[_Job], n_rows: int, length: int, width: int) -> tuple[np.ndarray, ...]:
+    """Jobs -> tokens [n_rows, length], index and targets [n_rows, width] int32. A job's columns are
+    the last of `width`: its shared targets' positions, then its last position once per alternative;
+    missing rows and columns read position 0 (and are never read back)."""
     tokens = np.zeros((n_rows, length), np.int32)
     index = np.zeros((n_rows, width), np.int32)
     targets = np.zeros((n_rows, width), np.int32)
-    mask = np.zeros((n_rows, width), bool)
-    for i, row in enumerate(rows):
-        t, n = len(row.tokens), len(row.targets)
-        tokens[i, :t] = row.tokens
-        index[i, width - n :] = np.arange(t - n, t)
-        targets[i, width - n :] = row.targets
-        mask[i, width - n :] = True
-    return tokens, index, targets, mask
+    for i, job in enumerate(jobs):
+        t, s = len(job.tokens), len(job.shared)
+        tokens[i, :t] = job.tokens
+        index[i, width - job.width :] = [*range(t - 1 - s, t - 1), *[t - 1] * len(job.last)]
+        targets[i, width - job.width :] = [*job.shared, *job.last]
+    return tokens, index, targets
 
 
 def score_rows(scorer: Scorer, rows: Sequence[Row]) -> list[tuple[float, bool]]:
     """(summed log-probability of each row's targets, all of them greedy), in the order given."""
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), -len(rows[i].targets)))
+    jobs = _jobs(rows)
+    jobs.sort(key=lambda j: (-len(j.tokens), -j.width))
     b = scorer.rows_per_batch
     fn = _score_fn(scorer.model, scorer.mesh)
     pending = []
     with sharding.use_mesh(scorer.mesh, scorer.rules):
-        for start in range(0, len(order), b):
-            chunk = [rows[i] for i in order[start : start + b]]
-            length = bucket(max(len(r.tokens) for r in chunk), scorer.max_length, MIN_BUCKET)
-            width = bucket(max(len(r.targets) for r in chunk), length)
-            tokens, index, targets, mask = _pack(chunk, b, length, width)
-            out = fn(scorer.params, *(_global(a, scorer.mesh) for a in (tokens, index, targets)))
-            pending.append((order[start : start + b], mask, out))  # dispatched: the host packs the next
+        for start in range(0, len(jobs), b):
+            chunk = jobs[start : start + b]
+            length = bucket(max(len(j.tokens) for j in chunk), scorer.max_length, MIN_BUCKET)
+            width = bucket(max(j.width for j in chunk), length + MAX_ALTERNATIVES)
+            arrays = _pack(chunk, b, length, width)
+            out = fn(scorer.params, *(_global(a, scorer.mesh) for a in arrays))
+            pending.append((chunk, width, out))  # dispatched: the host packs the next batch meanwhile
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    for ids, mask, (logp, greedy) in pending:
+    for chunk, width, (logp, greedy) in pending:
         logp, greedy = (np.asarray(x.addressable_data(0)) for x in (logp, greedy))
-        for j, i in enumerate(ids):
-            m = mask[j]
-            results[i] = (float(logp[j][m].astype(np.float64).sum()), bool(greedy[j][m].all()))
+        for j, job in enumerate(chunk):
+            first, s = width - job.width, len(job.shared)
+            base = float(logp[j, first : first + s].astype(np.float64).sum())
+            base_greedy = bool(greedy[j, first : first + s].all())
+            for a, i in enumerate(job.rows):
+                col = first + s + a
+                results[i] = (base + float(logp[j, col]), base_greedy and bool(greedy[j, col]))
     return results
 
 
