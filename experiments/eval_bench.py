@@ -122,15 +122,19 @@ def call(lm, reqs):
 
 
 def forward_tokens(lm, reqs, outs) -> int:
-    """Real tokens the model reads to answer `reqs` (contexts truncated as lm-eval does; plus the
-    generated tokens for generation)."""
-    total = 0
+    """Real tokens the model must read to answer `reqs` (contexts truncated as lm-eval does; plus the
+    generated tokens for generation). Requests with the same input (one-token answers after one
+    context) count once: both backends read it once."""
+    total, seen = 0, set()
     for req, out in zip(reqs, outs):
         if req.request_type == "generate_until":
             total += min(len(lm.tok_encode(req.args[0])), lm.max_length - 32) + len(lm.tok_encode(out))
-        else:
-            ctx, cont = lm._encode_pair(*req.args)
-            total += min(len(ctx) + len(cont) - 1, lm.max_length)
+            continue
+        ctx, cont = lm._encode_pair(*req.args)
+        inputs = tuple((ctx + cont)[-(lm.max_length + 1) :][:-1])
+        if inputs not in seen:
+            seen.add(inputs)
+            total += len(inputs)
     return total
 
 

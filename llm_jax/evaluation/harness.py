@@ -53,6 +53,8 @@ class LlmJaxLM(TemplateLM):
         self.run = run
         self._max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length or run.context)
+        if not 0 < self._max_length <= run.model.cfg.max_len:
+            raise BadValue(f"max_length={max_length} must be in [1, the model's max_len={run.model.cfg.max_len}]")
         codec = corpus.Codec.of_run(run.tokenizer, run.workdir, add_bos_token)
         self.codec = (
             codec if prefix_token_id is None else corpus.Codec(run.tokenizer, int(prefix_token_id), add_bos_token)
@@ -68,8 +70,11 @@ class LlmJaxLM(TemplateLM):
         if "workdir" not in args:
             raise BadValue("model_args needs workdir=DIR (a run directory of llm_jax.main or convert from_hf)")
         extra = {k: v for k, v in (additional_config or {}).items() if k == "batch_size" and v is not None}
-        ints = {k: int(v) for k, v in {**args, **extra}.items() if k != "workdir"}
-        return cls(saved_run.load_run(args["workdir"]), **ints)
+        flag = lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+        kwargs = {
+            k: flag(v) if k == "add_bos_token" else int(v) for k, v in {**args, **extra}.items() if k != "workdir"
+        }
+        return cls(saved_run.load_run(args["workdir"]), **kwargs)
 
     # --- what TemplateLM asks for
 
