@@ -158,6 +158,7 @@ def _mesh(data, fsdp, n):
     return sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": 1}), jax.devices()[:n])
 
 
+@pytest.mark.parametrize("checkpoint", ["gpt2"], indirect=True)  # the mesh code is the same for Llama
 def test_same_scores_on_1_and_8_devices_and_data_x_fsdp(checkpoint):
     """Log-likelihoods, rolling log-likelihoods and generations on one device, 8 data-parallel and
     2 data x 4 fsdp (the params sharded): the same to float rounding, the same greedy flags and texts."""
