@@ -22,8 +22,8 @@ from llm_jax import cli  # first: it sets host memory before numpy and JAX start
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llm_jax.evaluation import periodic
 from llm_jax.runtime import distributed
-from llm_jax.training import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
@@ -46,7 +46,7 @@ def main(argv):
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, auto=FLAGS.auto_distributed
     )
-    loop.train_and_evaluate(config, FLAGS.workdir)
+    periodic.train_and_evaluate(config, FLAGS.workdir)  # training.loop's, with config.train.eval_tasks
 
 
 if __name__ == "__main__":

@@ -4,5 +4,5 @@
 both import and export), `safetensors_io` (memory-mapped reading, each device's shard sliced out;
 sharded writing), `hf` (import into a run directory, export of a run).
 
-Layer 5: imports everything below it (runtime, models, data, inference, training).
+Layer 6: imports everything below it (runtime, models, data, inference, training, evaluation).
 """

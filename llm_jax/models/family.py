@@ -14,6 +14,9 @@ A family (decoder-only LM in `llm_jax/models/lm.py`; a new one in a file of its 
 - `tokens_to_logits(model, params)`: the decoding step `(tokens [b, t], cache) -> (logits [b, v]
   of the last position, cache)`, built once per generation so per-call work stays out of the loop.
 
+Optional: `score(model, params, tokens, index, targets)`, the log-probabilities of chosen next tokens
+(what evaluators such as llm_jax/evaluation/ measure, through this interface only).
+
 Everything else is written once over these: `training/state.py` (state, steps), `training/loop.py`, `checkpoint.py`,
 `decode.py` (samplers, sliding window, beam search). `register` adds a family under its `name`;
 `get(name)` / `of(model)` find it. The two helpers below are the only places that call
@@ -102,6 +105,18 @@ class ModelFamily:
 
     def tokens_to_logits(self, model, params):
         raise NotImplementedError
+
+    def score(self, model, params, tokens, index, targets) -> tuple[jax.Array, jax.Array]:
+        """Log-probabilities of next tokens, exactly as the model predicts them (every output
+        transform, e.g. a final soft-cap, included).
+
+        tokens [b, t] int32: the input, attended causally (right padding never changes what earlier
+        positions see); index [b, c] int32: positions of `tokens` to read, in [0, t); targets [b, c]
+        int32: the token each read position should predict. Returns (log p(target) [b, c] float32,
+        greedy [b, c] bool: the target is the arg-max there). Only families that predict next tokens
+        implement it.
+        """
+        raise NotImplementedError(f"model family {self.name!r} does not score next tokens")
 
 
 def filled(spec: dict[str, jax.ShapeDtypeStruct], tokens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

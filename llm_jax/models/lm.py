@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from llm_jax.models import family as family_lib
 from llm_jax.models import loss as loss_lib
-from llm_jax.models.model import TransformerLM, output_kernel
+from llm_jax.models.model import TransformerLM, output_kernel, softcap
 
 
 def token_loss_sum(model, params, batch, rng, train: bool, *inputs, **kwargs):
@@ -93,6 +93,25 @@ class DecoderOnly(family_lib.ModelFamily):
             return logits, new
 
         return step
+
+    def score(self, model, params, tokens, index, targets):
+        """(log p(targets) [b, c] float32, greedy [b, c] bool) read at positions `index` [b, c] of
+        `tokens` [b, t] (see `ModelFamily.score`).
+
+        Only the c read positions go through the output projection (an evaluation request's
+        continuation is a few tokens of a long context: [b, c, v] logits, never [b, t, v]); the
+        projection runs in the compute dtype as in the model's own head, then the final soft-cap.
+        """
+        cfg = model.cfg
+        hidden = model.apply({"params": params}, tokens, return_hidden=True)  # [b, t, e]
+        picked = jnp.take_along_axis(hidden, index[:, :, None], axis=1)  # [b, c, e]
+        kernel, vocab_first = output_kernel(cfg, params)
+        head = (kernel.T if vocab_first else kernel).astype(cfg.compute_dtype)  # [e, v]
+        logits = softcap(jnp.dot(picked.astype(cfg.compute_dtype), head).astype(jnp.float32), cfg.final_softcap)
+        logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        logp = jax.nn.log_softmax(logits, axis=-1)  # [b, c, v]
+        chosen = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[..., 0]
+        return chosen, jnp.argmax(logits, axis=-1) == targets
 
 
 FAMILY = family_lib.register(DecoderOnly())

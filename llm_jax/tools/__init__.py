@@ -5,5 +5,5 @@
 optimized HLO), `plot` (training curves from metrics.jsonl), `attention_maps` (attention weights
 per layer and head, drawn). matplotlib is imported only to draw.
 
-Layer 6: imports every library layer; only the top-level command modules import it.
+Layer 7: imports every library layer; only the top-level command modules import it.
 """

@@ -4,7 +4,8 @@
 
 Six panels, every run in its own colour and labelled: loss against steps and against tokens seen
 (training solid, validation dashed with dots), learning rate, training tokens/s, MFU, and BLEU
-when a run logged it (translation), else the gradient norm. Tokens seen = step x batch_size x
+when a run logged it (translation), else the gradient norm; a seventh, the lm-eval task scores,
+when a run evaluated tasks while training (`config.train.eval_tasks`). Tokens seen = step x batch_size x
 seq_len of the run's config.json (for the encoder-decoder, target slots). In a notebook,
 `figure(["runs/a"])` returns the matplotlib Figure. matplotlib comes with the `notebook` extra.
 """
@@ -98,19 +99,41 @@ def _draw_panel(ax, title: str, keys, ylabel: str, runs, x_tokens: bool = False)
         ax.text(0.5, 0.5, f"no {', '.join(keys)} logged", ha="center", va="center", transform=ax.transAxes)
 
 
+def _draw_tasks(ax, keys: list[str], runs) -> None:
+    """The lm-eval scores logged while training (`tasks/<task>/<metric>`): a line per run and score,
+    the run's colour, one line style per score."""
+    styles = ("-o", "--s", ":^", "-.v")
+    for color, (label, metrics, _) in runs:
+        for i, key in enumerate(keys):
+            points = metrics.get(key, [])
+            if points:
+                xs, ys = zip(*points)
+                name = key.removeprefix("tasks/")
+                ax.plot(xs, ys, styles[i % len(styles)], color=color, markersize=3, label=f"{label} {name}")
+    ax.set_title("lm-eval tasks", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def figure(workdirs: list[str], labels: list[str] | None = None):
-    """A matplotlib Figure of the runs' curves (2 x 3 panels), runs overlaid and labelled."""
+    """A matplotlib Figure of the runs' curves (2 x 3 panels, 2 x 4 with task scores), runs overlaid and labelled."""
     from matplotlib.figure import Figure
 
     names = labels_for(workdirs, labels)
     colors = [f"C{i % 10}" for i in range(len(workdirs))]
     runs = [(c, (n, read_metrics(w), tokens_per_step(w))) for c, n, w in zip(colors, names, workdirs)]
-    fig = Figure(figsize=(15, 8.5), layout="constrained")
-    axes = fig.subplots(2, 3).flatten()
+    tasks = sorted({k for _, (_, m, _) in runs for k in m if k.startswith("tasks/")})
+    fig = Figure(figsize=(20 if tasks else 15, 8.5), layout="constrained")
+    axes = fig.subplots(2, 4 if tasks else 3).flatten()
     for ax, (title, keys, ylabel) in zip(axes, PANELS):
         _draw_panel(ax, title, keys, ylabel, runs, x_tokens="tokens" in title)
     has_bleu = any("eval/bleu" in m for _, (_, m, _) in runs)
     last = ("validation BLEU", ("eval/bleu",), "BLEU") if has_bleu else ("gradient norm", ("train/grad_norm",), "norm")
     _draw_panel(axes[5], *last, runs)
+    if tasks:
+        _draw_tasks(axes[6], tasks, runs)
+        axes[7].set_visible(False)
     fig.suptitle("training curves: " + ", ".join(names), fontsize=12)
     return fig

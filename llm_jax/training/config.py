@@ -134,6 +134,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.sample_top_k = 0
     t.decode_eval_every = 0  # >0: every this many steps (and at the end), the family's decoding metrics (BLEU)
     t.decode_eval_examples = 0  # validation examples they use; 0: all
+    # lm-eval tasks while training (the `eval` extra; llm_jax/evaluation/periodic.py, run by llm_jax.main):
+    # task names or task YAML files, comma-separated; scores logged as tasks/<task>/<metric>.
+    t.eval_tasks = ""
+    t.eval_tasks_every = 0  # >0: every this many steps and at the end; 0: at the end only
+    t.eval_tasks_limit = 0  # examples per task at most; 0: all
+    t.eval_tasks_include_path = ""  # a directory of extra task YAML files
 
     # Beam search (translation: llm_jax.translate and the trainer's BLEU).
     c.decode = dc = ml_collections.ConfigDict()
@@ -285,6 +291,11 @@ def check_train(tc) -> None:
     ):
         if tc[name] <= 0:
             raise BadValue(f"config.train.{name}={tc[name]} must be positive")
+    for name in ("eval_tasks_every", "eval_tasks_limit"):
+        if tc.get(name, 0) < 0:
+            raise BadValue(
+                f"config.train.{name}={tc[name]} must be >= 0 (0: {'at the end' if 'every' in name else 'all'})"
+            )
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -416,11 +416,13 @@ def periodic_actions(tc) -> list[Periodic]:
 # The loop
 
 
-def train_loop(trainer: Trainer, ls: LoopState) -> None:
-    """Steps until `num_steps`, a reached target or a preemption notice, running the due actions."""
+def train_loop(trainer: Trainer, ls: LoopState, extra_actions: Sequence[Periodic] = ()) -> None:
+    """Steps until `num_steps`, a reached target or a preemption notice, running the due actions
+    (`extra_actions`, e.g. llm_jax/evaluation/periodic.py's lm-eval tasks, before the save)."""
     tc, seq_len = trainer.config.train, trainer.config.data.seq_len
     pi, pc = jax.process_index(), jax.process_count()
     actions = periodic_actions(tc)
+    actions[-1:-1] = extra_actions
     # Batch N is data.train_batch(N) whatever the iterator: it only builds the next ones ahead.
     host_batches = data_lib.batches(
         trainer.data, ls.step, tc.batch_size, seq_len, trainer.config.seed, pi, pc, num_steps=tc.num_steps
@@ -448,8 +450,10 @@ def train_loop(trainer: Trainer, ls: LoopState) -> None:
     trainer.mngr.wait_until_finished()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) training as `config` says; returns the final metrics.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, extra_actions: Sequence[Periodic] = ()) -> dict:
+    """Runs (or resumes) training as `config` says; returns the final metrics. `extra_actions` run
+    with the loop's own (`config.train.eval_tasks` needs llm_jax.evaluation.periodic's, which
+    `periodic.train_and_evaluate` and llm_jax.main pass).
 
     The config, the mesh and the workdir's config.json are checked first; then the workdir is
     claimed (created if missing, probed for writing, locked: a second run on it is refused or
@@ -459,6 +463,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     t_start = time.time()
     config = state_lib.checked_config(config)
+    if config.train.get("eval_tasks") and not extra_actions:
+        raise BadValue(
+            "config.train.eval_tasks needs the evaluation layer: run llm_jax.main, or call "
+            "llm_jax.evaluation.periodic.train_and_evaluate instead of training.loop.train_and_evaluate"
+        )
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     sharding.make_mesh(config.mesh)  # a mesh the devices cannot take fails here, before the workdir is claimed
     start_over = workdir_lib.check(workdir, config)
@@ -468,7 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         trainer, ls = setup(config, workdir, start_over, lock, log, t_start, preemption)
         try:
-            train_loop(trainer, ls)
+            train_loop(trainer, ls, extra_actions)
         finally:
             try:  # an exception (e.g. a NaN) must not cut short the save of the last good state
                 trainer.mngr.wait_until_finished()
