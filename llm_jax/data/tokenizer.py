@@ -276,9 +276,9 @@ class HFTokenizer(Tokenizer):
         # tokenizer_config.json's special tokens win over special_tokens_map.json's, as in transformers.
         named = {**self._side_json("special_tokens_map.json"), **config}
         self.special_tokens = {k: _token_text(named[k]) for k in self.SPECIAL_KEYS if named.get(k) is not None}
-        self.bos_id = self._id_of("bos_token")
-        self.eos_id = eos_id if eos_id is not None else self._id_of("eos_token")
-        ids = [self.eos_id, self._id_of("eos_token"), *stop_ids]
+        self.bos_id = self.special_id("bos_token")
+        self.eos_id = eos_id if eos_id is not None else self.special_id("eos_token")
+        ids = [self.eos_id, self.special_id("eos_token"), *stop_ids]
         self._stop_ids = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
         # transformers >= 4.5x saves the template as chat_template.jinja, older ones inside tokenizer_config.json.
         jinja = self.side_files.get("chat_template.jinja")
@@ -296,7 +296,8 @@ class HFTokenizer(Tokenizer):
             raise BadValue(f"{name} of the tokenizer holds a {type(out).__name__}, not a JSON object")
         return out
 
-    def _id_of(self, key: str) -> int | None:
+    def special_id(self, key: str) -> int | None:
+        """The id of the named special token `key` ('bos_token', 'pad_token', ...), or None."""
         text = self.special_tokens.get(key)
         return None if text is None else self.tok.token_to_id(text)
 

@@ -24,11 +24,14 @@ from llm_jax.runtime.errors import NotFound
 
 
 def special_token(tokenizer: tok_lib.Tokenizer, workdir: str | None, name: str) -> int | None:
-    """The id of an imported checkpoint's `name` token (e.g. 'bos_token') from its tokenizer_config.json
-    or special_tokens_map.json (kept in workdir/hf/ by the import), or None."""
-    if not isinstance(tokenizer, tok_lib.HFTokenizer) or not workdir:
+    """The id of an imported checkpoint's `name` token (e.g. 'bos_token'), from the tokenizer's own
+    tokenizer_config.json / special_tokens_map.json (workdir/tokenizer/), or for a run imported before
+    the tokenizer kept them, from workdir/hf/; None if neither names it."""
+    if not isinstance(tokenizer, tok_lib.HFTokenizer):
         return None
-    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+    if tokenizer.special_id(name) is not None:
+        return tokenizer.special_id(name)
+    for file in ("tokenizer_config.json", "special_tokens_map.json") if workdir else ():
         path = os.path.join(workdir, "hf", file)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
