@@ -32,8 +32,6 @@ def _report(f, command: str, run) -> interpret_run.Report:
     if command == "attribute":
         return interpret_run.attribute(run, f.text, steps=f.steps, **common)
     if command == "patch":
-        if f.corrupt is None:
-            raise BadValue("patch needs --corrupt TEXT: the prompt to patch into (as many tokens as --text)")
         return interpret_run.patch(run, f.text, f.corrupt, site=f.site, corrupt_source=f.corrupt_source, **common)
     return interpret_run.ablate(run, f.text, mode=f.mode, site=f.site, **common)
 
@@ -45,6 +43,8 @@ def main(argv) -> None:
         raise app.UsageError(f"give one command, one of {', '.join(COMMANDS)} (got {given}); put texts in --text")
     if f.text is None:
         raise BadValue(f"{argv[1]} needs --text TEXT (the decoder's text for a translation run)")
+    if argv[1] == "patch" and f.corrupt is None:
+        raise BadValue("patch needs --corrupt TEXT: the prompt to patch into (as many tokens as --text)")
     logging.set_verbosity(logging.ERROR)  # orbax reports every read
     run = load_run(f.workdir, f.step)
     paths = _report(f, argv[1], run).save(f.output or argv[1], dpi=f.dpi)
