@@ -47,8 +47,21 @@ def main(argv) -> None:
         raise BadValue("patch needs --corrupt TEXT: the prompt to patch into (as many tokens as --text)")
     logging.set_verbosity(logging.ERROR)  # orbax reports every read
     run = load_run(f.workdir, f.step)
-    paths = _report(f, argv[1], run).save(f.output or argv[1], dpi=f.dpi)
-    print(f"interpret: wrote {' and '.join(paths)}")
+    report = _report(f, argv[1], run)
+    paths = report.save(f.output or argv[1], dpi=f.dpi)
+    print(f"interpret: wrote {' and '.join(paths)}{_summary(report.data)}")
+
+
+def _summary(d: dict) -> str:
+    """What the numbers say in one clause: the score, and for attributions how complete they are."""
+    if d["kind"] == "attribute":
+        hint = " (over 1%: raise --steps)" if d["completeness_gap"] > 0.01 else ""
+        return f"; log p({d['target']!r}) {d['score']:.3f}, completeness gap {d['completeness_gap']:.2%}{hint}"
+    if d["kind"] == "patch":
+        return f"; log p({d['target']!r}) clean {d['clean_score']:.3f}, corrupted {d['corrupt_score']:.3f}"
+    if d["kind"] == "ablate":
+        return f"; log p({d['target']!r}) {d['score']:.3f}"
+    return f"; final prediction {d['goal'][-1]!r}"
 
 
 def define_flags() -> None:
@@ -62,7 +75,9 @@ def define_flags() -> None:
         "site", None, "patch / ablate: the site (residual, attn, mlp, heads; decoder/... for translation)."
     )
     flags.DEFINE_enum("mode", "zero", ["zero", "mean"], "ablate: replace each head's output by zero or its mean.")
-    flags.DEFINE_integer("steps", 64, "attribute: integrated-gradients steps.", lower_bound=1)
+    flags.DEFINE_integer(
+        "steps", 128, "attribute: integrated-gradients steps (more: attributions closer to complete).", lower_bound=1
+    )
     flags.DEFINE_integer("top_k", 5, "lens: top tokens kept per layer and position.", lower_bound=1)
     flags.DEFINE_string("output", None, "Prefix of OUTPUT.json and OUTPUT.png (default: the command's name).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")

@@ -124,7 +124,7 @@ def lens(run, text: str, target: str | None = None, source: str | None = None, t
     )  # fmt: skip
 
 
-def attribute(run, text: str, target: str | None = None, source: str | None = None, steps: int = 64,
+def attribute(run, text: str, target: str | None = None, source: str | None = None, steps: int = 128,
               max_tokens: int = 48) -> Report:  # fmt: skip
     """Integrated gradients and gradient x input of log p(target after `text`) to each input token."""
     prompt = _prompt(run, text, source, max_tokens)
@@ -200,15 +200,17 @@ def _grid(d: dict, values: np.ndarray, title: str, cols: list[str], rows: list[s
     from matplotlib.figure import Figure
 
     height, width = values.shape
-    fig = Figure(figsize=(max(4.0, 0.45 * width + 2.5), max(2.5, 0.4 * height + 1.8)), layout="constrained")
+    size = (float(np.clip(0.3 * width + 2.5, 4.0, 18.0)), float(np.clip(0.4 * height + 1.8, 2.5, 12.0)))
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     lim = float(np.nanmax(np.abs(values))) or 1.0
     norm = TwoSlopeNorm(0.0, -lim, lim) if center else None
     image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(width), cols, rotation=90, fontsize=8)
     ax.set_yticks(range(height), rows, fontsize=8)
+    shade = image.norm(values)  # 0..1 along the colour map: dark text on its bright end
     for (i, j), text in np.ndenumerate(np.asarray(notes, dtype=object)) if notes else ():
-        ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white")
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black" if shade[i, j] > 0.6 else "white")
     ax.set_title(f"{title}\n{_caption(d)}", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
@@ -217,9 +219,10 @@ def _grid(d: dict, values: np.ndarray, title: str, cols: list[str], rows: list[s
 def _draw_lens(d: dict):
     prob = np.asarray(d["goal_prob"])
     notes = [[cell[0] for cell in row] for row in d["top"]]
-    fig = _grid(d, prob, "logit lens: top token per layer (text); colour: p(final prediction)", d["tokens"],
-                d["layers"], "viridis", False, notes)  # fmt: skip
-    return fig
+    title = (
+        "logit lens: each layer's top next token (text) after each input token (column); colour: p(final prediction)"
+    )
+    return _grid(d, prob, title, d["tokens"], d["layers"], "viridis", False, notes)
 
 
 def _draw_attribute(d: dict):
