@@ -263,30 +263,51 @@ def test_equal_on_one_device_and_on_a_data_x_tensor_mesh(name):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=what)
 
 
-def test_training_step_program_is_unchanged():
-    """The trainer's lowered step is the same text before and after the instruments ran (nothing
-    stays installed), and the comparison can see a hook: lowered with one active, it differs."""
+def lowered_train_step(cfg: ModelConfig) -> str:
+    """The trainer's train step (`state.make_steps`) for `cfg` on one device, lowered: its text.
+    Imports nothing of llm_jax.tools (so a fresh process can run it without the instruments)."""
     from llm_jax.training import optim
     from llm_jax.training import state as state_lib
     from llm_jax.training.config import base_config
 
-    cfg = CONFIGS["llama_scan"]
     mesh = sharding.make_mesh(SimpleNamespace(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     rules, model, tx = sharding.LOGICAL_RULES, family_lib.build(cfg), optim.make_optimizer(base_config().optim)
     batch = {"inputs": np.zeros((2, SEQ), np.int32), "targets": np.zeros((2, SEQ), np.int32)}
+    state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
+    train, _ = state_lib.make_steps(model, tx, mesh, rules, shardings, grad_accum_steps=1)
+    with sharding.use_mesh(mesh, rules):
+        return train.jitted.lower(state, batch, jax.random.key(1)).as_text()
 
-    def lowered_text():
-        state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
-        train, _ = state_lib.make_steps(model, tx, mesh, rules, shardings, grad_accum_steps=1)
-        with sharding.use_mesh(mesh, rules):
-            return train.jitted.lower(state, batch, jax.random.key(1)).as_text()
 
-    before = lowered_text()
+_FRESH = """
+import sys
+from llm_jax.models.model import ModelConfig
+sys.path.insert(0, {tests!r})
+import test_interpret as t
+assert 'llm_jax.tools.hooks' in sys.modules  # the test module imports it; nothing is installed by that
+sys.stdout.write(t.lowered_train_step({cfg}))
+"""
+
+
+def test_training_step_program_is_unchanged():
+    """The trainer's lowered step here, after every instrument ran in this process, is the text a
+    fresh process lowers without ever running one; and the comparison can see a hook: lowered
+    with one active, the text differs."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = CONFIGS["llama_scan"]
     _all_instruments(*model_and_params("llama_scan"), inputs_of("llama_scan"), inputs_of("llama_scan", seed=1))
-    assert lowered_text() == before
+    after = lowered_train_step(cfg)
+    code = _FRESH.format(tests=os.path.dirname(os.path.abspath(__file__)), cfg=repr(cfg))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stdout == after
     double = hooks._Hooks(edit=lambda site, layer, v: v * 2 if site == "residual" else v, capture=False)
     with nn.intercept_methods(double):
-        assert lowered_text() != before
+        assert lowered_train_step(cfg) != after
 
 
 def test_hooks_are_off_outside_forward():

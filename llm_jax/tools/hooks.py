@@ -27,7 +27,6 @@ layer with `jnp.where(layer == l, ...)` or indexes a stacked source with `jnp.ta
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -106,9 +105,6 @@ class _Hooks:
         return module.name == "source_embed" or (parent.cfg.share_embeddings and self.embeds == 0)
 
 
-_LOCK = threading.RLock()  # interceptors are process-global: one traced forward at a time
-
-
 def forward(model: nn.Module, params: Any, inputs: dict, edit: Edit | None = None, capture: bool = False,
             **kwargs) -> tuple[Array, dict[str, Array]]:  # fmt: skip
     """(logits, captured): `model` applied to `inputs` (its family's keyword inputs: `tokens` [b, t];
@@ -122,7 +118,7 @@ def forward(model: nn.Module, params: Any, inputs: dict, edit: Edit | None = Non
     if edit is None and not capture:
         return model.apply(variables, **inputs, **kwargs), {}
     hooks = _Hooks(edit, capture)
-    with _LOCK, nn.intercept_methods(hooks):
+    with nn.intercept_methods(hooks):  # flax keeps interceptors per thread: other threads see none
         if not capture:
             return model.apply(variables, **inputs, **kwargs), {}
         logits, state = model.apply(variables, **inputs, mutable=[_COLLECTION], **kwargs)
