@@ -157,5 +157,11 @@ def test_interpret_api_on_a_language_model_and_a_translation_run(runs, tmp_path)
     assert attr.data["completeness_gap"] < 0.01
     paths = attr.save(str(tmp_path / "mt_attr"))
     R.assert_real_image(paths[1], min_px=200)
+    lens = interpret_run.lens(mt, "GRASS THE", source="a man runs on the grass")
+    assert len(lens.data["layers"]) == mt.model.cfg.num_layers + 1 and len(lens.data["tokens"]) == len(ig["embed"])
+    patched = interpret_run.patch(
+        mt, "GRASS THE", "GRASS THE", source="a man runs on the grass", corrupt_source="a dog runs on the grass"
+    )
+    assert patched.data["site"] == "decoder/residual" and patched.data["clean_score"] != patched.data["corrupt_score"]
     with pytest.raises(interpret_run.BadValue, match="give --source TEXT"):
         interpret_run.lens(mt, "GRASS")
