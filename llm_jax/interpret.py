@@ -81,7 +81,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", 5, "lens: top tokens kept per layer and position.", lower_bound=1)
     flags.DEFINE_string("output", None, "Prefix of OUTPUT.json and OUTPUT.png (default: the command's name).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
-    flags.DEFINE_integer("max_tokens", 48, "Texts are cut to this many tokens (and to the trained context).")
+    flags.DEFINE_integer(
+        "max_tokens",
+        48,
+        "Texts are cut to this many tokens (and the trained context): the last ones, or a translation's first ones.",
+    )
     flags.DEFINE_integer("dpi", 100, "Resolution of the image.")
     flags.mark_flags_as_required(["workdir"])
 
