@@ -39,7 +39,7 @@ MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 # Functions allowed past MAX_FUNCTION_LINES: flat lists of keys, one line per key, nothing to split.
 LONG_FUNCTION_ALLOWED = {("llm_jax/training/config.py", "base_config")}
-MAX_TOP_LEVEL_FILES = 13
+MAX_TOP_LEVEL_FILES = 14
 
 
 class LayerTableError(Exception):

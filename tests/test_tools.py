@@ -118,3 +118,50 @@ def test_metrics_of_the_translation_run_carry_bleu(runs):
     with open(os.path.join(runs["mt"], "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert any("eval/bleu" in r for r in records) and any("train/lr" in r for r in records)
+
+
+def test_interpret_cli_patches_a_language_model_on_a_mesh(runs, tmp_path):
+    out = str(tmp_path / "patch")
+    args = [f"--workdir={runs['lm_a']}", "patch", "--text=def add(a, b):", "--corrupt=def add(x, b):"]
+    proc = _cli("llm_jax.interpret", *args, f"--output={out}", devices=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}.json and {out}.png" in proc.stdout
+    with open(out + ".json") as f:
+        data = json.load(f)
+    recovered = np.asarray(data["recovered"])
+    assert recovered.shape == (2, len("def add(a, b):")) and data["index"] == "position"
+    # positions before the changed byte are the same in both runs; the last layer's scored position
+    # is the clean run's own
+    np.testing.assert_allclose(recovered[:, : len("def add(")], 0.0, atol=1e-4)
+    np.testing.assert_allclose(recovered[-1, -1], 1.0, atol=1e-4)
+    R.assert_real_image(out + ".png", min_px=200)
+    bad = _cli("llm_jax.interpret", f"--workdir={runs['lm_a']}", "patch", "--text=def")
+    assert bad.returncode != 0 and "interpret: error: patch needs --corrupt TEXT" in bad.stderr
+
+
+def test_interpret_api_on_a_language_model_and_a_translation_run(runs, tmp_path):
+    from llm_jax.tools import interpret_run
+    from llm_jax.training.saved_run import load_run
+
+    lm = load_run(runs["lm_a"])
+    lens = interpret_run.lens(lm, "def add(a, b):", top_k=3)
+    rank = np.asarray(lens.data["goal_rank"])
+    assert rank.shape == (3, len("def add(a, b):")) and np.all(rank[-1] == 0)  # the output row: its own top
+    assert [row[0] for row in lens.data["top"][-1]] == lens.data["goal"]
+    ablate = interpret_run.ablate(lm, "def add(a, b):", mode="mean")
+    assert np.asarray(ablate.data["effect"]).shape == (2, 2)
+    mt = load_run(runs["mt"])
+    attr = interpret_run.attribute(mt, "GRASS THE", source="a man runs on the grass", steps=64)
+    ig = attr.data["integrated_gradients"]
+    assert len(ig["source_embed"]) == len(attr.data["source_tokens"]) and len(ig["embed"]) == len(attr.data["tokens"])
+    assert attr.data["completeness_gap"] < 0.01
+    paths = attr.save(str(tmp_path / "mt_attr"))
+    R.assert_real_image(paths[1], min_px=200)
+    lens = interpret_run.lens(mt, "GRASS THE", source="a man runs on the grass")
+    assert len(lens.data["layers"]) == mt.model.cfg.num_layers + 1 and len(lens.data["tokens"]) == len(ig["embed"])
+    patched = interpret_run.patch(
+        mt, "GRASS THE", "GRASS THE", source="a man runs on the grass", corrupt_source="a dog runs on the grass"
+    )
+    assert patched.data["site"] == "decoder/residual" and patched.data["clean_score"] != patched.data["corrupt_score"]
+    with pytest.raises(interpret_run.BadValue, match="give --source TEXT"):
+        interpret_run.lens(mt, "GRASS")
