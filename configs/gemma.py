@@ -19,7 +19,6 @@ config.json through the mapping `convert from_hf` uses (llm_jax/interop/hf.py `m
 import ml_collections
 
 from llm_jax.interop import hf
-from llm_jax.training import config as config_lib
 
 _COMMON = {"hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "attention_bias": False}
 _GEMMA2 = {
@@ -89,11 +88,4 @@ def published_config(size: str) -> dict:
 def get_config(arg: str = "gemma3-4b") -> ml_collections.ConfigDict:
     if arg not in SIZES:
         raise ValueError(f"configs/gemma.py: unknown size {arg!r}; use one of {sorted(SIZES)}")
-    c = config_lib.base_config()
-    c.model.update(hf.model_keys(published_config(arg), preset=arg))
-    c.data.update(tokenizer="hf")
-    config_lib.pretraining(c, seq_len=4096, batch_size=64, lr=3e-4)
-    if arg.endswith("-tiny"):
-        c.model.vocab_size = None  # the byte tokenizer's
-        config_lib.cpu_smoke(c)
-    return c
+    return hf.pretraining_config(published_config(arg), arg, seq_len=4096, tiny=arg.endswith("-tiny"))

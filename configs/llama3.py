@@ -17,7 +17,6 @@ import them (`python -m llm_jax.convert from_hf`, configs/hf_finetune.py).
 import ml_collections
 
 from llm_jax.interop import hf
-from llm_jax.training import config as config_lib
 
 _LLAMA3 = {  # what every Llama 3.x config.json shares
     "architectures": ["LlamaForCausalLM"],
@@ -61,13 +60,7 @@ def published_config(size: str) -> dict:
 def get_config(arg: str = "8b") -> ml_collections.ConfigDict:
     if arg not in SIZES:
         raise ValueError(f"configs/llama3.py: unknown size {arg!r}; use one of {sorted(SIZES)}")
-    c = config_lib.base_config()
-    c.model.update(hf.model_keys(published_config(arg), preset=f"llama3-{arg}"))
-    c.data.update(tokenizer="hf")
-    config_lib.pretraining(c, seq_len=8192, batch_size=64, lr=3e-4)
+    c = hf.pretraining_config(published_config(arg), f"llama3-{arg}", seq_len=8192, tiny=arg == "tiny")
     if arg == "70b":  # keeping the matmuls' outputs needs 158.7 GiB a chip on v5p-128; recomputing, 57.5 (README)
         c.model.remat = "full"
-    if arg == "tiny":
-        c.model.vocab_size = None  # the byte tokenizer's
-        config_lib.cpu_smoke(c)
     return c

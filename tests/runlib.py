@@ -23,6 +23,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE = os.environ.get("LLM_JAX_TEST_JIT_CACHE") or tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
 
 
+# Every block option of today's open models on at once (Gemma 2/3-style blocks plus Qwen2's biases):
+# the shared part of the test models that exercise them (test_blocks, test_sharding, test_interpret).
+GEMMA_BLOCK = dict(
+    positions="rope",
+    norm="rmsnorm",
+    norm_plus_one=True,
+    post_norms=True,
+    qk_norm=True,
+    embed_scale=True,
+    mlp_activation="geglu",
+    use_bias=False,
+    local_rope_theta=100.0,
+)
+
+
 def write_corpus(path: str, chars: int = 60_000) -> str:
     """A deterministic UTF-8 text file (Python sources of the standard library's json package)."""
     import json as _json_pkg

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import runlib as R
 from flax import traverse_util
 
 from llm_jax.inference import decode
@@ -28,19 +29,11 @@ GEMMA = ModelConfig(
     embed_dim=16,
     mlp_dim=24,
     max_len=48,
-    positions="rope",
-    norm="rmsnorm",
-    norm_plus_one=True,
-    post_norms=True,
-    qk_norm=True,
-    embed_scale=True,
-    mlp_activation="geglu",
-    use_bias=False,
+    **R.GEMMA_BLOCK,
     attention_bias=True,
     attention_out_bias=False,
     layer_pattern="llg",
     sliding_window=4,
-    local_rope_theta=100.0,
     query_scale=5.0,
     attn_softcap=3.0,
     final_softcap=4.0,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import runlib as R
 
 from llm_jax.models import family as family_lib
 from llm_jax.models.model import ModelConfig
@@ -42,17 +43,9 @@ CONFIGS = {
     "gemma_local": ModelConfig(
         num_layers=2,
         num_kv_heads=2,
-        positions="rope",
-        norm="rmsnorm",
-        norm_plus_one=True,
-        post_norms=True,
-        qk_norm=True,
-        embed_scale=True,
-        mlp_activation="geglu",
-        use_bias=False,
+        **R.GEMMA_BLOCK,
         layer_pattern="lg",
         sliding_window=3,
-        local_rope_theta=100.0,
         attn_softcap=5.0,
         final_softcap=8.0,
         **_COMMON,

@@ -19,6 +19,7 @@ import leafcheck
 import numpy as np
 import optax
 import pytest
+import runlib as R
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -82,19 +83,11 @@ GEMMA_SCAN = ModelConfig(
     embed_dim=32,
     mlp_dim=64,
     max_len=SEQ,
-    positions="rope",
-    norm="rmsnorm",
-    norm_plus_one=True,
-    post_norms=True,
-    qk_norm=True,
-    embed_scale=True,
-    mlp_activation="geglu",
-    use_bias=False,
+    **R.GEMMA_BLOCK,
     attention_bias=True,
     attention_out_bias=False,
     layer_pattern="llg",
     sliding_window=5,
-    local_rope_theta=100.0,
     query_scale=10.0,
     attn_softcap=5.0,
     final_softcap=8.0,

@@ -391,6 +391,20 @@ def model_keys(hf_cfg: dict, preset: str) -> dict:
     return dataclasses.asdict(model_config_from_hf(hf_cfg, preset=preset))
 
 
+def pretraining_config(hf_cfg: dict, preset: str, seq_len: int, tiny: bool = False) -> ml_collections.ConfigDict:
+    """The run config that pre-trains the model of a published config.json (the presets in configs/):
+    its model keys, its own tokenizer (`data.tokenizer_path`), `config_lib.pretraining`'s recipe; `tiny`:
+    the same architecture on bytes, `config_lib.cpu_smoke`'s seconds-long CPU run."""
+    c = config_lib.base_config()
+    c.model.update(model_keys(hf_cfg, preset=preset))
+    c.data.update(tokenizer="hf")
+    config_lib.pretraining(c, seq_len=seq_len, batch_size=64, lr=3e-4)
+    if tiny:
+        c.model.vocab_size = None  # the byte tokenizer's
+        config_lib.cpu_smoke(c)
+    return c
+
+
 def run_config(path: str) -> ml_collections.ConfigDict:
     """`base_config()` with the model keys of a Hugging Face directory or of a run made by `import_run`.
 
