@@ -12,7 +12,7 @@ local layers to a global one, QK-norm, a RoPE base per layer kind, 'linear' RoPE
 all with Gemma's (1 + w) RMSNorm, post-norms, GeGLU, embedding and query scaling, tied embeddings.
 `gemma2-tiny` and `gemma3-tiny` are the same architectures at a CPU smoke size (a 16-token window
 inside the 64-token sequences, so the local layers do window). The model keys come from the
-config.json through the mapping `convert from_hf` uses (llm_jax/interop/hf.py `model_keys`). Gemma 3
+config.json through the mapping `convert from_hf` uses (llm_jax/interop/hf.py `pretraining_config`). Gemma 3
 4b and up are published as image-text models: these are their text decoders (`text_config`).
 """
 

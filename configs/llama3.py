@@ -8,7 +8,7 @@ Llama-3.1-8B / 70B), for GPU/TPU with FSDP.
 
 Arguments: 1b, 3b, 8b, 70b; `tiny` is the same architecture (GQA, llama3 RoPE scaling, tied
 embeddings) at a CPU smoke size. The model keys come from the config.json through the same
-mapping `convert from_hf` uses (llm_jax/interop/hf.py `model_keys`), so a preset and an imported
+mapping `convert from_hf` uses (llm_jax/interop/hf.py `pretraining_config`), so a preset and an imported
 checkpoint of that size are the same model; the vocabulary is Llama 3's 128,256 tokens, whose
 tokenizer.json the run reads (`data.tokenizer_path`). To fine-tune the published weights instead,
 import them (`python -m llm_jax.convert from_hf`, configs/hf_finetune.py).

@@ -9,7 +9,7 @@ with FSDP.
 Arguments: qwen2.5-0.5b, qwen2.5-7b (q/k/v biases, no output bias), qwen3-0.6b, qwen3-1.7b,
 qwen3-4b, qwen3-8b, qwen3-32b (QK-norm, head_dim 128 whatever the width); `qwen2.5-tiny` and
 `qwen3-tiny` are the same architectures at a CPU smoke size. The model keys come from the
-config.json through the mapping `convert from_hf` uses (llm_jax/interop/hf.py `model_keys`).
+config.json through the mapping `convert from_hf` uses (llm_jax/interop/hf.py `pretraining_config`).
 """
 
 import ml_collections
