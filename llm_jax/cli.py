@@ -45,6 +45,18 @@ def keep_freed_memory() -> None:
 keep_freed_memory()
 
 
+def cpu_only_host(environ=os.environ, devices=hostmem.ACCELERATOR_DEVICES) -> None:
+    """On a host without a GPU or TPU (JAX_PLATFORMS unset, hostmem.cpu_is_the_platform), tell JAX the
+    platform is the CPU: else, with the `tpu` extra installed, JAX starts libtpu, which prints five
+    lines of start-up errors (no TPU workers) into every command's output. `llm_jax.aot` still finds
+    libtpu: it describes TPU topologies through it whatever JAX's platform is."""
+    if not environ.get("JAX_PLATFORMS", "").strip() and hostmem.cpu_is_the_platform(environ, devices):
+        environ["JAX_PLATFORMS"] = "cpu"
+
+
+cpu_only_host()
+
+
 def debugging(argv: list[str]) -> bool:
     """--debug or LLM_JAX_DEBUG=1; read from argv when the flags did not parse."""
     if os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):

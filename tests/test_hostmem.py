@@ -1,6 +1,7 @@
 """llm_jax/runtime/hostmem.py: where the glibc malloc settings apply, and that they end the step's page faults."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,3 +114,20 @@ def test_the_explicit_call_for_notebooks_and_scripts():
         env = {**R.env(1), hostmem.ENV: keep}
         proc = subprocess.run([sys.executable, "-c", code], cwd=R.REPO, env=env, capture_output=True, text=True)
         assert proc.stdout.strip() == want, proc.stderr[-2000:]
+
+
+def test_commands_tell_jax_a_cpu_only_host_is_one(tmp_path):
+    """No GPU or TPU device and no JAX_PLATFORMS: a command sets it to 'cpu', so libtpu (the tpu extra)
+    is not started and prints nothing; a set JAX_PLATFORMS or an accelerator leaves JAX to choose."""
+    from llm_jax import cli
+
+    (tmp_path / "accel0").write_text("")
+    none, tpu = (str(tmp_path / "nvidia[0-9]*"),), (str(tmp_path / "accel[0-9]*"),)
+    for environ, devices, want in (({}, none, "cpu"), ({}, tpu, None), ({"JAX_PLATFORMS": "cuda"}, none, "cuda")):
+        cli.cpu_only_host(environ, devices)
+        assert environ.get("JAX_PLATFORMS") == want
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    code = "from llm_jax import cli; import jax; print(jax.devices()[0].platform)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=R.REPO, env=env, capture_output=True, text=True)
+    if hostmem.cpu_is_the_platform(env):
+        assert proc.stdout.strip() == "cpu" and "libtpu" not in proc.stderr and "TPU" not in proc.stderr, proc.stderr
