@@ -58,7 +58,13 @@ def _summary(d: dict) -> str:
         hint = " (over 1%: raise --steps)" if d["completeness_gap"] > 0.01 else ""
         return f"; log p({d['target']!r}) {d['score']:.3f}, completeness gap {d['completeness_gap']:.2%}{hint}"
     if d["kind"] == "patch":
-        return f"; log p({d['target']!r}) clean {d['clean_score']:.3f}, corrupted {d['corrupt_score']:.3f}"
+        gap = d["clean_score"] - d["corrupt_score"]
+        # The shares recovered are fractions of this gap: near zero, they are rounding noise.
+        hint = " (the corruption barely changes the score: the shares are noise; corrupt a token that matters)"
+        return (
+            f"; log p({d['target']!r}) clean {d['clean_score']:.3f}, corrupted {d['corrupt_score']:.3f}"
+            f"{hint if abs(gap) < 1e-2 else ''}"
+        )
     if d["kind"] == "ablate":
         return f"; log p({d['target']!r}) {d['score']:.3f}"
     return f"; final prediction {d['goal'][-1]!r}"

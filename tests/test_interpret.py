@@ -326,3 +326,11 @@ def test_unknown_family_is_refused():
     model = SimpleNamespace(cfg=dataclasses.replace(GPT, family="other"))
     with pytest.raises(BadValue, match="has no interpretability sites"):
         interp.unembed(model, {}, jnp.zeros((1, 32)))
+
+
+def test_patch_summary_warns_when_the_corruption_changes_nothing():
+    from llm_jax import interpret as command
+
+    d = {"kind": "patch", "target": "e", "clean_score": -1.47}
+    assert "noise" in command._summary({**d, "corrupt_score": -1.471})
+    assert "noise" not in command._summary({**d, "corrupt_score": -2.42})
