@@ -29,8 +29,9 @@ def special_token(tokenizer: tok_lib.Tokenizer, workdir: str | None, name: str) 
     the tokenizer kept them, from workdir/hf/; None if neither names it."""
     if not isinstance(tokenizer, tok_lib.HFTokenizer):
         return None
-    if tokenizer.special_id(name) is not None:
-        return tokenizer.special_id(name)
+    found = tokenizer.special_id(name)
+    if found is not None:
+        return found
     for file in ("tokenizer_config.json", "special_tokens_map.json") if workdir else ():
         path = os.path.join(workdir, "hf", file)
         if os.path.isfile(path):
