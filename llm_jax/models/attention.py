@@ -50,7 +50,7 @@ def attend_recording(module: nn.Module, q: Array, k: Array, v: Array, mask: Arra
             seen = mask
         logits = jnp.where(seen[:, None, None], logits, _MASK_VALUE)
         module.sow("intermediates", "attention_weights", jax.nn.softmax(logits, -1).reshape(b, h, t, -1))
-    return attend(q, k, v, mask, cfg.attention, scale=scale, softcap=cfg.attn_softcap, **kw)
+    return attend(q, k, v, mask, cfg.attention, scale=scale, softcap=cfg.attn_softcap, block=cfg.attention_block, **kw)
 
 
 def _layer_rope(cfg: ModelConfig, local: bool | Array) -> Array:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from llm_jax.runtime.errors import BadValue
 
+ATTENTIONS = ("einsum", "dot_product", "blockwise", "splash", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -76,7 +77,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     scan_layers: bool = False  # one compiled block applied num_layers times (params stacked on 'layers')
     remat: str = _runtime("none")  # 'none' | 'full' | 'dots'
-    attention: str = _runtime("einsum")  # 'einsum' (reference) | 'dot_product' (jax.nn.dot_product_attention)
+    # 'einsum' (reference) | 'dot_product' (jax.nn.dot_product_attention) | 'blockwise' (flash-style, pure
+    # JAX: memory linear in the length) | 'splash' (TPU kernel) | 'cudnn' (GPU kernel); llm_jax/models/kernels.py
+    attention: str = _runtime("einsum")
+    attention_block: int = _runtime(512)  # 'blockwise' / 'splash': query and key rows per block
     loss_chunk: int = _runtime(0)  # >0: the training loss projects and soft-maxes this many positions at a time
     label_smoothing: float = _runtime(0.0)  # training loss only: this much target mass spread over the vocabulary
     dtype: str = _runtime("float32")  # compute dtype of activations and matmuls
@@ -151,8 +155,11 @@ class ModelConfig:
         need(not self.qk_norm or self.norm == "rmsnorm", "qk_norm is an RMSNorm: set norm='rmsnorm'")
         need(not self.norm_plus_one or self.norm == "rmsnorm", "norm_plus_one is an RMSNorm form: set norm='rmsnorm'")
         need(self.remat in ("none", "full", "dots"), f"remat={self.remat!r}: use 'none', 'full' or 'dots'")
+        need(self.attention in ATTENTIONS, f"attention={self.attention!r}: use one of {', '.join(ATTENTIONS)}")
+        need(self.attention_block > 0, f"attention_block={self.attention_block} must be positive")
         need(
-            self.attention in ("einsum", "dot_product"), f"attention={self.attention!r}: use 'einsum' or 'dot_product'"
+            not (self.attention == "cudnn" and self.attn_softcap),
+            "attention='cudnn' has no soft-capping (attn_softcap): use 'splash' on TPU or 'blockwise'",
         )
         need(self.loss_chunk >= 0, f"loss_chunk={self.loss_chunk} must be 0 (off) or a positive chunk length")
         need(self.dtype in _DTYPES, f"dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from llm_jax.models import blockwise, kernels
+
 Array = jax.Array
 
 # A large finite negative instead of -inf: a query row that sees no key (a left-padding position)
@@ -96,6 +98,7 @@ def attend(
     window: int | Array | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    block: int = 512,
 ) -> Array:
     """Scaled dot-product attention with grouped-query support.
 
@@ -104,9 +107,20 @@ def attend(
     given (packed documents: a query sees only earlier keys of its own document), and within the
     last `window` positions if given (a local layer; an explicit mask already holds its window).
     `scale` / `softcap`: as in `scores`. Returns [b, t, h, d].
+
+    `impl`: 'einsum' (the reference), 'dot_product' (jax.nn.dot_product_attention), 'blockwise'
+    (`blockwise.attention`, memory linear in t, blocks of `block`), 'splash' / 'cudnn' (the fused
+    kernels of `kernels.py`). The last three serve the causal training case (mask None); with an
+    explicit mask (decoding with a KV cache, the encoder) they take the einsum path.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
+    if mask is None and impl == "blockwise":
+        return blockwise.attention(q, k, v, segment_ids, window, scale, softcap, block, block)
+    if mask is None and impl == "splash":
+        return kernels.splash(q, k, v, segment_ids, window, scale, softcap, block)
+    if mask is None and impl == "cudnn":
+        return kernels.cudnn(q, k, v, segment_ids, window, scale)
     if impl == "dot_product" and not softcap:  # jax's fused attention has no soft-capping
         # On GPU this dispatches to cuDNN flash attention when shapes and dtypes allow.
         if mask is None:

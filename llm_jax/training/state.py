@@ -26,6 +26,7 @@ import optax
 
 from llm_jax.data import lm_data as data_lib
 from llm_jax.models import family as family_lib
+from llm_jax.models import kernels
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue
@@ -241,6 +242,7 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, devices: Sequence 
     rules = sharding.logical_rules(config)
     model_cfg = config_lib.model_config(config, vocab_size)
     check_batch(config, mesh, model_cfg)
+    kernels.check_platform(model_cfg.attention, mesh.devices.flat[0].platform)
     model = family_lib.build(model_cfg)
     tx = optim.make_optimizer(config.optim)
     state, state_sh = abstract_state(model, tx, mesh, rules, seq_len)
