@@ -31,11 +31,11 @@ from llm_jax.models.model import ModelConfig, TransformerLM  # noqa: E402
 GIB = 2**30
 
 
-def model_config(attention: str, max_len: int) -> ModelConfig:
+def model_config(attention: str, max_len: int, dtype: str = "float32") -> ModelConfig:
     return ModelConfig(
         vocab_size=256, num_layers=2, num_heads=4, embed_dim=128, mlp_dim=256, max_len=max_len,
         positions="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False, attention=attention,
-        attention_block=512, loss_chunk=1024,
+        attention_block=512, loss_chunk=1024, dtype=dtype,
     )  # fmt: skip
 
 
@@ -51,8 +51,8 @@ def train_step(cfg: ModelConfig):
     return model, jax.jit(jax.value_and_grad(loss))
 
 
-def measure(attention: str, length: int, run_budget_gib: float, repeats: int) -> dict:
-    cfg = model_config(attention, length)
+def measure(attention: str, length: int, run_budget_gib: float, repeats: int, dtype: str = "float32") -> dict:
+    cfg = model_config(attention, length, dtype)
     model, step = train_step(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     tokens = jax.random.randint(jax.random.key(1), (1, length + 1), 0, cfg.vocab_size)
@@ -85,7 +85,8 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_mem, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for attention, style in (("einsum", "o-"), ("blockwise", "s-")):
+    for attention in sorted({r["attention"] for r in rows}):
+        style = {"einsum": "o-", "blockwise": "s-"}.get(attention, "^-")
         mine = [r for r in rows if r["attention"] == attention]
         ax_mem.plot([r["length"] for r in mine], [r["temp_gib"] for r in mine], style, label=attention)
         ran = [r for r in mine if r["tokens_per_s"]]
@@ -116,12 +117,13 @@ def main() -> None:
     parser.add_argument("--attentions", default="einsum,blockwise")
     parser.add_argument("--run_budget_gib", type=float, default=6.0, help="run (and time) steps up to this")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", help="compute dtype (cuDNN attention needs bfloat16)")
     parser.add_argument("--out", default=os.path.join(REPO, "experiments", "long_context.png"))
     args = parser.parse_args()
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for attention in args.attentions.split(","):
-            rows.append(measure(attention, length, args.run_budget_gib, args.repeats))
+            rows.append(measure(attention, length, args.run_budget_gib, args.repeats, args.dtype))
             print(json.dumps(rows[-1]), flush=True)
     plot(rows, args.out)
     summary = {a: growth(rows, a) for a in args.attentions.split(",")}

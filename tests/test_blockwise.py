@@ -8,6 +8,8 @@ linear (its compiled temporaries at 4x the length grow about 4x, the reference's
 blockwise attention. Kernels asked for on the wrong hardware fail in one line."""
 
 import dataclasses
+import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from llm_jax.models.model import ModelConfig, TransformerLM
 from llm_jax.runtime.errors import BadValue
 
 TOL = 1e-5
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _inputs(b=2, t=40, h=4, kv=2, d=8, segments=False, seed=0):
@@ -182,3 +185,25 @@ def test_kernels_on_the_wrong_hardware_are_one_clear_line():
         ModelConfig(attention="cudnn", attn_softcap=30.0)
     with pytest.raises(BadValue, match="attention='flash'"):
         ModelConfig(attention="flash")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None and not os.environ.get("LLM_JAX_REQUIRE_LIBTPU"),
+    reason="TPU ahead-of-time compilation needs libtpu: pip install -e '.[tpu]'",
+)
+def test_splash_kernel_is_in_the_tpu_train_step():
+    """attention='splash': the trainer's step for a v5p slice (4 chips, FSDP) lowers with the Pallas
+    kernel (a tpu_custom_call per pass: forward, dq, dkv), packed documents included; on the CPU
+    devices the same config is refused in one line. (The 8B rows in README are full compiles.)"""
+    from llm_jax.tools import aot
+
+    spec = importlib.util.spec_from_file_location("cfg_llama3", os.path.join(REPO, "configs", "llama3.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    overrides = {"model.attention": "splash", "model.head_dim": 128, "data.seq_len": 256, "model.max_len": 256}
+    overrides["data.packing"] = "documents"  # segment ids reach the kernel
+    config = aot.with_overrides(module.get_config("tiny"), overrides)
+    text = aot.build_train_step(config, aot.topology_devices(aot.parse_topology("v5p-8"))).lower().as_text()
+    assert text.count("tpu_custom_call") == 3
+    with pytest.raises(BadValue, match="attention='splash' is a TPU kernel but the devices are cpu"):
+        aot.build_train_step(config, jax.devices("cpu")[:1])
