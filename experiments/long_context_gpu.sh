@@ -49,7 +49,7 @@ PY
 echo "=== (b) memory and tokens/s against length (small model, bf16)"
 # shellcheck disable=SC2086
 "$PY" experiments/long_context.py --dtype bfloat16 --attentions "$(echo ${ATTENTIONS:-einsum blockwise cudnn} | tr ' ' ,)" \
-  --lengths "${LENGTHS:-1024,2048,4096,8192,16384,32768,65536}" --run_budget_gib 100 --repeats 5 \
+  --lengths "${LENGTHS:-1024,2048,4096,8192,16384,32768,65536}" --run_budget_gib 100 --run_max_len 1000000 --repeats 5 \
   --out "$OUT_DIR/long_context_gpu.png" | tee "$OUT_DIR/long_context_gpu_curve.log"
 
 echo "=== (c) Llama-1B training step at long context"

@@ -167,3 +167,17 @@ def test_h200_script_on_a_tiny_llama(tmp_path):
     out = json.loads((tmp_path / "h200_llama1b_b2.json").read_text())
     assert out["config"] == "llama-1b" and out["seq_len"] == 32 and out["dtype"] == "bfloat16"
     assert out["num_params"] > 0 and out["tokens_per_sec"] > 0
+
+
+@pytest.mark.slow
+def test_long_context_script(tmp_path):
+    """Reference vs blockwise attention at two short lengths: compiled memory of each, both run."""
+    png = tmp_path / "lc.png"
+    stdout = run([sys.executable, "experiments/long_context.py", "--lengths", "256,512", "--out", str(png)])
+    rows = [json.loads(line) for line in stdout.strip().splitlines()]
+    steps, summary = rows[:-1], rows[-1]
+    assert [(r["attention"], r["length"]) for r in steps] == [
+        ("einsum", 256), ("blockwise", 256), ("einsum", 512), ("blockwise", 512)
+    ]  # fmt: skip
+    assert all(r["temp_gib"] > 0 and r["tokens_per_s"] > 0 for r in steps)
+    assert set(summary["temp_growth_per_doubling"]) == {"einsum", "blockwise"} and png.stat().st_size > 0
