@@ -105,8 +105,14 @@ CONFIGS.update({f"{name}_packed": cfg for name, cfg in list(CONFIGS.items())})
 
 
 def mesh_of(shape):
+    """(data, fsdp, tensor), or a size for each of sharding.MESH_AXES -> the mesh."""
     n = math.prod(shape)
-    return sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]), jax.devices()[:n])
+    sizes = (
+        dict(zip(sharding.MESH_AXES, shape))
+        if len(shape) == len(sharding.MESH_AXES)
+        else dict(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    )
+    return sharding.make_mesh(SimpleNamespace(**sizes), jax.devices()[:n])
 
 
 def optimizer():
@@ -516,24 +522,25 @@ def test_batch_sharding_and_host_to_global():
 
 
 def test_resolve_mesh_shape_fills_in_minus_one():
-    assert sharding.resolve_mesh_shape([-1, 1, 1], 8) == (8, 1, 1)
-    assert sharding.resolve_mesh_shape([2, -1, 2], 8) == (2, 2, 2)
-    assert sharding.resolve_mesh_shape([1, 1, -1], 8) == (1, 1, 8)
-    assert sharding.resolve_mesh_shape([2, 1, 4], 8) == (2, 1, 4)
+    assert sharding.resolve_mesh_shape([-1, 1, 1, 1, 1], 8) == (8, 1, 1, 1, 1)
+    assert sharding.resolve_mesh_shape([2, -1, 1, 1, 2], 8) == (2, 2, 1, 1, 2)
+    assert sharding.resolve_mesh_shape([1, 1, 1, 1, -1], 8) == (1, 1, 1, 1, 8)
+    assert sharding.resolve_mesh_shape([2, 1, 2, 2, 1], 8) == (2, 1, 2, 2, 1)
+    # A config without the expert and sequence keys (a run saved before they existed): sizes 1.
     mesh = sharding.make_mesh(SimpleNamespace(data=-1, fsdp=2, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 @pytest.mark.parametrize(
     "shape, devices, message",
     [
-        ([3, -1, 1], 8, r"multiply to 3, which does not divide the 8 available devices"),
-        ([2, 2, 1], 8, r"needs 4 devices but 8 are available"),
-        ([4, 4, 1], 8, r"needs 16 devices but 8 are available"),
-        ([-1, -1, 1], 8, r"at most one axis may be -1"),
-        ([0, 1, -1], 8, r"sizes must be positive or -1"),
-        ([8, 1], 8, r"must have 3 entries"),
+        ([3, -1, 1, 1, 1], 8, r"multiply to 3, which does not divide the 8 available devices"),
+        ([2, 2, 1, 1, 1], 8, r"needs 4 devices but 8 are available"),
+        ([4, 4, 1, 1, 1], 8, r"needs 16 devices but 8 are available"),
+        ([-1, -1, 1, 1, 1], 8, r"at most one axis may be -1"),
+        ([0, 1, 1, 1, -1], 8, r"sizes must be positive or -1"),
+        ([8, 1], 8, r"must have 5 entries"),
     ],
 )
 def test_impossible_mesh_shapes_fail_clearly(shape, devices, message):

@@ -179,7 +179,7 @@ def hf_config_from_model(cfg: ModelConfig, base: dict | None = None, eos_id: int
 
 def default_mesh() -> Mesh:
     """One device, like `from_pretrained` without a device map; pass a mesh to shard instead."""
-    return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    return Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
 
 
 def _param_key(path: tuple[str, ...], layer: int | None, scan: bool) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Mesh, logical axis rules and shardings.
 
 The model names logical axes; this file alone maps them onto the physical mesh axes
-`(data, fsdp, tensor)`:
+`(data, fsdp, expert, sequence, tensor)` (`expert` and `sequence` are 1 unless a run asks for them):
 - batch-like activation axes go over `data` x `fsdp` (every device sees a different slice of the batch);
 - parameters are sharded over `fsdp` along their `embed` dim (ZeRO-3 style: gathered per layer in
   the forward pass, gradients reduce-scattered), and over `tensor` along heads / mlp / vocab
@@ -24,7 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax.runtime.errors import BadValue
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost to innermost: `tensor` last, so its all-reduces stay on neighbouring chips.
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # (logical name, mesh axis or axes or None). The first rule whose mesh axes are still free wins,
@@ -80,10 +81,30 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
+def mesh_sizes(mesh_config) -> list[int]:
+    """The configured size of each of MESH_AXES (-1 = fill in); an axis a config lacks (a run saved
+    before that axis existed) is 1."""
+    return [int(getattr(mesh_config, axis, 1)) for axis in MESH_AXES]
+
+
+def shown_axes(mesh_shape: dict) -> dict:
+    """The axes worth printing of a {axis: size} mesh shape: data, fsdp and tensor always, the
+    optional axes (expert, sequence) only when a run uses them."""
+    return {k: int(v) for k, v in mesh_shape.items() if k in ("data", "fsdp", "tensor") or int(v) > 1}
+
+
+def mesh_label(mesh_shape: dict) -> str:
+    """A table cell for a {axis: size} mesh shape: 'data/fsdp/tensor', then any optional axis in
+    use, e.g. '1/8/1' or '1/4/1 expert=4'."""
+    core = "/".join(str(int(mesh_shape.get(k, 1))) for k in ("data", "fsdp", "tensor"))
+    extra = [f"{k}={v}" for k, v in shown_axes(mesh_shape).items() if k not in ("data", "fsdp", "tensor")]
+    return " ".join([core, *extra])
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor) from a config with those three keys (-1 = fill in)."""
+    """Mesh with MESH_AXES from a config with those keys (-1 = fill in)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = resolve_mesh_shape([mesh_config.data, mesh_config.fsdp, mesh_config.tensor], len(devices))
+    shape = resolve_mesh_shape(mesh_sizes(mesh_config), len(devices))
     dcn = _slices_axis(shape, devices)
     try:
         # Topology-aware placement on TPU/GPU; on CPU it is a plain reshape.
@@ -100,7 +121,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def _slices_axis(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> tuple[int, ...] | None:
-    """How TPU slices divide the mesh axes, e.g. (2, 1, 1) for 2 slices along data; None for one slice.
+    """How TPU slices divide the mesh axes, e.g. (2, 1, 1, 1, 1) for 2 slices along data; None for one slice.
 
     Slices talk over the data-centre network, far slower than the chips' own links: they go along
     `data` (only the gradient all-reduce crosses them), else along `fsdp`; each slice's own share of

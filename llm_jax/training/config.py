@@ -152,6 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # -1: all devices not used by the other axes
     ms.fsdp = 1
+    ms.expert = 1  # experts of mixture-of-experts layers sharded over it
+    ms.sequence = 1  # context parallelism: activations sharded along the sequence
     ms.tensor = 1
     return c
 
