@@ -86,9 +86,12 @@ def read_config(hf_dir: str) -> dict:
         raise NotFound(f"{hf_dir} is not a Hugging Face model directory: no config.json")
     with open(path) as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            found = json.load(f)
+        except ValueError as e:  # not JSON, not UTF-8
             raise HFError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise HFError(f"{path} holds a JSON {type(found).__name__}, not an object of config fields")
+    return found
 
 
 def check_weights(hf_dir: str) -> list[str]:
@@ -222,6 +225,8 @@ def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], 
     dims, views, stacks = hf_specs.sizes(cfg), {}, {}
     for entry, i, name in rows:
         x, want = tensors[name], entry.hf_shape(dims)
+        if x.dtype not in safetensors_io.FLOAT_DTYPES:  # cast only float to float: an int or bool weight is a lie
+            raise HFError(f"{hf_dir}: tensor {name} is {x.dtype}, not a floating-point weight; the file is corrupt")
         if want is not None and tuple(x.shape) != want:
             raise HFError(
                 f"{hf_dir}: tensor {name} is {tuple(x.shape)} but config.json implies {want} "
