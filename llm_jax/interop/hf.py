@@ -45,7 +45,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from llm_jax.data import tokenizer as tok_lib
-from llm_jax.interop import hf_specs, safetensors_io
+from llm_jax.interop import hf_export, hf_specs, safetensors_io
 from llm_jax.interop.hf_specs import HFError, Spec
 from llm_jax.interop.safetensors_io import INDEX_FILE, SafetensorsDir  # noqa: F401 - part of this module's API
 from llm_jax.models import family as family_lib
@@ -515,6 +515,7 @@ def import_run(
         for name in CARRIED_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, "hf", name))
+        hf_export.record_import(workdir, hf_dir)
     mngr = ckpt_lib.manager(workdir, config.train.keep_checkpoints, async_save=False)
     # The context it was pre-trained at: what decoding may use (llm_jax.training.saved_run.trained_context).
     ckpt_lib.save(mngr, 0, state, {"step": 0, "trained_context": cfg.max_len})
@@ -524,13 +525,20 @@ def import_run(
     return config
 
 
-def export_run(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = None, log=print) -> None:
-    """Writes a run's checkpoint (default: the latest) as a Hugging Face directory."""
+def export_run(
+    workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = None, log=print, overwrite: bool = False
+) -> None:
+    """Writes a run's checkpoint (default: the latest) as a Hugging Face directory, whole or not at
+    all, never over the run, its import source or another directory's files (`hf_export.py`)."""
+    if dtype is not None and dtype not in _CASTS:
+        raise BadValue(f"dtype={dtype!r}: use one of {sorted(_CASTS)}")
+    hf_export.check_target(workdir, hf_dir, overwrite)  # before the checkpoint is read
     run = run_lib.load_run(workdir, step, on_host=True)
     carried = os.path.join(workdir, "hf")
     base = read_config(carried) if os.path.isfile(os.path.join(carried, "config.json")) else None
     names = (*CARRIED_FILES[1:], *_OLD_CARRIED)
     extra = {n: os.path.join(carried, n) for n in names if os.path.isfile(os.path.join(carried, n))}
     cfg = run.model.cfg
-    save_pretrained(hf_dir, cfg, run.params, tokenizer=run.tokenizer, base_config=base, dtype=dtype, extra_files=extra)
+    with hf_export.writing(workdir, hf_dir, overwrite, run.step, log) as tmp:
+        save_pretrained(tmp, cfg, run.params, tokenizer=run.tokenizer, base_config=base, dtype=dtype, extra_files=extra)
     log(f"wrote {hf_dir} from {workdir}/checkpoints/{run.step} ({hf_specs.for_model(cfg).architecture})")
