@@ -123,7 +123,10 @@ def test_weights_are_cast_only_from_floats(tmp_path):
     _, params = hf.load_pretrained(_gpt2_dir(tmp_path, lambda n: np.float16))
     assert {v.dtype for v in jax.tree.leaves(params)} == {np.dtype(np.float32)}
     bad = _gpt2_dir(tmp_path / "int", lambda n: np.int32 if n.endswith("wte.weight") else np.float32)
-    with pytest.raises(hf.HFError, match=r"tensor transformer\.wte\.weight is int32, not a floating-point weight"):
+    with pytest.raises(
+        hf.HFError,
+        match=rf"^{bad}/model\.safetensors: tensor transformer\.wte\.weight is int32, not a floating-point weight",
+    ):
         hf.load_pretrained(bad)
 
 

@@ -202,11 +202,12 @@ def _table_rows(spec: Spec, cfg: ModelConfig) -> list[tuple[hf_specs.Tensor, int
     return rows
 
 
-def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_dir: str) -> dict:
+def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_dir: str, where=None) -> dict:
     """{our flat parameter key: view of the checkpoint in that parameter's shape}; nothing is read yet.
 
     E.g. ('layers_0', 'attn', 'query', 'kernel'): [e, h, d], a view of q_proj.weight [h*d, e]. A
-    scanned model's per-layer views are stacked lazily into [layers, ...] (`_Stacked`).
+    scanned model's per-layer views are stacked lazily into [layers, ...] (`_Stacked`). `where`:
+    {tensor name: its file}, for messages.
     """
     bare = bool(tensors) and not any(n.startswith(spec.backbone) for n in tensors)  # old uploads: 'h.0.ln_1.weight'
     rows = [(entry, i, name.removeprefix(spec.backbone) if bare else name) for entry, i, name in _table_rows(spec, cfg)]
@@ -226,7 +227,8 @@ def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], 
     for entry, i, name in rows:
         x, want = tensors[name], entry.hf_shape(dims)
         if x.dtype not in safetensors_io.FLOAT_DTYPES:  # cast only float to float: an int or bool weight is a lie
-            raise HFError(f"{hf_dir}: tensor {name} is {x.dtype}, not a floating-point weight; the file is corrupt")
+            path = (where or {}).get(name, hf_dir)
+            raise HFError(f"{path}: tensor {name} is {x.dtype}, not a floating-point weight; the file is corrupt")
         if want is not None and tuple(x.shape) != want:
             raise HFError(
                 f"{hf_dir}: tensor {name} is {tuple(x.shape)} but config.json implies {want} "
@@ -285,7 +287,8 @@ def load_params(
     mesh = default_mesh() if mesh is None else mesh
     rules = sharding.logical_rules() if rules is None else rules
     check_weights(hf_dir)
-    views = _import_views(spec, cfg, SafetensorsDir(hf_dir).tensors, hf_dir)
+    weights = SafetensorsDir(hf_dir)
+    views = _import_views(spec, cfg, weights.tensors, hf_dir, weights.files)
     boxed = abstract_params(family_lib.build(cfg))
     shardings = traverse_util.flatten_dict(sharding.boxed_shardings(boxed, mesh, rules))
     targets = traverse_util.flatten_dict(nn.meta.unbox(boxed))

@@ -98,7 +98,7 @@ class SafetensorsDir:
     """Every tensor of a directory's safetensors file(s) (single or sharded with an index), memory-mapped.
 
     `tensors[name]` is a read-only numpy view into the file, in the file's shape and dtype; slicing
-    it reads only those bytes.
+    it reads only those bytes. `files[name]` is the path of the file that holds it.
     """
 
     def __init__(self, directory: str):
@@ -106,11 +106,13 @@ class SafetensorsDir:
         if not files:
             raise NotFound(f"{directory} has no *.safetensors weights (and no {INDEX_FILE})")
         self.tensors: dict[str, np.ndarray] = {}
+        self.files: dict[str, str] = {}  # {tensor name: the path of its file}, for messages
         for name in files:
-            for key, arr in map_file(os.path.join(directory, name)).items():
+            path = os.path.join(directory, name)
+            for key, arr in map_file(path).items():
                 if key in self.tensors:
                     raise SafetensorsError(f"tensor {key!r} appears in more than one safetensors file of {directory}")
-                self.tensors[key] = arr
+                self.tensors[key], self.files[key] = arr, path
 
 
 def map_file(path: str) -> dict[str, np.ndarray]:
