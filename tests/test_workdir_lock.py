@@ -271,3 +271,23 @@ def test_two_runs_on_one_workdir(tmp_path):
     assert f"checkpoints/{n} (step {n})" in out_third, "it resumed where the first run ended"
     assert R.logged_steps(wd) == list(range(1, n + 5)), "metrics.jsonl holds each step once"
     assert R.lock_record(wd) is None
+
+
+def test_without_hard_links_the_record_is_created_exclusively(tmp_path, monkeypatch):
+    """A filesystem without hard links (some FUSE mounts): O_CREAT|O_EXCL creates the record instead."""
+    import errno
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    wd = str(tmp_path / "run")
+    held = workdir_lib.lock(wd)
+    with pytest.raises(WorkdirBusy, match=rf"pid {os.getpid()} on {HOST}"):
+        workdir_lib.lock(wd)
+    successor = _write_record(wd, host="node-2", pid=42)
+    held.release()
+    assert R.lock_record(wd) == successor, "put back by a rename"
+    os.remove(os.path.join(wd, workdir_lib.LOCK_FILE))
+    workdir_lib.lock(wd).release()
+    assert R.lock_record(wd) is None

@@ -288,6 +288,9 @@ def _remove_if(path: str, token: str, expect: bytes | None = None) -> bool:
             os.link(aside, path)  # put the other run's record back, unless a third one is there by now
         except FileExistsError:
             pass
+        except OSError:  # no hard links here (some FUSE mounts): put it back by renaming
+            os.rename(aside, path)
+            return False
     os.remove(aside)
     return meant
 
