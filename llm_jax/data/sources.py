@@ -1,7 +1,8 @@
 """Text sources, planned as pieces that prepare workers read in parallel.
 
-A source (`config.data.source`) is first *identified* (cheap: paths, sizes, modification times, a
-tfds dataset's record counts), which is what the prepared-data cache is keyed by, and only when it
+A source (`config.data.source`) is first *identified* (cheap: paths, sizes, modification times and
+a hash of each file's content, sampled or whole as `config.data.verify` says; a tfds dataset's
+version and record counts), which is what the prepared-data cache is keyed by, and only when it
 must be prepared *planned* into `Piece`s: byte ranges of UTF-8 files, line ranges of JSON-lines
 files, record ranges of a tfds split. `read_piece` turns one piece into documents, anywhere
 (a worker process needs nothing but the piece).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -50,6 +52,10 @@ _STDLIB_SKIP = (
 )
 _TFDS_RECORDS_PER_PIECE = 20_000
 _BLOCK = 1 << 24  # bytes read at a time when scanning a large file
+# verify='fast' hashes a file's first and last MB and _SAMPLES blocks of _SAMPLE bytes spread between
+# them (a file up to 3 MB whole): milliseconds for any size.
+_HEAD = 1 << 20
+_SAMPLE, _SAMPLES = 1 << 16, 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,21 +90,25 @@ class Doc:
 
 
 def identity(cfg) -> dict:
-    """A JSON-able description of the source as it is now (files' sizes and mtimes, tfds record
-    counts) plus every config value that shapes the text: any change gives a new cache key."""
+    """A JSON-able description of the source as it is now (files' sizes, mtimes and content hashes;
+    a tfds dataset's version and record counts) plus every config value that shapes the text: any
+    change gives a new cache key."""
     shaping = {k: cfg[k] for k in ("source", "val_fraction", "max_chars")}
+    full = cfg.get("verify", "fast") == "full"
     if cfg.source == "stdlib":
-        files = [(rel, *_stat(path)) for rel, path in stdlib_files()]
+        files = [(rel, *_stat(path), content_hash(path, full)) for rel, path in stdlib_files()]
         return {**shaping, "stdlib": sysconfig.get_paths()["stdlib"], "python": sys.version, "files": files}
     if cfg.source == "text":
-        files = [(path, *_stat(path)) for path in expand_paths(cfg.path)]
+        files = [(path, *_stat(path), content_hash(path, full)) for path in expand_paths(cfg.path)]
         return {**shaping, "text_key": cfg.text_key, "files": files}
     if cfg.source == "tfds":
-        splits = {s: len(tfds_source(cfg, s)) for s in (cfg.tfds_train_split, cfg.tfds_val_split)}
+        found = {s: tfds_source(cfg, s) for s in (cfg.tfds_train_split, cfg.tfds_val_split)}
+        info = next(iter(found.values())).dataset_info  # which version tfds picked (the newest, if not named)
         data_dir = os.path.abspath(cfg.tfds_data_dir) if cfg.tfds_data_dir else ""
         return {
-            **shaping, "tfds": cfg.tfds_name, "data_dir": data_dir, "splits": splits,
-            "text_key": cfg.tfds_text_key, "max_docs": cfg.max_docs,
+            **shaping, "tfds": cfg.tfds_name, "data_dir": data_dir, "splits": {s: len(v) for s, v in found.items()},
+            "version": str(info.version), "full_name": info.full_name, "text_key": cfg.tfds_text_key,
+            "max_docs": cfg.max_docs,
         }  # fmt: skip
     raise BadValue(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
 
@@ -106,6 +116,29 @@ def identity(cfg) -> dict:
 def _stat(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def content_hash(path: str, full: bool = False) -> str:
+    """A hash of a file's bytes (as stored: a .gz file's compressed bytes): all of them (`full`), else
+    its head, its tail and blocks spread between them. Size and modification time miss a file
+    rewritten in place with its times kept (`cp -p`, `rsync -t`, `touch -r`); this sees such an edit
+    unless (sampled) it falls between the samples, which config.data.verify='full' rules out."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if full or size <= 2 * _HEAD + _SAMPLES * _SAMPLE:
+                while block := f.read(_BLOCK):
+                    h.update(block)
+                return h.hexdigest()
+            step = (size - 2 * _HEAD - _SAMPLE) // (_SAMPLES - 1)
+            spans = [(0, _HEAD), *((_HEAD + i * step, _SAMPLE) for i in range(_SAMPLES)), (size - _HEAD, _HEAD)]
+            for offset, n in spans:
+                f.seek(offset)
+                h.update(f.read(n))
+    except OSError as e:
+        raise FileError(f"config.data.path={path!r} cannot be read: {e}") from e
+    return "sampled:" + h.hexdigest()
 
 
 def stdlib_files() -> list[tuple[str, str]]:

@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.cache_dir = ""
     d.prepare_workers = 0  # tokenizing processes; 0: one per core (none under 16 MB of text)
     d.prepare_shard_mb = 32.0  # text per shard (and per prepare task)
+    # What of each file's content keys the prepared set (with its size and mtime): 'fast' (its head, tail
+    # and sampled blocks) | 'full' (every byte, read once per run start)
+    d.verify = "fast"
     # source='parallel': {path}/{split}.{lang}[.gz], aligned line by line (llm_jax/data/parallel.py).
     d.src_lang = "en"
     d.tgt_lang = "de"
@@ -200,6 +203,7 @@ SOURCE_KEYS = {
     "cache_dir": _STREAMED,
     "prepare_workers": _STREAMED,
     "prepare_shard_mb": _STREAMED,
+    "verify": ("stdlib", "text"),
     "src_lang": ("parallel",),
     "tgt_lang": ("parallel",),
     "train_split": ("parallel",),
@@ -356,6 +360,8 @@ def check_data(data: ml_collections.ConfigDict) -> None:
         raise _value_error(
             "data.val_fraction", data.val_fraction, "must be in (0, 1): the share of the text held out for validation"
         )
+    if data.verify not in ("fast", "full"):
+        raise BadValue(f"config.data.verify={data.verify!r}: use 'fast' (sampled content hash) or 'full'")
     lo, hi = SHARD_MB_RANGE
     if data.source in _STREAMED and not lo <= data.prepare_shard_mb <= hi:
         raise _value_error(
