@@ -135,7 +135,14 @@ def prepare(cfg, tokenizer_dir: str | None = None, log=print) -> tuple[str, dict
     it is not complete yet (resuming what an interrupted prepare left)."""
     root = cache_root(cfg)
     ident = sources.identity(cfg)
-    tokenizer = resolve_tokenizer(cfg, ident, root, tokenizer_dir, log)
+    with sources.gunzipped_once():  # a .gz file is decompressed once, by the first plan that reads it
+        tokenizer = resolve_tokenizer(cfg, ident, root, tokenizer_dir, log)
+        directory = _prepared(cfg, ident, root, tokenizer, log)
+    return directory, read_manifest(directory, tokenizer), tokenizer
+
+
+def _prepared(cfg, ident: dict, root: str, tokenizer: tok_lib.Tokenizer, log) -> str:
+    """The directory of the set for (source, tokenizer), built now (under its lock) if incomplete."""
     key = _hash(
         {
             "format": FORMAT_VERSION,
@@ -149,7 +156,7 @@ def prepare(cfg, tokenizer_dir: str | None = None, log=print) -> tuple[str, dict
         with files.locked(directory + ".lock", _waiting(directory, log)):
             if not os.path.exists(os.path.join(directory, MANIFEST)):
                 _build(cfg, directory, tokenizer, log)
-    return directory, read_manifest(directory, tokenizer), tokenizer
+    return directory
 
 
 def read_manifest(directory: str, tokenizer: tok_lib.Tokenizer) -> dict:
