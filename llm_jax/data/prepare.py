@@ -190,8 +190,8 @@ def _check_shards(directory: str, manifest: dict) -> None:
             if size != want or docs != shard["docs"]:
                 raise FileError(
                     f"{path}.tokens/.docs.npy hold {size} bytes / {docs} documents, but {MANIFEST} says {want} bytes "
-                    f"({shard['tokens']} tokens of {manifest['dtype']}) / {shard['docs']}: the prepared set is damaged "
-                    f"(a copy cut short?); delete {directory} to prepare it again"
+                    f"({shard['tokens']} tokens of {np.dtype(manifest['dtype']).name}) / {shard['docs']}: the prepared "
+                    f"set is damaged (a copy cut short?); delete {directory} to prepare it again"
                 )
 
 

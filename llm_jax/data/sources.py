@@ -374,7 +374,7 @@ def _gunzip(path: str, out: str) -> str:
     lines = 0
     with gzip.open(path, "rb") as src, open(out, "wb") as dst:
         try:
-            while block := src.read(_BLOCK):
+            while block := src.read(1 << 18):  # small blocks: the line count of an error is close
                 dst.write(block)
                 lines += block.count(b"\n")
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:

@@ -293,8 +293,8 @@ def check_train(tc) -> None:
         "grad_accum_steps",
         "eval_steps",
     ):
-        if tc[name] <= 0:
-            raise BadValue(f"config.train.{name}={tc[name]} must be positive")
+        if not tc[name] > 0:
+            raise _value_error(f"train.{name}", tc[name], "must be positive")
     for name in ("eval_tasks_every", "eval_tasks_limit"):
         if tc.get(name, 0) < 0:
             raise BadValue(
