@@ -77,6 +77,11 @@ def test_a_jsonl_line_over_the_bound_is_refused(tmp_path, cache, monkeypatch):
     lines = [{"text": "short"}, {"text": "also short"}, {"text": "z" * 5000}, {"text": "after"}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     _refused(path, cache, r"docs\.jsonl:3: a line longer than 1,000 bytes; split that document")
+    # The prompt-completion reader (source='jsonl') too.
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n" + json.dumps({"prompt": "p" * 5000}))
+    with pytest.raises(BadValue, match=r"examples\.jsonl:2: a line longer than 1,000 bytes"):
+        data_lib.read_jsonl_examples(str(examples))
 
 
 @pytest.mark.parametrize(
