@@ -340,7 +340,7 @@ def _size(path: str) -> int:
 # gzip, decompressed once per file
 
 _PLAIN: dict[str, str] = {}  # .gz path -> its plain copy, inside `gunzipped_once`
-_PLAIN_DIR: list[str] = []  # the temporary directory of the copies, inside `gunzipped_once`
+_PLAIN_DIR: list[str] = []  # inside `gunzipped_once`: [the copies' temporary directory, '' until the first]
 
 
 @contextlib.contextmanager
@@ -352,11 +352,12 @@ def gunzipped_once():
     if _PLAIN_DIR:
         yield
         return
-    _PLAIN_DIR.append(tempfile.mkdtemp(prefix="llm_jax-gunzip-"))
+    _PLAIN_DIR.append("")
     try:
         yield
     finally:
-        shutil.rmtree(_PLAIN_DIR.pop(), ignore_errors=True)
+        if directory := _PLAIN_DIR.pop():
+            shutil.rmtree(directory, ignore_errors=True)
         _PLAIN.clear()
 
 
@@ -365,6 +366,7 @@ def _readable(path: str) -> str:
     if not path.endswith(".gz") or not _PLAIN_DIR:
         return path
     if path not in _PLAIN:
+        _PLAIN_DIR[0] = _PLAIN_DIR[0] or tempfile.mkdtemp(prefix="llm_jax-gunzip-")  # made for the first .gz
         _PLAIN[path] = _gunzip(path, os.path.join(_PLAIN_DIR[0], f"{len(_PLAIN)}.txt"))
     return _PLAIN[path]
 
