@@ -282,9 +282,12 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
     if not os.path.isfile(path):
         raise NotFound(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
     examples = []
+    bound = sources.MAX_LINE_BYTES
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(bound + 1), b""), 1):  # a huge line is never read whole
             where = f"{path}:{n}"
+            if len(raw) > bound:
+                raise BadValue(f"{where}: a line longer than {bound:,} bytes; split that example or leave it out")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -201,9 +201,8 @@ def check_batch(config, mesh, model_cfg) -> None:
 def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config checked (unknown keys, training values) and finalized; idempotent."""
     config_lib.check_keys(config)
-    config = config_lib.finalize(config)
-    config_lib.check_train(config.train)
-    return config
+    config_lib.check_values(config)  # before finalize fills in the derived values (0 = same as ...)
+    return config_lib.finalize(config)
 
 
 @dataclasses.dataclass(frozen=True)
