@@ -43,7 +43,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     # activations
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", "sequence"),  # context parallelism (models/context_parallel.py)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -51,7 +51,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_vocab", "tensor"),
     # KV cache: sharded like the activations that fill it
     ("cache_batch", BATCH_AXES),
-    ("cache_length", None),
+    ("cache_length", "sequence"),  # a long prompt's cache split along its length
     ("cache_kv_heads", "tensor"),
 )
 
@@ -169,8 +169,14 @@ def boxed_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a [batch, length] token batch: rows over data x fsdp, length replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+    """Sharding of a [batch, length] token batch: rows over data x fsdp, length over sequence (the
+    activations' own split, so context parallelism starts without a reshuffle)."""
+    return NamedSharding(mesh, P(BATCH_AXES, "sequence"))
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of arrays of any rank and length by their rows alone (data x fsdp)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -187,7 +193,7 @@ def host_to_global(local: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
-def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
+def check_divisible(mesh: Mesh, model_cfg, global_batch: int, seq_len: int | None = None) -> None:
     """Fails early, naming the value, when a dimension cannot be split over its mesh axis."""
     dp = data_parallel_size(mesh)
     tp = mesh.shape["tensor"]
@@ -195,6 +201,8 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
     problems = []
     if global_batch % dp:
         problems.append(f"batch_size={global_batch} is not divisible by data*fsdp={dp}")
+    if seq_len is not None and seq_len % mesh.shape["sequence"]:
+        problems.append(f"data.seq_len={seq_len} is not divisible by mesh sequence={mesh.shape['sequence']}")
     for name, value in (
         ("num_heads", model_cfg.num_heads),
         ("num_kv_heads", model_cfg.kv_heads),
