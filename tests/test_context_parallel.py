@@ -7,6 +7,7 @@ masks are read across shards by global index, and RoPE by each token's own posit
 """
 
 import functools
+from types import SimpleNamespace
 
 import jax
 import leafcheck
@@ -14,23 +15,42 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_sharding import BATCH, CONFIGS, FAST, make_batch, mean_loss, mesh_of, no_grad_leaves, ref_grads, ref_state
-from test_sharding import state_shardings as param_shardings
+from test_sharding import (
+    BATCH,
+    CONFIGS,
+    FAST,
+    SEQ,
+    make_batch,
+    mean_loss,
+    mesh_of,
+    no_grad_leaves,
+    optimizer,
+    ref_grads,
+    ref_state,
+)
 
 from llm_jax.models.model import TransformerLM
 from llm_jax.runtime import sharding
 from llm_jax.tools import hlo
+from llm_jax.training import state as state_lib
 
 # (data, fsdp, expert, sequence, tensor)
 SEQ8, DATA2_SEQ4, FSDP2_SEQ2_TP2 = (1, 1, 1, 8, 1), (2, 1, 1, 4, 1), (1, 2, 1, 2, 2)
 
 
+def param_shardings(name, mesh, rules):
+    init = state_lib.init_state_fn(TransformerLM(CONFIGS[name]), optimizer(), SEQ)
+    return sharding.boxed_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules).params
+
+
 def compiled_grads(name, shape):
-    """(compiled value-and-grad of the mean loss on the mesh, its params, its batch)."""
+    """(compiled value-and-grad of the mean loss on the mesh, its params, its batch), under the
+    rules a run with this mesh gets (`logical_rules`: parameters over fsdp x sequence)."""
     cfg = CONFIGS[name]
     mesh = mesh_of(shape)
-    sharding.check_divisible(mesh, cfg, BATCH, 16)
-    param_sh = param_shardings(name, mesh).params
+    rules = sharding.logical_rules(SimpleNamespace(mesh=SimpleNamespace(**mesh.shape)))
+    sharding.check_divisible(mesh, cfg, BATCH, SEQ)
+    param_sh = param_shardings(name, mesh, rules)
     params = jax.device_put(ref_state(name).params, param_sh)
     batch = sharding.host_to_global(make_batch(cfg, packed=name.endswith("_packed")), mesh)
     grad_fn = jax.jit(
@@ -39,7 +59,7 @@ def compiled_grads(name, shape):
         out_shardings=(NamedSharding(mesh, P()), param_sh),
         compiler_options=FAST,
     )
-    with sharding.use_mesh(mesh, sharding.LOGICAL_RULES):
+    with sharding.use_mesh(mesh, rules):
         compiled = grad_fn.lower(params, batch).compile()
     return compiled, params, batch
 
@@ -58,6 +78,9 @@ def test_context_parallel_equals_single_device(name, shape):
     loss, grads = compiled(params, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     leafcheck.assert_close(grads, ref_g, noise=no_grad_leaves(CONFIGS[name]), what=f"grads on {shape}")
+    if shape == FSDP2_SEQ2_TP2:  # parameters split along embed over fsdp x sequence, heads over tensor
+        q = params["layers_0"]["attn"]["query"]["kernel"]  # [embed 32, heads 8, kv 4]
+        assert {s.data.shape for s in q.addressable_shards} == {(8, 4, 4)}
     if shape == SEQ8:
         # Nothing else is sharded on this mesh, so every all-gather is attention's keys/values (and
         # segment ids): per layer, forward and backward (remat recomputes the forward).
@@ -69,7 +92,10 @@ def test_context_parallel_equals_single_device(name, shape):
         assert any(kv in s for op in gathers for s in op.shapes), [op.shapes for op in gathers]
 
 
-def test_sequence_length_must_divide_over_the_sequence_axis():
+def test_sequence_length_and_embed_must_divide_over_the_sequence_axis():
     mesh = mesh_of((1, 1, 1, 8, 1))
     with pytest.raises(sharding.BadValue, match="seq_len=12 is not divisible by mesh sequence=8"):
         sharding.check_divisible(mesh, CONFIGS["gpt_gqa"], BATCH, 12)
+    narrow = SimpleNamespace(num_heads=8, kv_heads=8, mlp_dim=64, vocab_size=128, embed_dim=36)
+    with pytest.raises(sharding.BadValue, match="embed_dim=36 is not divisible by mesh fsdp\\*sequence=8"):
+        sharding.check_divisible(mesh, narrow, BATCH, SEQ)

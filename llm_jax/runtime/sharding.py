@@ -140,8 +140,15 @@ def _slices_axis(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> tuple
 
 
 def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:
-    """The rules in force: the defaults, with per-name overrides from `config.mesh.rules` if any."""
-    overrides = dict(getattr(getattr(config, "mesh", None), "rules", None) or {})
+    """The rules in force: the defaults, with per-name overrides from `config.mesh.rules` if any.
+
+    With a sequence axis (`config.mesh.sequence` not 1) parameters are split over it too, along
+    `embed` with `fsdp`: its devices see different tokens of the same rows, so like data-parallel
+    devices they need a layer's weights only while computing it (ZeRO-3 over fsdp x sequence)."""
+    mesh_config = getattr(config, "mesh", None)
+    overrides = dict(getattr(mesh_config, "rules", None) or {})
+    if int(getattr(mesh_config, "sequence", 1)) != 1:
+        overrides = {"embed": ("fsdp", "sequence"), **overrides}
     rules = tuple((name, overrides.pop(name, axes)) for name, axes in LOGICAL_RULES)
     return rules + tuple(overrides.items())
 
@@ -213,6 +220,9 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int, seq_len: int | Non
             problems.append(f"model {name}={value} is not divisible by mesh tensor={tp}")
     if model_cfg.embed_dim % fsdp:
         problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp={fsdp}")
+    elif model_cfg.embed_dim % (fsdp * mesh.shape["sequence"]):  # embed over fsdp x sequence (logical_rules)
+        n = fsdp * mesh.shape["sequence"]
+        problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp*sequence={n}")
     if problems:
         raise BadValue(
             f"mesh {dict(mesh.shape)} does not fit this run: "
