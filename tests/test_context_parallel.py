@@ -10,11 +10,13 @@ import functools
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import leafcheck
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_decode import PROMPTS, gen, model_and_params
 from test_sharding import (
     BATCH,
     CONFIGS,
@@ -29,6 +31,7 @@ from test_sharding import (
     ref_state,
 )
 
+from llm_jax.models import family as family_lib
 from llm_jax.models.model import TransformerLM
 from llm_jax.runtime import sharding
 from llm_jax.tools import hlo
@@ -99,3 +102,22 @@ def test_sequence_length_and_embed_must_divide_over_the_sequence_axis():
     narrow = SimpleNamespace(num_heads=8, kv_heads=8, mlp_dim=64, vocab_size=128, embed_dim=36)
     with pytest.raises(sharding.BadValue, match="embed_dim=36 is not divisible by mesh fsdp\\*sequence=8"):
         sharding.check_divisible(mesh, narrow, BATCH, SEQ)
+
+
+def test_decoding_with_the_cache_sharded_along_the_sequence_equals_single_device():
+    """sequence=4: the KV cache split along its length ('cache_length' -> sequence; 7 prompt + 9
+    new = 16 slots, 4 per device), parameters over fsdp x sequence: the same greedy tokens."""
+    model, params = model_and_params("rope_gqa")
+    expected, _ = gen(model, params, PROMPTS, 9)
+    mesh = mesh_of((1, 1, 1, 4, 1))
+    rules = sharding.logical_rules(SimpleNamespace(mesh=SimpleNamespace(**mesh.shape)))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
+    sharded = jax.device_put(params, sharding.boxed_shardings(boxed, mesh, rules))
+    with sharding.use_mesh(mesh, rules):
+        got, _ = gen(model, sharded, PROMPTS, 9, mesh=mesh)
+        start = jnp.zeros((3,), jnp.int32)
+        cache = jax.jit(lambda: family_lib.of(model).init_cache(model, sharded, 3, 16, start, mesh=mesh).layers)()
+    np.testing.assert_array_equal(got, expected)
+    key = cache["layers"]["attn"]["cached_key"]  # [layers, b, k, c, d] (scanned)
+    assert key.sharding.spec[3] == "sequence", key.sharding
+    assert {s.data.shape[3] for s in key.addressable_shards} == {4}
