@@ -5,7 +5,10 @@ The model names logical axes; this file alone maps them onto the physical mesh a
 - batch-like activation axes go over `data` x `fsdp` (every device sees a different slice of the batch);
 - parameters are sharded over `fsdp` along their `embed` dim (ZeRO-3 style: gathered per layer in
   the forward pass, gradients reduce-scattered), and over `tensor` along heads / mlp / vocab
-  (Megatron style).
+  (Megatron style);
+- with a `sequence` axis, activations (and the KV cache) are split along their length over it
+  (context parallelism: llm_jax/models/context_parallel.py) and parameters along `embed` over
+  fsdp x sequence (`logical_rules`).
 """
 
 from __future__ import annotations
