@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer_train_chars = 5_000_000  # sentencepiece is trained on at most this much text
     d.seq_len = 128
     d.packing = "none"  # 'none' | 'documents' (attention and positions restart at each document)
+    d.long_documents = False  # True: every window inside one document of >= seq_len + 1 tokens (long context)
     # Prepared token files (llm_jax/data/prepare.py): '' = $LLM_JAX_CACHE or ~/.cache/llm_jax; share it across hosts
     d.cache_dir = ""
     d.prepare_workers = 0  # tokenizing processes; 0: one per core (none under 16 MB of text)
@@ -202,6 +203,7 @@ SOURCE_KEYS = {
     "tfds_val_split": ("tfds",),
     "tfds_text_key": ("tfds",),
     "max_docs": ("tfds",),
+    "long_documents": _STREAMED,
     "cache_dir": _STREAMED,
     "prepare_workers": _STREAMED,
     "prepare_shard_mb": _STREAMED,

@@ -186,7 +186,7 @@ def check_batch(config, mesh, model_cfg) -> None:
     data*fsdp, the training batch into grad_accum_steps micro-batches that each do, and over the
     processes (each feeds its own rows)."""
     tc = config.train
-    sharding.check_divisible(mesh, model_cfg, tc.batch_size)
+    sharding.check_divisible(mesh, model_cfg, tc.batch_size, config.data.seq_len)
     sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
     dp = sharding.data_parallel_size(mesh)
     if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % dp:
