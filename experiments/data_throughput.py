@@ -18,7 +18,11 @@ file. Steps, each timed from outside as a user would run it:
    each size, one text file of Tiny Shakespeare copied with variation ($LLM_JAX_DATA, default
    ../shared/data), and `python -m llm_jax.main --config configs/default.py` for 20 steps on it
    into a fresh cache (so the run prepares it: worker processes included); the peak resident
-   memory of the whole process tree, summed over its processes, polled every 50 ms (psutil).
+   memory of the whole process tree, summed over its processes, polled every 50 ms (psutil), and
+   of the main process and the workers apart; --memory_rounds rounds (default 3), the sizes
+   alternating, and the ratio of the medians (the trainer's own peak moved between 972 and
+   1,291 MiB over runs of the same code here, as llm_jax/runtime/hostmem.py records of the kept
+   heap of bench_cpu: one run per size is not a measurement).
 
 Prints one JSON object (last line of stdout). Requirements of issue 11: loader >= 20x the step,
 prepare of the 1 GB corpus < 600 s, training starts < 15 s after it; of issue 26: the larger
@@ -32,6 +36,7 @@ import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -114,8 +119,9 @@ def write_shakespeare(path: str, target_bytes: int) -> int:
     return written
 
 
-def peak_tree_rss(cmd: list[str]) -> tuple[float, str]:
-    """(peak resident MiB of `cmd`'s process tree, summed over its processes, its output)."""
+def peak_tree_rss(cmd: list[str]) -> tuple[dict, str]:
+    """Peak resident MiB of `cmd`'s process tree (summed over its processes: `tree`), of its main
+    process (`main`) and of the rest together (`children`), each at its own peak; and its output."""
     import psutil
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -123,35 +129,43 @@ def peak_tree_rss(cmd: list[str]) -> tuple[float, str]:
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
     reader.start()
-    root, peak = psutil.Process(p.pid), 0
+    root, peak = psutil.Process(p.pid), dict.fromkeys(("tree", "main", "children"), 0)
     while p.poll() is None:
-        total = 0
+        rss = {}
         for q in [root, *root.children(recursive=True)]:
             try:
-                total += q.memory_info().rss
+                rss[q.pid] = q.memory_info().rss
             except psutil.Error:  # a process that just ended
                 pass
-        peak = max(peak, total)
+        now = {"tree": sum(rss.values()), "main": rss.get(p.pid, 0)}
+        now["children"] = now["tree"] - now["main"]
+        peak = {k: max(v, now[k]) for k, v in peak.items()}
         time.sleep(0.05)
     reader.join()
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines[-30:])}")
-    return peak / 2**20, "".join(lines)
+    return {k: round(v / 2**20) for k, v in peak.items()}, "".join(lines)
 
 
-def memory_comparison(directory: str, sizes_mb: list[int]) -> dict:
-    """Peak memory of the default run, prepare included, on each size of text (step 6)."""
-    out = {}
+def memory_comparison(directory: str, sizes_mb: list[int], rounds: int) -> dict:
+    """Peak memory of the default run, prepare included, on each size of text (step 6): `rounds`
+    rounds, the sizes alternating, each run into a fresh workdir and cache; medians per size."""
+    paths = {mb: os.path.join(directory, f"shakespeare-{mb}mb.txt") for mb in sizes_mb}
+    out = {f"{mb}mb": {"text_bytes": write_shakespeare(path, mb << 20)} for mb, path in paths.items()}
+    for r in range(rounds):
+        for mb, path in paths.items():
+            run_dir = os.path.join(directory, f"run{mb}-{r}")
+            run = [sys.executable, "-m", "llm_jax.main", "--config=configs/default.py", f"--workdir={run_dir}"]
+            run += data_flags(path, os.path.join(run_dir, "cache")) + ["--config.train.num_steps=20"]
+            peak, log = peak_tree_rss(run)
+            assert "prepare:" in log, "the run did not prepare its data (a stale cache?)"
+            for k, v in peak.items():
+                out[f"{mb}mb"].setdefault(f"peak_{k}_mib", []).append(v)
+            shutil.rmtree(run_dir)
     for mb in sizes_mb:
-        path = os.path.join(directory, f"shakespeare-{mb}mb.txt")
-        nbytes = write_shakespeare(path, mb << 20)
-        run = [sys.executable, "-m", "llm_jax.main", "--config=configs/default.py", f"--workdir={directory}/run{mb}"]
-        run += data_flags(path, os.path.join(directory, f"cache{mb}")) + ["--config.train.num_steps=20"]
-        peak, log = peak_tree_rss(run)
-        assert "prepare:" in log, "the run did not prepare its data (a stale cache?)"
-        out[f"{mb}mb"] = {"text_bytes": nbytes, "peak_tree_mib": round(peak)}
-        os.remove(path)
-    small, large = (out[f"{mb}mb"]["peak_tree_mib"] for mb in (sizes_mb[0], sizes_mb[-1]))
+        out[f"{mb}mb"]["median_peak_tree_mib"] = statistics.median(out[f"{mb}mb"]["peak_tree_mib"])
+        os.remove(paths[mb])
+    small, large = (out[f"{mb}mb"]["median_peak_tree_mib"] for mb in (sizes_mb[0], sizes_mb[-1]))
     return {"memory": out, "memory_ratio": round(large / small, 3)}
 
 
@@ -162,11 +176,14 @@ def main() -> None:
     ap.add_argument("--sp_mb", type=int, default=64, help="MB prepared with SentencePiece (0: skip)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and cache afterwards")
     ap.add_argument("--memory", default="60,600", help="MB of text of the memory comparison ('' skips it)")
+    ap.add_argument("--memory_rounds", type=int, default=3, help="runs per size, alternating (medians)")
     ap.add_argument("--memory_only", action="store_true", help="run only the memory comparison")
     args = ap.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
-    memory = memory_comparison(args.dir, [int(x) for x in args.memory.split(",")]) if args.memory else {}
+    memory = (
+        memory_comparison(args.dir, [int(x) for x in args.memory.split(",")], args.memory_rounds) if args.memory else {}
+    )
     if args.memory_only:
         shutil.rmtree(args.dir, ignore_errors=True)
         print(

@@ -1,12 +1,12 @@
 """Input pipeline: prepared token files -> windows -> per-process batches, a pure function of (seed, step).
 
-Every language-modelling source (`stdlib`, `text`, `tfds`: llm_jax/data/sources.py) is tokenized once
-by llm_jax/data/prepare.py into sharded token files; `load_data` prepares them on first use and opens
-them here as memory maps (`TokenFiles`), so a run's memory does not grow with the corpus and every
-process reads only the windows of its own rows. `jsonl` (prompt-completion fine-tuning, small by
-nature) is read whole: `PromptCompletionData`, at the end of this file, with prompt-completion lines or
-conversations (`{"messages": [...]}` lines, rendered by the tokenizer's chat template, the
-assistant turns learned).
+Every language-modelling source (`stdlib`, `text`, `tfds`: llm_jax/data/sources.py) is tokenized
+once by llm_jax/data/prepare.py into sharded token files; `load_data` prepares them on first use and
+opens them here (`TokenFiles`: each window read from its shard file), so a run's memory does not
+grow with the corpus and every process reads only the windows of its own rows. `jsonl`
+(prompt-completion fine-tuning, small by nature) is read whole: `PromptCompletionData`, at the end
+of this file, with prompt-completion lines or conversations (`{"messages": [...]}` lines, rendered
+by the tokenizer's chat template, the assistant turns learned).
 
 Batches are windows of `seq_len + 1` tokens at positions drawn from a generator seeded with
 `(seed, step)`: the batch of step N is a pure function of N, so the iterator's whole state is the
@@ -104,8 +104,8 @@ class TokenFiles:
             if not part:
                 path = os.path.join(self.directory, self.shards[i]["name"] + ".tokens")
                 raise BadValue(
-                    f"{path} ends at byte {at}, before the {self.shards[i]['tokens']:,} tokens its manifest counts; "
-                    f"delete {self.directory} to prepare it again"
+                    f"{path} holds {os.fstat(fd).st_size:,} bytes, fewer than the {self.shards[i]['tokens']:,} tokens "
+                    f"x {size} bytes its manifest counts; delete {self.directory} to prepare it again"
                 )
             parts.append(part)
             want, at = want - len(part), at + len(part)

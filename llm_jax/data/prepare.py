@@ -1,5 +1,5 @@
 """Prepare: a source tokenized once, in parallel, into sharded token files that every later run and
-every host reads through memory maps.
+every host reads window by window.
 
     python -m llm_jax.prepare --config configs/X.py [--config.data.KEY=VALUE ...] [--workdir DIR]
 

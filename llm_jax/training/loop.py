@@ -185,11 +185,12 @@ def _load_own_data(config, workdir: str, start_over: bool, log):
 def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, log):
     """(step, state, loop data, unreadable steps) of the newest usable checkpoint; read only."""
     present = os.path.isdir(ckpt_lib.checkpoint_dir(workdir))
-    seen, other = distributed.differing(str(present))  # every process must take the same branch
+    seen = [json.loads(t) for t in distributed.all_texts(json.dumps([present, ckpt_lib.checkpoint_dir(workdir)]))]
+    other = next((i for i, (p, _) in enumerate(seen) if p != seen[0][0]), None)  # all must take the same branch
     if other is not None:
-        has, lacks = (0, other) if seen[0] == "True" else (other, 0)
+        has, lacks = (0, other) if seen[0][0] else (other, 0)
         raise Unavailable(
-            f"{ckpt_lib.checkpoint_dir(workdir)} exists on process {has} but not on process {lacks}; give every "
+            f"{seen[has][1]} exists on process {has} but {seen[lacks][1]} does not on process {lacks}; give every "
             "host the same (shared) --workdir"
         )
     if not present:
