@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from llm_jax.models import family as family_lib
+from llm_jax.runtime import sharding
 
 _LAYER = re.compile(r"layers_(\d+)")
 
@@ -164,7 +165,7 @@ def summarize(model, params=None, mesh=None, rules=None, seq_len: int | None = N
         f"FLOPs per token (training, context {d['seq_len']}): {d['flops_per_token'] / 1e6:,.2f} M",
     ]
     if d["mesh"] is not None:
-        axes = " x ".join(f"{k}={v}" for k, v in d["mesh"].items())
+        axes = " x ".join(f"{k}={v}" for k, v in sharding.shown_axes(d["mesh"]).items())
         n = jax.process_count()
         lines.append(f"mesh: {axes} over {d['devices']} devices in {n} process{'es' if n > 1 else ''}")
     lines.append("parameters per module:")
