@@ -11,7 +11,9 @@ smoothing 0.1, dropout 0.1, pairs packed into rows of 64 + 64 tokens. The valida
 (beam 4) is logged as training goes. `:tiny` is a seconds-long smoke run of the same code.
 
 Expected (measured 2026-11-29 on 2 CPU cores): 3000 steps in 52.5 min for the whole command
-(before llm_jax/runtime/hostmem.py, which makes the step 1.41x faster; not re-run);
+(before llm_jax/runtime/hostmem.py, which makes the step 1.41x faster; not re-run; the host's
+float32 matmul peak was not recorded for this run: that day's quiet benchmarks measured ~500 GFLOP/s,
+and a host measuring 180 takes longer);
 eval loss (plain cross-entropy, nats per target token) 4.82 / 3.80 / 2.93 / 2.58 / 2.44 / 2.39
 at steps 500 - 3000; validation BLEU 9.5 / 26.5 / 29.7 at steps 1000 / 2000 / 3000; the
 translate command above: BLEU 30.3 on test_2016_flickr (beam 4, sacrebleu on detokenized cased

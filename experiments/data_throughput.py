@@ -2,6 +2,7 @@
 training, and loader throughput against what the training step of configs/bench_cpu.py consumes.
 
     python experiments/data_throughput.py [--gb 1.0] [--dir /tmp/llm_jax_data_bench] [--sp_mb 64]
+        [--memory 60,600] [--memory_only]
 
 The corpus is the standard library's sources repeated with variation (each copy renames `self` and
 carries a header), written as ~4 MB files under --dir (never in the repository), one document per
@@ -13,8 +14,19 @@ file. Steps, each timed from outside as a user would run it:
 4. `python -m llm_jax.bench --config configs/bench_cpu.py`: the training step's tokens/s;
 5. with --sp_mb > 0, prepare of the first sp_mb MB with a SentencePiece tokenizer (tokenizer-bound).
 
+6. with --memory A,B (MB; default 60,600; '' skips): memory flat in the corpus size (issue 26). For
+   each size, one text file of Tiny Shakespeare copied with variation ($LLM_JAX_DATA, default
+   ../shared/data), and `python -m llm_jax.main --config configs/default.py` for 20 steps on it
+   into a fresh cache (so the run prepares it: worker processes included); the peak resident
+   memory of the whole process tree, summed over its processes, polled every 50 ms (psutil), and
+   of the main process and the workers apart; --memory_rounds rounds (default 3), the sizes
+   alternating, and the ratio of the medians (the trainer's own peak moved between 972 and
+   1,291 MiB over runs of the same code here, as llm_jax/runtime/hostmem.py records of the kept
+   heap of bench_cpu: one run per size is not a measurement).
+
 Prints one JSON object (last line of stdout). Requirements of issue 11: loader >= 20x the step,
-prepare of the 1 GB corpus < 600 s, training starts < 15 s after it.
+prepare of the 1 GB corpus < 600 s, training starts < 15 s after it; of issue 26: the larger
+corpus's peak <= 1.1x the smaller's.
 """
 
 from __future__ import annotations
@@ -24,8 +36,10 @@ import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,14 +105,97 @@ def loader_throughput(path: str, cache: str, packing: str, steps: int = 2000) ->
     return n / (time.time() - t0)
 
 
+def write_shakespeare(path: str, target_bytes: int) -> int:
+    """Tiny Shakespeare copied with variation (each copy numbered, 'the' renamed) into one file."""
+    src = os.path.join(os.environ.get("LLM_JAX_DATA", os.path.join(REPO, "..", "shared", "data")), "tinyshakespeare")
+    with open(os.path.join(src, "input.txt"), encoding="utf-8") as f:
+        text = f.read()
+    written, copy = 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target_bytes:
+            part = f"\n== copy {copy} ==\n" + text.replace("the", f"th{copy % 97}e")
+            f.write(part)
+            written, copy = written + len(part.encode("utf-8")), copy + 1
+    return written
+
+
+def peak_tree_rss(cmd: list[str]) -> tuple[dict, str]:
+    """Peak resident MiB of `cmd`'s process tree (summed over its processes: `tree`), of its main
+    process (`main`) and of the rest together (`children`), each at its own peak; and its output."""
+    import psutil
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
+    root, peak = psutil.Process(p.pid), dict.fromkeys(("tree", "main", "children"), 0)
+    while p.poll() is None:
+        rss = {}
+        for q in [root, *root.children(recursive=True)]:
+            try:
+                rss[q.pid] = q.memory_info().rss
+            except psutil.Error:  # a process that just ended
+                pass
+        now = {"tree": sum(rss.values()), "main": rss.get(p.pid, 0)}
+        now["children"] = now["tree"] - now["main"]
+        peak = {k: max(v, now[k]) for k, v in peak.items()}
+        time.sleep(0.05)
+    reader.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines[-30:])}")
+    return {k: round(v / 2**20) for k, v in peak.items()}, "".join(lines)
+
+
+def memory_comparison(directory: str, sizes_mb: list[int], rounds: int) -> dict:
+    """Peak memory of the default run, prepare included, on each size of text (step 6): `rounds`
+    rounds, the sizes alternating, each run into a fresh workdir and cache; medians per size."""
+    paths = {mb: os.path.join(directory, f"shakespeare-{mb}mb.txt") for mb in sizes_mb}
+    out = {f"{mb}mb": {"text_bytes": write_shakespeare(path, mb << 20)} for mb, path in paths.items()}
+    for r in range(rounds):
+        for mb, path in paths.items():
+            run_dir = os.path.join(directory, f"run{mb}-{r}")
+            run = [sys.executable, "-m", "llm_jax.main", "--config=configs/default.py", f"--workdir={run_dir}"]
+            run += data_flags(path, os.path.join(run_dir, "cache")) + ["--config.train.num_steps=20"]
+            peak, log = peak_tree_rss(run)
+            assert "prepare:" in log, "the run did not prepare its data (a stale cache?)"
+            for k, v in peak.items():
+                out[f"{mb}mb"].setdefault(f"peak_{k}_mib", []).append(v)
+            shutil.rmtree(run_dir)
+    for mb in sizes_mb:
+        out[f"{mb}mb"]["median_peak_tree_mib"] = statistics.median(out[f"{mb}mb"]["peak_tree_mib"])
+        os.remove(paths[mb])
+    small, large = (out[f"{mb}mb"]["median_peak_tree_mib"] for mb in (sizes_mb[0], sizes_mb[-1]))
+    return {"memory": out, "memory_ratio": round(large / small, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--dir", default="/tmp/llm_jax_data_bench")
     ap.add_argument("--sp_mb", type=int, default=64, help="MB prepared with SentencePiece (0: skip)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and cache afterwards")
+    ap.add_argument("--memory", default="60,600", help="MB of text of the memory comparison ('' skips it)")
+    ap.add_argument("--memory_rounds", type=int, default=3, help="runs per size, alternating (medians)")
+    ap.add_argument("--memory_only", action="store_true", help="run only the memory comparison")
     args = ap.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    memory = (
+        memory_comparison(args.dir, [int(x) for x in args.memory.split(",")], args.memory_rounds) if args.memory else {}
+    )
+    if args.memory_only:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        print(
+            json.dumps(
+                {
+                    **memory,
+                    "cores": os.cpu_count(),
+                    "requirements": {"memory_ratio_at_most_1_1": memory.get("memory_ratio", 0) <= 1.1},
+                }
+            )
+        )
+        return
     corpus, cache = os.path.join(args.dir, "corpus"), os.path.join(args.dir, "cache")
     t0 = time.time()
     nbytes, nfiles = make_corpus(corpus, int(args.gb * (1 << 30)))
@@ -133,10 +230,12 @@ def main() -> None:
         out["sp_prepare_mb_per_s"] = round(sp_bytes / 2**20 / t["total"], 1)
 
     out["cores"] = os.cpu_count()
+    out.update(memory)
     out["requirements"] = {
         "loader_at_least_20x_step": out["loader_over_step"] >= 20,
         "prepare_under_600s": out["prepare_s"] < 600,
         "training_starts_under_15s": out["training_starts_s"] < 15,
+        **({"memory_ratio_at_most_1_1": memory["memory_ratio"] <= 1.1} if memory else {}),
     }
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)

@@ -48,3 +48,42 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     a, b = (leafcheck.state_parts(R.read_state(d, STEPS)) for d in (multi, single))
     for part in a:
         leafcheck.assert_close(a[part], b[part], noise=("['key']['bias']",), what=part)
+
+
+def test_a_host_whose_data_differs_stops_every_host_with_the_same_line(tmp_path):
+    """The same relative --config.data.path holds different text on each 'host' (each process runs
+    in its own directory, with its own cache there): their char tokenizers differ, so their models
+    would differ too. Both processes stop with one identical line (never a hang in a collective),
+    and the shared workdir, which neither had written yet, is left as it was: absent. (Before
+    issue 26 both trained to the end, each host feeding ids that the other's tokenizer never made.)"""
+    import subprocess
+    import sys
+
+    addr, workdir = f"127.0.0.1:{_free_port()}", str(tmp_path / "run")
+    over = R.tiny_overrides("corpus.txt", 2, 2, **{"data.tokenizer": "char", "data.cache_dir": "cache"})
+    procs = []
+    for i, text in enumerate(("abcdefgh ijk\n" * 4000, "ABCDEFGH IJK LMN\n" * 4000)):
+        host = tmp_path / f"host{i}"
+        host.mkdir()
+        (host / "corpus.txt").write_text(text)
+        cmd = [sys.executable, "-m", "llm_jax.main", f"--config={R.REPO}/configs/default.py:tiny"]
+        cmd += [f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in over.items())]
+        cmd += [f"--coordinator_address={addr}", "--num_processes=2", f"--process_id={i}"]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        procs.append(subprocess.Popen(cmd, cwd=host, env=R.env(2), **pipes))
+    results = []
+    for p in procs:
+        try:
+            results.append(p.communicate(timeout=150))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("a process hung instead of stopping with the other") from None
+    lines = []
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode != 0 and "Traceback" not in err, err[-3000:]
+        lines.append(err.strip().splitlines()[-1])
+    assert lines[0] == lines[1], lines
+    assert lines[0].startswith("main: error: the processes hold different data: process 0 tokenizer"), lines[0]
+    assert "process 1 tokenizer" in lines[0] and "cache of process 1's host" in lines[0], lines[0]
+    assert not os.path.exists(workdir)

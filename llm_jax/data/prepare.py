@@ -1,5 +1,5 @@
 """Prepare: a source tokenized once, in parallel, into sharded token files that every later run and
-every host reads through memory maps.
+every host reads window by window.
 
     python -m llm_jax.prepare --config configs/X.py [--config.data.KEY=VALUE ...] [--workdir DIR]
 
@@ -33,6 +33,7 @@ written, under a file lock (a second preparer of the same set waits, then reuses
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -304,6 +305,12 @@ def _run_tasks(work: list[tuple], workers: int, log) -> None:
 # One task (in a worker process or here)
 
 _TOKENIZERS: dict[str, tok_lib.Tokenizer] = {}
+# Text encoded at a time: a worker's memory is a few times this (the ids as int32, then in the
+# shard's dtype) on top of one piece's text, instead of ~15 times a whole task's text.
+_ENCODE_CHARS = 4 << 20
+# The tokenizers whose ids for a text are the concatenation of their ids for its lines (bytes and
+# characters one by one; SentencePiece line by line); an HF tokenizer encodes a document whole.
+_LINE_LOCAL = ("byte", "char", "sentencepiece")
 
 
 def _dtype(tokenizer: tok_lib.Tokenizer) -> np.dtype:
@@ -314,33 +321,57 @@ def _task_json(directory: str, index: int) -> str:
     return os.path.join(directory, f"task-{index:05d}.json")
 
 
+def _slices(text: str, kind: str):
+    """`text` in slices of about _ENCODE_CHARS cut just after a newline, for a tokenizer that
+    encodes line by line or finer (the ids are those of the whole text); whole for any other."""
+    if kind not in _LINE_LOCAL or len(text) <= _ENCODE_CHARS:
+        yield text
+        return
+    lo = 0
+    while lo < len(text):
+        hi = text.find("\n", lo + _ENCODE_CHARS) + 1 or len(text)
+        yield text[lo:hi]
+        lo = hi
+
+
 def _run_task(work: tuple) -> dict:
-    """Tokenizes one task's pieces into `{train,val}-NNNNN` shards; its task json is written last."""
+    """Tokenizes one task's pieces into `{train,val}-NNNNN` shards; its task json is written last.
+
+    Ids are written to the shard as each slice of text is encoded (`_slices`), never gathered for
+    the whole task: a worker holds one piece's text and one slice's ids, whatever the corpus."""
     index, pieces, directory = work
     tok_dir = os.path.join(directory, "tokenizer")
     if tok_dir not in _TOKENIZERS:
         _TOKENIZERS[tok_dir] = tok_lib.load(tok_dir)
     tokenizer = _TOKENIZERS[tok_dir]
+    dtype = _dtype(tokenizer)
     eos = None if tokenizer.eos_id is None else np.asarray([tokenizer.eos_id], np.int32)
-    parts = {s: [] for s in SPLITS}
     starts = {s: [] for s in SPLITS}
     sizes = dict.fromkeys(SPLITS, 0)
-    for piece in pieces:
-        for doc in sources.read_piece(piece):
-            if doc.starts_doc:
-                starts[doc.split].append(sizes[doc.split])
-            ids = [_checked(tokenizer.encode_array(doc.text), tokenizer, piece)] if doc.text else []
-            if doc.ends_doc and eos is not None:
-                ids.append(eos)
-            parts[doc.split] += ids
-            sizes[doc.split] += sum(len(x) for x in ids)
+    with contextlib.ExitStack() as stack:
+        out = {}  # split -> its shard's token file, opened (atomically) at its first id
+
+        def write(split: str, ids: np.ndarray) -> None:
+            if split not in out:
+                path = os.path.join(directory, f"{split}-{index:05d}.tokens")
+                out[split] = stack.enter_context(files.atomic_open(path, "wb"))
+            out[split].write(np.ascontiguousarray(ids, dtype))
+            sizes[split] += len(ids)
+
+        for piece in pieces:
+            for doc in sources.read_piece(piece):
+                if doc.starts_doc:
+                    starts[doc.split].append(sizes[doc.split])
+                for text in _slices(doc.text, tokenizer.kind):
+                    if text:
+                        write(doc.split, _checked(tokenizer.encode_array(text), tokenizer, piece))
+                if doc.ends_doc and eos is not None:
+                    write(doc.split, eos)
     info = {"text_bytes": sum(p.nbytes for p in pieces)}
     for split in SPLITS:
         if not sizes[split]:
             continue
         name = f"{split}-{index:05d}"
-        tokens = np.concatenate(parts[split]).astype(_dtype(tokenizer))
-        files.write_bytes(os.path.join(directory, name + ".tokens"), tokens.tobytes())
         buf = _npy_bytes(np.asarray(starts[split], np.int64))
         files.write_bytes(os.path.join(directory, name + ".docs.npy"), buf)
         info[split] = {"name": name, "tokens": int(sizes[split]), "docs": len(starts[split])}

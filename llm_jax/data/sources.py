@@ -58,6 +58,7 @@ _STDLIB_SKIP = (
 )
 _TFDS_RECORDS_PER_PIECE = 20_000
 _BLOCK = 1 << 24  # bytes read at a time when scanning a large file
+_OFFSET_BLOCK = 1 << 20  # ... when locating characters (their offsets are int64: 8 bytes per byte read)
 # A JSON-lines document longer than this is refused (never read whole into a worker); text without a
 # line end for a whole piece is cut at a character boundary instead.
 MAX_LINE_BYTES = 64 << 20
@@ -431,7 +432,7 @@ def char_offsets(path: str, chars: list[int]) -> list[int]:
     want = iter(chars)
     target = next(want, None)
     with _open(path) as f:
-        while target is not None and (block := f.read(_BLOCK)):
+        while target is not None and (block := f.read(_OFFSET_BLOCK)):
             starts = np.flatnonzero((np.frombuffer(block, np.uint8) & 0xC0) != 0x80)
             while target is not None and target < seen + len(starts):
                 out.append(base + int(starts[target - seen]))

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 import jax
 
-from llm_jax.runtime.errors import BadValue
+from llm_jax.runtime.errors import BadValue, UserError
 
 
 def cluster_env_present() -> bool:
@@ -89,6 +90,68 @@ def all_processes(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+_MESSAGE_BYTES = 2048  # the most of one process's error message the others receive
+
+
+def all_texts(text: str) -> list[str]:
+    """Every process's `text` (up to _MESSAGE_BYTES of UTF-8 each), by process index (a collective)."""
+    if jax.process_count() == 1:
+        return [text]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = text.encode()[:_MESSAGE_BYTES]
+    buf = np.zeros(_MESSAGE_BYTES + 2, np.uint8)  # two bytes of length, then the text
+    buf[:2] = divmod(len(raw), 256)
+    buf[2 : 2 + len(raw)] = np.frombuffer(raw, np.uint8)
+    got = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    return [bytes(row[2 : 2 + int(row[0]) * 256 + int(row[1])]).decode(errors="replace") for row in got]
+
+
+def differing(text: str) -> tuple[list[str], int | None]:
+    """(every process's `text`, the first process whose text differs from process 0's, or None): a
+    collective, so every process can raise the same message about a host that differs."""
+    texts = all_texts(text)
+    return texts, next((i for i, t in enumerate(texts) if t != texts[0]), None)
+
+
+def agree(error: UserError | None) -> None:
+    """Raises on every process if `error` is set on any (a collective: every process calls it).
+
+    Where one process alone meets a bad value (a file that differs on its host, a checkpoint that
+    does not fit its model), the others would go on into the next collective and wait there for
+    ever. Here all of them stop with the same line: the first failing process's message, naming
+    it, as the same `UserError` subclass."""
+    kind = "" if error is None else f"{type(error).__module__}:{type(error).__qualname__}"
+    texts = all_texts("" if error is None else f"{kind}\n{error}")
+    failed = [i for i, t in enumerate(texts) if t]
+    if not failed:
+        return
+    if len(texts) == 1:
+        raise error
+    kind, _, message = texts[failed[0]].partition("\n")
+    raise _error_class(kind)(f"process {failed[0]} of {len(texts)}: {message}") from error
+
+
+def _error_class(kind: str) -> type[UserError]:
+    """The UserError subclass named `module:qualname` where this process has that module loaded
+    (it runs the same code as the one that raised it), else UserError."""
+    module, _, name = kind.partition(":")
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, UserError) else UserError
+
+
+def agreed(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on every process, its `UserError` raised on all of them (`agree`)."""
+    try:
+        out = fn(*args, **kwargs)
+    except UserError as e:
+        agree(e)
+        raise  # not reached: agree raises
+    agree(None)
+    return out
 
 
 class Preemption:

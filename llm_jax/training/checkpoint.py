@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llm_jax.runtime.distributed import all_processes
+from llm_jax.runtime.distributed import agreed, all_processes, differing
 from llm_jax.runtime.errors import BadValue, NotFound, Unavailable
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -195,15 +195,15 @@ def restore_latest(
         unusable(step, where, error or "unreadable on another process")
         return None
 
-    for step in sorted(mngr.all_steps(), reverse=True):
+    for step in _steps_of_all(mngr):
         where = os.path.join(str(mngr.directory), str(step))
         small = attempt(lambda: _read_small_parts(mngr, step, where), step, where)  # noqa: B023 - called at once
         if small is None:
             continue
         meta, data_state = small
-        check_shapes(where, meta, abstract_state)
-        if check is not None:
-            check(step, data_state)
+        # A model or tokenizer that does not fit on one process alone must stop all of them: the
+        # others would wait for it for ever in the collective restore.
+        agreed(_check_fits, where, meta, abstract_state, check, step, data_state)
         restored = attempt(lambda: restore(mngr, step, abstract_state), step, where)  # noqa: B023 - called at once
         if restored is None:
             continue
@@ -216,6 +216,25 @@ def restore_latest(
             + ". Move them away to start from scratch, or start over with --config.train.overwrite=True."
         )
     return None, None, {}, []
+
+
+def _check_fits(where: str, meta: Any, abstract_state: Any, check, step: int, data_state: dict) -> None:
+    check_shapes(where, meta, abstract_state)
+    if check is not None:
+        check(step, data_state)
+
+
+def _steps_of_all(mngr: ocp.CheckpointManager) -> list[int]:
+    """The checkpoint steps, newest first, that every process sees; a process that sees others (a
+    workdir that is not shared between hosts) stops all of them with the same line."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    seen, other = differing(json.dumps(steps))
+    if other is not None:
+        raise Unavailable(
+            f"the processes see different checkpoints in {mngr.directory}: process 0 steps {seen[0]}, process "
+            f"{other} steps {seen[other]}; give every host the same (shared) --workdir"
+        )
+    return steps
 
 
 def _read_small_parts(mngr: ocp.CheckpointManager, step: int, where: str) -> tuple[Any, dict]:

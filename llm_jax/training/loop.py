@@ -14,6 +14,7 @@ the run stops naming the last good checkpoint, so that one always is good.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -31,7 +32,7 @@ from llm_jax.inference import translate as translate_lib
 from llm_jax.models import family as family_lib
 from llm_jax.models import flops as flops_lib
 from llm_jax.runtime import distributed, sharding
-from llm_jax.runtime.errors import BadValue, Diverged
+from llm_jax.runtime.errors import BadValue, Diverged, Unavailable, UserError
 from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import optim
 from llm_jax.training import state as state_lib
@@ -134,7 +135,41 @@ def checkpoint_data(trainer: Trainer, ls: LoopState) -> dict:
 
 
 def _load_data(config, workdir: str, start_over: bool, log):
-    """The configured data, with the run's own tokenizer when resuming."""
+    """The configured data, with the run's own tokenizer when resuming; every process holds the same.
+
+    Process 0 loads first: it prepares the data and trains the tokenizer where the cache holds
+    none yet, while the others wait; then they load what it prepared (or, where the cache is not
+    shared, prepare their own copy). An error on any process stops all of them with its line
+    (`distributed.agree`), and so do tokenizers or token counts that differ between processes
+    (host-local files or caches that differ), which would otherwise hang the first collective."""
+    loaded = None
+    for first in (True, False):  # process 0's turn, then the others'
+        error = None
+        if (jax.process_index() == 0) == first:
+            try:
+                loaded = _load_own_data(config, workdir, start_over, log)
+            except UserError as e:
+                error = e
+        distributed.agree(error)
+    _check_same_data(loaded[0])
+    return loaded
+
+
+def _check_same_data(data) -> None:
+    """Raises the same BadValue on every process unless all hold the same tokenizer and token counts."""
+    fp = tok_lib.fingerprint(data.tokenizer)
+    counts = [len(t) for t in (getattr(data, "train_tokens", None), getattr(data, "val_tokens", None)) if t is not None]
+    held, other = distributed.differing(f"tokenizer {json.dumps(fp, sort_keys=True)}, tokens per split {counts}")
+    if other is not None:
+        raise BadValue(
+            f"the processes hold different data: process 0 {held[0]}; process {other} {held[other]}. Give every "
+            "host the same files at config.data.path and the same config.data (or a shared config.data.cache_dir), "
+            f"or delete the stale prepared data or tokenizer in the cache of process {other}'s host"
+        )
+
+
+def _load_own_data(config, workdir: str, start_over: bool, log):
+    """This process's data (see _load_data), with the run's own tokenizer when resuming."""
     saved = not start_over and workdir_lib.has_tokenizer(workdir)
     data = data_lib.load_data(config.data, tokenizer_dir=workdir_lib.tokenizer_dir(workdir) if saved else None, log=log)
     if saved and data.tokenizer.kind != config.data.tokenizer:
@@ -149,7 +184,16 @@ def _load_data(config, workdir: str, start_over: bool, log):
 
 def _restore(workdir: str, abstract, tokenizer_id: dict, tokenizer_source: str, log):
     """(step, state, loop data, unreadable steps) of the newest usable checkpoint; read only."""
-    if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    present = os.path.isdir(ckpt_lib.checkpoint_dir(workdir))
+    seen = [json.loads(t) for t in distributed.all_texts(json.dumps([present, ckpt_lib.checkpoint_dir(workdir)]))]
+    other = next((i for i, (p, _) in enumerate(seen) if p != seen[0][0]), None)  # all must take the same branch
+    if other is not None:
+        has, lacks = (0, other) if seen[0][0] else (other, 0)
+        raise Unavailable(
+            f"{seen[has][1]} exists on process {has} but {seen[lacks][1]} does not on process {lacks}; give every "
+            "host the same (shared) --workdir"
+        )
+    if not present:
         return None, None, {}, []
 
     def check_tokenizer(step, data):
@@ -471,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, extra_ac
         )
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     sharding.make_mesh(config.mesh)  # a mesh the devices cannot take fails here, before the workdir is claimed
-    start_over = workdir_lib.check(workdir, config)
+    start_over = distributed.agreed(workdir_lib.check, workdir, config)
     hint = ", or pass --config.train.wait_for_lock=SECONDS to wait for it; each run needs its own --workdir"
     lock = workdir_lib.claim(workdir, config.train.wait_for_lock, log, "llm_jax.main", hint)
     preemption = distributed.Preemption()  # early: a notice during set-up stops after the first step
