@@ -3,6 +3,7 @@ losses by their formulas, and an MoE TransformerLM that trains, resumes to the b
 
 import dataclasses
 import functools
+import importlib.util
 
 import flax.linen as nn
 import jax
@@ -228,6 +229,15 @@ def test_moe_model_trains_logs_its_router_and_resumes_bit_exactly(tmp_path):
     aux = R.metric(straight, "train/aux_loss")[-1][1]
     assert 1.0 <= aux < 4.0 and R.metric(straight, "train/router_z_loss")[-1][1] > 0
 
+    if importlib.util.find_spec("matplotlib"):  # the notebook extra: the load and router panels
+        from llm_jax.tools import plot
+
+        axes = {ax.get_title(): ax for ax in plot.figure([straight, resumed]).axes if ax.get_visible()}
+        assert len(axes["expert load (one line per expert; dotted: balanced)"].get_lines()) == 2 * (4 + 1)
+        assert {line.get_label() for line in axes["router losses"].get_lines()} == {
+            f"{run} ({kind})" for run in ("straight", "resumed") for kind in ("aux_loss", "router_z_loss")
+        }
+        assert len(axes["loss against wall time"].get_lines()) == 4  # train and eval, two runs
     a, b = load_run(resumed, on_host=True), load_run(straight, on_host=True)
     assert a.step == b.step == 6
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
