@@ -172,6 +172,23 @@ def test_the_dispatches_compute_the_same_model():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_scanned_and_rematerialized_layers_sow_the_same_auxiliary_losses():
+    """Under scan_layers (+ remat) the MoE stats stack on the layer axis: the same objective and metrics."""
+    cfg = dataclasses.replace(MOE, moe_first_dense=0)
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 64)
+    batch = {"inputs": tokens, "targets": tokens}
+    params = nn.meta.unbox(TransformerLM(cfg).init(jax.random.key(0), tokens))["params"]
+    family = family_lib.get("lm")
+    want, (_, _, want_metrics) = family.train_loss(TransformerLM(cfg), params, batch, None)
+    layers = [params.pop(f"layers_{i}") for i in range(3)]
+    stacked = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    scanned = TransformerLM(dataclasses.replace(cfg, scan_layers=True, remat="full"))
+    got, (_, _, metrics) = family.train_loss(scanned, stacked, batch, None)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for key in ("aux_loss", "router_z_loss", "expert_load"):
+        np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
