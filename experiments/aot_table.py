@@ -35,6 +35,7 @@ def preset_config(preset: str):
 
 def table(reports: list[dict]) -> str:
     """Markdown: one row per (preset, slice)."""
+    from llm_jax.runtime.sharding import mesh_label
     from llm_jax.tools.aot import gib
 
     lines = [
@@ -43,7 +44,7 @@ def table(reports: list[dict]) -> str:
         "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in reports:
-        mesh = "/".join(str(v) for v in r["mesh"].values())
+        mesh = mesh_label(r["mesh"])
         fits = "yes" if r["fits"] else "**no**"
         lines.append(
             f"| {r['preset']} | {r['num_params'] / 1e9:.2f} B | {r['topology']} | {r['num_devices']} | {mesh} | "

@@ -110,7 +110,7 @@ def test_bench_run_reports_every_key():
     assert 0 < out["mfu"] < 1
     assert out["num_params"] == 512 * 64 + 32 * 64 + (4 * 64 * 64 + 4 * 64) + (2 * 64 * 128 + 128 + 64) + 3 * 2 * 64
     assert out["peak_memory_bytes"] >= 2 * 4 * out["num_params"] // jax.device_count()  # params + grads at least
-    assert out["mesh"] == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+    assert out["mesh"] == {"data": jax.device_count(), "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}
 
 
 def test_bench_command_prints_json_last_line():

@@ -225,7 +225,7 @@ def test_generation_on_2x4_mesh_equals_single_device():
     """data=2 x tensor=4: sharded params, the cache sharded like the activations, same tokens."""
     model, params = model_and_params("learned")
     expected, _ = gen(model, params, PROMPTS, 8)
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 1, 4), sharding.MESH_AXES)
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 1, 1, 1, 4), sharding.MESH_AXES)
     rules = sharding.LOGICAL_RULES
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
     shardings = sharding.boxed_shardings(boxed, mesh, rules)

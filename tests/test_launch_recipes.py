@@ -11,8 +11,8 @@ import pytest
 import runlib as R
 
 RECIPES = {  # recipe -> what its command must say
-    "experiments/launch_tpu_pod.sh": {"preset": "gpt2-medium", "mesh": [1, 16, 1]},
-    "experiments/launch_slurm_gpu.sbatch": {"preset": "llama-1b", "mesh": [4, 8, 1]},
+    "experiments/launch_tpu_pod.sh": {"preset": "gpt2-medium", "mesh": [1, 16, 1, 1, 1]},
+    "experiments/launch_slurm_gpu.sbatch": {"preset": "llama-1b", "mesh": [4, 8, 1, 1, 1]},
 }
 
 # Parses argv as `python -m llm_jax.main` does, then loads the config as the trainer does and
@@ -35,7 +35,7 @@ config = config_lib.finalize(config)
 config_lib.check_train(config.train)
 vocab = config.data.vocab_size if config.data.tokenizer == "sentencepiece" else 257
 model = config_lib.model_config(config, vocab)
-shape = sharding.resolve_mesh_shape([config.mesh.data, config.mesh.fsdp, config.mesh.tensor], devices)
+shape = sharding.resolve_mesh_shape(sharding.mesh_sizes(config.mesh), devices)
 mesh = types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, shape)))
 sharding.check_divisible(mesh, model, config.train.batch_size)
 print(json.dumps({"preset": model.preset, "mesh": list(shape), "workdir": main.FLAGS.workdir,

@@ -105,8 +105,14 @@ CONFIGS.update({f"{name}_packed": cfg for name, cfg in list(CONFIGS.items())})
 
 
 def mesh_of(shape):
+    """(data, fsdp, tensor), or a size for each of sharding.MESH_AXES -> the mesh."""
     n = math.prod(shape)
-    return sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]), jax.devices()[:n])
+    sizes = (
+        dict(zip(sharding.MESH_AXES, shape))
+        if len(shape) == len(sharding.MESH_AXES)
+        else dict(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    )
+    return sharding.make_mesh(SimpleNamespace(**sizes), jax.devices()[:n])
 
 
 def optimizer():
@@ -438,13 +444,14 @@ def test_compiled_step_has_the_collectives_of_its_parallelism(kind, shape):
 
 # (global shape, per-device shape, PartitionSpec) of the activation constraints of the real step of
 # "gpt_gqa" on the 2x2x2 mesh: batch 16 over data x fsdp (4 rows a device), heads, mlp, vocab over
-# tensor (2). b = 16, t = 16, e = 32, h = 8, d = 4, mlp 64, vocab 128.
-ROWS = ("data", "fsdp")
+# tensor (2), the length over sequence (size 1 here: llm_jax/models/context_parallel.py).
+# b = 16, t = 16, e = 32, h = 8, d = 4, mlp 64, vocab 128.
+ROWS, SQ = ("data", "fsdp"), "sequence"
 ACTIVATIONS = {
-    (16, 16, 32): ((4, 16, 32), P(ROWS, None, None)),  # block input / output [b, t, e]
-    (16, 16, 8, 4): ((4, 16, 4, 4), P(ROWS, None, "tensor", None)),  # queries, attention output
-    (16, 16, 64): ((4, 16, 32), P(ROWS, None, "tensor")),  # MLP hidden
-    (16, 16, 128): ((4, 16, 64), P(ROWS, None, "tensor")),  # logits
+    (16, 16, 32): ((4, 16, 32), P(ROWS, SQ, None)),  # block input / output [b, t, e]
+    (16, 16, 8, 4): ((4, 16, 4, 4), P(ROWS, SQ, "tensor", None)),  # queries, attention output
+    (16, 16, 64): ((4, 16, 32), P(ROWS, SQ, "tensor")),  # MLP hidden
+    (16, 16, 128): ((4, 16, 64), P(ROWS, SQ, "tensor")),  # logits
 }
 
 
@@ -502,7 +509,7 @@ def test_partition_specs_with_scanned_layers_and_swiglu():
 
 def test_batch_sharding_and_host_to_global():
     mesh = mesh_of((2, 2, 2))
-    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), "sequence")
     assert sharding.data_parallel_size(mesh) == 4
     local = {"inputs": np.arange(8 * 3).reshape(8, 3).astype(np.int32)}
     g = sharding.host_to_global(local, mesh)["inputs"]
@@ -516,24 +523,25 @@ def test_batch_sharding_and_host_to_global():
 
 
 def test_resolve_mesh_shape_fills_in_minus_one():
-    assert sharding.resolve_mesh_shape([-1, 1, 1], 8) == (8, 1, 1)
-    assert sharding.resolve_mesh_shape([2, -1, 2], 8) == (2, 2, 2)
-    assert sharding.resolve_mesh_shape([1, 1, -1], 8) == (1, 1, 8)
-    assert sharding.resolve_mesh_shape([2, 1, 4], 8) == (2, 1, 4)
+    assert sharding.resolve_mesh_shape([-1, 1, 1, 1, 1], 8) == (8, 1, 1, 1, 1)
+    assert sharding.resolve_mesh_shape([2, -1, 1, 1, 2], 8) == (2, 2, 1, 1, 2)
+    assert sharding.resolve_mesh_shape([1, 1, 1, 1, -1], 8) == (1, 1, 1, 1, 8)
+    assert sharding.resolve_mesh_shape([2, 1, 2, 2, 1], 8) == (2, 1, 2, 2, 1)
+    # A config without the expert and sequence keys (a run saved before they existed): sizes 1.
     mesh = sharding.make_mesh(SimpleNamespace(data=-1, fsdp=2, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "sequence", "tensor")
 
 
 @pytest.mark.parametrize(
     "shape, devices, message",
     [
-        ([3, -1, 1], 8, r"multiply to 3, which does not divide the 8 available devices"),
-        ([2, 2, 1], 8, r"needs 4 devices but 8 are available"),
-        ([4, 4, 1], 8, r"needs 16 devices but 8 are available"),
-        ([-1, -1, 1], 8, r"at most one axis may be -1"),
-        ([0, 1, -1], 8, r"sizes must be positive or -1"),
-        ([8, 1], 8, r"must have 3 entries"),
+        ([3, -1, 1, 1, 1], 8, r"multiply to 3, which does not divide the 8 available devices"),
+        ([2, 2, 1, 1, 1], 8, r"needs 4 devices but 8 are available"),
+        ([4, 4, 1, 1, 1], 8, r"needs 16 devices but 8 are available"),
+        ([-1, -1, 1, 1, 1], 8, r"at most one axis may be -1"),
+        ([0, 1, 1, 1, -1], 8, r"sizes must be positive or -1"),
+        ([8, 1], 8, r"must have 5 entries"),
     ],
 )
 def test_impossible_mesh_shapes_fail_clearly(shape, devices, message):

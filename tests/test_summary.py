@@ -24,7 +24,7 @@ def test_summary_of_abstract_params_on_a_mesh():
     params = jax.eval_shape(lambda: nn.meta.unbox(family_lib.init_params(model, jax.random.key(0), 8)))
     assert d["params"] == count_params(params) == sum(n for _, _, n in d["modules"])
     assert d["flops_per_token"] == family_lib.flops_per_token(model.cfg, 32)
-    assert d["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert d["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 2}
     assert ("layers_*/attn", 3, 3 * sum(r["size"] for r in d["rows"] if "/attn/" in r["name"])) in d["modules"]
     query = next(r for r in d["rows"] if r["name"] == "layers_[0-2]/attn/query/kernel")
     assert query["count"] == 3 and query["shape"] == (32, 4, 8) and query["logical"] == ("embed", "heads", "kv")

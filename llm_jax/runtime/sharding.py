@@ -1,11 +1,14 @@
 """Mesh, logical axis rules and shardings.
 
 The model names logical axes; this file alone maps them onto the physical mesh axes
-`(data, fsdp, tensor)`:
+`(data, fsdp, expert, sequence, tensor)` (`expert` and `sequence` are 1 unless a run asks for them):
 - batch-like activation axes go over `data` x `fsdp` (every device sees a different slice of the batch);
 - parameters are sharded over `fsdp` along their `embed` dim (ZeRO-3 style: gathered per layer in
   the forward pass, gradients reduce-scattered), and over `tensor` along heads / mlp / vocab
-  (Megatron style).
+  (Megatron style);
+- with a `sequence` axis, activations (and the KV cache) are split along their length over it
+  (context parallelism: llm_jax/models/context_parallel.py) and parameters along `embed` over
+  fsdp x sequence (`logical_rules`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax.runtime.errors import BadValue
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost to innermost: `tensor` last, so its all-reduces stay on neighbouring chips.
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # (logical name, mesh axis or axes or None). The first rule whose mesh axes are still free wins,
@@ -43,7 +47,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     # activations
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", "sequence"),  # context parallelism (models/context_parallel.py)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -51,7 +55,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_vocab", "tensor"),
     # KV cache: sharded like the activations that fill it
     ("cache_batch", BATCH_AXES),
-    ("cache_length", None),
+    ("cache_length", "sequence"),  # a long prompt's cache split along its length
     ("cache_kv_heads", "tensor"),
 )
 
@@ -81,10 +85,30 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
+def mesh_sizes(mesh_config) -> list[int]:
+    """The configured size of each of MESH_AXES (-1 = fill in); an axis a config lacks (a run saved
+    before that axis existed) is 1."""
+    return [int(getattr(mesh_config, axis, 1)) for axis in MESH_AXES]
+
+
+def shown_axes(mesh_shape: dict) -> dict:
+    """The axes worth printing of a {axis: size} mesh shape: data, fsdp and tensor always, the
+    optional axes (expert, sequence) only when a run uses them."""
+    return {k: int(v) for k, v in mesh_shape.items() if k in ("data", "fsdp", "tensor") or int(v) > 1}
+
+
+def mesh_label(mesh_shape: dict) -> str:
+    """A table cell for a {axis: size} mesh shape: 'data/fsdp/tensor', then any optional axis in
+    use, e.g. '1/8/1' or '1/4/1 expert=4'."""
+    core = "/".join(str(int(mesh_shape.get(k, 1))) for k in ("data", "fsdp", "tensor"))
+    extra = [f"{k}={v}" for k, v in shown_axes(mesh_shape).items() if k not in ("data", "fsdp", "tensor")]
+    return " ".join([core, *extra])
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor) from a config with those three keys (-1 = fill in)."""
+    """Mesh with MESH_AXES from a config with those keys (-1 = fill in)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = resolve_mesh_shape([mesh_config.data, mesh_config.fsdp, mesh_config.tensor], len(devices))
+    shape = resolve_mesh_shape(mesh_sizes(mesh_config), len(devices))
     dcn = _slices_axis(shape, devices)
     try:
         # Topology-aware placement on TPU/GPU; on CPU it is a plain reshape.
@@ -101,7 +125,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def _slices_axis(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> tuple[int, ...] | None:
-    """How TPU slices divide the mesh axes, e.g. (2, 1, 1) for 2 slices along data; None for one slice.
+    """How TPU slices divide the mesh axes, e.g. (2, 1, 1, 1, 1) for 2 slices along data; None for one slice.
 
     Slices talk over the data-centre network, far slower than the chips' own links: they go along
     `data` (only the gradient all-reduce crosses them), else along `fsdp`; each slice's own share of
@@ -120,8 +144,15 @@ def _slices_axis(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> tuple
 
 
 def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:
-    """The rules in force: the defaults, with per-name overrides from `config.mesh.rules` if any."""
-    overrides = dict(getattr(getattr(config, "mesh", None), "rules", None) or {})
+    """The rules in force: the defaults, with per-name overrides from `config.mesh.rules` if any.
+
+    With a sequence axis (`config.mesh.sequence` not 1) parameters are split over it too, along
+    `embed` with `fsdp`: its devices see different tokens of the same rows, so like data-parallel
+    devices they need a layer's weights only while computing it (ZeRO-3 over fsdp x sequence)."""
+    mesh_config = getattr(config, "mesh", None)
+    overrides = dict(getattr(mesh_config, "rules", None) or {})
+    if int(getattr(mesh_config, "sequence", 1)) != 1:
+        overrides = {"embed": ("fsdp", "sequence"), **overrides}
     rules = tuple((name, overrides.pop(name, axes)) for name, axes in LOGICAL_RULES)
     return rules + tuple(overrides.items())
 
@@ -149,8 +180,14 @@ def boxed_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a [batch, length] token batch: rows over data x fsdp, length replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+    """Sharding of a [batch, length] token batch: rows over data x fsdp, length over sequence (the
+    activations' own split, so context parallelism starts without a reshuffle)."""
+    return NamedSharding(mesh, P(BATCH_AXES, "sequence"))
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of arrays of any rank and length by their rows alone (data x fsdp)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -167,7 +204,7 @@ def host_to_global(local: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
-def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
+def check_divisible(mesh: Mesh, model_cfg, global_batch: int, seq_len: int | None = None) -> None:
     """Fails early, naming the value, when a dimension cannot be split over its mesh axis."""
     dp = data_parallel_size(mesh)
     tp = mesh.shape["tensor"]
@@ -175,6 +212,8 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
     problems = []
     if global_batch % dp:
         problems.append(f"batch_size={global_batch} is not divisible by data*fsdp={dp}")
+    if seq_len is not None and seq_len % mesh.shape["sequence"]:
+        problems.append(f"data.seq_len={seq_len} is not divisible by mesh sequence={mesh.shape['sequence']}")
     for name, value in (
         ("num_heads", model_cfg.num_heads),
         ("num_kv_heads", model_cfg.kv_heads),
@@ -185,6 +224,9 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
             problems.append(f"model {name}={value} is not divisible by mesh tensor={tp}")
     if model_cfg.embed_dim % fsdp:
         problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp={fsdp}")
+    elif model_cfg.embed_dim % (fsdp * mesh.shape["sequence"]):  # embed over fsdp x sequence (logical_rules)
+        n = fsdp * mesh.shape["sequence"]
+        problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp*sequence={n}")
     if problems:
         raise BadValue(
             f"mesh {dict(mesh.shape)} does not fit this run: "

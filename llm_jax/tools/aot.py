@@ -435,13 +435,14 @@ def sweep_candidates(config: ml_collections.ConfigDict, n: int, axes: Sequence[s
     out = [("as configured", {})]
     m = config.mesh
     try:
-        own = sharding.resolve_mesh_shape([m.data, m.fsdp, m.tensor], n)
+        own = sharding.resolve_mesh_shape(sharding.mesh_sizes(m), n)
     except BadValue:  # the config's own mesh does not fit n devices: every split is a candidate
         own = None
     if "mesh" in axes:
         for d, f, t in mesh_splits(n):
-            if (d, f, t) != own:
-                out.append((f"mesh {d}/{f}/{t}", {"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": t}))
+            if (d, f, 1, 1, t) != own:
+                split = {"mesh.data": d, "mesh.fsdp": f, "mesh.expert": 1, "mesh.sequence": 1, "mesh.tensor": t}
+                out.append((f"mesh {d}/{f}/{t}", split))
     if "remat" in axes:
         out += [(f"remat {r}", {"model.remat": r}) for r in ("none", "dots", "full") if r != config.model.remat]
     if "accum" in axes:
@@ -498,7 +499,7 @@ def format_sweep(rows: list[dict]) -> str:
         if "invalid" in r:
             lines.append(f"{r['layout']:<20} invalid: {r['invalid']}")
             continue
-        mesh = "/".join(str(v) for v in r["mesh"].values())
+        mesh = sharding.mesh_label(r["mesh"])
         state = r["params_bytes"] + r["opt_state_bytes"]
         temps = gib(r.get("temp_bytes"))
         fits = {True: "yes", False: "NO", None: "?"}[r["fits"]]

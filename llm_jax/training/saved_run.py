@@ -55,7 +55,7 @@ def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     other error of the mesh (a bug, a config this version cannot read) is raised."""
     m = config.mesh
     try:
-        sharding.resolve_mesh_shape([m.data, m.fsdp, m.tensor], jax.device_count())
+        sharding.resolve_mesh_shape(sharding.mesh_sizes(m), jax.device_count())
     except BadValue:  # trained on another number of devices
         return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
     return sharding.make_mesh(m)

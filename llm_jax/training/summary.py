@@ -22,6 +22,7 @@ import numpy as np
 
 from llm_jax.models import family as family_lib
 from llm_jax.models import flops as flops_lib
+from llm_jax.runtime import sharding
 
 _LAYER = re.compile(r"layers_(\d+)")
 
@@ -185,7 +186,7 @@ def summarize(model, params=None, mesh=None, rules=None, seq_len: int | None = N
     if cfg.num_experts:
         lines.append(_experts_line(cfg, d))
     if d["mesh"] is not None:
-        axes = " x ".join(f"{k}={v}" for k, v in d["mesh"].items())
+        axes = " x ".join(f"{k}={v}" for k, v in sharding.shown_axes(d["mesh"]).items())
         n = jax.process_count()
         lines.append(f"mesh: {axes} over {d['devices']} devices in {n} process{'es' if n > 1 else ''}")
     lines.append("parameters per module:")
