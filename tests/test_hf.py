@@ -368,7 +368,7 @@ def test_export_never_destroys(tmp_path, monkeypatch):
     import runlib as R
 
     from llm_jax.interop import hf_export, safetensors_io
-    from llm_jax.runtime.errors import AlreadyExists, BadValue
+    from llm_jax.runtime.errors import AlreadyExists, BadValue, FileError
 
     src, work, out = tmp_path / "src", tmp_path / "run", tmp_path / "out"
     tok = _tokenizer_json(300)
@@ -403,8 +403,8 @@ def test_export_never_destroys(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(safetensors_io, "_save", full_disk)
-        with pytest.raises(OSError, match="No space left"):
-            hf.export_run(str(work), str(out), log=lambda m: None)
+        with pytest.raises(FileError, match=r"No space left on device\); .*out was left as it was"):
+            hf.export_run(str(work), str(out), log=lambda m: None)  # one line for the command to print
     assert snapshots() == before, "a failed export leaves the earlier one whole"
     assert sorted(os.listdir(tmp_path)) == ["afile", "notes", "out", "run", "src"], "no temporary left behind"
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 from llm_jax.runtime import files
-from llm_jax.runtime.errors import AlreadyExists, BadValue
+from llm_jax.runtime.errors import AlreadyExists, BadValue, FileError
 
 MARKER = "llm_jax_export.json"  # in an export: {"workdir": the run's real path, "step": ...}
 IMPORTED_FROM = "imported_from.json"  # in workdir/hf/: {"hf_dir": the real path a run was imported from}
@@ -79,6 +79,14 @@ def check_target(workdir: str, hf_dir: str, overwrite: bool) -> str | None:
     )
 
 
+def _write_failed(e: BaseException) -> bool:
+    """Whether `e` is the filesystem refusing a write: an OSError, or safetensors' own error wrapping
+    one (its Rust writer reports `I/O error: ... (os error N)`)."""
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError)):
+        return True
+    return type(e).__name__ == "SafetensorError" and "os error" in str(e)
+
+
 @contextlib.contextmanager
 def writing(workdir: str, hf_dir: str, overwrite: bool, step: int, log=print) -> Iterator[str]:
     """Yields a temporary sibling of `hf_dir` to write the export into; once the block ends it gets the
@@ -105,8 +113,13 @@ def writing(workdir: str, hf_dir: str, overwrite: bool, step: int, log=print) ->
         except BaseException:
             os.rename(aside, hf_dir)
             raise
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failed(e):  # a full disk, a quota, a file-size limit: the user's to fix, in one line
+            raise FileError(
+                f"writing the export into {tmp} failed ({e}); {hf_dir} was left as it was and the temporary "
+                "removed: free space on that filesystem (or choose another --hf_dir) and run it again"
+            ) from None
         raise
     if there == "export":
         shutil.rmtree(aside)
