@@ -72,6 +72,21 @@ class ModelConfig:
     query_scale: float | None = None  # attention logits scaled by query_scale**-0.5 (Gemma); None: head_dim
     attn_softcap: float | None = None  # attention logits -> cap * tanh(logits / cap) (Gemma 2)
     final_softcap: float | None = None  # output logits -> cap * tanh(logits / cap) (Gemma 2)
+    # Mixture of experts (llm_jax/models/moe.py): MoE layers replace the dense MLP by `num_experts`
+    # gated MLPs, of which a router picks `experts_per_token` per token (Mixtral, Qwen3-MoE, OLMoE).
+    num_experts: int = 0  # 0: the dense MLP in every layer
+    experts_per_token: int = 2  # top-k
+    expert_mlp_dim: int | None = None  # each expert's hidden size; None: mlp_dim
+    moe_every: int = 1  # layer i is MoE iff i >= moe_first_dense and (i - moe_first_dense) % moe_every == 0
+    moe_first_dense: int = 0  # the first layers stay dense (DeepSeek's first_k_dense_replace)
+    router_score: str = "softmax"  # 'softmax' (Mixtral, Qwen3-MoE) | 'sigmoid' (DeepSeek-V3) over the experts
+    norm_topk: bool = True  # the top-k weights renormalised to sum to 1
+    num_shared_experts: int = 0  # experts every token goes through, one dense MLP beside the routed ones
+    shared_expert_dim: int | None = None  # each shared expert's hidden size; None: expert_mlp_dim
+    moe_dispatch: str = _runtime("dropless")  # 'dropless' (sorted tokens, grouped matmuls) | 'capacity'
+    capacity_factor: float = _runtime(1.25)  # 'capacity': each expert takes ceil(cf * tokens * k / E) copies
+    aux_loss_weight: float = _runtime(0.01)  # load-balancing loss E * sum_e f_e * P_e (Switch, Mixtral)
+    router_z_weight: float = _runtime(0.001)  # router z-loss: mean logsumexp(logits)^2 (ST-MoE)
     dropout_rate: float = _runtime(0.0)
     tie_embeddings: bool = True
     scan_layers: bool = False  # one compiled block applied num_layers times (params stacked on 'layers')
@@ -158,6 +173,50 @@ class ModelConfig:
         need(self.dtype in _DTYPES, f"dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: use one of {sorted(_DTYPES)}")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        self._check_moe(need)
+
+    def _check_moe(self, need):
+        need(self.num_experts >= 0, f"num_experts={self.num_experts} must be 0 (dense) or positive")
+        if not self.num_experts:
+            return
+        need(
+            0 < self.experts_per_token <= self.num_experts,
+            f"experts_per_token={self.experts_per_token} must be in [1, num_experts={self.num_experts}]",
+        )
+        need(self.expert_mlp_dim is None or self.expert_mlp_dim > 0, "expert_mlp_dim must be positive (or unset)")
+        need(self.moe_every > 0, f"moe_every={self.moe_every} must be positive")
+        need(
+            0 <= self.moe_first_dense < self.num_layers,
+            f"moe_first_dense={self.moe_first_dense} must be in [0, num_layers={self.num_layers})",
+        )
+        need(
+            self.router_score in ("softmax", "sigmoid"),
+            f"router_score={self.router_score!r}: use 'softmax' or 'sigmoid'",
+        )
+        need(self.num_shared_experts >= 0, f"num_shared_experts={self.num_shared_experts} must be 0 or positive")
+        need(self.shared_expert_dim is None or self.shared_expert_dim > 0, "shared_expert_dim must be positive")
+        need(
+            self.moe_dispatch in ("dropless", "capacity"),
+            f"moe_dispatch={self.moe_dispatch!r}: use 'dropless' or 'capacity'",
+        )
+        need(self.capacity_factor > 0, f"capacity_factor={self.capacity_factor} must be positive")
+        need(
+            self.aux_loss_weight >= 0 and self.router_z_weight >= 0,
+            "aux_loss_weight and router_z_weight must be 0 (off) or positive",
+        )
+        need(
+            self.mlp_activation in ("swiglu", "geglu"),
+            f"experts are gated MLPs: set mlp_activation='swiglu' (or 'geglu'), not {self.mlp_activation!r}",
+        )
+        need(
+            self.family == "lm",
+            "mixture-of-experts layers are decoder-only: set num_experts=0 for the encoder-decoder",
+        )
+        need(
+            not self.scan_layers or (self.moe_every == 1 and self.moe_first_dense == 0),
+            f"scan_layers needs every layer MoE (moe_every=1, moe_first_dense=0), not moe_every={self.moe_every} "
+            f"and moe_first_dense={self.moe_first_dense}; set scan_layers=False",
+        )
 
     def resolved(self, tokenizer_vocab: int) -> ModelConfig:
         """This config with its final vocabulary: vocab_size (or the tokenizer's) padded to vocab_multiple."""
@@ -194,6 +253,30 @@ class ModelConfig:
             return self.layer_pattern[layer % len(self.layer_pattern)] == "l"
         pattern = jnp.array([c == "l" for c in self.layer_pattern])
         return pattern[layer % len(self.layer_pattern)]
+
+    def is_moe(self, layer: int | jax.Array) -> bool:
+        """Whether layer `layer` has the mixture-of-experts MLP. Under scan_layers (a traced index)
+        every layer is MoE or none is (the config checks it)."""
+        if not self.num_experts:
+            return False
+        if not isinstance(layer, int):
+            return True
+        return layer >= self.moe_first_dense and (layer - self.moe_first_dense) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers are MoE."""
+        return sum(self.is_moe(i) for i in range(self.num_layers))
+
+    @property
+    def expert_dim(self) -> int:
+        """Each routed expert's hidden size."""
+        return self.expert_mlp_dim or self.mlp_dim
+
+    @property
+    def shared_dim(self) -> int:
+        """The hidden size of the shared experts together (one dense MLP); 0 without them."""
+        return self.num_shared_experts * (self.shared_expert_dim or self.expert_dim)
 
     @property
     def mlp_use_bias(self) -> bool:

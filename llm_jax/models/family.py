@@ -14,8 +14,10 @@ A family (decoder-only LM in `llm_jax/models/lm.py`; a new one in a file of its 
 - `tokens_to_logits(model, params)`: the decoding step `(tokens [b, t], cache) -> (logits [b, v]
   of the last position, cache)`, built once per generation so per-call work stays out of the loop.
 
-Optional: `score(model, params, tokens, index, targets)`, the log-probabilities of chosen next tokens
-(what evaluators such as llm_jax/evaluation/ measure, through this interface only).
+Optional: `train_loss(model, params, batch, rng)`, the objective the training step differentiates
+when it is more than the loss (auxiliary losses, with their metrics); `score(model, params, tokens,
+index, targets)`, the log-probabilities of chosen next tokens (what evaluators such as
+llm_jax/evaluation/ measure, through this interface only).
 
 Everything else is written once over these: `training/state.py` (state, steps), `training/loop.py`, `checkpoint.py`,
 `decode.py` (samplers, sliding window, beam search). `register` adds a family under its `name`;
@@ -71,6 +73,16 @@ class ModelFamily:
 
     def loss_sum(self, model, params, batch: dict, rng, train: bool) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
+
+    def train_loss(self, model, params, batch: dict, rng) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+        """What the training step differentiates: (objective sum, (loss sum, token count, metrics)).
+
+        By default the objective is `loss_sum(..., train=True)` itself and there are no metrics; a
+        family with auxiliary losses (mixture of experts, llm_jax/models/lm.py) adds them to the
+        objective (per token, times the count) and reports them as metrics (per-batch means).
+        """
+        total, count = self.loss_sum(model, params, batch, rng, True)
+        return total, (total, count, {})
 
     def batch_spec(
         self, cfg, batch: int, length: int, *, weights: bool = False, packed: bool = False

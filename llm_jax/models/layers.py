@@ -95,6 +95,16 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     )
 
 
+def gate_activation(activation: str, gate: Array) -> Array:
+    """A gated MLP's activation (`mlp_activation`) of its gate branch: silu (SwiGLU) or tanh-GELU (GeGLU)."""
+    return nn.silu(gate) if activation == "swiglu" else nn.gelu(gate, approximate=True)
+
+
+def out_scale(cfg: ModelConfig) -> float:
+    """Init scale of a residual branch's output projection: 1 / sqrt(2 * num_layers) (GPT-2)."""
+    return 1.0 / (2.0 * cfg.num_layers) ** 0.5
+
+
 class Mlp(nn.Module):
     cfg: ModelConfig
 
@@ -105,12 +115,12 @@ class Mlp(nn.Module):
         if cfg.mlp_activation in ("swiglu", "geglu"):  # gated: act(x W0) * (x W1)
             gate = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_0", use_bias=cfg.mlp_use_bias)(x)
             up = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_1", use_bias=cfg.mlp_use_bias)(x)
-            act = nn.silu(gate) if cfg.mlp_activation == "swiglu" else nn.gelu(gate, approximate=True)
-            hidden = act * up
+            hidden = gate_activation(cfg.mlp_activation, gate) * up
         else:
             hidden = nn.gelu(
                 dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi", use_bias=cfg.mlp_use_bias)(x), approximate=True
             )
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        out_scale = 1.0 / (2.0 * cfg.num_layers) ** 0.5
-        return dense(cfg, cfg.embed_dim, ("mlp", "embed"), "wo", scale=out_scale, use_bias=cfg.mlp_use_bias)(hidden)
+        return dense(cfg, cfg.embed_dim, ("mlp", "embed"), "wo", scale=out_scale(cfg), use_bias=cfg.mlp_use_bias)(
+            hidden
+        )

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from llm_jax.models import family as family_lib
 from llm_jax.models import loss as loss_lib
+from llm_jax.models import moe
 from llm_jax.models.model import TransformerLM, output_kernel, softcap
 
 
@@ -24,22 +25,32 @@ def token_loss_sum(model, params, batch, rng, train: bool, *inputs, **kwargs):
     `loss_chunk` the model returns its final hidden states and the fused chunked loss applies the
     output projection itself (never the full [b, t, v] float32 logits).
     """
+    total, count, _ = token_loss_and_stats(model, params, batch, rng, train, *inputs, **kwargs)
+    return total, count
+
+
+def token_loss_and_stats(model, params, batch, rng, train: bool, *inputs, **kwargs):
+    """`token_loss_sum` plus the MoE layers' 'moe_stats' collection (`moe.collect`; {} when
+    `train` is False or the model has no experts)."""
     cfg = model.cfg
     rngs = {} if rng is None else {"dropout": rng}
     deterministic = not train or cfg.dropout_rate == 0.0
     smoothing = cfg.label_smoothing if train else 0.0
-    variables = {"params": params}
-    if cfg.loss_chunk:
-        hidden = model.apply(variables, *inputs, deterministic=deterministic, rngs=rngs, return_hidden=True, **kwargs)
-        kernel, vocab_first = output_kernel(cfg, params)
-        chunk = min(cfg.loss_chunk, hidden.shape[1])
-        with jax.named_scope("loss"):  # names the loss's ops in profiles (experiments/profile_step.py)
-            return loss_lib.chunked_cross_entropy(
-                hidden, kernel, batch["targets"], batch.get("weights"), chunk, vocab_first, smoothing, cfg.final_softcap
-            )
-    logits = model.apply(variables, *inputs, deterministic=deterministic, rngs=rngs, **kwargs)
-    with jax.named_scope("loss"):
-        return loss_lib.token_loss(logits, batch["targets"], batch.get("weights"), smoothing)
+    mutable = [moe.STATS] if train and cfg.num_experts else False
+    common = dict(deterministic=deterministic, rngs=rngs, mutable=mutable, **kwargs)
+    out = model.apply({"params": params}, *inputs, return_hidden=bool(cfg.loss_chunk), **common)
+    out, stats = out if mutable else (out, None)
+    stats = moe.collect(stats[moe.STATS]) if stats else {}
+    with jax.named_scope("loss"):  # names the loss's ops in profiles (experiments/profile_step.py)
+        if cfg.loss_chunk:
+            kernel, vocab_first = output_kernel(cfg, params)
+            total, count = loss_lib.chunked_cross_entropy(
+                out, kernel, batch["targets"], batch.get("weights"), min(cfg.loss_chunk, out.shape[1]), vocab_first,
+                smoothing, cfg.final_softcap,
+            )  # fmt: skip
+        else:
+            total, count = loss_lib.token_loss(out, batch["targets"], batch.get("weights"), smoothing)
+    return total, count, stats
 
 
 class DecoderOnly(family_lib.ModelFamily):
@@ -58,6 +69,18 @@ class DecoderOnly(family_lib.ModelFamily):
         `positions` [b, t]) attend within their own."""
         packed = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
         return token_loss_sum(model, params, batch, rng, train, batch["inputs"], **packed)
+
+    def train_loss(self, model, params, batch, rng):
+        """The cross-entropy plus, with experts, the weighted load-balancing and router z-losses per
+        token (the metrics `aux_loss`, `router_z_loss` and the per-expert `expert_load`)."""
+        packed = {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
+        total, count, stats = token_loss_and_stats(model, params, batch, rng, True, batch["inputs"], **packed)
+        if not stats:
+            return total, (total, count, {})
+        cfg = model.cfg
+        penalty = cfg.aux_loss_weight * stats["aux_loss"] + cfg.router_z_weight * stats["router_z_loss"]
+        metrics = {"aux_loss": stats["aux_loss"], "router_z_loss": stats["router_z_loss"], "expert_load": stats["load"]}
+        return total + count * penalty, (total, count, metrics)
 
     def init_cache(self, model, params, batch, length, start, mesh=None, **inputs) -> family_lib.Cache:
         """An empty KV cache of `length` slots: every layer's cached_key/cached_value [b, k, length, d],

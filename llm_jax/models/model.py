@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from llm_jax.models.attention import Attention, CrossAttention, Memory, attention_out  # noqa: F401
 from llm_jax.models.config import RUNTIME_FIELDS, ModelConfig  # noqa: F401
 from llm_jax.models.layers import Mlp, RMSNorm, make_norm, normal_init  # noqa: F401
+from llm_jax.models.moe import STATS, MoeMlp
 from llm_jax.models.ops import attend, rope, rope_frequencies, sinusoidal  # noqa: F401
 
 Array = jax.Array
@@ -32,7 +33,8 @@ class Block(nn.Module):
 
     `cross`: a decoder block of the encoder-decoder. `fill` (decoding set-up): only store the
     source's cross-attention keys/values in the cache; x passes through unchanged. `layer`: this
-    block's index (an int, or traced under scan_layers), which picks local or global attention.
+    block's index (an int, or traced under scan_layers), which picks local or global attention and
+    the dense or mixture-of-experts MLP (`cfg.is_moe`).
     """
 
     cfg: ModelConfig
@@ -53,7 +55,8 @@ class Block(nn.Module):
         x = x + drop(post(attn, "ln_1_post"))
         if self.cross:
             x = x + drop(CrossAttention(cfg, name="cross_attn")(make_norm(cfg, "ln_cross")(x), memory, decode))
-        x = x + drop(post(Mlp(cfg, name="mlp")(make_norm(cfg, "ln_2")(x)), "ln_2_post"))
+        mlp = MoeMlp(cfg, name="mlp") if cfg.is_moe(layer) else Mlp(cfg, name="mlp")
+        x = x + drop(post(mlp(make_norm(cfg, "ln_2")(x)), "ln_2_post"))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None  # (carry, per-layer output) so the same block works under nn.scan
 
@@ -84,7 +87,8 @@ def apply_layers(cfg: ModelConfig, name: str, num_layers: int, x: Array, *args, 
     if cfg.scan_layers:
         stack = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0, "intermediates": 0},  # recorded weights: [layers, ...]
+            # recorded weights and MoE losses: [layers, ...]
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0, STATS: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0,) + (nn.broadcast,) * len(args),  # the layer index is scanned over
             length=num_layers,

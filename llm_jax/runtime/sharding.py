@@ -37,6 +37,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("experts", None),  # replicated for now (the expert mesh axis shards it)
     ("kv", None),
     ("length", None),
     ("norm", None),

@@ -112,6 +112,7 @@ class LoopState:
     skipped_total: int = 0
     pending: list = dataclasses.field(default_factory=list)  # device metrics of steps not yet fetched
     grad_norm: float = float("nan")
+    extra: dict = dataclasses.field(default_factory=dict)  # the family's extra metrics of the latest step (MoE)
     loss_mean: float | None = None  # running mean of the training loss (`updated_mean`), for `check_sane`
     log_time: float = 0.0
     log_step: int = 0
@@ -250,6 +251,8 @@ def fetch(trainer: Trainer, ls: LoopState) -> None:
         ls.window.append(loss)
         ls.loss_mean = updated_mean(ls.loss_mean, loss, trainer.config.train.spike_factor)
     ls.grad_norm = float(got[-1]["grad_norm"])
+    # aux_loss, router_z_loss (scalars), expert_load (a list: one fraction per expert)
+    ls.extra = {f"train/{k}": v.tolist() for k, v in got[-1].items() if k not in ("loss", "grad_norm", "skipped")}
 
 
 def diverged(trainer: Trainer, ls: LoopState, what: str, advice: str) -> Diverged:
@@ -316,6 +319,7 @@ def log_progress(trainer: Trainer, ls: LoopState) -> None:
         "train/tokens_per_sec": tps,
         "train/mfu": mfu,
         "time_s": now - trainer.t_start,
+        **ls.extra,
     }
     if tc.on_nan == "skip":
         ls.train_record["train/skipped_steps"] = ls.skipped_total

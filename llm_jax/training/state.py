@@ -52,14 +52,16 @@ def train_step(
     """One optimizer update on `batch` ([B, t] arrays), split into `grad_accum_steps` micro-batches.
 
     The loss is the mean over all tokens of the batch whatever the accumulation, so accumulating
-    changes memory, not the result. Dropout's key is derived from (base_rng, step): a resumed run
-    draws the same masks.
+    changes memory, not the result. The family's extra metrics (`ModelFamily.train_loss`: an MoE's
+    aux_loss, router_z_loss, expert_load) are the micro-batches' mean. Dropout's key is derived
+    from (base_rng, step): a resumed run draws the same masks.
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    grad_fn = jax.value_and_grad(family_lib.of(model).loss_sum, argnums=1, has_aux=True)
+    # The family's objective (the loss plus any auxiliary losses); `total` is the loss alone.
+    grad_fn = jax.value_and_grad(family_lib.of(model).train_loss, argnums=1, has_aux=True)
 
     if grad_accum_steps == 1:
-        (total, count), grads = grad_fn(model, state.params, batch, rng, True)
+        (_, (total, count, extra)), grads = grad_fn(model, state.params, batch, rng)
     else:
 
         def split(x):
@@ -70,12 +72,13 @@ def train_step(
         def body(carry, xs):
             acc_grads, acc_total, acc_count = carry
             mb, i = xs
-            (total, count), grads = grad_fn(model, state.params, mb, jax.random.fold_in(rng, i), True)
-            return (jax.tree.map(jnp.add, acc_grads, grads), acc_total + total, acc_count + count), None
+            (_, (total, count, extra)), grads = grad_fn(model, state.params, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, acc_grads, grads), acc_total + total, acc_count + count), extra
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         micro = (jax.tree.map(split, batch), jnp.arange(grad_accum_steps))
-        (grads, total, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+        (grads, total, count), extras = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+        extra = jax.tree.map(lambda x: jnp.mean(x, axis=0), extras)  # the micro-batches' mean
 
     with jax.named_scope("optimizer"):  # names the update's ops in profiles (experiments/profile_step.py)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -83,7 +86,7 @@ def train_step(
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": total / count, "grad_norm": grad_norm}
+    return new_state, {"loss": total / count, "grad_norm": grad_norm, **extra}
 
 
 def eval_step(params, batch: dict, *, model) -> dict:
