@@ -445,7 +445,7 @@ def test_compiled_step_has_the_collectives_of_its_parallelism(kind, shape):
 # (global shape, per-device shape, PartitionSpec) of the activation constraints of the real step of
 # "gpt_gqa" on the 2x2x2 mesh: batch 16 over data x fsdp (4 rows a device), heads, mlp, vocab over
 # tensor (2). b = 16, t = 16, e = 32, h = 8, d = 4, mlp 64, vocab 128.
-ROWS = ("data", "fsdp")
+ROWS = sharding.BATCH_AXES  # data x fsdp x expert (expert is 1 here)
 ACTIVATIONS = {
     (16, 16, 32): ((4, 16, 32), P(ROWS, None, None)),  # block input / output [b, t, e]
     (16, 16, 8, 4): ((4, 16, 4, 4), P(ROWS, None, "tensor", None)),  # queries, attention output
@@ -508,7 +508,7 @@ def test_partition_specs_with_scanned_layers_and_swiglu():
 
 def test_batch_sharding_and_host_to_global():
     mesh = mesh_of((2, 2, 2))
-    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)
     assert sharding.data_parallel_size(mesh) == 4
     local = {"inputs": np.arange(8 * 3).reshape(8, 3).astype(np.int32)}
     g = sharding.host_to_global(local, mesh)["inputs"]
