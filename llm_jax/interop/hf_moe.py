@@ -26,7 +26,7 @@ from llm_jax.interop.hf_llama import (
     _qwen3_to_hf,
     decoder_table,
 )
-from llm_jax.interop.hf_table import HFError, Spec, Tensor, dense_layer, get, moe_layer
+from llm_jax.interop.hf_table import HFError, Spec, Tensor, always, dense_layer, get, moe_layer, untied
 from llm_jax.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +148,10 @@ def _expert_rows(moe: str, gate: str, up: str, down: str) -> tuple[Tensor, ...]:
 
 
 _BUFFERS = ("rotary_emb.inv_freq",)
+# Mixtral: no biases, no QK-norm, no dense layer: the Llama table's attention, norm and embedding rows.
+_MIXTRAL_ATTENTION = tuple(
+    t for t in decoder_table(LLAMA_NORMS, mlp_biases=False) if t.when in (always, untied) and ".mlp." not in t.hf
+)
 
 MIXTRAL = Spec(
     architecture="MixtralForCausalLM",
@@ -157,8 +161,7 @@ MIXTRAL = Spec(
     requires=_mixtral_requires,
     needs="Mistral's block with softmax top-k experts (renormalised) in every layer, no shared experts",
     backbone="model.",
-    table=_on_dense_layers(decoder_table(LLAMA_NORMS, mlp_biases=False))
-    + _expert_rows("block_sparse_moe", "w1", "w3", "w2"),
+    table=_MIXTRAL_ATTENTION + _expert_rows("block_sparse_moe", "w1", "w3", "w2"),
     buffers=_BUFFERS,
 )
 QWEN3_MOE = Spec(
