@@ -2,19 +2,23 @@
 losses by their formulas, and an MoE TransformerLM that trains, resumes to the bit and decodes."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import runlib as R
 
 from llm_jax.inference import decode
-from llm_jax.models import moe
-from llm_jax.models.model import ModelConfig, TransformerLM
+from llm_jax.models import family as family_lib
+from llm_jax.models import flops, moe
+from llm_jax.models.model import ModelConfig, TransformerLM, count_params
+from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue
-from llm_jax.training import loop
+from llm_jax.training import loop, summary
 from llm_jax.training.saved_run import load_run
 
 T, D, F, E, K = 13, 8, 6, 4, 2
@@ -52,16 +56,34 @@ def test_route_picks_the_top_k_scores_and_normalises_them(score):
     np.testing.assert_allclose(normed, weights / np.sum(weights, axis=1, keepdims=True), rtol=1e-6)
 
 
-def test_dropless_equals_a_dense_loop_over_experts():
+@pytest.mark.parametrize("dispatch", ["dropless", "blocks"])
+def test_dropless_equals_a_dense_loop_over_experts(dispatch):
+    """Both dropless dispatches (ragged_dot; padded blocks of 4 rows, so groups span several blocks
+    and end in padding) equal every expert applied to every token, weighted where chosen."""
+    fn = moe.dropless if dispatch == "dropless" else functools.partial(moe.blocks, block=4)
     x, wi_gate, wi_up, wo = _experts()
     logits = jax.random.normal(jax.random.key(9), (T, E))
     weights, experts, _ = moe.route(logits, K, "softmax", True)
-    got = jax.jit(moe.dropless, static_argnums=6)(x, weights, experts, wi_gate, wi_up, wo, "swiglu")
+    got = jax.jit(fn, static_argnums=6)(x, weights, experts, wi_gate, wi_up, wo, "swiglu")
     np.testing.assert_allclose(got, _dense_loop(x, weights, experts, wi_gate, wi_up, wo), atol=1e-6, rtol=1e-6)
     # An expert that no token chose (group size 0) and one that takes everything.
     lopsided = jnp.zeros((T, K), jnp.int32).at[:, 1].set(3)
-    got = moe.dropless(x, weights, lopsided, wi_gate, wi_up, wo, "swiglu")
+    got = fn(x, weights, lopsided, wi_gate, wi_up, wo, "swiglu")
     np.testing.assert_allclose(got, _dense_loop(x, weights, lopsided, wi_gate, wi_up, wo), atol=1e-6, rtol=1e-6)
+
+
+def test_blocks_gradients_equal_dropless():
+    """`blocks` moves rows with its own gradient (a gather back, no scatter): the same gradients."""
+    x, wi_gate, wi_up, wo = _experts(3)
+    weights, experts, _ = moe.route(jax.random.normal(jax.random.key(4), (T, E)), K, "softmax", True)
+
+    def grads(fn):
+        loss = lambda *a: jnp.sum(jnp.sin(fn(a[0], a[1], experts, *a[2:], "swiglu")))  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, weights, wi_gate, wi_up, wo)
+
+    want = grads(moe.dropless)
+    for got, ref in zip(grads(functools.partial(moe.blocks, block=4)), want):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_capacity_drops_exactly_the_overflow_copies_in_token_order():
@@ -118,6 +140,35 @@ def test_moe_layers_parameters_and_placement():
     shapes = {k: mlp[k].shape for k in ("wi_gate", "wi_up", "wo")}
     assert shapes == {"wi_gate": (4, 16, 12), "wi_up": (4, 16, 12), "wo": (4, 12, 16)}
     assert mlp["router"]["kernel"].shape == (16, 4) and mlp["shared"]["wi_0"]["kernel"].shape == (16, 8)
+
+
+def test_flops_and_the_summary_count_active_parameters():
+    """Per layer: attention 16 * (2 + 2 * 2) * 8 + 2 * 8 * 16; the dense MLP 3 * 16 * 24; an MoE MLP
+    the router 16 * 4, k = 2 experts of 3 * 16 * 12 and the shared 3 * 16 * 8; the tied head 16 * 64."""
+    model = family_lib.build(MOE)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    matmul = 3 * (16 * 6 * 8 + 2 * 8 * 16) + 3 * 16 * 24 + 2 * (16 * 4 + 2 * 3 * 16 * 12 + 3 * 16 * 8) + 16 * 64
+    assert family_lib.flops_per_token(MOE, 32) == 6 * matmul + 6 * 32 * 2 * 8 * 3
+    inactive = 2 * (4 - 2) * 3 * 16 * 12  # two MoE layers, two experts idle per token
+    assert flops.inactive_params(MOE) == inactive
+    assert matmul == count_params(params) - inactive - 7 * 16  # less the 7 norm scales
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2}))
+    d = summary.summary_dict(model, None, mesh, sharding.logical_rules(), seq_len=32)
+    assert d["params"] == count_params(params) and d["active_params"] == d["params"] - inactive
+    text = summary.summarize(model, None, mesh, sharding.logical_rules(), seq_len=32)
+    assert "experts: 4 x 12 wide + 1 shared (8 wide) in layers 1, 2 (2 of 3), top-2 softmax" in text
+    assert f"{d['active_params']:,} active per token" in text and "-> -,fsdp,tensor" in text
+
+
+def test_the_dispatches_compute_the_same_model():
+    """A runtime choice: the same params give the same logits with every dispatch (capacity with
+    room for every copy)."""
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 64)
+    params = nn.meta.unbox(TransformerLM(MOE).init(jax.random.key(0), tokens))["params"]
+    want = TransformerLM(MOE).apply({"params": params}, tokens)
+    for fields in ({"moe_dispatch": "blocks"}, {"moe_dispatch": "capacity", "capacity_factor": 2.0}):
+        got = TransformerLM(dataclasses.replace(MOE, **fields)).apply({"params": params}, tokens)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

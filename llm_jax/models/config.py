@@ -83,7 +83,9 @@ class ModelConfig:
     norm_topk: bool = True  # the top-k weights renormalised to sum to 1
     num_shared_experts: int = 0  # experts every token goes through, one dense MLP beside the routed ones
     shared_expert_dim: int | None = None  # each shared expert's hidden size; None: expert_mlp_dim
-    moe_dispatch: str = _runtime("dropless")  # 'dropless' (sorted tokens, grouped matmuls) | 'capacity'
+    # 'dropless' (sorted tokens, ragged_dot grouped matmuls: GPU/TPU) | 'blocks' (dropless in padded
+    # blocks, fast on CPU) | 'capacity' (ceil(cf * tokens * k / E) per expert, overflow dropped)
+    moe_dispatch: str = _runtime("dropless")
     capacity_factor: float = _runtime(1.25)  # 'capacity': each expert takes ceil(cf * tokens * k / E) copies
     aux_loss_weight: float = _runtime(0.01)  # load-balancing loss E * sum_e f_e * P_e (Switch, Mixtral)
     router_z_weight: float = _runtime(0.001)  # router z-loss: mean logsumexp(logits)^2 (ST-MoE)
@@ -196,8 +198,8 @@ class ModelConfig:
         need(self.num_shared_experts >= 0, f"num_shared_experts={self.num_shared_experts} must be 0 or positive")
         need(self.shared_expert_dim is None or self.shared_expert_dim > 0, "shared_expert_dim must be positive")
         need(
-            self.moe_dispatch in ("dropless", "capacity"),
-            f"moe_dispatch={self.moe_dispatch!r}: use 'dropless' or 'capacity'",
+            self.moe_dispatch in ("dropless", "blocks", "capacity"),
+            f"moe_dispatch={self.moe_dispatch!r}: use 'dropless', 'blocks' or 'capacity'",
         )
         need(self.capacity_factor > 0, f"capacity_factor={self.capacity_factor} must be positive")
         need(

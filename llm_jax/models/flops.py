@@ -7,7 +7,9 @@ Model FLOPs per token follow MaxText's `calculate_tflops_training_per_device`: e
 costs 6 FLOPs per token (2 forward, 4 backward), and attention's score and value matmuls cost
 6 * t * h * d per token per layer -- the causal half only (4 * t * h * d forward for the full square,
 halved, times 3 for forward + backward). Embedding lookups, norms, biases and the optimizer are not
-counted; remat recomputation is not counted either (it is hardware FLOPs, not model FLOPs).
+counted; remat recomputation is not counted either (it is hardware FLOPs, not model FLOPs). A
+mixture-of-experts layer counts the weights a token actually multiplies (router, its k experts,
+shared experts): MFU of an MoE model is on its active parameters, as MaxText counts it.
 
 MFU = achieved model FLOP/s / peak FLOP/s of the devices in use. Peaks are dense bf16 matmul
 figures per chip (float32 on TPU is bf16 passes; for float32 training on GPU the TF32 peak is
@@ -47,13 +49,39 @@ def _attention_params(cfg) -> int:
     return e * (h + 2 * k) * d + h * d * e
 
 
-def _mlp_params(cfg) -> int:
-    return (3 if cfg.mlp_activation == "swiglu" else 2) * cfg.embed_dim * cfg.mlp_dim
+def _mlp_params(cfg, hidden: int | None = None) -> int:
+    """Matmul weights of one dense MLP of `hidden` units (default mlp_dim): 3 matrices when gated."""
+    gated = cfg.mlp_activation in ("swiglu", "geglu")
+    return (3 if gated else 2) * cfg.embed_dim * (cfg.mlp_dim if hidden is None else hidden)
+
+
+def expert_params(cfg) -> int:
+    """Matmul weights of one routed expert (a gated MLP of expert_dim units)."""
+    return _mlp_params(cfg, cfg.expert_dim)
+
+
+def inactive_params(cfg) -> int:
+    """Parameters a token never multiplies: the experts its router did not pick, in every MoE layer
+    ((E - k) experts each); total parameters minus these are the active ones. 0 for a dense model."""
+    if not cfg.num_experts:
+        return 0
+    return cfg.moe_layers * (cfg.num_experts - cfg.experts_per_token) * expert_params(cfg)
+
+
+def _layer_mlp_params(cfg, layer: int) -> int:
+    """Active matmul weights of layer `layer`'s MLP: the dense one, or the router, k experts and the
+    shared experts of an MoE layer."""
+    if not cfg.is_moe(layer):
+        return _mlp_params(cfg)
+    shared = _mlp_params(cfg, cfg.shared_dim) if cfg.num_shared_experts else 0
+    return cfg.embed_dim * cfg.num_experts + cfg.experts_per_token * expert_params(cfg) + shared
 
 
 def decoder_flops_per_token(cfg, seq_len: int) -> float:
-    """A decoder-only LM: 6 per matmul weight, and causal attention over `seq_len` positions."""
-    matmul_params = cfg.num_layers * (_attention_params(cfg) + _mlp_params(cfg)) + cfg.embed_dim * cfg.vocab_size
+    """A decoder-only LM: 6 per matmul weight a token multiplies (MoE layers: its k experts, the router
+    and the shared experts; the active parameters), and causal attention over `seq_len` positions."""
+    mlp = sum(_layer_mlp_params(cfg, i) for i in range(cfg.num_layers))
+    matmul_params = cfg.num_layers * _attention_params(cfg) + mlp + cfg.embed_dim * cfg.vocab_size
     attention = 6 * seq_len * cfg.num_heads * cfg.dim_per_head * cfg.num_layers  # causal: half of 12 * t * h * d
     return 6.0 * matmul_params + attention
 

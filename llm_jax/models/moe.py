@@ -8,9 +8,12 @@ weights (Mixtral, Qwen3-MoE, OLMoE; optional shared experts that every token use
 Shapes: T = tokens (batch x length flattened), D = embed, F = an expert's hidden size, E = experts,
 k = experts per token, C = an expert's capacity (capacity dispatch).
 
-Two dispatches compute the same function when nothing overflows:
+Three dispatches compute the same function when nothing overflows:
 - `dropless`: the T * k token copies sorted by expert and run through grouped matmuls
   (`jax.lax.ragged_dot` with each expert's group size): no token is ever dropped, no padding.
+  The grouped matmul of GPUs and TPUs; XLA on CPU computes it densely (every row by every expert).
+- `blocks`: dropless too, each expert's group padded to whole blocks, each block multiplied by its
+  expert's gathered weights: the fast dropless dispatch on CPU.
 - `capacity`: every expert takes at most C = ceil(capacity_factor * T * k / E) copies in token order
   (the overflow is dropped: those copies contribute 0, the residual carries the token), batched
   dense matmuls over a [E, C, D] buffer (Switch Transformer, GShard): static shapes, some waste.
@@ -62,6 +65,13 @@ def _combine(copies: Array, weights: Array, dtype) -> Array:
     return jnp.einsum("tkd,tk->td", copies.astype(jnp.float32), weights).astype(dtype)
 
 
+def _sort_copies(experts: Array, num_experts: int) -> tuple[Array, Array]:
+    """experts [T, k] -> (order [T*k]: the copies sorted by expert, stable, so copy order[i] is
+    token order[i] // k; sizes [E] int32: each expert's number of copies)."""
+    flat = experts.reshape(-1)
+    return jnp.argsort(flat, stable=True), jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
 def dropless(
     x: Array, weights: Array, experts: Array, wi_gate: Array, wi_up: Array, wo: Array, activation: str
 ) -> Array:
@@ -73,10 +83,7 @@ def dropless(
     outputs are put back in (token, slot) order and summed with the weights.
     """
     t, k = experts.shape
-    num_experts = wi_gate.shape[0]
-    flat = experts.reshape(-1)  # [T*k], copy i is token i // k
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+    order, sizes = _sort_copies(experts, wi_gate.shape[0])
     xs = jnp.take(x, order // k, axis=0)  # [T*k, D], grouped by expert
     hidden = _expert_mlp(
         jax.lax.ragged_dot(xs, wi_gate.astype(x.dtype), sizes),
@@ -85,6 +92,69 @@ def dropless(
     )  # [T*k, F]
     out = jax.lax.ragged_dot(hidden, wo.astype(x.dtype), sizes)  # [T*k, D]
     copies = jnp.zeros_like(out).at[order].set(out)  # back to (token, slot) order
+    return _combine(copies.reshape(t, k, -1), weights, x.dtype)
+
+
+@jax.custom_vjp
+def _move_rows(v: Array, index: Array, back: Array) -> Array:
+    """y[i] = v[index[i]] (0 where index[i] is out of range) for a one-to-one `index` whose inverse
+    is `back` (v's row j went to y[back[j]], out of range if nowhere). Its gradient is the same kind
+    of gather with `back`: no scatter, which XLA on CPU runs row by row."""
+    return v.at[index].get(mode="fill", fill_value=0)
+
+
+def _move_rows_fwd(v, index, back):
+    return _move_rows(v, index, back), (index, back)
+
+
+def _move_rows_bwd(res, g):
+    index, back = res
+    return g.at[back].get(mode="fill", fill_value=0), None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
+def blocks(
+    x: Array, weights: Array, experts: Array, wi_gate: Array, wi_up: Array, wo: Array, activation: str,
+    block: int = 64,
+) -> Array:  # fmt: skip
+    """`dropless` computed without `ragged_dot`: x [T, D] -> [T, D], the same function.
+
+    Where `ragged_dot` is not a native grouped matmul (XLA on CPU multiplies every row by every
+    expert under a mask: E times the work), each expert's sorted group is padded to a multiple of
+    `block` rows and every block is multiplied by its own expert's weights, selected per block
+    ([blocks, D, F]; MegaBlocks' block-sparse layout with the weights copied per block): at most
+    E * block rows of padding, and nothing is dropped. Arguments as in `dropless`.
+    """
+    t, k = experts.shape
+    n, num_experts, d = t * k, wi_gate.shape[0], x.shape[-1]
+    order, sizes = _sort_copies(experts, num_experts)
+    padded = -(-sizes // block) * block  # [E]
+    start, pad_start = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+    sorted_experts = experts.reshape(-1)[order]  # [T*k]
+    num_blocks = -(-n // block) + num_experts  # enough for any routing
+    rows = num_blocks * block
+    # copy c (= token c // k, slot c % k) <-> its row of the padded layout (rows of padding: none)
+    row_of_sorted = pad_start[sorted_experts] + jnp.arange(n) - start[sorted_experts]
+    row_of_copy = jnp.zeros(n, jnp.int32).at[order].set(row_of_sorted)
+    copy_of_row = jnp.full(rows, n, jnp.int32).at[row_of_sorted].set(order)
+    buffer = _move_rows(jnp.repeat(x, k, axis=0), copy_of_row, row_of_copy).reshape(num_blocks, block, d)
+    # Each block's expert as a one-hot [blocks, E] (blocks past the last group hold zeros; clipped):
+    # the weights per block by a matmul, whose gradient is a matmul too (a gather's is a scatter).
+    owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right")
+    onehot = jax.nn.one_hot(jnp.minimum(owner, num_experts - 1), num_experts, dtype=x.dtype)
+
+    def per_block(w):  # [E, ...] -> [blocks, ...] in the compute dtype
+        return jnp.einsum("ne,e...->n...", onehot, w.astype(x.dtype))
+
+    hidden = _expert_mlp(
+        jnp.einsum("nbd,ndf->nbf", buffer, per_block(wi_gate)),
+        jnp.einsum("nbd,ndf->nbf", buffer, per_block(wi_up)),
+        activation,
+    )  # [blocks, block, F]
+    out = jnp.einsum("nbf,nfd->nbd", hidden, per_block(wo)).reshape(rows, d)
+    copies = _move_rows(out, row_of_copy, copy_of_row)  # [T*k, D] in (token, slot) order
     return _combine(copies.reshape(t, k, -1), weights, x.dtype)
 
 
@@ -171,8 +241,10 @@ class MoeMlp(nn.Module):
         x_c = tokens.astype(cfg.compute_dtype)
         if cfg.moe_dispatch == "capacity":
             y, _ = capacity(x_c, weights, experts, wi_gate, wi_up, wo, cfg.mlp_activation, cfg.capacity_factor)
-        elif expert_parallel.applies(mesh := expert_parallel.context_mesh(), b * t):  # experts over devices
+        elif expert_parallel.applies(mesh := expert_parallel.context_mesh(), b * t):  # dropless or blocks, over devices
             y = expert_parallel.dropless(x_c, weights, experts, wi_gate, wi_up, wo, cfg.mlp_activation, mesh)
+        elif cfg.moe_dispatch == "blocks":
+            y = blocks(x_c, weights, experts, wi_gate, wi_up, wo, cfg.mlp_activation)
         else:
             y = dropless(x_c, weights, experts, wi_gate, wi_up, wo, cfg.mlp_activation)
         for name, value in aux_losses(probs, experts, logits).items():

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from llm_jax.models import family as family_lib
+from llm_jax.models import flops as flops_lib
 from llm_jax.runtime import sharding
 
 _LAYER = re.compile(r"layers_(\d+)")
@@ -136,14 +137,31 @@ def summary_dict(model, params=None, mesh=None, rules=None, seq_len: int | None 
     rows = param_rows(model, params, mesh, rules)
     seq_len = seq_len or cfg.max_len
     mesh_shape = None if mesh is None else {k: int(v) for k, v in mesh.shape.items()}
+    total = sum(r["size"] for r in rows)
     return {
-        "family": cfg.family, "preset": cfg.preset, "params": sum(r["size"] for r in rows),
+        "family": cfg.family, "preset": cfg.preset, "params": total,
+        "active_params": total - flops_lib.inactive_params(cfg),  # what one token multiplies (MoE: k of E experts)
         "bytes": sum(r["bytes"] for r in rows),
         "bytes_per_device": sum(r["per_device"] * np.dtype(r["dtype"]).itemsize for r in rows),
         "flops_per_token": family_lib.flops_per_token(cfg, seq_len), "seq_len": seq_len, "mesh": mesh_shape,
         "devices": None if mesh is None else f"{mesh.devices.size} {mesh.devices.flat[0].platform}",
         "modules": module_counts(rows), "rows": collapsed_rows(rows),
     }  # fmt: skip
+
+
+def _experts_line(cfg, d: dict) -> str:
+    """Where the experts are: which layers, their sizes, routing, dispatch, and their weights' mesh axes."""
+    moe = [i for i in range(cfg.num_layers) if cfg.is_moe(i)]
+    placed = "all" if len(moe) == cfg.num_layers else ", ".join(map(str, moe))
+    shared = f" + {cfg.num_shared_experts} shared ({cfg.shared_dim} wide)" if cfg.num_shared_experts else ""
+    spec = next((r["spec"] for r in d["rows"] if r["name"].endswith("mlp/wi_gate")), None)
+    where = "" if spec is None else f"; expert weights [experts, embed, mlp] -> {_spec_text(spec)}"
+    return (
+        f"experts: {cfg.num_experts} x {cfg.expert_dim} wide{shared} in layers {placed} ({len(moe)} of "
+        f"{cfg.num_layers}), top-{cfg.experts_per_token} {cfg.router_score}, {cfg.moe_dispatch} dispatch; "
+        f"{d['params']:,} parameters, {d['active_params']:,} active per token "
+        f"({100 * d['active_params'] / max(d['params'], 1):.0f}%){where}"
+    )
 
 
 def _mb(n: float) -> str:
@@ -164,6 +182,8 @@ def summarize(model, params=None, mesh=None, rules=None, seq_len: int | None = N
         f"{cfg.mlp_activation}, vocab {cfg.vocab_size}, {cfg.positions} positions, {cfg.dtype} compute",
         f"FLOPs per token (training, context {d['seq_len']}): {d['flops_per_token'] / 1e6:,.2f} M",
     ]
+    if cfg.num_experts:
+        lines.append(_experts_line(cfg, d))
     if d["mesh"] is not None:
         axes = " x ".join(f"{k}={v}" for k, v in sharding.shown_axes(d["mesh"]).items())
         n = jax.process_count()
