@@ -26,7 +26,7 @@ from llm_jax.tools import hlo
 
 # {axis: size} of the meshes; the others are 1.
 MESHES = {"expert4_data2": dict(data=2, expert=4), "expert2_fsdp2_tensor2": dict(fsdp=2, expert=2, tensor=2)}
-T, D, F, E, K = 32, 8, 6, 8, 2
+T, D, F, E, K = 32, 8, 6, 8, 3
 
 
 def mesh_of(sizes):
@@ -43,14 +43,19 @@ def dense_loop(x, weights, experts, wi_gate, wi_up, wo):
     return out
 
 
+@pytest.mark.parametrize("routing", ["skewed", "crowded"])
 @pytest.mark.parametrize("name", MESHES)
-def test_dispatch_equals_a_dense_loop_with_its_gradients(name):
+def test_dispatch_equals_a_dense_loop_with_its_gradients(name, routing):
+    """'skewed': some experts get many more copies than others; 'crowded': every token picks experts
+    0, 1, 2, so the device holding experts 0 and 1 gets the most copies any routing can send it
+    (its exchange buffers are full)."""
     ks = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(ks[0], (T, D))
     ws = [jax.random.normal(k, s) * 0.3 for k, s in zip(ks[1:4], [(E, D, F), (E, D, F), (E, F, D)])]
-    # Skewed logits: some experts get many more copies than others (and some devices none of a source's).
-    weights, experts, _ = moe.route(jax.random.normal(ks[4], (T, E)) * 3 + jnp.arange(E), K, "softmax", True)
-    assert len(np.unique(experts)) > E // 2 and np.bincount(np.ravel(experts), minlength=E).max() > 2 * T * K // E
+    bias = jnp.arange(E) if routing == "skewed" else jnp.where(jnp.arange(E) < K, 100.0, 0.0)
+    weights, experts, _ = moe.route(jax.random.normal(ks[4], (T, E)) * 3 + bias, K, "softmax", True)
+    counts = np.bincount(np.ravel(experts), minlength=E)
+    assert counts.max() > 2 * T * K // E if routing == "skewed" else list(counts[:K]) == [T] * K
     mesh = mesh_of(MESHES[name])
 
     def loss(fn, x, *ws):  # a nonlinear loss, so gradients depend on every output row differently

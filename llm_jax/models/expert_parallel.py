@@ -13,10 +13,11 @@
   back in (token, slot) order and summed with the router weights; a psum over `tensor` adds the
   hidden-size shards.
 
-The exchange buffers are fixed-size [ep, t * k, D] per device, large enough for any routing (every
-copy to one device), so nothing is ever dropped and shapes stay static: ep times the bytes of a
-ragged exchange (`jax.lax.ragged_all_to_all`, which XLA's CPU backend lacks), the price of being
-exact on every backend. Outside a mesh with expert > 1, `applies` is False and `moe.dropless` runs.
+The exchange buffers are fixed-size [ep, t * min(k, El), D] per device, large enough for any routing
+(a token's k experts are distinct, so at most min(k, El) of its copies go to one device), so nothing
+is ever dropped and shapes stay static: up to ep times the bytes of a ragged exchange
+(`jax.lax.ragged_all_to_all`, which XLA's CPU backend lacks), the price of being exact on every
+backend. Outside a mesh with expert > 1, `applies` is False and `moe.dropless` runs.
 """
 
 from __future__ import annotations
@@ -84,10 +85,11 @@ def _local(x, weights, experts, wi_gate, wi_up, wo, *, activation: str, ep: int,
     per_device = jnp.sum(counts, axis=1)  # [ep]
     dest = jnp.take(flat, order) // el  # [t*k] the device each sorted copy goes to
     pos = jnp.arange(copies) - (jnp.cumsum(per_device) - per_device)[dest]  # its row in that device's buffer
-    send = jnp.zeros((ep, copies, x.shape[-1]), x.dtype).at[dest, pos].set(jnp.take(x, order // k, axis=0))
-    recv = jax.lax.all_to_all(send, EXPERT, 0, 0)  # [ep, t*k, D]: recv[s] = what device s sent here
+    rows = t * min(k, el)  # the most copies one device can get from another (distinct experts per token)
+    send = jnp.zeros((ep, rows, x.shape[-1]), x.dtype).at[dest, pos].set(jnp.take(x, order // k, axis=0))
+    recv = jax.lax.all_to_all(send, EXPERT, 0, 0)  # [ep, rows, D]: recv[s] = what device s sent here
     recv_counts = jax.lax.all_to_all(counts, EXPERT, 0, 0)  # [ep, El]: recv[s] rows per local expert
-    out = _run_experts(recv, recv_counts, wi_gate, wi_up, wo, activation)  # [ep, t*k, D]
+    out = _run_experts(recv, recv_counts, wi_gate, wi_up, wo, activation)  # [ep, rows, D]
     back = jax.lax.all_to_all(out, EXPERT, 0, 0)  # back[s] = outputs of the copies sent to s
     mine = jnp.zeros((copies, x.shape[-1]), x.dtype).at[order].set(back[dest, pos])  # (token, slot) order
     y = jnp.einsum("tkd,tk->td", mine.reshape(t, k, -1).astype(jnp.float32), weights)
