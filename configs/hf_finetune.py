@@ -12,6 +12,15 @@ Everything else is a fine-tuning recipe: low learning rate, short warmup, no wei
 over all devices, text from `data.path` (default Tiny Shakespeare via $LLM_JAX_DATA or
 ../shared/data). `PATH,tiny` is a seconds-long CPU smoke run on the standard library's sources.
 An HF directory as the argument gives the same architecture from a random init (no checkpoint).
+
+`PATH,long` (or `PATH,long=N`) extends the context: fine-tunes at seq_len N (default 32768) on
+windows that each lie inside one document that long (`data.long_documents`), remat 'full'. The
+positions past the pre-training context come from the checkpoint's RoPE scaling (Llama 3.1's
+'llama3' factor 8 reaches 128k as published); for a checkpoint without one, set it in the HF
+config.json before `convert from_hf` (`"rope_scaling": {"rope_type": "linear", "factor": 4.0}` and
+`max_position_embeddings` 4x), since the run's model is fixed at import. The run's trained context
+(what decoding may use, `saved_run.trained_context`) becomes N after the first save. Add
+`--config.mesh.sequence=S` to split each sequence over S devices (README, "How sharding is chosen").
 """
 
 import os
@@ -19,6 +28,8 @@ import os
 import ml_collections
 
 from llm_jax.interop import hf
+
+LONG_CONTEXT = 32768  # `PATH,long`: the fine-tuning context
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -53,6 +64,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             sample_prompt="def ",
             sample_tokens=4,
         )
+    elif variant.partition("=")[0] == "long":
+        c.data.update(seq_len=int(variant.partition("=")[2] or LONG_CONTEXT), long_documents=True)
+        c.model.remat = "full"
     elif variant:
-        raise ValueError(f"configs/hf_finetune.py: unknown variant {variant!r}; use PATH or PATH,tiny")
+        raise ValueError(f"configs/hf_finetune.py: unknown variant {variant!r}; use PATH, PATH,tiny or PATH,long[=N]")
     return c

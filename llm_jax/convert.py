@@ -19,8 +19,12 @@ model.safetensors (+ tokenizer.json and its files), loadable with transformers' 
 
 `from_hf` writes a workdir, so it takes the workdir's lock like `llm_jax.main` (a workdir in use is
 refused at once, naming the run that holds it) after checking it can write there; `to_hf` only
-reads the workdir and takes no lock. A mistake in the input is one line, `convert: error: ...`
-(`--debug` shows the traceback; llm_jax/cli.py).
+reads the workdir and takes no lock, and never destroys: it writes a temporary sibling of `--hf_dir`
+and renames it into place when whole (a full disk leaves an earlier export as it was), and refuses an
+`--hf_dir` that is the workdir, the directory the run was imported from, or a non-empty directory that
+is not an earlier export of this run (`--overwrite` moves such a directory aside;
+llm_jax/interop/hf_export.py). A mistake in the input is one line, `convert: error: ...` (`--debug`
+shows the traceback; llm_jax/cli.py).
 """
 
 from llm_jax import cli  # first: it sets host memory before numpy and JAX start threads (llm_jax/cli.py)
@@ -35,6 +39,9 @@ flags.DEFINE_bool("scan_layers", False, "from_hf: store the layers stacked for n
 flags.DEFINE_string("mesh", "1,-1,1", "from_hf: data,fsdp,tensor mesh sizes to place the weights on while converting.")
 flags.DEFINE_integer("step", None, "to_hf: checkpoint step to export (default: the latest).")
 flags.DEFINE_string("dtype", None, "to_hf: cast the weights to float32, bfloat16 or float16 (default: as trained).")
+flags.DEFINE_bool(
+    "overwrite", False, "to_hf: move a non-empty --hf_dir that is not an export of this run aside (never deleted)."
+)
 flags.mark_flags_as_required(["hf_dir", "workdir"])
 
 COMMANDS = ("from_hf", "to_hf")
@@ -63,7 +70,7 @@ def main(argv):
             if lock is not None:
                 lock.release()
     else:
-        hf.export_run(FLAGS.workdir, FLAGS.hf_dir, step=FLAGS.step, dtype=FLAGS.dtype)
+        hf.export_run(FLAGS.workdir, FLAGS.hf_dir, step=FLAGS.step, dtype=FLAGS.dtype, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

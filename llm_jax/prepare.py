@@ -25,6 +25,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config and --config.data.KEY=VALUE")
     config = cli.loaded_config("config")
     config_lib.check_keys(config)
+    config_lib.check_data(config.data)
     wd = flags.FLAGS.workdir
     tok_dir = workdir_lib.tokenizer_dir(wd) if wd and workdir_lib.has_tokenizer(wd) else None
     t0 = time.time()

@@ -10,14 +10,17 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 # Prepared data (llm_jax/data/prepare.py) goes to a fresh cache per test session, never ~/.cache; the
-# trainer subprocesses of the tests inherit it.
+# trainer subprocesses of the tests inherit it, and so do pytest-xdist's workers (`-n 2`: the
+# controller loads this file first, so its directories are set when the workers start).
 import tempfile  # noqa: E402
 
-os.environ["LLM_JAX_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_cache_")
-# One persistent compilation cache per session, for this process and the trainer subprocesses
-# (tests/runlib.py): a program compiled by one test (a tiny model's step, say) loads from disk in the
-# next one instead of compiling again.
-JIT_CACHE = os.environ["LLM_JAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
+if "PYTEST_XDIST_WORKER" not in os.environ or "LLM_JAX_TEST_JIT_CACHE" not in os.environ:
+    os.environ["LLM_JAX_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_cache_")
+    # One persistent compilation cache per session, for this process and the trainer subprocesses
+    # (tests/runlib.py): a program compiled by one test (a tiny model's step, say) loads from disk in
+    # the next one instead of compiling again.
+    os.environ["LLM_JAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="llm_jax_test_jit_cache_")
+JIT_CACHE = os.environ["LLM_JAX_TEST_JIT_CACHE"]
 
 from llm_jax.runtime import hostmem  # noqa: E402 - first: host memory settings before numpy and JAX start threads
 

@@ -267,7 +267,7 @@ def snapshot(directory: str) -> dict:
     """{relative path: (size, mtime_ns, sha256)} of every file, and every directory, under `directory`.
 
     Leaves out the top-level `lock` file: it records who holds the workdir, not the run, and a run
-    refused after it claimed the workdir (bad data, say) touched it (it ends empty again)."""
+    refused after it claimed the workdir (bad data, say) created it (and removed it again)."""
     out = {}
     for root, dirs, files in os.walk(directory):
         for d in dirs:
@@ -291,7 +291,7 @@ def read_loop_data(workdir: str, step: int) -> dict:
 
 
 def lock_record(workdir: str) -> dict | None:
-    """The holder record in workdir/lock (None when it is empty: released cleanly, or no lock file)."""
+    """The holder record in workdir/lock (None when there is none: released cleanly, or never held)."""
     path = os.path.join(workdir, "lock")
     if not os.path.exists(path):
         return None

@@ -91,6 +91,33 @@ def test_bad_train_values(run, workdir):
     _refused(run, workdir, r"config\.train\.log_every=0 must be positive", **{"train.log_every": 0})
 
 
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("data.val_fraction", 1.5, r"config\.data\.val_fraction=1\.5 must be in \(0, 1\)"),
+        ("data.val_fraction", 0.0, r"config\.data\.val_fraction=0\.0 must be in \(0, 1\)"),
+        ("data.seq_len", 0, r"config\.data\.seq_len=0 must be positive; the default is 128"),
+        ("data.prepare_shard_mb", 1e-9, r"prepare_shard_mb=1e-09 must be in \[0\.01, 4096\]"),
+        ("data.prepare_shard_mb", 1e6, r"prepare_shard_mb=1000000\.0 must be in \[0\.01, 4096\]"),
+        ("data.max_chars", -5, r"config\.data\.max_chars=-5 must be >= 0"),
+        ("optim.lr", 0.0, r"config\.optim\.lr=0\.0 must be positive; the default is 0\.001"),
+        ("optim.b2", 1.0, r"config\.optim\.b2=1\.0 must be in \[0, 1\)"),
+        ("optim.min_lr_ratio", -0.5, r"config\.optim\.min_lr_ratio=-0\.5 must be in \[0, 1\]"),
+        ("optim.warmup_steps", -1, r"config\.optim\.warmup_steps=-1 must be >= 0"),
+        ("train.eval_batch_size", -8, r"config\.train\.eval_batch_size=-8 must be >= 0"),
+        ("decode.beam_size", 0, r"config\.decode\.beam_size=0 must be positive"),
+        ("model.dropout_rate", 1.5, r"dropout_rate=1\.5 must be in \[0, 1\)"),
+    ],
+)
+def test_bad_values_are_refused_before_any_data_is_prepared(run, workdir, tmp_path, key, value, match):
+    """Each refused before the data is prepared: the workdir and the prepared-data cache unchanged."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    before = R.snapshot(str(cache))
+    _refused(run, workdir, match, **{key: value, "data.cache_dir": str(cache)})
+    assert R.snapshot(str(cache)) == before, "the prepared-data cache must be untouched"
+
+
 def test_mesh_that_does_not_divide_the_devices(run, workdir):
     _refused(run, workdir, r"needs 3 devices but 8 are available", **{"mesh.data": 3})
     _refused(run, workdir, r"fixed axes multiply to 3, which does not divide the 8", **{"mesh.fsdp": 3})

@@ -264,7 +264,16 @@ def test_every_source_takes_its_own_keys_and_others_at_their_defaults():
         config_lib.check_keys(c)  # every key at its default: fine
         for key, sources in config_lib.SOURCE_KEYS.items():
             if source in sources:  # its own keys may be set
-                c.data[key] = 3 if isinstance(c.data[key], int) else 0.5 if isinstance(c.data[key], float) else "x"
+                old = c.data[key]
+                c.data[key] = (
+                    not old
+                    if isinstance(old, bool)
+                    else 3
+                    if isinstance(old, int)
+                    else 0.5
+                    if isinstance(old, float)
+                    else "x"
+                )
         config_lib.check_keys(c)
 
 

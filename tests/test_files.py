@@ -1,7 +1,6 @@
 """llm_jax/runtime/files.py: atomic writes (a failure midway keeps the old file), locks (a second
 holder waits; a dead holder's lock is dropped), plain and gzipped reading."""
 
-import fcntl
 import gzip
 import os
 import subprocess
@@ -159,28 +158,3 @@ def test_locked_is_dropped_when_the_holder_dies(tmp_path):
     with files.locked(path, on_wait=lambda: told.append(1)):
         pass
     assert told == []
-
-
-def test_try_flock_refuses_a_second_open_file(tmp_path):
-    path = str(tmp_path / "lock")
-    a = os.open(path, os.O_RDWR | os.O_CREAT)
-    b = os.open(path, os.O_RDWR)
-    try:
-        assert files.try_flock(a) is True
-        assert files.try_flock(b) is False  # another open file description, even in this process
-        os.close(a)
-        a = None
-        assert files.try_flock(b) is True  # closing the holder's descriptor drops it
-    finally:
-        for fd in (a, b):
-            if fd is not None:
-                os.close(fd)
-
-
-def test_try_flock_says_none_where_the_filesystem_has_no_flock(tmp_path, monkeypatch):
-    def no_flock(fd, op):
-        raise OSError(37, "No locks available")  # ENOLCK, as some NFS mounts answer
-
-    monkeypatch.setattr(fcntl, "flock", no_flock)
-    with open(tmp_path / "lock", "w") as f:
-        assert files.try_flock(f.fileno()) is None

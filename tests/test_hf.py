@@ -357,3 +357,64 @@ def test_run_import_finetune_export(tmp_path):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
     assert fast.encode("def f(x):") == tok.encode("def f(x):").ids
     del tmodel
+
+
+def test_export_never_destroys(tmp_path, monkeypatch):
+    """to_hf refuses the run itself, the directory it was imported from and another directory's files
+    (each refusal changes nothing anywhere); it replaces an earlier export of the same run whole, and
+    a write that fails midway (a full disk) leaves that earlier export as it was."""
+    import errno
+
+    import runlib as R
+
+    from llm_jax.interop import hf_export, safetensors_io
+    from llm_jax.runtime.errors import AlreadyExists, BadValue
+
+    src, work, out = tmp_path / "src", tmp_path / "run", tmp_path / "out"
+    tok = _tokenizer_json(300)
+    make_hf(src, "gpt2", vocab_size=tok.get_vocab_size(), n_layer=1)
+    tok.save(str(src / "tokenizer.json"))
+    hf.import_run(str(src), str(work), hf.run_config(str(src)), log=lambda m: None)
+    hf.export_run(str(work), str(out), log=lambda m: None)
+    assert json.loads((out / hf_export.MARKER).read_text())["step"] == 0
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+
+    def snapshots():
+        return {d: R.snapshot(str(tmp_path / d)) for d in ("src", "run", "out", "notes")}
+
+    before = snapshots()
+    refusals = [
+        (work, BadValue, r"is the run's --workdir"),
+        (work / "hf", BadValue, r"is inside the run's --workdir"),
+        (tmp_path, BadValue, r"holds the run's --workdir"),
+        (src, BadValue, r"is the directory this run was imported from"),
+        (tmp_path / "notes", AlreadyExists, r"is not empty \(todo\.txt\) and is not an export of .*--overwrite"),
+        (tmp_path / "afile", AlreadyExists, r"is a file, not a directory"),
+    ]
+    for target, error, match in refusals:
+        with pytest.raises(error, match=rf"^--hf_dir={target} {match}"):
+            hf.export_run(str(work), str(target), overwrite=error is BadValue)  # --overwrite never allows these
+        assert snapshots() == before, f"refusing {target} changed something"
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors_io, "_save", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            hf.export_run(str(work), str(out), log=lambda m: None)
+    assert snapshots() == before, "a failed export leaves the earlier one whole"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "notes", "out", "run", "src"], "no temporary left behind"
+
+    logs = []
+    hf.export_run(str(work), str(tmp_path / "notes"), overwrite=True, log=logs.append)
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("notes.old-")]
+    assert len(aside) == 1 and (tmp_path / aside[0] / "todo.txt").read_text() == "mine", "moved aside, not deleted"
+    assert (
+        logs[0] == f"moved what was in {tmp_path / 'notes'} to {tmp_path / aside[0]} (--overwrite; nothing was deleted)"
+    )
+    hf.export_run(str(work), str(out), log=lambda m: None)  # an earlier export of this run: replaced
+    assert_same_tensors(read_tensors(src), read_tensors(out))
+    assert not any(".old-" in n or ".tmp" in n for n in os.listdir(tmp_path) if n.startswith("out"))

@@ -3,6 +3,7 @@ losses by their formulas, and an MoE TransformerLM that trains, resumes to the b
 
 import dataclasses
 import functools
+import importlib.util
 
 import flax.linen as nn
 import jax
@@ -171,6 +172,23 @@ def test_the_dispatches_compute_the_same_model():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_scanned_and_rematerialized_layers_sow_the_same_auxiliary_losses():
+    """Under scan_layers (+ remat) the MoE stats stack on the layer axis: the same objective and metrics."""
+    cfg = dataclasses.replace(MOE, moe_first_dense=0)
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 64)
+    batch = {"inputs": tokens, "targets": tokens}
+    params = nn.meta.unbox(TransformerLM(cfg).init(jax.random.key(0), tokens))["params"]
+    family = family_lib.get("lm")
+    want, (_, _, want_metrics) = family.train_loss(TransformerLM(cfg), params, batch, None)
+    layers = [params.pop(f"layers_{i}") for i in range(3)]
+    stacked = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    scanned = TransformerLM(dataclasses.replace(cfg, scan_layers=True, remat="full"))
+    got, (_, _, metrics) = family.train_loss(scanned, stacked, batch, None)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for key in ("aux_loss", "router_z_loss", "expert_load"):
+        np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -228,6 +246,15 @@ def test_moe_model_trains_logs_its_router_and_resumes_bit_exactly(tmp_path):
     aux = R.metric(straight, "train/aux_loss")[-1][1]
     assert 1.0 <= aux < 4.0 and R.metric(straight, "train/router_z_loss")[-1][1] > 0
 
+    if importlib.util.find_spec("matplotlib"):  # the notebook extra: the load and router panels
+        from llm_jax.tools import plot
+
+        axes = {ax.get_title(): ax for ax in plot.figure([straight, resumed]).axes if ax.get_visible()}
+        assert len(axes["expert load (one line per expert; dotted: balanced)"].get_lines()) == 2 * (4 + 1)
+        assert {line.get_label() for line in axes["router losses"].get_lines()} == {
+            f"{run} ({kind})" for run in ("straight", "resumed") for kind in ("aux_loss", "router_z_loss")
+        }
+        assert len(axes["loss against wall time"].get_lines()) == 4  # train and eval, two runs
     a, b = load_run(resumed, on_host=True), load_run(straight, on_host=True)
     assert a.step == b.step == 6
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):

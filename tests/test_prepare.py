@@ -20,7 +20,7 @@ from llm_jax.data import lm_data as data_lib
 from llm_jax.data import prepare as prepare_lib
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
-from llm_jax.runtime.errors import BadValue
+from llm_jax.runtime.errors import BadValue, FileError
 from llm_jax.training import loop
 from llm_jax.training.config import base_config
 
@@ -127,6 +127,71 @@ def test_files_of_another_tokenizer_are_never_reused(corpus, tmp_path):
     assert prepare_lib.prepare(_cfg(corpus, tmp_path), **QUIET)[0] != directory
 
 
+def _cache_state(root):
+    """R.snapshot of a cache, less its lock files (a lock records who prepares, not what was prepared)."""
+    return {k: v for k, v in R.snapshot(str(root)).items() if not k.endswith(".lock")}
+
+
+def _rewrite_keeping_size_and_mtime(path, offset, data: bytes):
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def test_content_edited_in_place_is_a_new_set(tmp_path):
+    # An edit that keeps the file's size and modification time (cp -p, rsync -t, touch -r).
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    first, _, tokenizer = prepare_lib.prepare(_cfg(str(path), tmp_path / "cache", tokenizer="byte"), **QUIET)
+    _rewrite_keeping_size_and_mtime(path, 0, b"THE")
+    second, _, _ = prepare_lib.prepare(_cfg(str(path), tmp_path / "cache", tokenizer="byte"), **QUIET)
+    assert second != first, "stale tokens reused"
+    data = data_lib.load_data(_cfg(str(path), tmp_path / "cache", tokenizer="byte"), **QUIET)
+    np.testing.assert_array_equal(data.train_tokens.read(0, 3), tokenizer.encode_array("THE"))
+    # A large file is sampled (head, tail, spread blocks) unless verify='full' reads every byte.
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * (5 << 20))
+    fast, full = (_cfg(str(big), tmp_path, tokenizer="byte", verify=v) for v in ("fast", "full"))
+    before = (sources.identity(fast), sources.identity(full))
+    _rewrite_keeping_size_and_mtime(big, (5 << 20) - 10, b"y")  # in the tail: both see it
+    after = (sources.identity(fast), sources.identity(full))
+    assert before[0] != after[0] and before[1] != after[1]
+    _rewrite_keeping_size_and_mtime(big, (1 << 20) + 70_000, b"z")  # between two samples: only 'full' sees it
+    assert sources.identity(fast) == after[0] and sources.identity(full) != after[1]
+
+
+def test_a_damaged_set_is_refused_on_open(corpus, tmp_path):
+    directory, _, _ = prepare_lib.prepare(_cfg(corpus, tmp_path), **QUIET)
+    shard = sorted(glob.glob(os.path.join(directory, "train-*.tokens")))[1]
+    with open(shard, "r+b") as f:  # a copy cut short
+        f.truncate(os.path.getsize(shard) // 2)
+    before = _cache_state(tmp_path)
+    with pytest.raises(
+        FileError, match=r"train-00001\.tokens/\.docs\.npy hold \d+ bytes .* the prepared set is damaged"
+    ):
+        data_lib.load_data(_cfg(corpus, tmp_path), **QUIET)
+    assert _cache_state(tmp_path) == before
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path, monkeypatch):
+    # A tokenizer whose vocab_size undercounts its ids: uint16 shards would wrap 65,536 + i to i.
+    path = tmp_path / "corpus.txt"
+    path.write_text("some text to tokenize\n" * 100)
+    prepare_lib.prepare(_cfg(str(path), tmp_path / "cache", tokenizer="byte"), **QUIET)  # the cache in use
+    path.write_text("other text to tokenize\n" * 100)
+    before = _cache_state(tmp_path / "cache")
+    encode = tok_lib.ByteTokenizer.encode_array
+    monkeypatch.setattr(tok_lib.ByteTokenizer, "encode_array", lambda self, text: encode(self, text) + 65536)
+    with pytest.raises(
+        BadValue, match=r"byte tokenizer gave token id 65\d+, outside its vocabulary of 257 .*corpus\.txt"
+    ):
+        prepare_lib.prepare(_cfg(str(path), tmp_path / "cache", tokenizer="byte"), **QUIET)
+    assert _cache_state(tmp_path / "cache") == before
+
+
 def test_two_processes_build_the_same_batches(corpus, tmp_path):
     """Two processes, each reading only its rows from the prepared files, build the global batch."""
     cfg = _cfg(corpus, tmp_path, packing="documents")
@@ -198,6 +263,8 @@ def test_tfds_dataset_prepares_and_trains_without_tensorflow(tmp_path):
     with open(manifest) as f:
         splits = json.load(f)["splits"]
     assert (splits["train"]["docs"], splits["val"]["docs"]) == (300, 40)
+    ident = sources.identity(config.data)  # keyed by the version tfds picked: a new version is a new set
+    assert (ident["version"], ident["full_name"]) == ("1.0.0", "llm_jax_tiny_docs/1.0.0")
     assert "tensorflow" not in sys.modules
 
 

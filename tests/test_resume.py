@@ -56,7 +56,7 @@ def test_killed_anywhere_resumes_exactly(tmp_path, finished_run, capsys):
     kill_points, killed = [], []
 
     def restart():
-        if killed and killed[-1]:  # kill -9 left the dead run's record in the lock file (its flock is gone)
+        if killed and killed[-1]:  # kill -9 left the dead run's record in the lock file (its process is gone)
             assert R.lock_record(wd)["pid"] == killed[-1]
         p = R.start(wd, over, devices=DEVICES)
         p.after = killed[-1] if killed else None

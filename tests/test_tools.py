@@ -85,7 +85,7 @@ def test_plot_cli_overlays_runs_in_a_real_picture(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plot: wrote" in proc.stdout and "(3 runs)" in proc.stdout
     w, h = R.assert_real_image(out)
-    assert w > h  # 3 panels across, 2 down
+    assert w > h  # 4 panels across, 2 down
     bad = _cli("llm_jax.plot", f"--workdir={tmp_path}", f"--output={out}")
     assert bad.returncode != 0 and "plot: error: " in bad.stderr and "metrics.jsonl does not exist" in bad.stderr
     default = _cli("llm_jax.plot", f"--workdir={runs['mt']}")  # no --output: the run's own curves.png

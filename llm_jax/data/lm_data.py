@@ -23,6 +23,7 @@ across a document boundary (llm_jax/models/model.py), so each document is learne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -112,6 +113,25 @@ class TokenFiles:
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def _doc_bounds(stream) -> np.ndarray:
+    """Where each document of a stream starts, then the stream's end: [d + 1] int64."""
+    starts = np.asarray(stream.doc_starts(0, len(stream)), np.int64)
+    if not len(starts) or starts[0] != 0:  # tokens before the first recorded start are a document too
+        starts = np.concatenate([[0], starts])
+    return np.concatenate([starts, [len(stream)]])
+
+
+@functools.lru_cache(maxsize=4)
+def long_spans(stream, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documents with at least seq_len + 1 tokens: (their first tokens [m], the cumulative count of
+    window starts inside them [m + 1], from 0); a window may start at the first n - seq_len
+    tokens of a document of n."""
+    bounds = _doc_bounds(stream)
+    first, length = bounds[:-1], np.diff(bounds)
+    keep = length >= seq_len + 1
+    return first[keep], np.concatenate([[0], np.cumsum(length[keep] - seq_len)]).astype(np.int64)
+
+
 def _as_stream(tokens):
     return tokens if isinstance(tokens, (ArrayTokens, TokenFiles)) else ArrayTokens(tokens)
 
@@ -157,6 +177,7 @@ class LMData:
     val_tokens: ArrayTokens | TokenFiles | np.ndarray  # [n_val]
     packing: str = "none"
     directory: str = ""  # the prepared set read (empty for arrays)
+    long_documents: bool = False  # every window inside one document (see `window_starts`)
 
     def __post_init__(self):
         self.train_tokens, self.val_tokens = _as_stream(self.train_tokens), _as_stream(self.val_tokens)
@@ -170,14 +191,30 @@ class LMData:
                     f"the {name} split has {len(toks)} tokens, fewer than seq_len+2={seq_len + 2}; "
                     "use more data, a smaller config.data.seq_len or a different config.data.val_fraction"
                 )
+            if self.long_documents and not long_spans(toks, seq_len)[1][-1]:
+                longest = int(np.max(np.diff(_doc_bounds(toks))))
+                raise BadValue(
+                    f"config.data.long_documents: no {name} document has seq_len+1={seq_len + 1} tokens (the "
+                    f"longest has {longest}); use a shorter config.data.seq_len or longer documents"
+                )
+
+    def window_starts(self, tokens, rng: np.random.Generator, n: int, seq_len: int) -> np.ndarray:
+        """`n` window starts drawn by `rng`: anywhere in the stream, or with `long_documents` only
+        where the whole window of seq_len + 1 tokens lies inside one document (each possible start of
+        every document that long equally likely): long-context training sees whole long texts, no
+        document boundary and no short document filling the window."""
+        if not self.long_documents:
+            return rng.integers(0, len(tokens) - seq_len - 1, size=n)
+        first, cum = long_spans(tokens, seq_len)
+        u = rng.integers(0, cum[-1], size=n)
+        doc = np.searchsorted(cum, u, side="right") - 1
+        return first[doc] + u - cum[doc]
 
     def train_batch(
         self, step: int, global_batch: int, seq_len: int, seed: int, process_index: int = 0, process_count: int = 1
     ) -> dict[str, np.ndarray]:
         """This process's rows of the global training batch of `step`: inputs/targets [rows, seq_len]."""
-        starts = np.random.default_rng([seed, step]).integers(
-            0, len(self.train_tokens) - seq_len - 1, size=global_batch
-        )
+        starts = self.window_starts(self.train_tokens, np.random.default_rng([seed, step]), global_batch, seq_len)
         return windows(self.train_tokens, rows_of(starts, process_index, process_count), seq_len, self.packing)
 
     def eval_batches(
@@ -193,7 +230,7 @@ class LMData:
         rng = np.random.default_rng([seed, 2**31 - 1])
         out = []
         for _ in range(num_batches):
-            starts = rng.integers(0, len(self.val_tokens) - seq_len - 1, size=global_batch)
+            starts = self.window_starts(self.val_tokens, rng, global_batch, seq_len)
             out.append(windows(self.val_tokens, rows_of(starts, process_index, process_count), seq_len, self.packing))
         return out
 
@@ -239,7 +276,8 @@ def load_data(cfg, tokenizer_dir: str | None = None, log=print) -> DataSource:
     t0 = time.time()
     directory, manifest, tokenizer = prepare_lib.prepare(cfg, tokenizer_dir, log)
     split = {s: TokenFiles(directory, manifest["splits"][s]["shards"], manifest["dtype"]) for s in ("train", "val")}
-    data = LMData(tokenizer, split["train"], split["val"], packing=cfg.packing, directory=directory)
+    long_docs = bool(cfg.get("long_documents", False))
+    data = LMData(tokenizer, split["train"], split["val"], cfg.packing, directory, long_docs)
     log(
         f"data: {cfg.source} -> {tokenizer.kind} tokenizer (vocab {tokenizer.vocab_size}), "
         f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens ({directory}) "
@@ -282,9 +320,12 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
     if not os.path.isfile(path):
         raise NotFound(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
     examples = []
+    bound = sources.MAX_LINE_BYTES
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(bound + 1), b""), 1):  # a huge line is never read whole
             where = f"{path}:{n}"
+            if len(raw) > bound:
+                raise BadValue(f"{where}: a line longer than {bound:,} bytes; split that example or leave it out")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -15,9 +15,13 @@ host prepares its own identical copy. One prepared set, `<cache>/data/<source>-<
     task-NNNNN.json              what shard NNNNN holds: tokens and documents per split, text bytes
 
 A split's token stream is its shards in order; a document's tokens are followed by the tokenizer's
-EOS where it has one. `<key>` hashes the format version, the source as it is now (paths, sizes and
-modification times; a tfds dataset's record counts), the config values that shape the text and the
-tokenizer's fingerprint: a changed corpus or tokenizer is a new set, never stale tokens. Tokenizers
+EOS where it has one. `<key>` hashes the format version, the source as it is now (paths, sizes,
+modification times and content hashes, sampled or whole as `config.data.verify` says; a tfds
+dataset's version and record counts), the config values that shape the text and the tokenizer's
+fingerprint: a changed corpus or tokenizer is a new set, never stale tokens. Opening a set checks
+each shard's size against the manifest (a set cut short by a copy is refused, never read as
+garbage); preparing checks that every token id is below the tokenizer's vocabulary (so it fits
+the shard's dtype: uint16 would wrap an id above 65,535). Tokenizers
 trained from the data (char, sentencepiece) are cached beside, in `<cache>/tokenizers/`.
 
 Work is split into tasks of about `config.data.prepare_shard_mb` of text, one shard pair each,
@@ -43,7 +47,7 @@ from llm_jax.data import progress as progress_lib
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.runtime import files
-from llm_jax.runtime.errors import BadValue
+from llm_jax.runtime.errors import BadValue, FileError, UserError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -131,7 +135,14 @@ def prepare(cfg, tokenizer_dir: str | None = None, log=print) -> tuple[str, dict
     it is not complete yet (resuming what an interrupted prepare left)."""
     root = cache_root(cfg)
     ident = sources.identity(cfg)
-    tokenizer = resolve_tokenizer(cfg, ident, root, tokenizer_dir, log)
+    with sources.gunzipped_once():  # a .gz file is decompressed once, by the first plan that reads it
+        tokenizer = resolve_tokenizer(cfg, ident, root, tokenizer_dir, log)
+        directory = _prepared(cfg, ident, root, tokenizer, log)
+    return directory, read_manifest(directory, tokenizer), tokenizer
+
+
+def _prepared(cfg, ident: dict, root: str, tokenizer: tok_lib.Tokenizer, log) -> str:
+    """The directory of the set for (source, tokenizer), built now (under its lock) if incomplete."""
     key = _hash(
         {
             "format": FORMAT_VERSION,
@@ -145,7 +156,7 @@ def prepare(cfg, tokenizer_dir: str | None = None, log=print) -> tuple[str, dict
         with files.locked(directory + ".lock", _waiting(directory, log)):
             if not os.path.exists(os.path.join(directory, MANIFEST)):
                 _build(cfg, directory, tokenizer, log)
-    return directory, read_manifest(directory, tokenizer), tokenizer
+    return directory
 
 
 def read_manifest(directory: str, tokenizer: tok_lib.Tokenizer) -> dict:
@@ -163,7 +174,25 @@ def read_manifest(directory: str, tokenizer: tok_lib.Tokenizer) -> dict:
             f"{directory} holds tokens made with tokenizer {manifest.get('tokenizer')}, but this run's tokenizer is "
             f"{want}; they cannot be reused. Delete that directory, or use the tokenizer it was made with"
         )
+    _check_shards(directory, manifest)
     return manifest
+
+
+def _check_shards(directory: str, manifest: dict) -> None:
+    """Each shard's files hold what the manifest says (a stat and an .npy header per shard)."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            path = os.path.join(directory, shard["name"])
+            want = shard["tokens"] * itemsize
+            size = os.path.getsize(path + ".tokens") if os.path.isfile(path + ".tokens") else None
+            docs = np.load(path + ".docs.npy", mmap_mode="r").shape[0] if os.path.isfile(path + ".docs.npy") else None
+            if size != want or docs != shard["docs"]:
+                raise FileError(
+                    f"{path}.tokens/.docs.npy hold {size} bytes / {docs} documents, but {MANIFEST} says {want} bytes "
+                    f"({shard['tokens']} tokens of {np.dtype(manifest['dtype']).name}) / {shard['docs']}: the prepared "
+                    f"set is damaged (a copy cut short?); delete {directory} to prepare it again"
+                )
 
 
 def _piece_bytes(cfg) -> int:
@@ -187,7 +216,17 @@ def _tasks(pieces: list[sources.Piece], piece_bytes: int) -> list[list[sources.P
 def _build(cfg, directory: str, tokenizer: tok_lib.Tokenizer, log) -> None:
     """Runs the tasks not done yet into `<directory>.partial`, writes the manifest, renames."""
     partial = directory + ".partial"
+    fresh = not os.path.exists(partial)
     os.makedirs(partial, exist_ok=True)
+    try:
+        _build_in(cfg, directory, partial, tokenizer, log)
+    except UserError:  # bad data: the key (source content, tokenizer) must change, so nothing here is reused
+        if fresh:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _build_in(cfg, directory: str, partial: str, tokenizer: tok_lib.Tokenizer, log) -> None:
     for name in os.listdir(partial):  # a killed task's half-written files
         if ".tmp" in name:
             path = os.path.join(partial, name)
@@ -290,7 +329,7 @@ def _run_task(work: tuple) -> dict:
         for doc in sources.read_piece(piece):
             if doc.starts_doc:
                 starts[doc.split].append(sizes[doc.split])
-            ids = [tokenizer.encode_array(doc.text)] if doc.text else []
+            ids = [_checked(tokenizer.encode_array(doc.text), tokenizer, piece)] if doc.text else []
             if doc.ends_doc and eos is not None:
                 ids.append(eos)
             parts[doc.split] += ids
@@ -308,6 +347,19 @@ def _run_task(work: tuple) -> dict:
     files.write_json(_task_json(directory, index), info, indent=None)
     time.sleep(float(os.environ.get("LLM_JAX_PREPARE_TASK_DELAY", 0)))  # tests: time to kill a prepare midway
     return info
+
+
+def _checked(ids: np.ndarray, tokenizer: tok_lib.Tokenizer, piece: sources.Piece) -> np.ndarray:
+    """`ids`, refused if one is outside the tokenizer's vocabulary (it would not fit the embedding,
+    and the shard's uint16 would silently wrap an id above 65,535)."""
+    bad = np.flatnonzero((ids < 0) | (ids >= tokenizer.vocab_size))
+    if len(bad):
+        raise BadValue(
+            f"the {tokenizer.kind} tokenizer gave token id {int(ids[bad[0]])}, outside its vocabulary of "
+            f"{tokenizer.vocab_size} (shards hold {_dtype(tokenizer)}), for text of {piece.path}; its vocab_size "
+            "must count every id it produces (added tokens included): fix or replace the tokenizer"
+        )
+    return ids
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

@@ -1,7 +1,8 @@
 """Text sources, planned as pieces that prepare workers read in parallel.
 
-A source (`config.data.source`) is first *identified* (cheap: paths, sizes, modification times, a
-tfds dataset's record counts), which is what the prepared-data cache is keyed by, and only when it
+A source (`config.data.source`) is first *identified* (cheap: paths, sizes, modification times and
+a hash of each file's content, sampled or whole as `config.data.verify` says; a tfds dataset's
+version and record counts), which is what the prepared-data cache is keyed by, and only when it
 must be prepared *planned* into `Piece`s: byte ranges of UTF-8 files, line ranges of JSON-lines
 files, record ranges of a tfds split. `read_piece` turns one piece into documents, anywhere
 (a worker process needs nothing but the piece).
@@ -13,19 +14,26 @@ files, record ranges of a tfds split. `read_piece` turns one piece into document
   Shakespeare); several files are one document each, split by file like `stdlib` (if no file
   hashes to validation, the last one validates). `.jsonl` files
   hold one document per line (field `config.data.text_key`), split per document by a hash of its
-  place in the file. `.gz` files are read through gzip.
+  place in the file. `.gz` files are read through gzip: while preparing (`gunzipped_once`), each
+  is decompressed once into a temporary plain copy that every later scan and worker reads.
 - `tfds`: a tensorflow-datasets dataset already prepared as array_record, read through
   `tfds.data_source` (never TensorFlow); its train and validation splits are given by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import gzip
+import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import sysconfig
+import tempfile
 import zlib
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -50,6 +58,13 @@ _STDLIB_SKIP = (
 )
 _TFDS_RECORDS_PER_PIECE = 20_000
 _BLOCK = 1 << 24  # bytes read at a time when scanning a large file
+# A JSON-lines document longer than this is refused (never read whole into a worker); text without a
+# line end for a whole piece is cut at a character boundary instead.
+MAX_LINE_BYTES = 64 << 20
+# verify='fast' hashes a file's first and last MB and _SAMPLES blocks of _SAMPLE bytes spread between
+# them (a file up to 3 MB whole): milliseconds for any size.
+_HEAD = 1 << 20
+_SAMPLE, _SAMPLES = 1 << 16, 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +83,7 @@ class Piece:
     ends_doc: bool = True
     chars: int = -1
     errors: str = "strict"  # UTF-8 decoding: the standard library tolerates a stray byte ('replace')
+    read: str = ""  # the file read for `path`: its plain copy when `path` is .gz (`gunzipped_once`)
     args: tuple = ()  # jsonl: (text_key, val_fraction, name); tfds: (name, split name, data_dir, text_key)
 
 
@@ -84,21 +100,25 @@ class Doc:
 
 
 def identity(cfg) -> dict:
-    """A JSON-able description of the source as it is now (files' sizes and mtimes, tfds record
-    counts) plus every config value that shapes the text: any change gives a new cache key."""
+    """A JSON-able description of the source as it is now (files' sizes, mtimes and content hashes;
+    a tfds dataset's version and record counts) plus every config value that shapes the text: any
+    change gives a new cache key."""
     shaping = {k: cfg[k] for k in ("source", "val_fraction", "max_chars")}
+    full = cfg.get("verify", "fast") == "full"
     if cfg.source == "stdlib":
-        files = [(rel, *_stat(path)) for rel, path in stdlib_files()]
+        files = [(rel, *_stat(path), content_hash(path, full)) for rel, path in stdlib_files()]
         return {**shaping, "stdlib": sysconfig.get_paths()["stdlib"], "python": sys.version, "files": files}
     if cfg.source == "text":
-        files = [(path, *_stat(path)) for path in expand_paths(cfg.path)]
+        files = [(path, *_stat(path), content_hash(path, full)) for path in expand_paths(cfg.path)]
         return {**shaping, "text_key": cfg.text_key, "files": files}
     if cfg.source == "tfds":
-        splits = {s: len(tfds_source(cfg, s)) for s in (cfg.tfds_train_split, cfg.tfds_val_split)}
+        found = {s: tfds_source(cfg, s) for s in (cfg.tfds_train_split, cfg.tfds_val_split)}
+        info = next(iter(found.values())).dataset_info  # which version tfds picked (the newest, if not named)
         data_dir = os.path.abspath(cfg.tfds_data_dir) if cfg.tfds_data_dir else ""
         return {
-            **shaping, "tfds": cfg.tfds_name, "data_dir": data_dir, "splits": splits,
-            "text_key": cfg.tfds_text_key, "max_docs": cfg.max_docs,
+            **shaping, "tfds": cfg.tfds_name, "data_dir": data_dir, "splits": {s: len(v) for s, v in found.items()},
+            "version": str(info.version), "full_name": info.full_name, "text_key": cfg.tfds_text_key,
+            "max_docs": cfg.max_docs,
         }  # fmt: skip
     raise BadValue(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
 
@@ -106,6 +126,29 @@ def identity(cfg) -> dict:
 def _stat(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def content_hash(path: str, full: bool = False) -> str:
+    """A hash of a file's bytes (as stored: a .gz file's compressed bytes): all of them (`full`), else
+    its head, its tail and blocks spread between them. Size and modification time miss a file
+    rewritten in place with its times kept (`cp -p`, `rsync -t`, `touch -r`); this sees such an edit
+    unless (sampled) it falls between the samples, which config.data.verify='full' rules out."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if full or size <= 2 * _HEAD + _SAMPLES * _SAMPLE:
+                while block := f.read(_BLOCK):
+                    h.update(block)
+                return h.hexdigest()
+            step = (size - 2 * _HEAD - _SAMPLE) // (_SAMPLES - 1)
+            spans = [(0, _HEAD), *((_HEAD + i * step, _SAMPLE) for i in range(_SAMPLES)), (size - _HEAD, _HEAD)]
+            for offset, n in spans:
+                f.seek(offset)
+                h.update(f.read(n))
+    except OSError as e:
+        raise FileError(f"config.data.path={path!r} cannot be read: {e}") from e
+    return "sampled:" + h.hexdigest()
 
 
 def stdlib_files() -> list[tuple[str, str]]:
@@ -167,7 +210,13 @@ def tfds_source(cfg, split: str):
 
 
 def plan(cfg, piece_bytes: int) -> list[Piece]:
-    """The source as pieces of at most about `piece_bytes` of text, in stream order."""
+    """The source as pieces of at most about `piece_bytes` of text, in stream order (a .gz file's
+    pieces read its plain copy inside `gunzipped_once`)."""
+    pieces = _plan(cfg, piece_bytes)
+    return [dataclasses.replace(p, read=_readable(p.path)) if p.path.endswith(".gz") else p for p in pieces]
+
+
+def _plan(cfg, piece_bytes: int) -> list[Piece]:
     if cfg.source == "stdlib":
         named = [(rel, path) for rel, path in stdlib_files()]
         return _whole_files(named, cfg, piece_bytes, errors="replace")
@@ -221,10 +270,9 @@ def _whole_files(named: list[tuple[str, str]], cfg, piece_bytes: int, errors: st
             continue
         if budget[split] <= 0:
             continue
-        n = len(_read_text(path, errors))
-        take = min(n, budget[split])
+        take = min(count_chars(path), budget[split])
         budget[split] -= take
-        pieces.append(Piece("file", split, path, 0, _size(path), take, chars=take, errors=errors))
+        pieces += _ranges(path, split, 0, char_offsets(path, [take])[0], piece_bytes, errors)
     return pieces
 
 
@@ -245,13 +293,20 @@ def _one_file(path: str, cfg, piece_bytes: int) -> list[Piece]:
 
 def _ranges(path: str, split: str, lo: int, hi: int, piece_bytes: int, errors: str = "strict") -> list[Piece]:
     """Bytes [lo, hi) of one document as pieces cut just after a newline (so UTF-8 characters,
-    and the lines SentencePiece encodes one by one, are never cut)."""
+    and the lines SentencePiece encodes one by one, are not cut); a line longer than a piece is
+    cut at a character boundary, so no piece (no worker's read) is over twice `piece_bytes`."""
     cuts = [lo]
-    with files.open_bytes(path) as f:
+    with _open(path) as f:
         while hi - cuts[-1] > piece_bytes:
-            f.seek(cuts[-1] + piece_bytes)
-            line = f.readline()
-            nxt = f.tell() if line.endswith(b"\n") else hi
+            at = cuts[-1] + piece_bytes
+            f.seek(at)
+            line = f.readline(piece_bytes)  # bounded: a file of one huge line is never read whole
+            if line.endswith(b"\n"):
+                nxt = f.tell()
+            elif len(line) == piece_bytes:  # no line end within a piece: the next character's first byte
+                nxt = at + next((i for i, b in enumerate(line[:4]) if b & 0xC0 != 0x80), 0)
+            else:
+                nxt = hi
             if nxt >= hi:
                 break
             cuts.append(nxt)
@@ -265,7 +320,7 @@ def _ranges(path: str, split: str, lo: int, hi: int, piece_bytes: int, errors: s
 def _jsonl_pieces(path: str, name: str, cfg, piece_bytes: int) -> list[Piece]:
     size = _size(path)
     args = (cfg.text_key, cfg.val_fraction, name)
-    if path.endswith(".gz"):  # no random access into gzip: one piece
+    if _readable(path).endswith(".gz"):  # no random access into gzip: one piece
         return [Piece("jsonl", "", path, 0, size, size, args=args)]
     return [
         Piece("jsonl", "", path, lo, min(size, lo + piece_bytes), min(size, lo + piece_bytes) - lo, args=args)
@@ -275,10 +330,69 @@ def _jsonl_pieces(path: str, name: str, cfg, piece_bytes: int) -> list[Piece]:
 
 def _size(path: str) -> int:
     """Bytes of text in a file (a .gz file's uncompressed size)."""
-    if not path.endswith(".gz"):
-        return os.path.getsize(path)
-    with files.open_bytes(path) as f:
+    if not _readable(path).endswith(".gz"):
+        return os.path.getsize(_readable(path))
+    with _open(path) as f:
         return f.seek(0, os.SEEK_END)
+
+
+# ----------------------------------------------------------------------------------------------
+# gzip, decompressed once per file
+
+_PLAIN: dict[str, str] = {}  # .gz path -> its plain copy, inside `gunzipped_once`
+_PLAIN_DIR: list[str] = []  # inside `gunzipped_once`: [the copies' temporary directory, '' until the first]
+
+
+@contextlib.contextmanager
+def gunzipped_once():
+    """Within it, each .gz file that planning meets is decompressed once, into a temporary
+    directory removed at the end, and every later read (the plan's scans, each piece in any worker
+    process) reads that plain copy: a piece seeks to its bytes instead of decompressing all that
+    comes before it. Re-entrant (an inner one uses the outer one's copies)."""
+    if _PLAIN_DIR:
+        yield
+        return
+    _PLAIN_DIR.append("")
+    try:
+        yield
+    finally:
+        if directory := _PLAIN_DIR.pop():
+            shutil.rmtree(directory, ignore_errors=True)
+        _PLAIN.clear()
+
+
+def _readable(path: str) -> str:
+    """The file to read for `path`: its plain copy (made now) for a .gz file inside `gunzipped_once`."""
+    if not path.endswith(".gz") or not _PLAIN_DIR:
+        return path
+    if path not in _PLAIN:
+        _PLAIN_DIR[0] = _PLAIN_DIR[0] or tempfile.mkdtemp(prefix="llm_jax-gunzip-")  # made for the first .gz
+        _PLAIN[path] = _gunzip(path, os.path.join(_PLAIN_DIR[0], f"{len(_PLAIN)}.txt"))
+    return _PLAIN[path]
+
+
+def _gunzip(path: str, out: str) -> str:
+    """`path` decompressed into `out`; a truncated or damaged file is one line naming where it ends."""
+    lines = 0
+    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+        try:
+            while block := src.read(1 << 18):  # small blocks: the line count of an error is close
+                dst.write(block)
+                lines += block.count(b"\n")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise BadValue(
+                f"{path}: truncated or damaged gzip after line {lines} of its text ({e}); compress it again "
+                "(gzip -t checks a file) or give the plain file"
+            ) from None
+    return out
+
+
+def _open(path: str):
+    return files.open_bytes(_readable(path))
+
+
+def _open_piece(piece: Piece):
+    return files.open_bytes(piece.read or piece.path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +410,7 @@ def _decode(raw: bytes, path: str, offset: int, errors: str) -> str:
 
 def _read_text(path: str, errors: str) -> str:
     try:
-        with files.open_bytes(path) as f:
+        with _open(path) as f:
             return _decode(f.read(), path, 0, errors)
     except OSError as e:
         raise FileError(f"config.data.path={path!r} cannot be read: {e}") from e
@@ -305,7 +419,7 @@ def _read_text(path: str, errors: str) -> str:
 def count_chars(path: str) -> int:
     """Characters of a UTF-8 file, counted in blocks (bytes that do not continue a character)."""
     n = 0
-    with files.open_bytes(path) as f:
+    with _open(path) as f:
         while block := f.read(_BLOCK):
             n += int(np.count_nonzero((np.frombuffer(block, np.uint8) & 0xC0) != 0x80))
     return n
@@ -316,7 +430,7 @@ def char_offsets(path: str, chars: list[int]) -> list[int]:
     out, seen, base = [], 0, 0
     want = iter(chars)
     target = next(want, None)
-    with files.open_bytes(path) as f:
+    with _open(path) as f:
         while target is not None and (block := f.read(_BLOCK)):
             starts = np.flatnonzero((np.frombuffer(block, np.uint8) & 0xC0) != 0x80)
             while target is not None and target < seen + len(starts):
@@ -332,7 +446,7 @@ def char_offsets(path: str, chars: list[int]) -> list[int]:
 def read_piece(piece: Piece) -> Iterator[Doc]:
     """The documents (or parts of one) a piece holds, in order."""
     if piece.kind == "file":
-        with files.open_bytes(piece.path) as f:
+        with _open_piece(piece) as f:
             f.seek(piece.lo)
             text = _decode(f.read(piece.hi - piece.lo), piece.path, piece.lo, piece.errors)
         if piece.chars >= 0:
@@ -350,29 +464,77 @@ def read_piece(piece: Piece) -> Iterator[Doc]:
         raise ValueError(f"unknown piece kind {piece.kind!r}")
 
 
-def json_line(line: str, where: str):
+def json_line(line: str, where):
     """The JSON value of one line of a JSONL file; None for a blank line (skipped). `where` names
-    the line in the error."""
+    the line in the error (anything whose str() does: only made into text on an error). Refused
+    besides invalid JSON: nesting deeper than Python's recursion, an integer of more digits than
+    anyone means (Python refuses 4,300), a lone UTF-16 surrogate (which no text encodes)."""
     if not line.strip():
         return None
     try:
-        return json.loads(line)
+        obj = json.loads(line, parse_int=lambda digits: _json_int(digits, where))
     except json.JSONDecodeError as e:
         raise BadValue(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadValue(f"{where}: JSON nested too deeply to read; flatten that line's value") from None
+    if _SURROGATE_ESCAPE.search(line):  # only an escape can write one: strict UTF-8 decoding refuses them
+        _check_surrogates(obj, where)
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # after decoding, a pair is one character: any left is lone
+
+
+def _json_int(digits: str, where) -> int:
+    if len(digits) > 1000:
+        raise BadValue(f"{where}: a JSON integer of {len(digits)} digits; write it as a string")
+    return int(digits)
+
+
+def _check_surrogates(obj, where) -> None:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str) and (m := _SURROGATE.search(x)):
+            raise BadValue(
+                f"{where}: a lone UTF-16 surrogate \\u{ord(m.group()):04x} in a JSON string (half of a character, "
+                "e.g. an emoji cut in two); fix or drop that line"
+            )
+        stack += x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
+
+
+class _Line:
+    """'FILE:LINE' of a byte offset in a file, counted only when an error prints it."""
+
+    def __init__(self, piece: Piece, offset: int):
+        self.piece, self.offset = piece, offset
+
+    def __str__(self) -> str:
+        n = 0
+        with _open_piece(self.piece) as f:
+            left = self.offset
+            while left > 0 and (block := f.read(min(_BLOCK, left))):
+                n, left = n + block.count(b"\n"), left - len(block)
+        return f"{self.piece.path}:{n + 1}"
 
 
 def _read_jsonl(piece: Piece) -> Iterator[Doc]:
     """Lines starting in [lo, hi) (the line cut by `lo` belongs to the piece before)."""
     key, val_fraction, name = piece.args
-    with files.open_bytes(piece.path) as f:
+    with _open_piece(piece) as f:
         if piece.lo > 0:
             f.seek(piece.lo - 1)
             f.readline()  # up to the first line that starts at or after lo
         while (offset := f.tell()) < piece.hi:
-            raw = f.readline()
+            raw = f.readline(MAX_LINE_BYTES + 1)  # bounded: a huge line is refused, never read whole
             if not raw:
                 break
-            where = f"{piece.path} (line at byte {offset})"
+            where = _Line(piece, offset)
+            if len(raw) > MAX_LINE_BYTES:
+                raise BadValue(
+                    f"{where}: a line longer than {MAX_LINE_BYTES:,} bytes; split that document over several lines"
+                )
             obj = json_line(_decode(raw, piece.path, offset, "strict"), where)
             if obj is None:
                 continue

@@ -150,16 +150,18 @@ class SentencePieceTokenizer(Tokenizer):
         total = min(max_chars, sum(map(len, texts))) if isinstance(texts, (list, tuple)) else max_chars
         reading = progress.Progress("sentencepiece: reading text", total, "chars", log)
 
-        def lines():
+        def lines():  # at most max_chars in all: the cap holds inside a text too (one text may be a whole file)
             n = 0
             for t in texts:
                 for line in t.splitlines():
                     if line.strip():
+                        line = line[: max_chars - n]
                         yield line
                         n += len(line)
                         reading.update(len(line))
-                if n >= max_chars:
-                    break
+                    if n >= max_chars:
+                        reading.close()
+                        return
             reading.close()
 
         if prose:

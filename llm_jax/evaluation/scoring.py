@@ -110,7 +110,7 @@ def _score_fn(model, mesh: Mesh):
 def _global(array: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host array every process holds in full -> a global array sharded by rows (each process
     places only its own shards)."""
-    spec = sharding.batch_sharding(mesh)
+    spec = sharding.rows_sharding(mesh)  # bucket widths need not divide over a sequence axis
     return jax.make_array_from_callback(array.shape, spec, lambda idx: array[idx])
 
 

@@ -45,7 +45,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from llm_jax.data import tokenizer as tok_lib
-from llm_jax.interop import hf_specs, safetensors_io
+from llm_jax.interop import hf_export, hf_specs, safetensors_io
 from llm_jax.interop.hf_specs import HFError, Spec
 from llm_jax.interop.safetensors_io import INDEX_FILE, SafetensorsDir  # noqa: F401 - part of this module's API
 from llm_jax.models import family as family_lib
@@ -86,9 +86,12 @@ def read_config(hf_dir: str) -> dict:
         raise NotFound(f"{hf_dir} is not a Hugging Face model directory: no config.json")
     with open(path) as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            found = json.load(f)
+        except ValueError as e:  # not JSON, not UTF-8
             raise HFError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise HFError(f"{path} holds a JSON {type(found).__name__}, not an object of config fields")
+    return found
 
 
 def check_weights(hf_dir: str) -> list[str]:
@@ -202,12 +205,12 @@ def _table_rows(spec: Spec, cfg: ModelConfig) -> list[tuple[hf_specs.Tensor, int
     return rows
 
 
-def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_dir: str) -> dict:
+def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_dir: str, where=None) -> dict:
     """{our flat parameter key: view of the checkpoint in that parameter's shape}; nothing is read yet.
 
     E.g. ('layers_0', 'attn', 'query', 'kernel'): [e, h, d], a view of q_proj.weight [h*d, e]. Per-expert
     views are stacked lazily into [experts, ...], a scanned model's per-layer views into [layers, ...]
-    (`_Stacked`).
+    (`_Stacked`). `where`: {tensor name: its file}, for messages.
     """
     bare = bool(tensors) and not any(n.startswith(spec.backbone) for n in tensors)  # old uploads: 'h.0.ln_1.weight'
     rows = [(e, i, j, name.removeprefix(spec.backbone) if bare else name) for e, i, j, name in _table_rows(spec, cfg)]
@@ -226,6 +229,9 @@ def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], 
     dims, views, stacks, experts = hf_specs.sizes(cfg), {}, {}, {}
     for entry, i, j, name in rows:
         x, want = tensors[name], entry.hf_shape(dims)
+        if x.dtype not in safetensors_io.FLOAT_DTYPES:  # cast only float to float: an int or bool weight is a lie
+            path = (where or {}).get(name, hf_dir)
+            raise HFError(f"{path}: tensor {name} is {x.dtype}, not a floating-point weight; the file is corrupt")
         if want is not None and tuple(x.shape) != want:
             raise HFError(
                 f"{hf_dir}: tensor {name} is {tuple(x.shape)} but config.json implies {want} "
@@ -291,7 +297,8 @@ def load_params(
     mesh = default_mesh() if mesh is None else mesh
     rules = sharding.logical_rules() if rules is None else rules
     check_weights(hf_dir)
-    views = _import_views(spec, cfg, SafetensorsDir(hf_dir).tensors, hf_dir)
+    weights = SafetensorsDir(hf_dir)
+    views = _import_views(spec, cfg, weights.tensors, hf_dir, weights.files)
     boxed = abstract_params(family_lib.build(cfg))
     shardings = traverse_util.flatten_dict(sharding.boxed_shardings(boxed, mesh, rules))
     targets = traverse_util.flatten_dict(nn.meta.unbox(boxed))
@@ -522,6 +529,7 @@ def import_run(
         for name in CARRIED_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, "hf", name))
+        hf_export.record_import(workdir, hf_dir)
     mngr = ckpt_lib.manager(workdir, config.train.keep_checkpoints, async_save=False)
     # The context it was pre-trained at: what decoding may use (llm_jax.training.saved_run.trained_context).
     ckpt_lib.save(mngr, 0, state, {"step": 0, "trained_context": cfg.max_len})
@@ -531,13 +539,20 @@ def import_run(
     return config
 
 
-def export_run(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = None, log=print) -> None:
-    """Writes a run's checkpoint (default: the latest) as a Hugging Face directory."""
+def export_run(
+    workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = None, log=print, overwrite: bool = False
+) -> None:
+    """Writes a run's checkpoint (default: the latest) as a Hugging Face directory, whole or not at
+    all, never over the run, its import source or another directory's files (`hf_export.py`)."""
+    if dtype is not None and dtype not in _CASTS:
+        raise BadValue(f"dtype={dtype!r}: use one of {sorted(_CASTS)}")
+    hf_export.check_target(workdir, hf_dir, overwrite)  # before the checkpoint is read
     run = run_lib.load_run(workdir, step, on_host=True)
     carried = os.path.join(workdir, "hf")
     base = read_config(carried) if os.path.isfile(os.path.join(carried, "config.json")) else None
     names = (*CARRIED_FILES[1:], *_OLD_CARRIED)
     extra = {n: os.path.join(carried, n) for n in names if os.path.isfile(os.path.join(carried, n))}
     cfg = run.model.cfg
-    save_pretrained(hf_dir, cfg, run.params, tokenizer=run.tokenizer, base_config=base, dtype=dtype, extra_files=extra)
+    with hf_export.writing(workdir, hf_dir, overwrite, run.step, log) as tmp:
+        save_pretrained(tmp, cfg, run.params, tokenizer=run.tokenizer, base_config=base, dtype=dtype, extra_files=extra)
     log(f"wrote {hf_dir} from {workdir}/checkpoints/{run.step} ({hf_specs.for_model(cfg).architecture})")

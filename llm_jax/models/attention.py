@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.models import context_parallel
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.layers import RMSNorm, dense
 from llm_jax.models.ops import (
@@ -116,6 +117,17 @@ class Attention(nn.Module):
         elif mask is not None and window is not None:
             mask = mask & within_window(positions, positions, window)
         kw = {"segment_ids": segment_ids, "window": window if mask is None else None}
+        if (
+            mask is None
+            and not self.is_mutable_collection("intermediates")
+            and context_parallel.sequence_axes(q.shape[1])
+        ):
+            # The sequence is sharded over a mesh axis: keys/values are gathered across it.
+            scale = None if cfg.query_scale is None else cfg.query_scale**-0.5
+            out = context_parallel.attend_sharded(
+                q, key, value, cfg.attention, scale=scale, softcap=cfg.attn_softcap, **kw
+            )
+            return attention_out(cfg, out)
         return attention_out(cfg, attend_recording(self, q, key, value, mask, cfg, **kw))
 
     def _update_cache(self, key, value, positions, window):

@@ -7,9 +7,9 @@
   exception while writing removes the temporary and leaves the old file as it was. A process
   killed midway leaves only the temporary, whose name contains ".tmp" (prepare clears those).
 - Locks: `locked(path)`, a POSIX record lock (`lockf`) held around a block, for caches that one
-  process fills while the others wait; `try_flock(fd)`, one attempt at an exclusive `flock`, the
-  primitive under the workdir lock (llm_jax/training/workdir.py). The kernel drops either when the
-  holder dies, however it dies.
+  process fills while the others wait; the kernel drops it when the holder dies, however it dies.
+  (The workdir's one-writer lock is a holder record instead, which needs no kernel lock:
+  llm_jax/training/workdir.py.)
 - `open_bytes`: a file to read, through gzip when its name ends in `.gz` (callers decode it
   themselves, to name the byte offset of text that is not UTF-8).
 """
@@ -24,10 +24,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-
-# flock errors that mean "this filesystem has no flock" (some NFS and FUSE mounts), not "held".
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
@@ -140,21 +136,6 @@ def locked(path: str, on_wait: Callable[[], None] | None = None):
             yield
         finally:
             fcntl.lockf(f, fcntl.LOCK_UN)
-
-
-def try_flock(fd: int) -> bool | None:
-    """One attempt at an exclusive `flock` on `fd`, without waiting: True if now held, False if
-    another open file holds it, None where the filesystem has no flock. Held until `fd` (and every
-    duplicate of it) is closed."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in _NO_FLOCK:
-            return None
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

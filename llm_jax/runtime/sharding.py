@@ -7,7 +7,10 @@ The model names logical axes; this file alone maps them onto the physical mesh a
 - the MoE layers' experts are split over `expert` (tokens reach them by all-to-all);
 - parameters are sharded over `fsdp` along their `embed` dim (ZeRO-3 style: gathered per layer in
   the forward pass, gradients reduce-scattered), and over `tensor` along heads / mlp / vocab
-  (Megatron style).
+  (Megatron style);
+- with a `sequence` axis, activations (and the KV cache) are split along their length over it
+  (context parallelism: llm_jax/models/context_parallel.py) and parameters along `embed` over
+  fsdp x sequence (`logical_rules`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     # activations
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", "sequence"),  # context parallelism (models/context_parallel.py)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -55,7 +58,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_vocab", "tensor"),
     # KV cache: sharded like the activations that fill it
     ("cache_batch", BATCH_AXES),
-    ("cache_length", None),
+    ("cache_length", "sequence"),  # a long prompt's cache split along its length
     ("cache_kv_heads", "tensor"),
 )
 
@@ -144,8 +147,15 @@ def _slices_axis(shape: tuple[int, ...], devices: Sequence[jax.Device]) -> tuple
 
 
 def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:
-    """The rules in force: the defaults, with per-name overrides from `config.mesh.rules` if any."""
-    overrides = dict(getattr(getattr(config, "mesh", None), "rules", None) or {})
+    """The rules in force: the defaults, with per-name overrides from `config.mesh.rules` if any.
+
+    With a sequence axis (`config.mesh.sequence` not 1) parameters are split over it too, along
+    `embed` with `fsdp`: its devices see different tokens of the same rows, so like data-parallel
+    devices they need a layer's weights only while computing it (ZeRO-3 over fsdp x sequence)."""
+    mesh_config = getattr(config, "mesh", None)
+    overrides = dict(getattr(mesh_config, "rules", None) or {})
+    if int(getattr(mesh_config, "sequence", 1)) != 1:
+        overrides = {"embed": ("fsdp", "sequence"), **overrides}
     rules = tuple((name, overrides.pop(name, axes)) for name, axes in LOGICAL_RULES)
     return rules + tuple(overrides.items())
 
@@ -173,8 +183,14 @@ def boxed_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a [batch, length] token batch: rows over data x fsdp x expert, length replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+    """Sharding of a [batch, length] token batch: rows over data x fsdp x expert, length over
+    sequence (the activations' own split, so context parallelism starts without a reshuffle)."""
+    return NamedSharding(mesh, P(BATCH_AXES, "sequence"))
+
+
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of arrays of any rank and length by their rows alone (data x fsdp x expert)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -191,7 +207,7 @@ def host_to_global(local: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
-def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
+def check_divisible(mesh: Mesh, model_cfg, global_batch: int, seq_len: int | None = None) -> None:
     """Fails early, naming the value, when a dimension cannot be split over its mesh axis."""
     dp = data_parallel_size(mesh)
     tp = mesh.shape["tensor"]
@@ -199,6 +215,8 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
     problems = []
     if global_batch % dp:
         problems.append(f"batch_size={global_batch} is not divisible by data*fsdp*expert={dp}")
+    if seq_len is not None and seq_len % mesh.shape["sequence"]:
+        problems.append(f"data.seq_len={seq_len} is not divisible by mesh sequence={mesh.shape['sequence']}")
     for name, value in (
         ("num_heads", model_cfg.num_heads),
         ("num_kv_heads", model_cfg.kv_heads),
@@ -215,6 +233,9 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int) -> None:
         )
     if model_cfg.embed_dim % fsdp:
         problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp={fsdp}")
+    elif model_cfg.embed_dim % (fsdp * mesh.shape["sequence"]):  # embed over fsdp x sequence (logical_rules)
+        n = fsdp * mesh.shape["sequence"]
+        problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp*sequence={n}")
     if problems:
         raise BadValue(
             f"mesh {dict(mesh.shape)} does not fit this run: "

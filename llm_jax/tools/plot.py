@@ -102,6 +102,8 @@ def _draw_panel(ax, title: str, keys, ylabel: str, runs, x: str = "step") -> Non
             xs = [xv for xv in xs if xv is not None]
             ys = [100 * v if key == "train/mfu" else v for _, v in points]
             kind = "train" if key.startswith("train/") else "validation"
+            if all(k.startswith("train/") for k in keys):  # two training metrics: name each
+                kind = key.removeprefix("train/")
             name = f"{label} ({kind})" if len(keys) > 1 else label
             marker = "o" if key.startswith("eval/") else None  # evaluations are sparse: show each one
             ax.plot(xs, ys, style, color=color, marker=marker, markersize=3, label=name)

@@ -87,10 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer_train_chars = 5_000_000  # sentencepiece is trained on at most this much text
     d.seq_len = 128
     d.packing = "none"  # 'none' | 'documents' (attention and positions restart at each document)
+    d.long_documents = False  # True: every window inside one document of >= seq_len + 1 tokens (long context)
     # Prepared token files (llm_jax/data/prepare.py): '' = $LLM_JAX_CACHE or ~/.cache/llm_jax; share it across hosts
     d.cache_dir = ""
     d.prepare_workers = 0  # tokenizing processes; 0: one per core (none under 16 MB of text)
     d.prepare_shard_mb = 32.0  # text per shard (and per prepare task)
+    # What of each file's content keys the prepared set (with its size and mtime): 'fast' (its head, tail
+    # and sampled blocks) | 'full' (every byte, read once per run start)
+    d.verify = "fast"
     # source='parallel': {path}/{split}.{lang}[.gz], aligned line by line (llm_jax/data/parallel.py).
     d.src_lang = "en"
     d.tgt_lang = "de"
@@ -199,9 +203,11 @@ SOURCE_KEYS = {
     "tfds_val_split": ("tfds",),
     "tfds_text_key": ("tfds",),
     "max_docs": ("tfds",),
+    "long_documents": _STREAMED,
     "cache_dir": _STREAMED,
     "prepare_workers": _STREAMED,
     "prepare_shard_mb": _STREAMED,
+    "verify": ("stdlib", "text"),
     "src_lang": ("parallel",),
     "tgt_lang": ("parallel",),
     "train_split": ("parallel",),
@@ -291,13 +297,80 @@ def check_train(tc) -> None:
         "grad_accum_steps",
         "eval_steps",
     ):
-        if tc[name] <= 0:
-            raise BadValue(f"config.train.{name}={tc[name]} must be positive")
+        if not tc[name] > 0:
+            raise _value_error(f"train.{name}", tc[name], "must be positive")
     for name in ("eval_tasks_every", "eval_tasks_limit"):
         if tc.get(name, 0) < 0:
             raise BadValue(
                 f"config.train.{name}={tc[name]} must be >= 0 (0: {'at the end' if 'every' in name else 'all'})"
             )
+
+
+# The numeric keys of config.optim, config.decode and config.train beyond `check_train`'s, with
+# their range (config.data: `check_data`; config.model: ModelConfig's own checks).
+# Each is checked before any data is prepared or any file written (`check_values`).
+_POSITIVE = ("optim.lr", "optim.eps", "decode.beam_size", "decode.batch_size")
+_NON_NEGATIVE = (
+    "optim.warmup_steps", "optim.decay_steps",
+    "optim.weight_decay", "optim.grad_clip", "train.eval_batch_size", "train.target_eval_loss",
+    "train.sample_every", "train.sample_tokens", "train.sample_temperature", "train.sample_top_k",
+    "train.decode_eval_every", "train.decode_eval_examples", "decode.length_penalty", "decode.max_len_a",
+    "decode.max_len_b",
+)  # fmt: skip
+# key -> (low, high, whether high itself is allowed): fractions and rates.
+_FRACTIONS = {"optim.min_lr_ratio": (0.0, 1.0, True), "optim.b1": (0.0, 1.0, False), "optim.b2": (0.0, 1.0, False)}
+# Text per prepare task and shard, in MB: below this, millions of tiny files; above, one worker's
+# piece of text no longer fits a host's memory comfortably.
+SHARD_MB_RANGE = (0.01, 4096.0)
+
+
+def _value_error(key: str, value, rule: str) -> BadValue:
+    default = base_config()
+    for part in key.split("."):
+        default = default[part]
+    return BadValue(f"config.{key}={value!r} {rule}; the default is {default!r}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Sizes, lengths, fractions and rates of every section (and `ModelConfig`'s own checks), one
+    line naming the key and the fix; run before any data is prepared or any file written."""
+    check_train(config.train)
+    ModelConfig(**config.model.to_dict())  # its checks (dropout_rate, sizes) before the data is prepared
+    flat = flatten(config.to_dict())
+    for key in _POSITIVE:
+        if not flat[key] > 0:
+            raise _value_error(key, flat[key], "must be positive")
+    for key in _NON_NEGATIVE:
+        if not flat[key] >= 0:
+            raise _value_error(key, flat[key], "must be >= 0")
+    for key, (lo, hi, closed) in _FRACTIONS.items():
+        if not (lo <= flat[key] <= hi if closed else lo <= flat[key] < hi):
+            raise _value_error(key, flat[key], f"must be in [{lo:g}, {hi:g}{']' if closed else ')'}")
+    check_data(config.data)
+
+
+def check_data(data: ml_collections.ConfigDict) -> None:
+    """The values of `config.data` that shape what is prepared (llm_jax.prepare checks only these)."""
+    for key in ("seq_len", "tokenizer_train_chars"):
+        if not data[key] > 0:
+            raise _value_error(f"data.{key}", data[key], "must be positive")
+    for key in ("max_chars", "max_docs", "prepare_workers"):
+        if not data[key] >= 0:
+            raise _value_error(f"data.{key}", data[key], "must be >= 0")
+    if data.tokenizer == "sentencepiece" and not data.vocab_size > 0:
+        raise _value_error("data.vocab_size", data.vocab_size, "must be positive for tokenizer='sentencepiece'")
+    held_out = data.source in ("stdlib", "text") or (data.source == "jsonl" and not data.val_path)
+    if held_out and not 0 < data.val_fraction < 1:
+        raise _value_error(
+            "data.val_fraction", data.val_fraction, "must be in (0, 1): the share of the text held out for validation"
+        )
+    if data.verify not in ("fast", "full"):
+        raise BadValue(f"config.data.verify={data.verify!r}: use 'fast' (sampled content hash) or 'full'")
+    lo, hi = SHARD_MB_RANGE
+    if data.source in _STREAMED and not lo <= data.prepare_shard_mb <= hi:
+        raise _value_error(
+            "data.prepare_shard_mb", data.prepare_shard_mb, f"must be in [{lo:g}, {hi:g}] (MB of text per shard)"
+        )
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -390,6 +390,7 @@ def save(trainer: Trainer, ls: LoopState) -> None:
         return
     fetch(trainer, ls)  # never save a state whose loss has not been checked
     check_sane(trainer, ls)
+    workdir_lib.check_held(trainer.lock)  # a run whose lock was taken over stops before it writes
     ckpt_lib.save(trainer.mngr, ls.step, ls.state, checkpoint_data(trainer, ls))
     ls.saved_step = ls.step
 

@@ -189,7 +189,7 @@ def check_batch(config, mesh, model_cfg) -> None:
     data*fsdp*expert, the training batch into grad_accum_steps micro-batches that each do, and over the
     processes (each feeds its own rows)."""
     tc = config.train
-    sharding.check_divisible(mesh, model_cfg, tc.batch_size)
+    sharding.check_divisible(mesh, model_cfg, tc.batch_size, config.data.seq_len)
     sharding.check_divisible(mesh, model_cfg, tc.eval_batch_size)
     dp = sharding.data_parallel_size(mesh)
     if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % dp:
@@ -204,9 +204,8 @@ def check_batch(config, mesh, model_cfg) -> None:
 def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config checked (unknown keys, training values) and finalized; idempotent."""
     config_lib.check_keys(config)
-    config = config_lib.finalize(config)
-    config_lib.check_train(config.train)
-    return config
+    config_lib.check_values(config)  # before finalize fills in the derived values (0 = same as ...)
+    return config_lib.finalize(config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,13 +152,14 @@ def summary_dict(model, params=None, mesh=None, rules=None, seq_len: int | None 
 def _experts_line(cfg, d: dict) -> str:
     """Where the experts are: which layers, their sizes, routing, dispatch, and their weights' mesh axes."""
     moe = [i for i in range(cfg.num_layers) if cfg.is_moe(i)]
-    placed = "all" if len(moe) == cfg.num_layers else ", ".join(map(str, moe))
+    placed = f"layers {', '.join(map(str, moe))} ({len(moe)} of {cfg.num_layers})"
+    placed = f"all {cfg.num_layers} layers" if len(moe) == cfg.num_layers else placed
     shared = f" + {cfg.num_shared_experts} shared ({cfg.shared_dim} wide)" if cfg.num_shared_experts else ""
     spec = next((r["spec"] for r in d["rows"] if r["name"].endswith("mlp/wi_gate")), None)
     where = "" if spec is None else f"; expert weights [experts, embed, mlp] -> {_spec_text(spec)}"
     return (
-        f"experts: {cfg.num_experts} x {cfg.expert_dim} wide{shared} in layers {placed} ({len(moe)} of "
-        f"{cfg.num_layers}), top-{cfg.experts_per_token} {cfg.router_score}, {cfg.moe_dispatch} dispatch; "
+        f"experts: {cfg.num_experts} x {cfg.expert_dim} wide{shared} in {placed}, top-{cfg.experts_per_token} "
+        f"{cfg.router_score}, {cfg.moe_dispatch} dispatch; "
         f"{d['params']:,} parameters, {d['active_params']:,} active per token "
         f"({100 * d['active_params'] / max(d['params'], 1):.0f}%){where}"
     )

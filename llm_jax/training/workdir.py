@@ -9,13 +9,18 @@ One writer at a time (`claim`): `llm_jax.main` and `llm_jax.convert from_hf` loc
 before they change anything in it, so a second writer is refused at once with one line naming the
 holder (host, pid, start time), or waits for it if asked to (`config.train.wait_for_lock`). Readers
 (`llm_jax.generate`, `convert to_hf`, `load_run`) take no lock: they read finished checkpoints only.
-The lock is the kernel's `flock` on `workdir/lock`, which the kernel drops when the holder dies
-however it dies (kill -9 included), so a killed run's lock is simply taken over; the file also
-holds a one-line record of the holder, for the message, cleared on a clean exit. Where `flock` is
-not shared between hosts (some NFS set-ups and FUSE mounts, pods on different nodes), the record
-decides instead: its holder touches it every HEARTBEAT_S seconds while alive, and a record from
-another host is trusted until it is STALE_S seconds old. Multi-process runs: process 0 holds the
-lock for all of them.
+
+The lock is the holder's record, `workdir/lock`, and relies on no `flock` (which some NFS set-ups
+and FUSE mounts lack, or keep per host): it is created whole and atomically (a hard link of a
+written temporary, or O_CREAT|O_EXCL), so of two runs starting at once exactly one gets it. A record
+names its holder by host name, boot id and pid namespace, pid and the pid's start time: on the same
+host a record is alive while that very process runs, so a killed run's lock (kill -9 included) is
+taken over at once; from another host, while its own heartbeat time (rewritten in place every
+HEARTBEAT_S seconds; the record's clock, not the file server's) is under STALE_S old. A stale record
+is taken over by renaming it to a name of our own and checking it is the one judged stale (else it
+is put back), and `release` removes only this run's own record the same way, never a successor's.
+A holder whose record was taken over (its host lost touch for STALE_S) finds out before its next
+save (`check`) and stops with one line. Multi-process runs: process 0 holds the lock for all of them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 
 import jax
 import ml_collections
@@ -113,7 +119,7 @@ def move_aside(workdir: str, log, held: WorkdirLock | None = None) -> str:
         os.rename(workdir, dest)
         log(f"moved the previous run in {workdir} to {dest}")
         if held is not None:
-            held.relocate()
+            held.relocate(dest)
     sync("llm_jax:move_run_aside")
     return dest
 
@@ -159,9 +165,43 @@ def check_writable(workdir: str) -> bool:
     return created
 
 
-def _holder_record(command: str) -> dict:
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return ""
+
+
+def _pid_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None if unknown.
+    With the pid it names one process, even after the pid is reused."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": field 3 on
+    return fields[19] if len(fields) > 19 else None
+
+
+def _this_host() -> dict:
+    """What names this host beyond its hostname: the boot (another machine, or this one rebooted, has
+    another boot id) and the pid namespace (a container beside us sees other pids)."""
+    boot = _read_text("/proc/sys/kernel/random/boot_id") or _read_text("/etc/machine-id")
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = ""
+    return {"host": socket.gethostname(), "boot": boot, "pid_ns": pid_ns}
+
+
+def _stamp() -> str:
+    """The holder's clock as a fixed-width string, so a heartbeat rewrites the record in place."""
+    return f"{time.time():017.3f}"
+
+
+def _holder_record(command: str, token: str) -> dict:
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "command": command}
+    pid = os.getpid()
+    return {**_this_host(), "pid": pid, "pid_start": _pid_start(pid), "started": started, "command": command,
+            "token": token, "beat": _stamp()}  # fmt: skip
 
 
 def describe(record: dict | None) -> str:
@@ -170,70 +210,99 @@ def describe(record: dict | None) -> str:
     return f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')} ({record.get('command')})"
 
 
-def _read_record(fd: int) -> dict | None:
-    """The record in a lock file we flock-ed; None if empty or unreadable (nothing to go by)."""
+def _same_host(record: dict) -> bool:
+    here = _this_host()
+    return all(record.get(k) == here[k] for k in here)
+
+
+def _record_alive(record: dict, mtime: float) -> bool:
+    """Whether the holder named by `record` may still be running. On this host (same name, boot and
+    pid namespace): its pid is alive and started when the record says. Elsewhere: its last
+    heartbeat, by the record's own clock, is under STALE_S old (a record of an older llm_jax without
+    one: the file's modification time)."""
+    if _same_host(record):
+        try:
+            pid = int(record["pid"])
+            os.kill(pid, 0)
+        except (ProcessLookupError, ValueError, KeyError, TypeError):
+            return False
+        except PermissionError:
+            pass  # alive, as another user
+        return record.get("pid_start") in (None, _pid_start(pid))
     try:
-        raw = os.pread(fd, 4096, 0)
+        beat = float(record["beat"])
+    except (KeyError, TypeError, ValueError):
+        beat = mtime
+    return time.time() - beat < STALE_S
+
+
+def _read(path: str) -> tuple[bytes | None, dict | None, float]:
+    """(raw bytes or None if there is no record, the record if it parses, its modification time)."""
+    try:
+        with open(path, "rb") as f:
+            raw, mtime = f.read(4096), os.fstat(f.fileno()).st_mtime
+    except FileNotFoundError:
+        return None, None, 0.0
+    try:
         record = json.loads(raw) if raw.strip() else None
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    except ValueError:
+        record = None
+    return raw, record if isinstance(record, dict) else None, mtime
 
 
-def _open_locked(path: str) -> tuple[int | None, bool]:
-    """(fd, kernel_lock): `path` opened and flock-ed exclusively, or (None, True) when another
-    process holds it. kernel_lock is False where the filesystem has no flock (the record decides)."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            why = f"lock file {path} cannot be opened for writing ({e.strerror})"
-            raise FileError(f"{why}; fix its permissions") from None
-        try:
-            held = files.try_flock(fd)
-        except OSError:
-            os.close(fd)
-            raise
-        if held is False:
-            os.close(fd)
-            return None, True
-        kernel_lock = held is True
-        # Between open and flock the file may have been moved aside with its workdir, or removed by
-        # a run that failed in a workdir it had created: then this lock guards nothing; start over.
-        try:
-            here = os.stat(path)
-        except FileNotFoundError:
-            here = None
-        st = os.fstat(fd)
-        if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
-            return fd, kernel_lock
-        os.close(fd)
-
-
-def _record_alive(record: dict, fd: int, kernel_lock: bool) -> bool:
-    """Whether the holder named by a record left in a lock file we could flock may still be running."""
-    fresh = time.time() - os.fstat(fd).st_mtime < STALE_S  # a live holder touches it every HEARTBEAT_S
-    if record.get("host") != socket.gethostname():
-        return fresh
-    if kernel_lock:
-        return False  # same kernel: a live holder would still hold the flock
-    try:  # no flock here: its pid must be alive, and its record fresh (a pid may be reused)
-        os.kill(int(record["pid"]), 0)
-    except (ProcessLookupError, ValueError, KeyError, TypeError):
+def _create(path: str, data: bytes, token: str) -> bool:
+    """Creates the record at `path` atomically, whole: False if one is there. A hard link of a
+    written temporary (atomic on NFS too); O_CREAT|O_EXCL where the filesystem has no hard links."""
+    tmp = f"{path}.new-{token}"
+    files.write_bytes(tmp, data)  # FileNotFoundError: no workdir (any more)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
         return False
-    except PermissionError:
-        pass  # alive, as another user
-    return fresh
+    except OSError:  # no hard links here (some FUSE mounts)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    finally:
+        os.remove(tmp)
+
+
+def _remove_if(path: str, token: str, expect: bytes | None = None) -> bool:
+    """Removes the record at `path` only if it is the one meant (its `token`, or exactly `expect`):
+    it is renamed to a name of our own first, so a record another run put there in the meantime is
+    never deleted but put back. True if the path is now free of the meant record."""
+    aside = f"{path}.gone-{token}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return True
+    raw, record, _ = _read(aside)
+    meant = raw == expect if expect is not None else (record or {}).get("token") == token
+    if not meant:
+        try:
+            os.link(aside, path)  # put the other run's record back, unless a third one is there by now
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links here (some FUSE mounts): put it back by renaming
+            os.rename(aside, path)
+            return False
+    os.remove(aside)
+    return meant
 
 
 class WorkdirLock:
-    """Process 0's claim on a workdir (see the module docstring); `release` ends it."""
+    """Process 0's claim on a workdir (see the module docstring); `check` says if it still holds,
+    `release` ends it."""
 
     def __init__(self, workdir: str, command: str, created: bool):
         self.workdir, self.command, self.created = workdir, command, created
         self.path = os.path.join(workdir, LOCK_FILE)
+        self.token = ""
         self.fd: int | None = None
         self.taken_over: dict | None = None  # the record of a dead holder this lock replaced
         self._stop = threading.Event()
@@ -241,54 +310,80 @@ class WorkdirLock:
 
     def try_acquire(self) -> dict | None:
         """None once held; else the record of the run holding it (or {} if it has none yet)."""
-        try:
-            fd, kernel_lock = _open_locked(self.path)
-        except FileNotFoundError:  # the holder had created the workdir, failed and removed it
-            os.makedirs(self.workdir, exist_ok=True)
-            self.created = True
-            fd, kernel_lock = _open_locked(self.path)
-        if fd is None:
-            return self._current_record()
-        left = _read_record(fd)
-        if left and _record_alive(left, fd, kernel_lock):
-            os.close(fd)
-            return left
-        self.fd, self.taken_over = fd, left
-        data = json.dumps(_holder_record(self.command)).encode() + b"\n"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        found = {}
+        for _ in range(5):  # a record removed or replaced while we looked: look again
+            self.token = uuid.uuid4().hex
+            record = _holder_record(self.command, self.token)
+            try:
+                created = _create(self.path, json.dumps(record).encode() + b"\n", self.token)
+            except FileNotFoundError:  # the holder had created the workdir, failed and removed it
+                os.makedirs(self.workdir, exist_ok=True)
+                self.created = True
+                continue
+            if created:
+                self._hold(record)
+                return None
+            raw, found, mtime = _read(self.path)
+            if raw is None:
+                continue
+            if found is None and raw.strip() and time.time() - mtime < STALE_S:
+                found = {}  # not JSON yet: a holder writing it (O_EXCL), or corrupt: stale in STALE_S
+            elif found is None or not _record_alive(found, mtime):  # empty: released by an older llm_jax
+                if _remove_if(self.path, self.token, expect=raw) and found:
+                    self.taken_over = found
+                continue
+            return found
+        return found or {}
+
+    def _hold(self, record: dict) -> None:
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.record = record
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, name="llm_jax-workdir-lock", daemon=True)
         self._beat.start()
-        return None
-
-    def _current_record(self) -> dict:
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read(4096)
-            return json.loads(raw) if raw.strip() else {}
-        except (OSError, ValueError):
-            return {}
 
     def _heartbeat(self) -> None:
+        """Rewrites the record's `beat` in place (same length) in the file this lock created: if the
+        lock was taken over, that file is no longer at `path` and the new holder's record is untouched."""
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.fd)
-            except OSError:  # the record may go stale; the kernel lock, where there is one, still holds
+                os.pwrite(self.fd, json.dumps({**self.record, "beat": _stamp()}).encode() + b"\n", 0)
+            except OSError:  # the record may go stale
                 pass
 
-    def relocate(self) -> None:
+    def lost(self) -> dict | None:
+        """None while this lock holds; else the record now in its place ({} if there is none)."""
+        if self.fd is None:
+            return None
+        try:
+            _, record, _ = _read(self.path)
+        except OSError:  # cannot tell (an I/O error): not a reason to stop a run
+            return None
+        return None if record and record.get("token") == self.token else (record or {})
+
+    def check(self) -> None:
+        """Raises WorkdirBusy if another run took this lock over (a record judged stale, a host that
+        cannot see ours): the run stops before its next save, so two runs never write one workdir."""
+        other = self.lost()
+        if other is not None:
+            raise WorkdirBusy(
+                f"the lock of workdir {self.workdir} was taken over by {describe(other) if other else 'nobody'}"
+                f" (its record in {self.path} is not this run's); stopped before saving so that two runs never "
+                "write one workdir. Stop the other run, or resume from another --workdir"
+            )
+
+    def relocate(self, old_workdir: str) -> None:
         """The same claim on a new, empty workdir at the same path, after the old one (with this
-        lock file in it) was renamed; the old lock is dropped only once the new one is held."""
+        lock's record in it) was renamed to `old_workdir`; the old record is dropped once the new one is held."""
         self._stop_heartbeat()
-        old, self.fd = self.fd, None
+        old_fd, old_token, self.fd = self.fd, self.token, None
         os.makedirs(self.workdir, exist_ok=True)
         self.created = True
         try:
             record = self.try_acquire()
         finally:
-            os.ftruncate(old, 0)
-            os.close(old)
+            os.close(old_fd)
+            _remove_if(os.path.join(old_workdir, LOCK_FILE), old_token)
         if record is not None:  # another run started in the instant the path was free
             raise WorkdirBusy(f"while the old run was moved aside, another run took {self.workdir}: {describe(record)}")
 
@@ -299,28 +394,36 @@ class WorkdirLock:
             self._beat = None
 
     def release(self) -> None:
-        """Clears the record (a clean end) and unlocks. A workdir this run created and left holding
-        nothing but the lock (it failed before writing) is removed again."""
+        """Removes the record (a clean end) if it is still this run's, never a successor's. A workdir
+        this run created and left empty (it failed before writing) is removed again."""
         if self.fd is None:
             return
         self._stop_heartbeat()
-        try:
-            os.ftruncate(self.fd, 0)
-        finally:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
+        os.close(self.fd)
+        self.fd = None
+        _remove_if(self.path, self.token)
         if self.created:
             try:
-                if os.listdir(self.workdir) == [LOCK_FILE]:
-                    os.remove(self.path)
-                    os.rmdir(self.workdir)
+                os.rmdir(self.workdir)  # only if empty
             except OSError:
                 pass
 
 
+def check_held(held: WorkdirLock | None) -> None:
+    """Raises on every process if process 0's lock (`held`) was taken over (a collective)."""
+    error = None
+    if held is not None:
+        try:
+            held.check()
+        except WorkdirBusy as e:
+            error = e
+    if not distributed.all_processes(error is None):
+        raise error or WorkdirBusy("process 0 lost the workdir's lock to another run; its output says which")
+
+
 def busy_message(workdir: str, record: dict, hint: str) -> str:
     holder = describe(record)
-    if record and record.get("host") != socket.gethostname():
+    if record and not _same_host(record):
         holder += (
             f"; if that host is gone, its record in {os.path.join(workdir, LOCK_FILE)} goes stale {STALE_S:.0f}s "
             "after its last heartbeat"
