@@ -26,7 +26,9 @@ def define_flags():
     config_flags.DEFINE_config_file("config", None, "Config file: configs/X.py or configs/X.py:arg.", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice to compile for: " + aot.ACCEPTED_FORMS + ".")
     flags.DEFINE_integer("num_slices", 1, "Number of such slices (multi-slice over the data-centre network).")
-    flags.DEFINE_bool("sweep", False, "Report candidate layouts (mesh splits, remat, grad accumulation) as a table.")
+    flags.DEFINE_bool(
+        "sweep", False, "Report candidate layouts (mesh splits, expert sizes of an MoE, remat, grad accumulation)."
+    )
     flags.DEFINE_list("sweep_axes", list(aot.SWEEP_AXES), f"What --sweep varies, any of {', '.join(aot.SWEEP_AXES)}.")
     flags.DEFINE_string("dump", None, "Directory to write the step's StableHLO and optimized HLO text to.")
     flags.mark_flags_as_required(["config", "topology"])

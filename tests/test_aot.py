@@ -307,3 +307,11 @@ def test_sweep_table_marks_what_does_not_fit():
     table = aot.format_sweep(rows)
     assert " NO " in table and "invalid: batch does not split" in table and " yes " not in table
     assert aot.sweep_summary(rows)["sweep"][1]["invalid"] == "batch does not split"
+
+
+def test_sweep_varies_the_expert_axis_of_a_mixture_of_experts():
+    """An MoE preset's sweep splits its experts 2, 4, 8 ways (FSDP over the rest); a dense model's has no such row."""
+    moe = dict(aot.sweep_candidates(_config("moe", "mixtral-8x7b"), 64, axes=("expert",)))
+    assert list(moe) == ["as configured", "expert 2", "expert 4", "expert 8"]  # 8 experts: at most 8 ways
+    assert moe["expert 8"] == {"mesh.data": 1, "mesh.fsdp": 8, "mesh.expert": 8, "mesh.sequence": 1, "mesh.tensor": 1}
+    assert aot.sweep_candidates(_config("llama3", "1b"), 64, axes=("expert",)) == [("as configured", {})]

@@ -124,7 +124,7 @@ def test_mesh_that_does_not_divide_the_devices(run, workdir):
 
 
 def test_batch_not_divisible_by_data_parallel_size(run, workdir):
-    _refused(run, workdir, r"batch_size=12 is not divisible by data\*fsdp=8", **{"train.batch_size": 12})
+    _refused(run, workdir, r"batch_size=12 is not divisible by data\*fsdp\*expert=8", **{"train.batch_size": 12})
 
 
 def test_empty_corpus(run, workdir, tmp_path):

@@ -226,7 +226,7 @@ def test_mesh_that_does_not_fit_the_model_fails_clearly(tmp_path):
     assert "config.mesh" in str(e.value)
     c = _tiny(tmp_path, data=8)
     c.train.batch_size = 12
-    with pytest.raises(BadValue, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
+    with pytest.raises(BadValue, match=r"batch_size=12 is not divisible by data\*fsdp\*expert=8"):
         loop.train_and_evaluate(c, str(tmp_path / "run2"))
 
 

@@ -242,8 +242,8 @@ def test_refuses_pickles_and_unsupported_configs(tmp_path):
         (d / "config.json").write_text(json.dumps({**cfg, **changes}))
         return str(d)
 
-    with pytest.raises(hf.HFError, match="architectures=.*MixtralForCausalLM"):
-        hf.load_pretrained(bad(architectures=["MixtralForCausalLM"]))
+    with pytest.raises(hf.HFError, match="architectures=.*OlmoeForCausalLM"):
+        hf.load_pretrained(bad(architectures=["OlmoeForCausalLM"]))
     with pytest.raises(hf.HFError, match="activation_function='relu'"):
         hf.load_pretrained(bad(activation_function="relu"))
     with pytest.raises(hf.HFError, match="scale_attn_by_inverse_layer_idx"):

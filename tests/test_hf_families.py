@@ -1,5 +1,5 @@
 """Parity of today's open architectures with transformers: Llama 3.x, Mistral, Qwen2, Qwen3, Gemma 2,
-Gemma 3 (text).
+Gemma 3 (text), and the mixtures of experts Mixtral and Qwen3-MoE.
 
 For each, a small random transformers model (built offline from its config class: odd sizes,
 grouped-query attention, a decoupled head_dim, every optional feature of the architecture on and
@@ -85,6 +85,18 @@ ARCHS = {
             },
         ),
         dict(layer_pattern="llg", qk_norm=True, local_rope_theta=100.0, rope_scaling="linear", embed_scale=True),
+    ),
+    # Mixture of experts: 5 experts, top 2 (renormalised), in every layer, past a sliding window.
+    "mixtral": (
+        "MixtralConfig",
+        dict(sliding_window=WINDOW, num_local_experts=5, num_experts_per_tok=2),
+        dict(num_experts=5, experts_per_token=2, norm_topk=True, layer_pattern="l", moe_first_dense=0),
+    ),
+    # 6 experts of their own size, top 3 not renormalised, the first layer dense.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=28, mlp_only_layers=[0], norm_topk_prob=False),
+        dict(num_experts=6, experts_per_token=3, norm_topk=False, expert_mlp_dim=28, moe_first_dense=1, qk_norm=True),
     ),
 }
 

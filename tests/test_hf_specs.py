@@ -62,6 +62,14 @@ CONFIGS.update(
 CONFIGS["gemma3_text"] = dataclasses.replace(
     CONFIGS["gemma2"], attn_softcap=None, final_softcap=None, qk_norm=True, local_rope_theta=100.0, layer_pattern="llg"
 )
+# Mixtures of experts: 3 experts of size 8 (Qwen3-MoE: 7, its first layer dense, so both kinds of MLP rows).
+_MOE = dict(mlp_bias=False, attention_bias=False, num_experts=3, experts_per_token=2)
+CONFIGS.update(
+    mixtral=dataclasses.replace(_LLAMA, **_MOE, mlp_dim=8, layer_pattern="l", sliding_window=5),
+    qwen3_moe=dataclasses.replace(
+        _LLAMA, **{**_MOE, "attention_bias": True}, qk_norm=True, expert_mlp_dim=7, moe_first_dense=1, norm_topk=False
+    ),
+)
 
 
 @pytest.mark.parametrize("spec", hf_specs.SPECS, ids=lambda s: s.model_type)
@@ -77,15 +85,17 @@ def test_table_is_one_inverse_mapping_of_every_param(spec):
     for entry in spec.table:
         if not entry.when(cfg):  # an optional tensor this config does not have (see the next test)
             continue
-        layers = range(cfg.num_layers) if entry.per_layer else (None,)
+        layers = [i for i in range(cfg.num_layers) if entry.layers(cfg, i)] if entry.per_layer else (None,)
         for layer in layers:
             keys = [hf._param_key(p, layer, False) for p in entry.paths()]
             seen += keys
-            shape = entry.hf_shape(dims) or targets[keys[0]].shape  # no layout: our shape
+            # A per-expert tensor is one row of our stacked [experts, ...] parameter.
+            want = {k: targets[k].shape[1:] if entry.per_expert else targets[k].shape for k in keys}
+            shape = entry.hf_shape(dims) or want[keys[0]]  # no layout: our shape
             x = rng.standard_normal(shape).astype(np.float32)
             ours = entry.to_ours(x, dims)
             for key, y in zip(keys, ours):
-                assert y.shape == targets[key].shape, (entry.hf, key)
+                assert y.shape == want[key], (entry.hf, key)
                 assert np.shares_memory(y, x), f"{entry.hf}: import must not copy (a memory map stays one)"
             np.testing.assert_array_equal(entry.to_hf(ours, dims), x, err_msg=entry.hf)
     assert sorted(seen) == sorted(targets)
@@ -96,7 +106,8 @@ def test_every_table_row_is_exercised():
     for spec in hf_specs.SPECS:
         users = [c for c in CONFIGS.values() if hf_specs.for_model(c).table is spec.table]
         for entry in spec.table:
-            assert any(entry.when(c) for c in users), (spec.architecture, entry.hf)
+            used = [c for c in users if entry.when(c)]
+            assert any(entry.layers(c, i) for c in used for i in range(c.num_layers)), (spec.architecture, entry.hf)
 
 
 def test_gpt2_fused_qkv_splits_in_order():
@@ -178,7 +189,7 @@ _DECODER = {
             r"sliding_attention\.rope_type='linear'",
         ),
         ("Gemma3ForCausalLM", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-        ("MixtralForCausalLM", {}, r"architectures=\['MixtralForCausalLM'\]"),
+        ("OlmoeForCausalLM", {}, r"architectures=\['OlmoeForCausalLM'\]"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(arch, changes, message):

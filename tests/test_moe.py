@@ -158,7 +158,7 @@ def test_flops_and_the_summary_count_active_parameters():
     assert d["params"] == count_params(params) and d["active_params"] == d["params"] - inactive
     text = summary.summarize(model, None, mesh, sharding.logical_rules(), seq_len=32)
     assert "experts: 4 x 12 wide + 1 shared (8 wide) in layers 1, 2 (2 of 3), top-2 softmax" in text
-    assert f"{d['active_params']:,} active per token" in text and "-> -,fsdp,tensor" in text
+    assert f"{d['active_params']:,} active per token" in text and "-> expert,fsdp,tensor" in text
 
 
 def test_the_dispatches_compute_the_same_model():

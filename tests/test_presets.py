@@ -1,4 +1,4 @@
-"""The presets of published models (configs/llama3.py, qwen.py, gemma.py): each is the model
+"""The presets of published models (configs/llama3.py, qwen.py, gemma.py, moe.py): each is the model
 transformers builds from the same config.json, parameter for parameter, and the tiny ones train.
 
 The parameter counts are compared with transformers' own model built on PyTorch's meta device (no
@@ -16,7 +16,7 @@ from llm_jax.models import family as family_lib
 from llm_jax.training import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("llama3", "qwen", "gemma")
+FAMILIES = ("llama3", "qwen", "gemma", "moe")
 
 
 def _module(family: str):

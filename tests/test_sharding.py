@@ -446,7 +446,7 @@ def test_compiled_step_has_the_collectives_of_its_parallelism(kind, shape):
 # "gpt_gqa" on the 2x2x2 mesh: batch 16 over data x fsdp (4 rows a device), heads, mlp, vocab over
 # tensor (2), the length over sequence (size 1 here: llm_jax/models/context_parallel.py).
 # b = 16, t = 16, e = 32, h = 8, d = 4, mlp 64, vocab 128.
-ROWS, SQ = ("data", "fsdp"), "sequence"
+ROWS, SQ = sharding.BATCH_AXES, "sequence"  # rows: data x fsdp x expert (expert 1 here)
 ACTIVATIONS = {
     (16, 16, 32): ((4, 16, 32), P(ROWS, SQ, None)),  # block input / output [b, t, e]
     (16, 16, 8, 4): ((4, 16, 4, 4), P(ROWS, SQ, "tensor", None)),  # queries, attention output
@@ -509,7 +509,7 @@ def test_partition_specs_with_scanned_layers_and_swiglu():
 
 def test_batch_sharding_and_host_to_global():
     mesh = mesh_of((2, 2, 2))
-    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), "sequence")
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), "sequence")
     assert sharding.data_parallel_size(mesh) == 4
     local = {"inputs": np.arange(8 * 3).reshape(8, 3).astype(np.int32)}
     g = sharding.host_to_global(local, mesh)["inputs"]
@@ -562,8 +562,11 @@ def test_check_divisible_names_the_bad_sizes():
     assert "num_heads=4 is not divisible by mesh tensor=8" in msg
     assert "num_kv_heads=2 is not divisible by mesh tensor=8" in msg
     assert "mlp_dim" not in msg and "vocab" not in msg
-    with pytest.raises(BadValue, match=r"batch_size=12 is not divisible by data\*fsdp=8"):
+    with pytest.raises(BadValue, match=r"batch_size=12 is not divisible by data\*fsdp\*expert=8"):
         sharding.check_divisible(mesh_of((2, 4, 1)), dataclasses.replace(cfg, embed_dim=16), 12)
+    moe = dataclasses.replace(cfg, embed_dim=16, num_experts=6, mlp_activation="swiglu")
+    with pytest.raises(BadValue, match=r"num_experts=6 must be divisible by mesh expert=4"):
+        sharding.check_divisible(mesh_of((1, 2, 4, 1, 1)), moe, 16)
     with pytest.raises(BadValue, match=r"embed_dim=12 is not divisible by mesh fsdp=8"):
         sharding.check_divisible(mesh_of((1, 8, 1)), cfg, 16)
     sharding.check_divisible(mesh_of((2, 2, 2)), dataclasses.replace(cfg, embed_dim=16), 16)  # fits: no error

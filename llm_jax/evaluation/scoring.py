@@ -52,7 +52,7 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class Scorer:
     """A model and its params on `mesh` (sharded by `rules`), scored `batch_size` rows at a time
-    (rounded up to a multiple of the mesh's data x fsdp size) over at most `max_length` positions."""
+    (rounded up to a multiple of the mesh's data x fsdp x expert size) over at most `max_length` positions."""
 
     model: Any
     params: Any

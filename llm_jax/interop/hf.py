@@ -192,39 +192,42 @@ def _param_key(path: tuple[str, ...], layer: int | None, scan: bool) -> tuple[st
     return ("layers",) + path if scan else (f"layers_{layer}",) + path
 
 
-def _table_rows(spec: Spec, cfg: ModelConfig) -> list[tuple[hf_specs.Tensor, int | None, str]]:
-    """(entry, layer or None, HF name) of every tensor `cfg` has under `spec`."""
+def _table_rows(spec: Spec, cfg: ModelConfig) -> list[tuple[hf_specs.Tensor, int | None, int | None, str]]:
+    """(entry, layer or None, expert or None, HF name) of every tensor `cfg` has under `spec`."""
     rows = []
     for entry in spec.table:
-        if entry.when(cfg):
-            for i in range(cfg.num_layers) if entry.per_layer else (None,):
-                rows.append((entry, i, entry.hf.format(i=i)))
+        if not entry.when(cfg):
+            continue
+        layers = [i for i in range(cfg.num_layers) if entry.layers(cfg, i)] if entry.per_layer else [None]
+        for i in layers:
+            for j in range(cfg.num_experts) if entry.per_expert else (None,):
+                rows.append((entry, i, j, entry.hf.format(i=i, j=j)))
     return rows
 
 
 def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], hf_dir: str, where=None) -> dict:
     """{our flat parameter key: view of the checkpoint in that parameter's shape}; nothing is read yet.
 
-    E.g. ('layers_0', 'attn', 'query', 'kernel'): [e, h, d], a view of q_proj.weight [h*d, e]. A
-    scanned model's per-layer views are stacked lazily into [layers, ...] (`_Stacked`). `where`:
-    {tensor name: its file}, for messages.
+    E.g. ('layers_0', 'attn', 'query', 'kernel'): [e, h, d], a view of q_proj.weight [h*d, e]. Per-expert
+    views are stacked lazily into [experts, ...], a scanned model's per-layer views into [layers, ...]
+    (`_Stacked`). `where`: {tensor name: its file}, for messages.
     """
     bare = bool(tensors) and not any(n.startswith(spec.backbone) for n in tensors)  # old uploads: 'h.0.ln_1.weight'
-    rows = [(entry, i, name.removeprefix(spec.backbone) if bare else name) for entry, i, name in _table_rows(spec, cfg)]
-    missing = [name for _, _, name in rows if name not in tensors]
+    rows = [(e, i, j, name.removeprefix(spec.backbone) if bare else name) for e, i, j, name in _table_rows(spec, cfg)]
+    missing = [name for *_, name in rows if name not in tensors]
     if missing:
         raise HFError(
             f"{hf_dir} lacks tensors a {spec.model_type} model with this config.json needs: {missing[:8]}"
             + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         )
-    used = {name for _, _, name in rows}
+    used = {name for *_, name in rows}
     unused = sorted(n for n in tensors if n not in used and not spec.ignorable(n, cfg))
     if unused:
         raise HFError(
             f"{hf_dir} has tensors the {spec.model_type} layout does not use (an unsupported variant?): {unused[:8]}"
         )
-    dims, views, stacks = hf_specs.sizes(cfg), {}, {}
-    for entry, i, name in rows:
+    dims, views, stacks, experts = hf_specs.sizes(cfg), {}, {}, {}
+    for entry, i, j, name in rows:
         x, want = tensors[name], entry.hf_shape(dims)
         if x.dtype not in safetensors_io.FLOAT_DTYPES:  # cast only float to float: an int or bool weight is a lie
             path = (where or {}).get(name, hf_dir)
@@ -236,22 +239,29 @@ def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], 
             )
         for path, view in zip(entry.paths(), entry.to_ours(x, dims)):
             key = _param_key(path, i, cfg.scan_layers)
-            if i is not None and cfg.scan_layers:
+            if j is not None:
+                experts.setdefault((key, i), []).append(view)
+            elif i is not None and cfg.scan_layers:
                 stacks.setdefault(key, []).append(view)
             else:
                 views[key] = view
+    for (key, i), per_expert in experts.items():  # layer by layer, in order
+        if i is not None and cfg.scan_layers:
+            stacks.setdefault(key, []).append(_Stacked(per_expert))
+        else:
+            views[key] = _Stacked(per_expert)
     return {**views, **{key: _Stacked(per_layer) for key, per_layer in stacks.items()}}
 
 
 class _Stacked:
-    """A lazy [layers, ...] stack of per-layer views, sliced shard by shard (for nn.scan params)."""
+    """A lazy [n, ...] stack of views (layers of nn.scan params, experts), sliced shard by shard."""
 
     def __init__(self, views: list):
         self.views = views
         self.shape = (len(views),) + tuple(views[0].shape)
 
     def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
+        index = (index if isinstance(index, tuple) else (index,)) or (slice(None),)
         rows = range(len(self.views))[index[0]]
         return np.stack([np.asarray(self.views[i][index[1:]]) for i in rows])
 
@@ -323,14 +333,15 @@ def hf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     spec = hf_specs.for_model(cfg)
     flat = {p: np.asarray(v) for p, v in traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(params))).items()}
     dims, out, used = hf_specs.sizes(cfg), {}, set()
-    for entry, i, name in _table_rows(spec, cfg):
+    for entry, i, j, name in _table_rows(spec, cfg):
         arrays = []
         for path in entry.paths():
             key = _param_key(path, i, cfg.scan_layers)
             if key not in flat:
                 raise HFError(f"params lack {'/'.join(key)}, which {spec.architecture} needs for this ModelConfig")
             used.add(key)
-            arrays.append(flat[key][i] if i is not None and cfg.scan_layers else flat[key])
+            array = flat[key][i] if i is not None and cfg.scan_layers else flat[key]
+            arrays.append(array if j is None else array[j])
         out[name] = entry.to_hf(arrays, dims)
     if used != set(flat):
         left = sorted("/".join(k) for k in set(flat) - used)

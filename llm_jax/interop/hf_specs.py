@@ -2,7 +2,8 @@
 
 Each architecture is one `Spec` (hf_table.py explains the tensor tables and layouts):
 GPT2LMHeadModel (hf_gpt2.py); LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-Qwen3ForCausalLM (hf_llama.py); Gemma2ForCausalLM, Gemma3ForCausalLM (hf_gemma.py). Import reads
+Qwen3ForCausalLM (hf_llama.py); Gemma2ForCausalLM, Gemma3ForCausalLM (hf_gemma.py);
+MixtralForCausalLM, Qwen3MoeForCausalLM (hf_moe.py). Import reads
 config.json's `architectures` (`for_config`); export writes the architecture that computes exactly
 what a model computes (`for_model`). A new architecture is one more Spec added to `SPECS`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from llm_jax.interop.hf_gemma import GEMMA2, GEMMA3
 from llm_jax.interop.hf_gpt2 import GPT2
 from llm_jax.interop.hf_llama import LLAMA, MISTRAL, QWEN2, QWEN3
+from llm_jax.interop.hf_moe import MIXTRAL, QWEN3_MOE
 from llm_jax.interop.hf_table import HFError, Spec, Tensor, sizes  # noqa: F401 - the tables' vocabulary
 from llm_jax.models.config import ModelConfig
 
@@ -19,7 +21,7 @@ from llm_jax.models.config import ModelConfig
 # Choosing a spec
 
 # Export writes the first one a model fits (unless the run was imported from another that fits).
-SPECS = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3)
+SPECS = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, MIXTRAL, QWEN3_MOE)
 
 
 def for_config(hf_cfg: dict) -> Spec:

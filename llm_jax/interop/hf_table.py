@@ -15,8 +15,11 @@ A spec holds
   to several of ours along the letter `n` (GPT-2's c_attn: 'e (n h d) -> n e h d' is q, k, v).
 
 Letters: e = embed_dim, h = num_heads, k = kv heads, d = head dim, m = mlp_dim, v = vocab_size,
-n = how many of our parameters a fused tensor holds. Names with '{i}' repeat for every layer, and
+x = num_experts, f = an expert's hidden size, n = how many of our parameters a fused tensor holds.
+Names with '{i}' repeat for every layer (or the layers `layers(cfg, i)` picks: MoE or dense ones), and
 their paths are relative to the layer ('layers_{i}/...', or stacked on 'layers/...' when scanned).
+Names with '{j}' repeat for every expert: expert j's tensor is row j of our stacked [experts, ...]
+parameter (Mixtral saves 'experts.{j}.w1.weight' [f, e] for our wi_gate [x, e, f], layout 'f e -> e f').
 
 A new architecture is one more `Spec` (its three config functions and its table) added to
 `hf_specs.SPECS`.
@@ -63,6 +66,18 @@ def qk_norm(cfg: ModelConfig) -> bool:
     return cfg.qk_norm
 
 
+def every_layer(cfg: ModelConfig, layer: int) -> bool:
+    return True
+
+
+def moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    return bool(cfg.is_moe(layer))
+
+
+def dense_layer(cfg: ModelConfig, layer: int) -> bool:
+    return not cfg.is_moe(layer)
+
+
 def sizes(cfg: ModelConfig) -> dict[str, int]:
     """The size of each layout letter under `cfg`."""
     return {
@@ -72,6 +87,8 @@ def sizes(cfg: ModelConfig) -> dict[str, int]:
         "d": cfg.dim_per_head,
         "m": cfg.mlp_dim,
         "v": cfg.vocab_size,
+        "x": cfg.num_experts,
+        "f": cfg.expert_dim,
     }
 
 
@@ -99,6 +116,7 @@ class Tensor:
     ours: str | tuple[str, ...]  # our parameter path 'attn/query/kernel', or several for a fused tensor
     layout: str | None = None  # 'HF axes -> our axes' (module docstring); None: the very same array
     when: Callable[[ModelConfig], bool] = always  # whether `cfg` has this tensor (biases, untied head)
+    layers: Callable[[ModelConfig, int], bool] = every_layer  # which layers have it ('{i}' names)
     _src: tuple[str, ...] = dataclasses.field(init=False, repr=False)  # HF axes' letters: ('e', 'nhd')
     _dst: str = dataclasses.field(init=False, repr=False)  # our axes, a letter each: 'nehd'
 
@@ -117,6 +135,10 @@ class Tensor:
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf
+
+    @property
+    def per_expert(self) -> bool:
+        return "{j}" in self.hf
 
     def paths(self) -> list[tuple[str, ...]]:
         """Our parameter path(s) as tuples of keys."""
@@ -203,6 +225,7 @@ _PLAIN = dict(
     query_scale=None,
     attn_softcap=None,
     final_softcap=None,
+    num_experts=0,
 )
 
 

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.models import expert_parallel
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.layers import Mlp, dense, gate_activation, normal_init, out_scale
 
@@ -240,6 +241,8 @@ class MoeMlp(nn.Module):
         x_c = tokens.astype(cfg.compute_dtype)
         if cfg.moe_dispatch == "capacity":
             y, _ = capacity(x_c, weights, experts, wi_gate, wi_up, wo, cfg.mlp_activation, cfg.capacity_factor)
+        elif expert_parallel.applies(mesh := expert_parallel.context_mesh(), b * t):  # dropless or blocks, over devices
+            y = expert_parallel.dropless(x_c, weights, experts, wi_gate, wi_up, wo, cfg.mlp_activation, mesh)
         elif cfg.moe_dispatch == "blocks":
             y = blocks(x_c, weights, experts, wi_gate, wi_up, wo, cfg.mlp_activation)
         else:

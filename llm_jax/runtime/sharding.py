@@ -2,7 +2,9 @@
 
 The model names logical axes; this file alone maps them onto the physical mesh axes
 `(data, fsdp, expert, sequence, tensor)` (`expert` and `sequence` are 1 unless a run asks for them):
-- batch-like activation axes go over `data` x `fsdp` (every device sees a different slice of the batch);
+- batch-like activation axes go over `data` x `fsdp` x `expert` (every device sees a different slice of
+  the batch);
+- the MoE layers' experts are split over `expert` (tokens reach them by all-to-all);
 - parameters are sharded over `fsdp` along their `embed` dim (ZeRO-3 style: gathered per layer in
   the forward pass, gradients reduce-scattered), and over `tensor` along heads / mlp / vocab
   (Megatron style);
@@ -29,7 +31,8 @@ from llm_jax.runtime.errors import BadValue
 
 # Outermost to innermost: `tensor` last, so its all-reduces stay on neighbouring chips.
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
-BATCH_AXES = ("data", "fsdp")
+# `expert` acts as a data axis outside the MoE layers (MaxText): a batch is split over all three.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # (logical name, mesh axis or axes or None). The first rule whose mesh axes are still free wins,
 # so e.g. 'activation_heads' falls back to replication if 'tensor' is already used in a spec.
@@ -40,7 +43,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("experts", None),  # replicated for now (the expert mesh axis shards it)
+    ("experts", "expert"),  # expert parallelism (llm_jax/models/expert_parallel.py)
     ("kv", None),
     ("length", None),
     ("norm", None),
@@ -180,18 +183,18 @@ def boxed_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a [batch, length] token batch: rows over data x fsdp, length over sequence (the
-    activations' own split, so context parallelism starts without a reshuffle)."""
+    """Sharding of a [batch, length] token batch: rows over data x fsdp x expert, length over
+    sequence (the activations' own split, so context parallelism starts without a reshuffle)."""
     return NamedSharding(mesh, P(BATCH_AXES, "sequence"))
 
 
 def rows_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of arrays of any rank and length by their rows alone (data x fsdp)."""
+    """Sharding of arrays of any rank and length by their rows alone (data x fsdp x expert)."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
 def host_to_global(local: Any, mesh: Mesh) -> Any:
@@ -211,7 +214,7 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int, seq_len: int | Non
     fsdp = mesh.shape["fsdp"]
     problems = []
     if global_batch % dp:
-        problems.append(f"batch_size={global_batch} is not divisible by data*fsdp={dp}")
+        problems.append(f"batch_size={global_batch} is not divisible by data*fsdp*expert={dp}")
     if seq_len is not None and seq_len % mesh.shape["sequence"]:
         problems.append(f"data.seq_len={seq_len} is not divisible by mesh sequence={mesh.shape['sequence']}")
     for name, value in (
@@ -222,6 +225,12 @@ def check_divisible(mesh: Mesh, model_cfg, global_batch: int, seq_len: int | Non
     ):
         if value % tp:
             problems.append(f"model {name}={value} is not divisible by mesh tensor={tp}")
+    ep = mesh.shape["expert"]
+    if getattr(model_cfg, "num_experts", 0) and (model_cfg.num_experts % ep or model_cfg.expert_dim % tp):
+        problems.append(
+            f"model num_experts={model_cfg.num_experts} must be divisible by mesh expert={ep} and "
+            f"expert_dim={model_cfg.expert_dim} by mesh tensor={tp}"
+        )
     if model_cfg.embed_dim % fsdp:
         problems.append(f"model embed_dim={model_cfg.embed_dim} is not divisible by mesh fsdp={fsdp}")
     elif model_cfg.embed_dim % (fsdp * mesh.shape["sequence"]):  # embed over fsdp x sequence (logical_rules)

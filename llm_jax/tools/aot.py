@@ -10,7 +10,7 @@ and shardings only: no parameter is ever allocated) and compiles it with the TPU
 named chips, which libtpu describes on any machine (`pip install -e '.[tpu]'`). The report: devices
 and mesh, parameters and optimizer state per device, temporaries, the total per device against the
 chip's HBM, compile time, and the collectives of the optimized HLO (`llm_jax.tools.hlo`). The last line of
-stdout is one JSON object. `--sweep` reports candidate layouts (mesh splits, remat policies,
+stdout is one JSON object. `--sweep` reports candidate layouts (mesh splits, expert-parallel sizes, remat policies,
 gradient accumulation) as one table sorted by memory per device.
 
 A program larger than the chip is a result, not an error: the TPU compiler refuses it, and the
@@ -417,7 +417,7 @@ def format_report(r: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # Sweep: the same report for candidate layouts
 
-SWEEP_AXES = ("mesh", "remat", "accum")
+SWEEP_AXES = ("mesh", "expert", "remat", "accum")
 
 
 def mesh_splits(n: int) -> list[tuple[int, int, int]]:
@@ -428,6 +428,17 @@ def mesh_splits(n: int) -> list[tuple[int, int, int]]:
     cands += [(2, n // 2, 1)] if n % 2 == 0 and n > 2 else []
     cands += [(1, 1, n)] if 1 < n <= 8 else []
     return list(dict.fromkeys(cands))
+
+
+def expert_splits(num_experts: int, n: int) -> list[int]:
+    """Expert-parallel sizes worth comparing for a model of `num_experts` on n devices: the powers of
+    two from 2 that divide both (the rest of the devices go to fsdp)."""
+    out, e = [], 2
+    while e <= min(num_experts, n):
+        if num_experts % e == 0 and n % e == 0:
+            out.append(e)
+        e *= 2
+    return out
 
 
 def sweep_candidates(config: ml_collections.ConfigDict, n: int, axes: Sequence[str] = SWEEP_AXES) -> list:
@@ -443,6 +454,11 @@ def sweep_candidates(config: ml_collections.ConfigDict, n: int, axes: Sequence[s
             if (d, f, 1, 1, t) != own:
                 split = {"mesh.data": d, "mesh.fsdp": f, "mesh.expert": 1, "mesh.sequence": 1, "mesh.tensor": t}
                 out.append((f"mesh {d}/{f}/{t}", split))
+    if "expert" in axes:  # a mixture of experts: experts over `expert`, FSDP over the rest
+        for e in expert_splits(int(config.model.get("num_experts") or 0), n):
+            split = {"mesh.data": 1, "mesh.fsdp": n // e, "mesh.expert": e, "mesh.sequence": 1, "mesh.tensor": 1}
+            if (1, n // e, e, 1, 1) != own:
+                out.append((f"expert {e}", split))
     if "remat" in axes:
         out += [(f"remat {r}", {"model.remat": r}) for r in ("none", "dots", "full") if r != config.model.remat]
     if "accum" in axes:

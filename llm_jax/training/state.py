@@ -187,7 +187,7 @@ def make_steps(model, tx, mesh, rules, state_shardings, grad_accum_steps: int, o
 
 def check_batch(config, mesh, model_cfg) -> None:
     """BadValue unless the batch sizes and the model split over the mesh: both batches over
-    data*fsdp, the training batch into grad_accum_steps micro-batches that each do, and over the
+    data*fsdp*expert, the training batch into grad_accum_steps micro-batches that each do, and over the
     processes (each feeds its own rows)."""
     tc = config.train
     sharding.check_divisible(mesh, model_cfg, tc.batch_size, config.data.seq_len)
@@ -196,7 +196,7 @@ def check_batch(config, mesh, model_cfg) -> None:
     if tc.batch_size % tc.grad_accum_steps or (tc.batch_size // tc.grad_accum_steps) % dp:
         raise BadValue(
             f"config.train.batch_size={tc.batch_size} must split into grad_accum_steps={tc.grad_accum_steps} "
-            f"micro-batches that each divide over data*fsdp={dp} devices"
+            f"micro-batches that each divide over data*fsdp*expert={dp} devices"
         )
     if tc.batch_size % jax.process_count():
         raise BadValue(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
