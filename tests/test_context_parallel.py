@@ -10,6 +10,7 @@ gives the single-device einsum model's loss and gradients.
 
 import dataclasses
 import functools
+import re
 from types import SimpleNamespace
 
 import jax
@@ -117,6 +118,9 @@ def test_blockwise_context_parallel_equals_single_device_einsum(name, shape):
     loss, grads = compiled(params, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     leafcheck.assert_close(grads, ref_g, noise=no_grad_leaves(CONFIGS[name]), what=f"blockwise grads on {shape}")
+    # No device forms its [.., t/n, t] scores (the einsum path's f32[16,8,4,16] on sequence=4).
+    scores = re.findall(rf"f32\[[0-9,]*,{SEQ // shape[3]},{SEQ}\]", compiled.as_text())
+    assert not scores, sorted(set(scores))
 
 
 def test_sequence_length_and_embed_must_divide_over_the_sequence_axis():
