@@ -89,12 +89,19 @@ def test_causal_blocks_above_the_diagonal_are_not_computed():
     out = blockwise.attention(q, k, v, block_q=8, block_k=8)
     k2 = k.at[:, 8:].set(1e6)
     np.testing.assert_array_equal(blockwise.attention(q, k2, v, block_q=8, block_k=8)[:, :8], out[:, :8])
-    lo, hi = blockwise._key_range(jnp.int32(1), 8, 8, None)
+    off = jnp.int32(0)
+    lo, hi = blockwise._key_range(jnp.int32(1), off, 8, 8, 4, None)
     assert (int(lo), int(hi)) == (0, 2)  # query block 1 visits key blocks 0 and 1, not 2 and 3
-    lo, hi = blockwise._key_range(jnp.int32(3), 8, 8, jnp.int32(5))
+    lo, hi = blockwise._key_range(jnp.int32(3), off, 8, 8, 4, jnp.int32(5))
     assert (int(lo), int(hi)) == (2, 4)  # with a window of 5, block 3 (rows 24-31) skips keys 0-15
-    lo, hi = blockwise._query_range(jnp.int32(1), 8, 8, 4, jnp.int32(5))
+    lo, hi = blockwise._query_range(jnp.int32(1), off, 8, 8, 4, jnp.int32(5))
     assert (int(lo), int(hi)) == (1, 3)  # keys 8-15 are seen by rows 8-19 only
+    # Queries at global rows 16.. (a context-parallel shard): key blocks 3-5 of 6 are all in the future
+    # of local block 0 (rows 16-23), and with a window of 5 key block 0 (keys 0-7, seen by rows 0-11) by no local query.
+    lo, hi = blockwise._key_range(jnp.int32(0), jnp.int32(16), 8, 8, 6, None)
+    assert (int(lo), int(hi)) == (0, 3)
+    lo, hi = blockwise._query_range(jnp.int32(0), jnp.int32(16), 8, 8, 2, jnp.int32(5))
+    assert int(hi) <= int(lo)
 
 
 def _loss_and_grads(cfg, params, tokens, segment_ids=None):
@@ -207,3 +214,34 @@ def test_splash_kernel_is_in_the_tpu_train_step():
     assert text.count("tpu_custom_call") == 3
     with pytest.raises(BadValue, match="attention='splash' is a TPU kernel but the devices are cpu"):
         aot.build_train_step(config, jax.devices("cpu")[:1])
+
+
+@pytest.mark.parametrize(
+    "offset, window, blocks",
+    # A middle slice with uneven blocks (keys padded to 64), a window that skips whole key blocks, and
+    # the last slice. The offset is traced, as under shard_map.
+    [(16, 5, (8, 16)), (24, 9, (8, 8)), (32, None, (16, 8))],
+    ids=["middle_uneven_blocks", "window_skips_blocks", "last"],
+)
+def test_query_offset_with_longer_keys_equals_the_reference(offset, window, blocks):
+    """A context-parallel device's case: t_q = 16 local queries at global positions offset.., all
+    t_k = 48 keys; causal + segments + window + GQA + softcap, values and gradients."""
+    q, k, v, _, seg = _inputs(t=48, h=4, kv=2, segments=True)
+    q, seg_q = q[:, offset : offset + 16], seg[:, offset : offset + 16]
+    ct = jax.random.normal(jax.random.key(9), q.shape)
+    q_idx, k_idx = offset + jnp.arange(16), jnp.arange(48)
+    mask = (k_idx[None] <= q_idx[:, None]) & ops.within_window(q_idx, k_idx, window)
+    mask = mask[None] & ops._same_segment(seg_q, seg)
+
+    def ref(q, k, v):
+        return ops.attend(q, k, v, mask, "einsum", scale=0.4, softcap=3.0)
+
+    @jax.jit
+    def new(q, k, v, off):
+        return blockwise.attention(q, k, v, seg_q, window, 0.4, 3.0, *blocks, q_offset=off, kv_segment_ids=seg)
+
+    out_ref, vjp_ref = jax.vjp(ref, q, k, v)
+    out_new, vjp_new = jax.vjp(lambda q, k, v: new(q, k, v, jnp.int32(offset)), q, k, v)
+    np.testing.assert_allclose(out_new, out_ref, atol=TOL, rtol=TOL)
+    for name, g_new, g_ref in zip("qkv", vjp_new(ct), vjp_ref(ct)):
+        np.testing.assert_allclose(g_new, g_ref, atol=TOL, rtol=TOL, err_msg=f"d{name}")

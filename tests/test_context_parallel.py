@@ -3,10 +3,14 @@
 
 Reuses tests/test_sharding.py's tiny models, batches and single-device references (16 rows of 16
 tokens: on sequence=8 each device holds 2 positions of its rows, so causal, window and segment
-masks are read across shards by global index, and RoPE by each token's own position).
+masks are read across shards by global index, and RoPE by each token's own position). With
+attention='blockwise' each device runs blockwise attention from its queries' global offset and
+gives the single-device einsum model's loss and gradients.
 """
 
+import dataclasses
 import functools
+import re
 from types import SimpleNamespace
 
 import jax
@@ -38,7 +42,7 @@ from llm_jax.tools import hlo
 from llm_jax.training import state as state_lib
 
 # (data, fsdp, expert, sequence, tensor)
-SEQ8, DATA2_SEQ4, FSDP2_SEQ2_TP2 = (1, 1, 1, 8, 1), (2, 1, 1, 4, 1), (1, 2, 1, 2, 2)
+SEQ8, DATA2_SEQ4, FSDP2_SEQ2_TP2, SEQ4 = (1, 1, 1, 8, 1), (2, 1, 1, 4, 1), (1, 2, 1, 2, 2), (1, 1, 1, 4, 1)
 
 
 def param_shardings(name, mesh, rules):
@@ -46,10 +50,11 @@ def param_shardings(name, mesh, rules):
     return sharding.boxed_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules).params
 
 
-def compiled_grads(name, shape):
+def compiled_grads(name, shape, **overrides):
     """(compiled value-and-grad of the mean loss on the mesh, its params, its batch), under the
-    rules a run with this mesh gets (`logical_rules`: parameters over fsdp x sequence)."""
-    cfg = CONFIGS[name]
+    rules a run with this mesh gets (`logical_rules`: parameters over fsdp x sequence); `overrides`
+    change the model config (not its parameters)."""
+    cfg = dataclasses.replace(CONFIGS[name], **overrides)
     mesh = mesh_of(shape)
     rules = sharding.logical_rules(SimpleNamespace(mesh=SimpleNamespace(**mesh.shape)))
     sharding.check_divisible(mesh, cfg, BATCH, SEQ)
@@ -93,6 +98,29 @@ def test_context_parallel_equals_single_device(name, shape):
         cfg = CONFIGS[name]
         kv = f"[{BATCH},16,{cfg.kv_heads},{cfg.dim_per_head}]"  # the gathered keys/values, whole sequence
         assert any(kv in s for op in gathers for s in op.shapes), [op.shapes for op in gathers]
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    # gemma_scan_packed: GQA, windows traced under scan, soft-caps, query scale, packed segments.
+    # llama_scan: RoPE, scan, remat, plain causal.
+    [("gemma_scan_packed", DATA2_SEQ4), ("llama_scan", SEQ4)],
+    ids=["data2xseq4", "seq4"],
+)
+def test_blockwise_context_parallel_equals_single_device_einsum(name, shape):
+    """attention='blockwise' with the sequence sharded: each device runs blockwise attention from its
+    global query offset against the gathered keys, and gives the single-device einsum model's loss
+    and gradients."""
+    ref_loss, ref_g = ref_grads(name)
+    # Blocks of 2 rows: on sequence=4 each device's 4 queries are 2 blocks against 8 key blocks, so
+    # key blocks past the shard (and before a window) are skipped.
+    compiled, params, batch = compiled_grads(name, shape, attention="blockwise", attention_block=2)
+    loss, grads = compiled(params, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    leafcheck.assert_close(grads, ref_g, noise=no_grad_leaves(CONFIGS[name]), what=f"blockwise grads on {shape}")
+    # No device forms its [.., t/n, t] scores (the einsum path's f32[16,8,4,16] on sequence=4).
+    scores = re.findall(rf"f32\[[0-9,]*,{SEQ // shape[3]},{SEQ}\]", compiled.as_text())
+    assert not scores, sorted(set(scores))
 
 
 def test_sequence_length_and_embed_must_divide_over_the_sequence_axis():

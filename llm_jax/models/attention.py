@@ -125,7 +125,7 @@ class Attention(nn.Module):
             # The sequence is sharded over a mesh axis: keys/values are gathered across it.
             scale = None if cfg.query_scale is None else cfg.query_scale**-0.5
             out = context_parallel.attend_sharded(
-                q, key, value, cfg.attention, scale=scale, softcap=cfg.attn_softcap, **kw
+                q, key, value, cfg.attention, scale=scale, softcap=cfg.attn_softcap, block=cfg.attention_block, **kw
             )
             return attention_out(cfg, out)
         return attention_out(cfg, attend_recording(self, q, key, value, mask, cfg, **kw))
