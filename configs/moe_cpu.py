@@ -13,34 +13,33 @@ matmul), the Switch load-balancing loss (0.01) and the router z-loss (0.001); `t
 `configs/moe_cpu.py:tiny` is a seconds-long smoke run.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
-from llm_jax.training.config import base_config
+
+def _default(arg: str) -> ml_collections.ConfigDict:
+    """configs/default.py's config: the dense run this one is compared with, so data, training and
+    the block's attention stay one place."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+    spec = importlib.util.spec_from_file_location("default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    c = base_config()
-    c.data.source = "stdlib"
-    c.data.tokenizer = "byte"
-    c.data.seq_len = 128
+    if arg not in ("", "tiny"):
+        raise ValueError(f"configs/moe_cpu.py: unknown argument {arg!r}; use '' or 'tiny'")
+    c = _default(arg)
+    # The default's MLP (352 wide, or 64 in `tiny`) becomes experts of half its width, two per token.
+    # Experts are gated MLPs, so `tiny` keeps the full size's RoPE / RMSNorm / SwiGLU block.
     c.model.update(
-        preset="moe-cpu", num_layers=4, num_heads=4, embed_dim=128, mlp_dim=352, max_len=256, positions="rope",
-        norm="rmsnorm", mlp_activation="swiglu", num_experts=8, experts_per_token=2, expert_mlp_dim=176,
+        preset="moe-cpu", positions="rope", norm="rmsnorm", mlp_activation="swiglu", num_experts=8,
+        experts_per_token=2, expert_mlp_dim=176,
         moe_dispatch="blocks",  # dropless; on CPU ~5x faster than ragged_dot (experiments/moe_bench.py)
     )  # fmt: skip
-    c.train.update(
-        batch_size=16, num_steps=1500, log_every=100, eval_every=500, checkpoint_every=500, sample_prompt="def ",
-        sample_tokens=300, sample_top_k=40,
-    )  # fmt: skip
-    c.optim.update(lr=3e-3, warmup_steps=100)
     if arg == "tiny":
-        c.data.max_chars = 200_000
-        c.data.seq_len = 32
-        c.model.update(num_layers=2, embed_dim=32, mlp_dim=64, num_heads=2, max_len=64, num_experts=4,
-                       expert_mlp_dim=32)  # fmt: skip
-        c.train.update(batch_size=8, num_steps=5, log_every=1, eval_every=5, eval_steps=2, checkpoint_every=5,
-                       sample_tokens=16, sample_top_k=0)  # fmt: skip
-        c.optim.update(lr=2e-3)
-    elif arg:
-        raise ValueError(f"configs/moe_cpu.py: unknown argument {arg!r}; use '' or 'tiny'")
+        c.model.update(num_experts=4, expert_mlp_dim=32)
     return c
