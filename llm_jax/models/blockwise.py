@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Finite, so a tile in which a row sees nothing keeps finite running statistics (the reference's
-# value, llm_jax/models/ops.py's _MASK_VALUE; defined again here so neither module imports the other).
+# The score of a masked position, here and in the reference (llm_jax/models/ops.py). Finite, so a
+# tile in which a row sees nothing keeps finite running statistics.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 

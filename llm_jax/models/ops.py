@@ -19,7 +19,7 @@ Array = jax.Array
 
 # A large finite negative instead of -inf: a query row that sees no key (a left-padding position)
 # then gets a uniform softmax rather than NaN, and its output is ignored anyway.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_MASK_VALUE = blockwise._MASK_VALUE  # one value for every attention path
 
 
 def rope_frequencies(cfg: Any, local: bool = False) -> Array:
