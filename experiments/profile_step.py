@@ -73,14 +73,14 @@ def main():
     p = bench.prepare(flags.FLAGS.config)  # the step llm_jax.bench times, as the trainer runs it
     state, batch, rng = p.state, p.batch, p.rng
     for _ in range(2):
-        state, m = p.compiled(state, batch, rng)
+        state, m = p.compiled(state, batch, rng, p.frozen)
     jax.block_until_ready(state)
 
     d = tempfile.mkdtemp()
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     with jax.profiler.trace(d):
         for _ in range(args.steps):
-            state, m = p.compiled(state, batch, rng)
+            state, m = p.compiled(state, batch, rng, p.frozen)
         jax.block_until_ready(state)
     wall, r1 = (time.perf_counter() - t0) / args.steps, resource.getrusage(resource.RUSAGE_SELF)
     path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]

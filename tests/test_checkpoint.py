@@ -109,7 +109,7 @@ def train_one_step(state, mesh):
     p_train, _ = state_lib.make_steps(TransformerLM(CFG), tx, mesh, sharding.LOGICAL_RULES, shardings, 1)
     tok = np.random.default_rng(3).integers(0, CFG.vocab_size, (8, SEQ + 1)).astype(np.int32)
     batch = sharding.host_to_global({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
-    new, metrics = p_train(jax.device_put(state, shardings), batch, jax.random.key(1))
+    new, metrics = p_train(jax.device_put(state, shardings), batch, jax.random.key(1), {})
     return jax.device_get(new), float(metrics["loss"])
 
 

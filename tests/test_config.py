@@ -154,7 +154,10 @@ def test_unknown_config_key_on_the_command_line_fails_clearly(tmp_path):
 def test_config_model_is_model_config_fields():
     """config.model is generated from ModelConfig: same keys, and ModelConfig(**config.model) reads it back."""
     c = config_lib.base_config()
-    assert set(c.model.keys()) == {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = dataclasses.fields(ModelConfig)
+    assert set(c.model.keys()) == {f.name for f in fields if "section" not in f.metadata}
+    # LoRA's fields live in config.lora under their short names (`lora_rank` is config.lora.rank).
+    assert {f.metadata["key"] for f in fields if f.metadata.get("section") == "lora"} <= set(c.lora.keys())
     c.model.update(num_kv_heads=2, attention_bias=False, rope_scaling="linear", rope_scaling_factor=2.0)
     mc = config_lib.model_config(c, 257)
     assert (mc.kv_heads, mc.attention_use_bias, mc.rope_scaling, mc.rope_scaling_factor) == (2, False, "linear", 2.0)

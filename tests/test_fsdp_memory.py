@@ -33,7 +33,7 @@ def _state_bytes_per_device(mesh_shape):
     tok = np.zeros((8, 32), np.int32)
     batch = sharding.host_to_global({"inputs": tok, "targets": tok}, mesh)
     with sharding.use_mesh(mesh, rules):
-        compiled = p_train.jitted.lower(state, batch, jax.random.key(0)).compile()
+        compiled = p_train.jitted.lower(state, batch, jax.random.key(0), {}).compile()
     batch_bytes = 2 * tok.nbytes // sharding.data_parallel_size(mesh)  # this device's rows of inputs + targets
     analysed = compiled_memory(compiled)["argument_bytes"] - batch_bytes
     return shard_bytes, analysed, full_bytes

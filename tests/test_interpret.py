@@ -277,7 +277,7 @@ def lowered_train_step(cfg: ModelConfig) -> str:
     state, shardings = state_lib.create_sharded_state(model, tx, mesh, rules, jax.random.key(0), SEQ)
     train, _ = state_lib.make_steps(model, tx, mesh, rules, shardings, grad_accum_steps=1)
     with sharding.use_mesh(mesh, rules):
-        return train.jitted.lower(state, batch, jax.random.key(1)).as_text()
+        return train.jitted.lower(state, batch, jax.random.key(1), {}).as_text()
 
 
 _FRESH = """

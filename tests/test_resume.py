@@ -307,8 +307,8 @@ def test_restore_onto_other_mesh_and_device_count(tmp_path):
 def _poison(monkeypatch, at_step):
     orig = state_lib.train_step
 
-    def poisoned(state, batch, rng, **kw):
-        new, metrics = orig(state, batch, rng, **kw)
+    def poisoned(state, batch, rng, frozen, **kw):
+        new, metrics = orig(state, batch, rng, frozen, **kw)
         bad = state.step == at_step - 1  # the update that produces step `at_step`
         new = new.replace(params=jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new.params))
         return new, {**metrics, "loss": jnp.where(bad, jnp.inf, metrics["loss"])}

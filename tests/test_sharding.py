@@ -260,7 +260,7 @@ def test_sharded_train_step_with_grad_accumulation_equals_single_device():
     state = jax.device_put(ref_state(name), state_sh)  # exactly the reference's weights
     p_train, _ = state_lib.make_steps(model, tx, mesh, rules, state_sh, grad_accum_steps=2)
     rng = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
-    new_state, metrics = p_train(state, sharding.host_to_global(make_batch(cfg), mesh), rng)
+    new_state, metrics = p_train(state, sharding.host_to_global(make_batch(cfg), mesh), rng, {})
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     assert int(new_state.step) == 1
@@ -375,9 +375,9 @@ def real_step(name, shape):
     batch = sharding.host_to_global(make_batch(cfg), mesh)
     rng = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
     with sharding.use_mesh(mesh, rules):
-        lowered = p_train.jitted.lower(state, batch, rng)
+        lowered = p_train.jitted.lower(state, batch, rng, {})
         compiled = lowered.compile(FAST)  # the SPMD partitioning is that of the default level
-    new_state, _ = compiled(state, batch, rng)
+    new_state, _ = compiled(state, batch, rng, {})
     return compiled, lowered.as_text(), compiled.as_text(), new_state
 
 

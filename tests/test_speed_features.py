@@ -188,7 +188,7 @@ def _one_step(config, accum, **model_kw):
     tok = np.random.default_rng(1).integers(0, 128, (16, T + 1), dtype=np.int32)
     batch = sharding.host_to_global({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
     p_train, _ = state_lib.make_steps(model, tx, mesh, rules, sh, accum)
-    state, metrics = p_train(state, batch, jax.random.key(2))
+    state, metrics = p_train(state, batch, jax.random.key(2), {})
     adam = state.opt_state[1][0]  # chain(clip, adamw(scale_by_adam, ...)): AdamW's moments
     # The second moment (0.05 x g^2) is compared by its square root: the gradients' own range.
     after = {"params": state.params, "mu": adam.mu, "sqrt_nu": jax.tree.map(jnp.sqrt, adam.nu)}

@@ -40,7 +40,7 @@ def actions(config: ml_collections.ConfigDict) -> list[loop.Periodic]:
         loop.fetch(trainer, ls)
         t0 = time.time()
         run = Run(
-            trainer.workdir, trainer.config, trainer.data.tokenizer, trainer.model, ls.state.params, trainer.mesh,
+            trainer.workdir, trainer.config, trainer.data.tokenizer, trainer.model, trainer.params(ls), trainer.mesh,
             trainer.rules, ls.step, ls.trained_context, {},
         )  # fmt: skip
         lm = harness.LlmJaxLM(run, batch_size=tc.eval_batch_size or tc.batch_size)

@@ -102,6 +102,17 @@ class ModelConfig:
     label_smoothing: float = _runtime(0.0)  # training loss only: this much target mass spread over the vocabulary
     dtype: str = _runtime("float32")  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of the (master) weights
+    # Weight-only quantization of every dense kernel (`layers.Dense`): 'none' | 'int8' | 'int4', a float32
+    # scale per output channel. Set by `generate/translate/evaluate --quant` and by QLoRA's base_dtype.
+    weight_quant: str = _runtime("none")
+    # LoRA adapters (`layers.Dense`), set from the run config's `config.lora` section (not config.model):
+    # rank 0 = none; `lora_targets`: layer names or regexes over parameter paths, comma-separated.
+    lora_rank: int = dataclasses.field(default=0, metadata={"section": "lora", "key": "rank"})
+    lora_alpha: float = dataclasses.field(default=16.0, metadata={"section": "lora", "key": "alpha"})
+    lora_targets: str = dataclasses.field(default="query,key,value,out", metadata={"section": "lora", "key": "targets"})
+    lora_dropout: float = dataclasses.field(
+        default=0.0, metadata={"section": "lora", "key": "dropout", "runtime": True}
+    )
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -183,6 +194,16 @@ class ModelConfig:
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: use one of {sorted(_DTYPES)}")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         self._check_moe(need)
+        need(
+            self.weight_quant in ("none", "int8", "int4"),
+            f"weight_quant={self.weight_quant!r}: use 'none', 'int8' or 'int4'",
+        )
+        need(self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be 0 (no adapters) or positive")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        need(
+            not self.lora_rank or self.lora_target_list,
+            "lora_targets is empty: name the layers to adapt, e.g. 'query,value'",
+        )
 
     def _check_moe(self, need):
         need(self.num_experts >= 0, f"num_experts={self.num_experts} must be 0 (dense) or positive")
@@ -286,6 +307,10 @@ class ModelConfig:
     def shared_dim(self) -> int:
         """The hidden size of the shared experts together (one dense MLP); 0 without them."""
         return self.num_shared_experts * (self.shared_expert_dim or self.expert_dim)
+
+    @property
+    def lora_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     @property
     def mlp_use_bias(self) -> bool:

@@ -7,6 +7,9 @@ e = embed, m = mlp.
 
 from __future__ import annotations
 
+import math
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,20 +40,88 @@ def zeros(axes):
     return logical(nn.initializers.zeros_init(), axes)
 
 
+QUANT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4}  # `ModelConfig.weight_quant`: the stored kernel's type
+
+
+def lora_targeted(targets: tuple[str, ...], name: str, path: str) -> bool:
+    """Whether a dense layer gets LoRA adapters: a target equal to its name (`query`, `wo`, ...) or a
+    regular expression matching its whole parameter path (`decoder/layers_0/attn/query`)."""
+    return any(t == name or re.fullmatch(t, path) for t in targets)
+
+
+class Dense(nn.Module):
+    """y = x W (+ b): x [r, *in] -> y [r, *out], W [*in, *out] with logical `axes` (in's then out's).
+
+    Options of post-training, each off unless the config asks:
+    - `weight_quant` 'int8' / 'int4': W is stored as integers with a float32 scale per output channel
+      (`kernel_scale` [1.., *out], the in-axes kept as 1s, sharded like the output axes); the
+      product is taken with the integers cast to the compute dtype and scaled after the matmul.
+      `llm_jax/models/quant.py` makes these parameters from float ones.
+    - LoRA (`lora_rank` > 0 and this layer among `lora_targets`): y += (alpha / rank) * drop(x) A B
+      with A [*in, rank] (uniform in +-1/sqrt(fan_in), PEFT's init) and B [rank, *out] (zeros), so a
+      new adapter leaves the layer as it was. A and B take the kernel's logical axes, rank unsplit.
+      Dropout on the adapter's input applies when a 'dropout' rng is given (training).
+    """
+
+    cfg: ModelConfig
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    num_in: int = 1
+    scale: float = 1.0
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, num_in = self.cfg, self.num_in
+        in_shape, out_shape = x.shape[-num_in:], self.features
+        in_axes, out_axes = self.axes[:num_in], self.axes[num_in:]
+        dims = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
+        x = x.astype(cfg.compute_dtype)
+        if cfg.weight_quant == "none":
+            kernel = self.param(
+                "kernel", normal_init(cfg, self.axes, self.scale), in_shape + out_shape, cfg.weight_dtype
+            )
+            y = jax.lax.dot_general(x, kernel.astype(cfg.compute_dtype), (dims, ((), ())))
+        else:
+            qdtype = QUANT_DTYPES[cfg.weight_quant]
+            kernel = self.param(
+                "kernel", logical(nn.initializers.zeros_init(), self.axes), in_shape + out_shape, qdtype
+            )
+            scale_axes = (None,) * num_in + out_axes
+            scale_shape = (1,) * num_in + out_shape
+            w_scale = self.param("kernel_scale", logical(nn.initializers.ones_init(), scale_axes), scale_shape)
+            y = jax.lax.dot_general(x, kernel.astype(cfg.compute_dtype), (dims, ((), ())))
+            y = y * w_scale.reshape(out_shape).astype(cfg.compute_dtype)
+        if self.use_bias:
+            bias = self.param("bias", zeros(out_axes), out_shape, cfg.weight_dtype)
+            y = y + bias.astype(cfg.compute_dtype)
+        path = "/".join(str(p) for p in self.scope.path)
+        if cfg.lora_rank and lora_targeted(cfg.lora_target_list, self.name, path):
+            y = y + self._lora(x, in_shape, dims, in_axes, out_axes)
+        return y
+
+    def _lora(self, x: Array, in_shape, dims, in_axes, out_axes) -> Array:
+        cfg, rank = self.cfg, self.cfg.lora_rank
+        bound = 1.0 / math.prod(in_shape) ** 0.5
+
+        def a_init(key, shape, dtype):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        a = self.param("lora_a", logical(a_init, in_axes + (None,)), in_shape + (rank,), cfg.weight_dtype)
+        b = self.param("lora_b", zeros((None,) + out_axes), (rank,) + self.features, cfg.weight_dtype)
+        if cfg.lora_dropout and self.has_rng("dropout"):
+            x = nn.Dropout(cfg.lora_dropout)(x, deterministic=False)
+        h = jax.lax.dot_general(x, a.astype(cfg.compute_dtype), (dims, ((), ())))  # [r, rank]
+        y = jax.lax.dot_general(h, b.astype(cfg.compute_dtype), (((h.ndim - 1,), (0,)), ((), ())))
+        return y * (cfg.lora_alpha / rank)
+
+
 def dense(cfg, features, axes, name, in_axis=-1, scale=1.0, use_bias=None):
-    """DenseGeneral with logical axes on the kernel; the bias takes the output axes' names."""
-    num_out = len(features) if isinstance(features, tuple) else 1
-    layer = nn.DenseGeneral(
-        features=features,
-        axis=in_axis,
-        use_bias=cfg.use_bias if use_bias is None else use_bias,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype,
-        kernel_init=normal_init(cfg, axes, scale),
-        bias_init=zeros(axes[-num_out:]),
-        name=name,
-    )
+    """A `Dense` layer over the last axis (or the last `len(in_axis)` axes) of its input; the bias
+    takes the output axes' names. `in_axis`: -1 or (-2, -1) (the trailing axes)."""
+    features = features if isinstance(features, tuple) else (features,)
     num_in = 1 if isinstance(in_axis, int) else len(in_axis)
+    layer = Dense(cfg, features, tuple(axes), num_in, scale, cfg.use_bias if use_bias is None else use_bias, name=name)
 
     def apply(x: Array) -> Array:
         # Batch and length merged into one row axis: XLA on CPU runs the 2-d matmuls, and their

@@ -186,7 +186,7 @@ def build_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> St
 
     def lower():
         with sharding.use_mesh(b.mesh, b.rules):  # the context the trainer's step is traced in
-            return b.p_train.jitted.lower(b.state, b.batch, rng)
+            return b.p_train.jitted.lower(b.state, b.batch, rng, b.frozen)
 
     return Step(lower, b.state, b.batch, b.mesh, b.model_cfg)
 

@@ -69,7 +69,7 @@ def bench_vocab(config) -> int:
     return 256  # byte / char tokenizers: at most a byte's worth of symbols
 
 
-def time_steps(compiled, state, batch, rng, steps: int, warmup: int) -> tuple[list[float], dict, float]:
+def time_steps(compiled, state, batch, rng, steps: int, warmup: int, frozen=None) -> tuple[list[float], dict, float]:
     """(seconds of each timed step, per-step process figures, last loss) of `compiled` after `warmup` steps.
 
     The process figures (all threads, from getrusage): CPU seconds, the part of them in the kernel,
@@ -77,14 +77,14 @@ def time_steps(compiled, state, batch, rng, steps: int, warmup: int) -> tuple[li
     mapped in afresh every step (llm_jax/runtime/hostmem.py).
     """
     for _ in range(warmup):
-        state, metrics = compiled(state, batch, rng)
+        state, metrics = compiled(state, batch, rng, {} if frozen is None else frozen)
     jax.block_until_ready(state)
     times, faults = [], []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t = time.perf_counter()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        state, metrics = compiled(state, batch, rng)
+        state, metrics = compiled(state, batch, rng, {} if frozen is None else frozen)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -105,7 +105,7 @@ class Prepared:
     """A config's compiled train step with its inputs, as the trainer would run it."""
 
     config: Any  # the finalized config
-    compiled: Any  # the compiled train_step: (state, batch, rng) -> (state, metrics)
+    compiled: Any  # the compiled train_step: (state, batch, rng, frozen) -> (state, metrics)
     state: Any  # sharded TrainState
     batch: dict  # random global batch of train.batch_size x data.seq_len tokens
     rng: jax.Array
@@ -113,6 +113,7 @@ class Prepared:
     mesh: jax.sharding.Mesh
     num_params: int
     compile_s: float
+    frozen: Any = None  # a LoRA run's frozen base (random), passed to each step
 
 
 def prepare(config, log=lambda *a: print(*a, file=sys.stderr)) -> Prepared:
@@ -129,11 +130,14 @@ def prepare(config, log=lambda *a: print(*a, file=sys.stderr)) -> Prepared:
     batch = sharding.host_to_global(host, mesh)
     step_rng = jax.device_put(jax.random.key(1), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
+    frozen = b.create_frozen(jax.random.key(config.seed + 1))  # a LoRA run's base ({} otherwise)
     log(f"bench: {num_params:,} params, mesh {dict(mesh.shape)}, batch {tc.batch_size} x {seq_len}; compiling")
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh, b.rules):  # the context the trainer's step runs in
-        compiled = b.p_train.jitted.lower(state, batch, step_rng).compile()
-    return Prepared(config, compiled, state, batch, step_rng, model_cfg, mesh, num_params, time.perf_counter() - t0)
+        compiled = b.p_train.jitted.lower(state, batch, step_rng, frozen).compile()
+    return Prepared(
+        config, compiled, state, batch, step_rng, model_cfg, mesh, num_params, time.perf_counter() - t0, frozen
+    )  # fmt: skip
 
 
 def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=sys.stderr)) -> dict:
@@ -141,7 +145,7 @@ def run(config, steps: int = 10, warmup: int = 2, log=lambda *a: print(*a, file=
     p = prepare(config, log)
     config, model_cfg, mesh, compiled = p.config, p.model_cfg, p.mesh, p.compiled
     tc, seq_len = config.train, config.data.seq_len
-    times, process, loss = time_steps(compiled, p.state, p.batch, p.rng, steps, warmup)
+    times, process, loss = time_steps(compiled, p.state, p.batch, p.rng, steps, warmup, p.frozen)
 
     step_time = float(np.median(times))
     tps = tc.batch_size * seq_len / step_time

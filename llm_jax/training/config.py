@@ -53,6 +53,8 @@ def model_section() -> ml_collections.ConfigDict:
     hints = typing.get_type_hints(ModelConfig)
     m = ml_collections.ConfigDict()
     for f in dataclasses.fields(ModelConfig):
+        if "section" in f.metadata:  # set from another section (`config.lora`), see `model_kwargs`
+            continue
         if f.default is None:
             (kind,) = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
             m[f.name] = config_dict.placeholder(kind)
@@ -61,10 +63,41 @@ def model_section() -> ml_collections.ConfigDict:
     return m
 
 
+# `config.lora.base_dtype` -> how the frozen base is stored (QLoRA: integers, `ModelConfig.weight_quant`).
+BASE_DTYPES = ("float32", "bfloat16", "int8", "int4")
+
+
+def lora_section() -> ml_collections.ConfigDict:
+    """`config.lora`: the ModelConfig fields of LoRA (`lora_rank` as `rank`, ...) plus the frozen base."""
+    s = ml_collections.ConfigDict()
+    for f in dataclasses.fields(ModelConfig):
+        if f.metadata.get("section") == "lora":
+            s[f.metadata["key"]] = f.default
+    # A run directory (llm_jax.main's or `convert from_hf`'s) whose newest checkpoint is the frozen
+    # base the adapters train on; the run's checkpoints then hold the adapters only. Needs rank > 0.
+    s.base = ""
+    s.base_dtype = "float32"  # the frozen base's storage: one of BASE_DTYPES ('int8' / 'int4': QLoRA)
+    return s
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """ModelConfig's fields from a run config: `config.model` plus the LoRA fields of `config.lora`
+    (and `weight_quant` from an integer `base_dtype`)."""
+    kw = config.model.to_dict()
+    lora = config.get("lora") or lora_section()
+    for f in dataclasses.fields(ModelConfig):
+        if f.metadata.get("section") == "lora":
+            kw[f.name] = lora[f.metadata["key"]]
+    if lora.base_dtype in ("int8", "int4"):
+        kw["weight_quant"] = lora.base_dtype
+    return kw
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = model_section()
+    c.lora = lora_section()
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion) | 'parallel' (translation)
@@ -335,7 +368,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     """Sizes, lengths, fractions and rates of every section (and `ModelConfig`'s own checks), one
     line naming the key and the fix; run before any data is prepared or any file written."""
     check_train(config.train)
-    ModelConfig(**config.model.to_dict())  # its checks (dropout_rate, sizes) before the data is prepared
+    ModelConfig(**model_kwargs(config))  # its checks (dropout_rate, sizes) before the data is prepared
+    check_lora(config.lora)
     flat = flatten(config.to_dict())
     for key in _POSITIVE:
         if not flat[key] > 0:
@@ -347,6 +381,23 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         if not (lo <= flat[key] <= hi if closed else lo <= flat[key] < hi):
             raise _value_error(key, flat[key], f"must be in [{lo:g}, {hi:g}{']' if closed else ')'}")
     check_data(config.data)
+
+
+def check_lora(lora: ml_collections.ConfigDict) -> None:
+    """`config.lora`: a base needs adapters, adapters need a base; the base's storage type known."""
+    if lora.base_dtype not in BASE_DTYPES:
+        raise _value_error("lora.base_dtype", lora.base_dtype, f"must be one of {list(BASE_DTYPES)}")
+    if lora.rank < 0:
+        raise _value_error("lora.rank", lora.rank, "must be 0 (no adapters) or positive")
+    if lora.rank and not lora.base:
+        raise BadValue(
+            f"config.lora.rank={lora.rank} needs the frozen base: set config.lora.base to a run directory "
+            "(one written by llm_jax.main or `llm_jax.convert from_hf`)"
+        )
+    if lora.base and not lora.rank:
+        raise BadValue(f"config.lora.base={lora.base!r} is set but config.lora.rank=0: set a rank (e.g. 16)")
+    if lora.base_dtype != "float32" and not lora.rank:
+        raise BadValue(f"config.lora.base_dtype={lora.base_dtype!r} is for a LoRA run: set config.lora.rank")
 
 
 def check_data(data: ml_collections.ConfigDict) -> None:
@@ -386,7 +437,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> ModelConfig:
     """The frozen ModelConfig of a run: `ModelConfig(**config.model)`, its vocabulary resolved."""
-    cfg = ModelConfig(**config.model.to_dict()).resolved(tokenizer_vocab)
+    cfg = ModelConfig(**model_kwargs(config)).resolved(tokenizer_vocab)
     if config.data.seq_len > cfg.max_len:
         raise BadValue(
             f"config.data.seq_len={config.data.seq_len} is longer than the model's position table "

@@ -31,10 +31,11 @@ from llm_jax.inference import decode as decode_lib
 from llm_jax.inference import translate as translate_lib
 from llm_jax.models import family as family_lib
 from llm_jax.models import flops as flops_lib
+from llm_jax.models import lora
 from llm_jax.runtime import distributed, sharding
 from llm_jax.runtime.errors import BadValue, Diverged, Unavailable, UserError
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import optim
+from llm_jax.training import lora_base, optim
 from llm_jax.training import state as state_lib
 from llm_jax.training import summary as summary_lib
 from llm_jax.training import workdir as workdir_lib
@@ -97,6 +98,12 @@ class Trainer:
     tokenizer_id: dict
     flops_per_token: float
     peak_flops: float | None
+    frozen: Any = dataclasses.field(default_factory=dict)  # a LoRA run's base (`lora_base.load`); {} otherwise
+    base_step: int | None = None  # the base's checkpoint it was read from
+
+    def params(self, ls: LoopState) -> Any:
+        """The model's whole parameters: the trained ones, with a LoRA run's frozen base."""
+        return lora.combine(self.frozen, ls.state.params)
 
 
 @dataclasses.dataclass
@@ -132,6 +139,7 @@ def checkpoint_data(trainer: Trainer, ls: LoopState) -> dict:
         "tokenizer": trainer.tokenizer_id,
         "trained_context": ls.trained_context,
         "loss_mean": ls.loss_mean,  # a resumed run decides on divergence as an uninterrupted one does
+        **({lora_base.BASE_STEP: trainer.base_step} if trainer.base_step is not None else {}),
     }
 
 
@@ -172,7 +180,10 @@ def _check_same_data(data) -> None:
 def _load_own_data(config, workdir: str, start_over: bool, log):
     """This process's data (see _load_data), with the run's own tokenizer when resuming."""
     saved = not start_over and workdir_lib.has_tokenizer(workdir)
-    data = data_lib.load_data(config.data, tokenizer_dir=workdir_lib.tokenizer_dir(workdir) if saved else None, log=log)
+    tok_dir = workdir_lib.tokenizer_dir(workdir) if saved else None
+    if tok_dir is None and config.lora.base and workdir_lib.has_tokenizer(config.lora.base):
+        tok_dir = workdir_lib.tokenizer_dir(config.lora.base)  # a new LoRA run reads as its base did
+    data = data_lib.load_data(config.data, tokenizer_dir=tok_dir, log=log)
     if saved and data.tokenizer.kind != config.data.tokenizer:
         raise BadValue(
             f"{workdir_lib.tokenizer_dir(workdir)} holds the {data.tokenizer.kind!r} tokenizer this run was trained "
@@ -225,6 +236,15 @@ def setup(config, workdir: str, start_over: bool, lock, log, t_start: float, pre
     latest, state, restored, bad_steps = (None, None, {}, []) if start_over else _restore(
         workdir, b.state, tokenizer_id, source, log
     )  # fmt: skip
+    base_step, frozen = None, {}
+    if config.lora.rank:  # the frozen base, read (and checked) before the workdir changes
+        base_step, frozen = lora_base.load(
+            config, b.model_cfg, b.mesh, b.rules, b.frozen, restored.get(lora_base.BASE_STEP), tokenizer_id
+        )  # fmt: skip
+        log(
+            f"LoRA: base {config.lora.base} at step {base_step} ({config.lora.base_dtype}), adapters "
+            f"{', '.join(sorted({n.rsplit('/', 1)[-1] for n in lora.adapter_names(b.state.params)}))}"
+        )
 
     # Every check passed: from here on the workdir may change.
     if start_over:
@@ -246,6 +266,7 @@ def setup(config, workdir: str, start_over: bool, lock, log, t_start: float, pre
         mngr=mngr, lock=lock, metrics=MetricsLog(workdir, pi == 0, keep_until=start_step), preemption=preemption,
         tokenizer_id=tokenizer_id, flops_per_token=family_lib.flops_per_token(b.model_cfg, seq_len),
         peak_flops=flops_lib.peak_flops(b.mesh.devices.flatten().tolist(), b.model_cfg.dtype)[0],
+        frozen=frozen, base_step=base_step,
     )  # fmt: skip
     ls = LoopState(
         state=state, step=start_step, saved_step=start_step, log_step=start_step, log_time=time.time(),
@@ -263,7 +284,7 @@ def _log_start(trainer: Trainer, ls: LoopState, latest) -> None:
     log = trainer.log
     if jax.process_index() == 0:  # the only process that logs
         seq_len = trainer.config.data.seq_len
-        log(summary_lib.summarize(trainer.model, ls.state.params, trainer.mesh, trainer.rules, seq_len))
+        log(summary_lib.summarize(trainer.model, trainer.params(ls), trainer.mesh, trainer.rules, seq_len))
     if latest is not None:
         log(f"resumed from {trainer.mngr.directory}/{latest} (step {ls.step})")
     log(f"setup took {time.time() - trainer.t_start:.1f}s; training steps {ls.step}..{trainer.config.train.num_steps}")
@@ -334,7 +355,7 @@ def check_sane(trainer: Trainer, ls: LoopState) -> None:
         return
     rows = min(tc.eval_batch_size, tc.batch_size) // jax.process_count()
     batch = {k: v[:rows] for k, v in host_batch(trainer, ls.step).items()}
-    loss = evaluate(trainer.p_eval, ls.state.params, [batch], trainer.mesh)
+    loss = evaluate(trainer.p_eval, trainer.params(ls), [batch], trainer.mesh)
     if math.isfinite(loss) and not is_spike(loss, ls.loss_mean, tc.spike_factor):
         return
     mean = "none yet" if ls.loss_mean is None else f"{ls.loss_mean:.4g}"
@@ -380,7 +401,7 @@ def log_progress(trainer: Trainer, ls: LoopState) -> None:
 def run_eval(trainer: Trainer, ls: LoopState) -> None:
     """Validation loss on the fixed evaluation batches; stops the run once it reaches the target."""
     fetch(trainer, ls)
-    loss = evaluate(trainer.p_eval, ls.state.params, trainer.eval_batches, trainer.mesh)
+    loss = evaluate(trainer.p_eval, trainer.params(ls), trainer.eval_batches, trainer.mesh)
     elapsed = time.time() - trainer.t_start
     ls.eval_record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "time_s": elapsed}
     trainer.metrics.write(ls.step, ls.eval_record)
@@ -402,7 +423,7 @@ def sample(trainer: Trainer, ls: LoopState, seed: int | None = None) -> str:
     try:
         with sharding.use_mesh(trainer.mesh, trainer.rules):
             text = decode_lib.complete(
-                trainer.model, ls.state.params, tokenizer, [prompt], tc.sample_tokens, seed=seed,
+                trainer.model, trainer.params(ls), tokenizer, [prompt], tc.sample_tokens, seed=seed,
                 temperature=tc.sample_temperature, top_k=tc.sample_top_k, context=ls.trained_context,
             )[0]  # fmt: skip
     except BadValue as e:  # e.g. a prompt character the vocabulary lacks: a sample is not worth a crash (a bug is)
@@ -420,7 +441,7 @@ def run_decode_eval(trainer: Trainer, ls: LoopState) -> None:
         return
     t0 = time.time()
     with sharding.use_mesh(trainer.mesh, trainer.rules):
-        metrics = evaluate(trainer.model, ls.state.params, trainer.data, trainer.config)
+        metrics = evaluate(trainer.model, trainer.params(ls), trainer.data, trainer.config)
     if metrics:
         trainer.metrics.write(ls.step, metrics)
         ls.eval_record.update(metrics)
@@ -480,7 +501,7 @@ def train_loop(trainer: Trainer, ls: LoopState, extra_actions: Sequence[Periodic
         host = next(host_batches)
         batch = sharding.host_to_global(host, trainer.mesh)
         with jax.transfer_guard("disallow"):  # the step must not move data behind our back
-            ls.state, metrics = trainer.p_train(ls.state, batch, trainer.dropout_rng)
+            ls.state, metrics = trainer.p_train(ls.state, batch, trainer.dropout_rng, trainer.frozen)
         ls.pending.append(metrics)
         ls.step += 1
         for periodic in actions:

@@ -20,10 +20,12 @@ import ml_collections
 
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.models import family as family_lib
+from llm_jax.models import lora
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue, NotFound
 from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import config as config_lib
+from llm_jax.training import lora_base
 from llm_jax.training import workdir as workdir_lib
 
 
@@ -90,6 +92,26 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unboxed)
     else:
         abstract = ckpt_lib.abstract_like(unboxed, sharding.boxed_shardings(boxed, mesh, rules))
+    if model.cfg.lora_rank:  # a LoRA run: its adapters, on the base they were trained on
+        return _load_lora_run(workdir, config, tokenizer, model, mesh, rules, boxed, step, on_host)
     step, params, loop_data = ckpt_lib.restore_params(workdir, abstract, step)
+    context = trained_context(config, loop_data, model.cfg.max_len)
+    return Run(workdir, config, tokenizer, model, params, mesh, rules, step, context, loop_data)
+
+
+def _load_lora_run(workdir, config, tokenizer, model, mesh, rules, boxed, step, on_host) -> Run:
+    """`load_run` of a LoRA run: the adapters of its checkpoint combined with the checkpoint of
+    `config.lora.base` they were trained on (`lora_base.BASE_STEP`), as `base_dtype` stores it.
+    `on_host`: read on the mesh, then brought to the host (a LoRA model is one to fine-tune on)."""
+    adapters_boxed, _ = lora.split(boxed)
+    abstract = ckpt_lib.abstract_like(
+        nn.meta.unbox(adapters_boxed), sharding.boxed_shardings(adapters_boxed, mesh, rules)
+    )
+    step, adapters, loop_data = ckpt_lib.restore_params(workdir, abstract, step)
+    frozen = lora_base.abstract_frozen(model, config.lora.base_dtype, mesh, rules)
+    _, base = lora_base.load(config, model.cfg, mesh, rules, frozen, loop_data.get(lora_base.BASE_STEP))
+    params = lora.combine(base, adapters)
+    if on_host:
+        params = jax.device_get(params)
     context = trained_context(config, loop_data, model.cfg.max_len)
     return Run(workdir, config, tokenizer, model, params, mesh, rules, step, context, loop_data)

@@ -1,6 +1,6 @@
 """The training state, the pure steps, and the one builder of both for a run config.
 
-`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(params, batch) -> metrics` are
+`train_step(state, batch, rng, frozen) -> (state, metrics)` and `eval_step(params, batch) -> metrics` are
 pure and written over the model-family interface (llm_jax/models/family.py), so every family trains
 with them. `build(config, vocab_size)` turns a run config into what every user of the step needs:
 the checked config, the mesh, the model, the optimizer, the abstract state with its shardings, the
@@ -26,17 +26,20 @@ import optax
 
 from llm_jax.data import lm_data as data_lib
 from llm_jax.models import family as family_lib
-from llm_jax.models import kernels
+from llm_jax.models import kernels, lora
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue
 from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import config as config_lib
-from llm_jax.training import optim
+from llm_jax.training import lora_base, optim
 
 
 @flax.struct.dataclass
 class TrainState:
+    """What training changes and a checkpoint holds. A LoRA run's `params` are its adapters only
+    (`lora.split`); the frozen base they apply to travels beside the state (`frozen`, {} otherwise)."""
+
     step: jax.Array  # scalar int32: number of updates applied
     params: Any
     opt_state: Any
@@ -47,10 +50,14 @@ class TrainState:
 
 
 def train_step(
-    state: TrainState, batch: dict, base_rng: jax.Array, *, model, tx: optax.GradientTransformation,
-    grad_accum_steps: int = 1,
+    state: TrainState, batch: dict, base_rng: jax.Array, frozen: Any = None, *, model,
+    tx: optax.GradientTransformation, grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict]:  # fmt: skip
     """One optimizer update on `batch` ([B, t] arrays), split into `grad_accum_steps` micro-batches.
+
+    `frozen`: the parameters that take no update (a LoRA run's base: `state.params` are the
+    adapters, and the model runs on `lora.combine(frozen, adapters)`); None or {} for full training.
+    The gradient is taken with respect to `state.params` only.
 
     The loss is the mean over all tokens of the batch whatever the accumulation, so accumulating
     changes memory, not the result. The family's extra metrics (`ModelFamily.train_loss`: an MoE's
@@ -59,7 +66,10 @@ def train_step(
     """
     rng = jax.random.fold_in(base_rng, state.step)
     # The family's objective (the loss plus any auxiliary losses); `total` is the loss alone.
-    grad_fn = jax.value_and_grad(family_lib.of(model).train_loss, argnums=1, has_aux=True)
+    objective = family_lib.of(model).train_loss
+    grad_fn = jax.value_and_grad(
+        lambda m, trainable, b, r: objective(m, lora.combine(frozen or {}, trainable), b, r), argnums=1, has_aux=True
+    )
 
     if grad_accum_steps == 1:
         (_, (total, count, extra)), grads = grad_fn(model, state.params, batch, rng)
@@ -104,8 +114,8 @@ def skip_nonfinite(step_fn: Callable) -> Callable:
     metrics['skipped'] is 1.
     """
 
-    def step(state, batch, rng):
-        new_state, metrics = step_fn(state, batch, rng)
+    def step(state, batch, rng, frozen):
+        new_state, metrics = step_fn(state, batch, rng, frozen)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
         return kept.replace(step=new_state.step), {**metrics, "skipped": jnp.logical_not(ok).astype(jnp.int32)}
@@ -121,7 +131,7 @@ def init_state_fn(model, tx, seq_len: int) -> Callable[[jax.Array], TrainState]:
     """rng -> TrainState with boxed (LogicallyPartitioned) params; the boxes give the shardings."""
 
     def init(rng):
-        params = family_lib.init_params(model, rng, seq_len)
+        params, _ = lora_base.trainable_and_frozen(family_lib.init_params(model, rng, seq_len), model.cfg)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return init
@@ -130,15 +140,20 @@ def init_state_fn(model, tx, seq_len: int) -> Callable[[jax.Array], TrainState]:
 def abstract_state(model, tx, mesh, rules, seq_len: int) -> tuple[TrainState, TrainState]:
     """(ShapeDtypeStructs carrying their shardings, the shardings) of the train state: nothing is
     computed; what checkpoint restores and ahead-of-time compilation need."""
-    boxed = jax.eval_shape(init_state_fn(model, tx, seq_len), jax.random.key(0))
+    return _abstract(init_state_fn(model, tx, seq_len), mesh, rules)
+
+
+def _abstract(init: Callable, mesh, rules):
+    boxed = jax.eval_shape(init, jax.random.key(0))
     shardings = sharding.boxed_shardings(boxed, mesh, rules)
     return ckpt_lib.abstract_like(nn.meta.unbox(boxed), shardings), shardings
 
 
-def create_sharded_state(model, tx, mesh, rules, rng, seq_len, shardings=None):
+def create_sharded_state(model, tx, mesh, rules, rng, seq_len, shardings=None, init=None):
     """(state, state_shardings): the state is born sharded; the full model never sits on one device.
-    `shardings`: the state's, where `abstract_state` gave them already (else traced here)."""
-    init = init_state_fn(model, tx, seq_len)
+    `shardings`: the state's, where `abstract_state` gave them already (else traced here). `init`:
+    another rng -> boxed tree than the train state's (`lora_base.init_frozen`)."""
+    init = init or init_state_fn(model, tx, seq_len)
     if shardings is None:
         shardings = sharding.boxed_shardings(jax.eval_shape(init, rng), mesh, rules)
     with mesh, nn.logical_axis_rules(rules):  # init is traced outside use_mesh (see its docstring)
@@ -146,26 +161,31 @@ def create_sharded_state(model, tx, mesh, rules, rng, seq_len, shardings=None):
     return state, shardings
 
 
-def make_steps(model, tx, mesh, rules, state_shardings, grad_accum_steps: int, on_nan: str = "stop"):
-    """Jitted (train_step, eval_step) with explicit shardings; the train step donates the state.
+def make_steps(
+    model, tx, mesh, rules, state_shardings, grad_accum_steps: int, on_nan: str = "stop", frozen_shardings=None
+):  # fmt: skip
+    """Jitted (train_step, eval_step) with explicit shardings; the train step donates the state (not
+    `frozen`, whose shardings are `frozen_shardings`: {} without LoRA). The eval step takes the
+    model's whole parameters (`lora.combine(frozen, state.params)`).
 
     Each runs under `sharding.use_mesh`, so the activation constraints take effect; `.jitted` is the
     bare jitted function (for lowering ahead of time). on_nan='skip': see `skip_nonfinite`.
     """
     batch_sh = sharding.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    frozen_shardings = frozen_shardings or {}
     step_fn = functools.partial(train_step, model=model, tx=tx, grad_accum_steps=grad_accum_steps)
     if on_nan == "skip":
         step_fn = skip_nonfinite(step_fn)
     p_train = jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sh, replicated),
+        in_shardings=(state_shardings, batch_sh, replicated, frozen_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
     p_eval = jax.jit(
         functools.partial(eval_step, model=model),
-        in_shardings=(state_shardings.params, batch_sh),
+        in_shardings=(lora.combine(frozen_shardings, state_shardings.params), batch_sh),
         out_shardings=replicated,
     )
 
@@ -222,13 +242,24 @@ class Built:
     state: TrainState  # ShapeDtypeStructs carrying their shardings (what restore and lowering take)
     state_shardings: TrainState
     batch: dict  # the global training batch: ShapeDtypeStructs [batch_size, seq_len] with the batch sharding
-    p_train: Callable  # jitted (state, batch, rng) -> (state, metrics), donating the state (`make_steps`)
+    p_train: Callable  # jitted (state, batch, rng, frozen) -> (state, metrics), donating the state (`make_steps`)
     p_eval: Callable  # jitted (params, batch) -> {'loss_sum', 'count'}
+    frozen: Any  # the frozen base of a LoRA run as ShapeDtypeStructs with shardings; {} otherwise
+    frozen_shardings: Any
 
     def create_state(self, rng: jax.Array) -> TrainState:
         """A fresh state, born sharded as `state_shardings` say."""
         seq_len = self.config.data.seq_len
         return create_sharded_state(self.model, self.tx, self.mesh, self.rules, rng, seq_len, self.state_shardings)[0]
+
+    def create_frozen(self, rng: jax.Array) -> Any:
+        """A random frozen base (benchmarks, tests; a run loads its base instead: `lora_base.load`)."""
+        if not self.frozen:
+            return {}
+        init = lora_base.init_frozen(self.model, self.config.lora.base_dtype, self.config.data.seq_len)
+        return create_sharded_state(
+            self.model, self.tx, self.mesh, self.rules, rng, None, self.frozen_shardings, init
+        )[0]  # fmt: skip
 
 
 def build(config: ml_collections.ConfigDict, vocab_size: int, devices: Sequence | None = None) -> Built:
@@ -248,7 +279,8 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, devices: Sequence 
     model = family_lib.build(model_cfg)
     tx = optim.make_optimizer(config.optim)
     state, state_sh = abstract_state(model, tx, mesh, rules, seq_len)
-    p_train, p_eval = make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps, on_nan=tc.on_nan)
+    frozen, frozen_sh = _abstract(lora_base.init_frozen(model, config.lora.base_dtype, seq_len), mesh, rules)
+    p_train, p_eval = make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps, tc.on_nan, frozen_sh)
     # The keys the configured data yields (weights, packing) decide the program: a jsonl run's step
     # reads weights that a plain text run's does not.
     spec = family_lib.get(model_cfg.family).batch_spec(
@@ -256,4 +288,4 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, devices: Sequence 
     )
     batch_sh = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in spec.items()}
-    return Built(config, mesh, rules, model_cfg, model, tx, state, state_sh, batch, p_train, p_eval)
+    return Built(config, mesh, rules, model_cfg, model, tx, state, state_sh, batch, p_train, p_eval, frozen, frozen_sh)

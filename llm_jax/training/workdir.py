@@ -80,6 +80,7 @@ def check(workdir: str, config: ml_collections.ConfigDict) -> bool:
         with open(path) as f:
             old = config_lib.upgrade(json.load(f))
         diffs = _model_diffs(old.get("model", {}), json.loads(json.dumps(config.model.to_dict())))
+        diffs += _lora_diffs(old.get("lora", {}), config.lora.to_dict())
     except OSError as e:  # a permission or I/O error: not a reason to move the run aside (overwrite)
         raise FileError(f"{path} cannot be read ({e.strerror or e}); make it readable or use another --workdir") from e
     except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not a dict
@@ -101,6 +102,17 @@ def _model_diffs(old: dict, new: dict) -> list[str]:
         f"model.{k} is {old_f[k]!r} there but {new_f[k]!r} now"
         for k in sorted(old_f.keys() & new_f.keys())
         if k not in RUNTIME_FIELDS and old_f[k] != new_f[k]
+    ]
+
+
+def _lora_diffs(old: dict, new: dict) -> list[str]:
+    """What makes the adapters another function: rank, alpha, targets and the base (a run saved
+    before `config.lora` existed had none)."""
+    old = {**config_lib.lora_section().to_dict(), **old}
+    return [
+        f"lora.{k} is {old[k]!r} there but {new[k]!r} now"
+        for k in ("rank", "alpha", "targets", "base")
+        if old[k] != new[k]
     ]
 
 
