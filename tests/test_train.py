@@ -229,7 +229,7 @@ def _sample_fixture(prompt="ab"):
     trainer = SimpleNamespace(
         config=config, data=SimpleNamespace(tokenizer=tok_lib.CharTokenizer.train("ab\n")), model=model,
         mesh=sharding.make_mesh(SimpleNamespace(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-        rules=sharding.LOGICAL_RULES, log=logs.append,
+        rules=sharding.LOGICAL_RULES, log=logs.append, params=lambda ls: ls.state.params,
     )  # fmt: skip
     ls = SimpleNamespace(step=0, state=SimpleNamespace(params=params), trained_context=8)
     return trainer, ls, logs

@@ -110,9 +110,7 @@ class ModelConfig:
     lora_rank: int = dataclasses.field(default=0, metadata={"section": "lora", "key": "rank"})
     lora_alpha: float = dataclasses.field(default=16.0, metadata={"section": "lora", "key": "alpha"})
     lora_targets: str = dataclasses.field(default="query,key,value,out", metadata={"section": "lora", "key": "targets"})
-    lora_dropout: float = dataclasses.field(
-        default=0.0, metadata={"section": "lora", "key": "dropout", "runtime": True}
-    )
+    lora_dropout: float = dataclasses.field(default=0.0, metadata={"section": "lora", "key": "dropout"})
     init_std: float = 0.02
 
     def __post_init__(self):

@@ -93,6 +93,11 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
     return kw
 
 
+def model_keys(cfg: ModelConfig) -> dict:
+    """`config.model`'s keys and values of a ModelConfig (its fields but those of other sections)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if "section" not in f.metadata}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

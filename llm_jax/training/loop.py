@@ -540,6 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, extra_ac
         )
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     sharding.make_mesh(config.mesh)  # a mesh the devices cannot take fails here, before the workdir is claimed
+    if config.lora.rank:  # a LoRA run's base: a plain run of the same model, before the workdir is claimed
+        distributed.agreed(lora_base.base_config, config)
     start_over = distributed.agreed(workdir_lib.check, workdir, config)
     hint = ", or pass --config.train.wait_for_lock=SECONDS to wait for it; each run needs its own --workdir"
     lock = workdir_lib.claim(workdir, config.train.wait_for_lock, log, "llm_jax.main", hint)
