@@ -49,9 +49,10 @@ def main(argv):
     references = read_lines(f.reference) if f.reference else None
     if references is not None and len(references) != len(sources):
         raise BadValue(f"--reference={f.reference} has {len(references)} lines but --input has {len(sources)}")
-    run = quantized(load_run(f.workdir, f.step), f.quant)
+    run = load_run(f.workdir, f.step)
     if run.model.cfg.family != "encdec":
         raise BadValue(f"{f.workdir} is a {run.model.cfg.family!r} run; translate needs an encoder-decoder")
+    run = quantized(run, f.quant)
     t0 = time.time()
     with run.use_mesh():
         outputs = translate_lib.translate(
@@ -65,7 +66,8 @@ def main(argv):
         sys.stdout.write(text)
     took = time.time() - t0
     print(
-        f"translate: {len(sources)} lines, beam {f.beam_size}, {took:.1f}s ({run.workdir} step {run.step})",
+        f"translate: {len(sources)} lines, beam {f.beam_size}, {took:.1f}s ({run.workdir} step {run.step})"
+        + (f", {f.quant} weights" if f.quant != "none" else ""),
         file=sys.stderr,
     )
     if references is not None:

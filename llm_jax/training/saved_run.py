@@ -132,20 +132,27 @@ def check_quant(kind: str) -> None:
 def quantized(run: Run, kind: str) -> Run:
     """`run` with every dense kernel stored as `kind` ('int8' / 'int4') integers and a float32 scale
     per output channel (`models/quant.py`), the model rebuilt with `weight_quant=kind`; 'none'
-    returns `run` itself. Embeddings, a separate lm_head and MoE experts stay as they are.
-
-    The kernels and scales are laid out by the quantized model's own logical shardings on the run's
-    mesh: the quantization is one jitted program from the sharded float params with those
-    out_shardings, so no device holds more than its shards. A LoRA run's adapters are merged into
-    the kernels first (integers cannot take the sum; a QLoRA base is dequantized for it), so the
-    result is the plain base model computing the adapted function, up to the rounding.
-    """
+    returns `run` itself. Embeddings, a separate lm_head and MoE experts stay as they are. A LoRA
+    run's adapters are merged into the kernels first (integers cannot take the sum; a QLoRA base is
+    dequantized for it), so the result is the plain model computing the adapted function, up to the
+    rounding."""
     check_quant(kind)
     if kind == "none":
         return run
-    cfg = run.model.cfg
-    model = family_lib.build(dataclasses.replace(cfg, weight_quant=kind, lora_rank=0))
-    boxed = family_lib.abstract_params(model)
+    model, params = quantize_params(run.model, run.params, kind, run.mesh, run.rules)
+    return dataclasses.replace(run, model=model, params=params)
+
+
+def quantize_params(model: nn.Module, params: Any, kind: str, mesh: jax.sharding.Mesh, rules) -> tuple[nn.Module, Any]:
+    """(the model with `weight_quant=kind` and no adapters, its params) from a model and its params.
+
+    The kernels and scales are laid out by the quantized model's own logical shardings on `mesh`:
+    the quantization is one jitted program from the (sharded) float params with those
+    out_shardings, so no device holds more than its shards. Host (numpy) params come back as such.
+    """
+    cfg = model.cfg
+    qmodel = family_lib.build(dataclasses.replace(cfg, weight_quant=kind, lora_rank=0))
+    boxed = family_lib.abstract_params(qmodel)
     abstract = nn.meta.unbox(boxed)
 
     def quantize(params):
@@ -154,6 +161,6 @@ def quantized(run: Run, kind: str) -> Run:
             params = lora.merge(params, cfg.lora_alpha, cfg.lora_rank)
         return quant.quantize(params, abstract, kind)
 
-    on_host = not isinstance(jax.tree.leaves(run.params)[0], jax.Array)
-    params = jax.jit(quantize, out_shardings=sharding.boxed_shardings(boxed, run.mesh, run.rules))(run.params)
-    return dataclasses.replace(run, model=model, params=jax.device_get(params) if on_host else params)
+    on_host = not isinstance(jax.tree.leaves(params)[0], jax.Array)
+    out = jax.jit(quantize, out_shardings=sharding.boxed_shardings(boxed, mesh, rules))(params)
+    return qmodel, jax.device_get(out) if on_host else out
