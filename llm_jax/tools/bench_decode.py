@@ -64,7 +64,7 @@ def log(*args):
 
 
 def model_config(f) -> ModelConfig:
-    """The benchmark's GPT-2 style model from the parsed flags `f`."""
+    """The benchmark's GPT-2 or Llama style model (`--style`) from the parsed flags `f`."""
     if f.prompt_len + f.new_tokens - 1 > f.max_len:
         raise app.UsageError(f"--prompt_len + --new_tokens - 1 must fit --max_len={f.max_len}")
     if f.style == "llama":
