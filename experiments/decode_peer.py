@@ -89,6 +89,8 @@ def main(argv):
     global _DEFAULT_THREADS
     _DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice, before anything changes it
     f = flags.FLAGS
+    if f.style != "gpt2" or f.quant:
+        raise app.UsageError("decode_peer compares the float GPT-2 model: leave --style and --quant unset")
     cfg, prompts = bd.model_config(f), bd.prompts_of(f)
     jax_run, first_call_s = bd.llm_jax_runner(cfg, prompts, f.new_tokens)
     runners = {"llm_jax": jax_run}

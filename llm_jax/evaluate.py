@@ -11,6 +11,8 @@ workdir/eval/results-<step>.json), and the scores appended to the run's metrics.
 (`tasks/<task>/<metric>`, drawn by llm_jax.plot). `--perplexity`: token perplexity and bits per byte
 of a text file or glob (each file one document) over a sliding window of the run's trained context
 and `--stride` (default: the window, what lm-eval's rolling log-likelihood does); lm-eval is not needed.
+`--quant int8|int4`: the same with weight-only integer kernels (`saved_run.quantized`); the results
+file is then `<kind>-<step>-int8.json` and the metrics `int8/tasks/...`, beside the float ones.
 
 Only reads the run (no lock) besides the metrics line and the results file. A mistake (no such
 run, an unknown task, a task whose data cannot be fetched offline) is one line, `evaluate: error: ...`.
@@ -28,7 +30,7 @@ from absl import app, flags, logging
 
 from llm_jax.evaluation import corpus, perplexity, report, scoring
 from llm_jax.runtime.errors import BadValue
-from llm_jax.training.saved_run import load_run
+from llm_jax.training.saved_run import check_quant, load_run, quantized
 
 FLAGS = flags.FLAGS
 
@@ -47,14 +49,23 @@ def define_flags():
     )
     flags.DEFINE_integer("stride", None, "Perplexity: tokens predicted per window after the first (default: window).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_string("quant", "none", "Weight-only quantized kernels: none, int8 or int4 (per-channel scales).")
     flags.DEFINE_string("output", None, "JSON results file (default: workdir/eval/<kind>-<step>.json).")
     flags.mark_flags_as_required(["workdir"])
 
 
 def _output(run, kind: str) -> str:
-    path = FLAGS.output or os.path.join(run.workdir, "eval", f"{kind}-{run.step}.json")
+    quant = "" if FLAGS.quant == "none" else f"-{FLAGS.quant}"
+    path = FLAGS.output or os.path.join(run.workdir, "eval", f"{kind}-{run.step}{quant}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return path
+
+
+def _log(run, metrics: dict) -> None:
+    """The scores into the run's metrics.jsonl; those of quantized weights apart (`int8/tasks/...`)."""
+    if FLAGS.quant != "none":
+        metrics = {f"{FLAGS.quant}/{k}": v for k, v in metrics.items()}
+    report.log_metrics(run.workdir, run.step, metrics)
 
 
 def run_perplexity(run) -> None:
@@ -68,7 +79,7 @@ def run_perplexity(run) -> None:
     path = _output(run, "perplexity")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(measures, f, indent=2)
-    report.log_metrics(run.workdir, run.step, report.perplexity_metrics(measures))
+    _log(run, report.perplexity_metrics(measures))
     print(f"wrote {path}")
 
 
@@ -83,7 +94,7 @@ def run_tasks(run) -> None:
     print(report.results_table(results))
     path = _output(run, "results")
     report.write_json(path, results)
-    report.log_metrics(run.workdir, run.step, report.task_metrics(results))
+    _log(run, report.task_metrics(results))
     print(f"wrote {path}")
 
 
@@ -93,11 +104,12 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # orbax reports every read at INFO/WARNING
     if bool(FLAGS.tasks) == bool(FLAGS.perplexity):
         raise BadValue("give either --tasks T1,T2 (lm-eval tasks) or --perplexity FILE_OR_GLOB")
+    check_quant(FLAGS.quant)
     if FLAGS.tasks:  # an unknown task fails before the run is loaded
         from llm_jax.evaluation import tasks
 
         tasks.resolve(FLAGS.tasks, FLAGS.include_path)
-    run = load_run(FLAGS.workdir, FLAGS.step)
+    run = quantized(load_run(FLAGS.workdir, FLAGS.step), FLAGS.quant)
     run_perplexity(run) if FLAGS.perplexity else run_tasks(run)
 
 

@@ -2,11 +2,13 @@
 
     python -m llm_jax.generate --workdir runs/x --prompt "def fib(n):" [--prompt "..."]
         [--prompt_file F] [--max_new_tokens 200] [--temperature 0] [--top_k 0] [--top_p 1] [--seed 0]
+        [--quant int8|int4]
 
 Loads the run (`llm_jax.training.saved_run.load_run`: its config, tokenizer, model and the params of the latest
 checkpoint, sharded on the run's mesh when it fits this machine, else on all devices data-parallel)
 and prints each prompt followed by its completion, of any length: past the context the model was
-trained at, the window slides (`llm_jax.inference.decode`). Decoding is
+trained at, the window slides (`llm_jax.inference.decode`). `--quant int8|int4` decodes with weight-only
+integers (`llm_jax.training.saved_run.quantized`; a LoRA run is merged first). Decoding is
 `llm_jax.inference.decode.complete`, the code the trainer samples with. Greedy (temperature 0) by default, so
 the output is reproducible; with sampling, `--seed` makes it so.
 
@@ -44,7 +46,7 @@ from absl import app, flags, logging
 from llm_jax.data import chat as chat_lib
 from llm_jax.inference import decode
 from llm_jax.runtime.errors import UserError
-from llm_jax.training.saved_run import load_run
+from llm_jax.training.saved_run import check_quant, load_run, quantized
 
 FLAGS = flags.FLAGS
 
@@ -71,6 +73,7 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed, prompts and settings give the same text.")
     flags.DEFINE_list("stop_ids", None, "Token ids that end a completion (default: the tokenizer's EOS, if any).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_string("quant", "none", "Weight-only quantized kernels: none, int8 or int4 (per-channel scales).")
     flags.DEFINE_integer("batch_size", 32, "Prompts generated together.")
     flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Output: prompt + completion as text, or JSON lines.")
     flags.mark_flags_as_required(["workdir"])
@@ -125,13 +128,14 @@ def main(argv):
         raise GenerateError("give either --chat / --messages or --prompt / --prompt_file, not both")
     if FLAGS.system is not None and not chatting:
         raise GenerateError("--system needs --chat TEXT or --messages FILE")
+    check_quant(FLAGS.quant)
     messages = chat_lib.conversation(FLAGS.chat, FLAGS.system, FLAGS.messages) if chatting else None
     prompts = read_prompts(FLAGS.prompt, FLAGS.prompt_file) if not chatting else []
     try:
         stop_ids = None if FLAGS.stop_ids is None else [int(s) for s in FLAGS.stop_ids]
     except ValueError:
         raise GenerateError(f"--stop_ids={','.join(FLAGS.stop_ids)}: give comma-separated token ids") from None
-    run = load_run(FLAGS.workdir, FLAGS.step)
+    run = quantized(load_run(FLAGS.workdir, FLAGS.step), FLAGS.quant)
     if chatting:
         where = f"the tokenizer of {FLAGS.workdir} ({os.path.join(FLAGS.workdir, 'tokenizer')})"
         chat = chat_lib.chat_for(run.tokenizer, FLAGS.chat_template, where)
@@ -139,7 +143,8 @@ def main(argv):
     temperature, top_k = sampling(run.config, FLAGS.temperature, FLAGS.top_k)
     print(
         f"generate: {FLAGS.workdir} step {run.step} (trained context {run.context} tokens), {len(prompts)} prompt(s), "
-        + (f"temperature {temperature}, top_k {top_k or 'all'}" if temperature > 0 else "greedy"),
+        + (f"temperature {temperature}, top_k {top_k or 'all'}" if temperature > 0 else "greedy")
+        + (f", {FLAGS.quant} weights" if FLAGS.quant != "none" else ""),
         file=sys.stderr,
     )
     completions = []

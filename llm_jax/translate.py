@@ -1,7 +1,7 @@
 """Translation with a trained encoder-decoder run:
 
     python -m llm_jax.translate --workdir runs/mt --input test.en [--output test.de] [--beam_size 4]
-        [--length_penalty 0.6] [--reference test.de.ref] [--batch_size 64]
+        [--length_penalty 0.6] [--reference test.de.ref] [--batch_size 64] [--quant int8|int4]
 
 Writes one detokenized translation per input line, in order (an empty input line gives an empty
 output line; `.gz` inputs are read as such), to --output (default: stdout), and prints corpus BLEU
@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from llm_jax.data.parallel import read_lines
 from llm_jax.inference import translate as translate_lib
 from llm_jax.runtime.errors import BadValue
-from llm_jax.training.saved_run import load_run
+from llm_jax.training.saved_run import check_quant, load_run, quantized
 
 
 def define_flags():
@@ -35,6 +35,7 @@ def define_flags():
     flags.DEFINE_integer("max_len_b", 10, "See --max_len_a.")
     flags.DEFINE_integer("batch_size", 64, "Sentences decoded together.")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_string("quant", "none", "Weight-only quantized kernels: none, int8 or int4 (per-channel scales).")
     flags.mark_flags_as_required(["workdir", "input"])
 
 
@@ -43,6 +44,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.ERROR)
     f = flags.FLAGS
+    check_quant(f.quant)
     sources = read_lines(f.input)
     references = read_lines(f.reference) if f.reference else None
     if references is not None and len(references) != len(sources):
@@ -50,6 +52,7 @@ def main(argv):
     run = load_run(f.workdir, f.step)
     if run.model.cfg.family != "encdec":
         raise BadValue(f"{f.workdir} is a {run.model.cfg.family!r} run; translate needs an encoder-decoder")
+    run = quantized(run, f.quant)
     t0 = time.time()
     with run.use_mesh():
         outputs = translate_lib.translate(
@@ -63,7 +66,8 @@ def main(argv):
         sys.stdout.write(text)
     took = time.time() - t0
     print(
-        f"translate: {len(sources)} lines, beam {f.beam_size}, {took:.1f}s ({run.workdir} step {run.step})",
+        f"translate: {len(sources)} lines, beam {f.beam_size}, {took:.1f}s ({run.workdir} step {run.step})"
+        + (f", {f.quant} weights" if f.quant != "none" else ""),
         file=sys.stderr,
     )
     if references is not None:

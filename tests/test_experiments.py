@@ -41,9 +41,11 @@ def last_json(stdout: str) -> dict:
 
 
 def test_bench_decode_command():
-    out = last_json(run([sys.executable, "-m", "llm_jax.bench_decode", *TINY_DECODE]))
+    out = last_json(run([sys.executable, "-m", "llm_jax.bench_decode", *TINY_DECODE, "--quant=int8"]))
     assert out["new_tokens"] == 4 and out["config"]["layers"] == 1
-    assert 0 < out["llm_jax_tokens_per_sec"] <= out["best_llm_jax_tokens_per_sec"]
+    for side in ("llm_jax", "llm_jax_int8"):
+        assert 0 < out[f"{side}_tokens_per_sec"] <= out[f"best_{side}_tokens_per_sec"] and out[f"{side}_mfu"] > 0
+    assert out["llm_jax_int8_weight_bytes"] < out["llm_jax_weight_bytes"] and out["speedup_int8"] > 0
 
 
 @pytest.mark.slow

@@ -1,15 +1,25 @@
-"""Decode benchmark: `python -m llm_jax.bench_decode [--batch 8] [--prompt_len 32] [--new_tokens 128]`.
+"""Decode benchmark: `python -m llm_jax.bench_decode [--batch 8] [--prompt_len 32] [--new_tokens 128]
+[--style gpt2|llama] [--quant int8,int4]`.
 
-Builds a GPT-2 style `TransformerLM` (learned positions, LayerNorm, GELU, tied embeddings) with
-random float32 weights and times `llm_jax.inference.decode.generate` greedily continuing a batch of random
-prompts by exactly `--new_tokens` tokens (no stop token), prefill included, `--repeats` times after
-a first call that compiles. Progress goes to stderr; the last line of stdout is one JSON object:
+Builds a GPT-2 style `TransformerLM` (learned positions, LayerNorm, GELU, tied embeddings; or with
+`--style llama` RoPE, RMSNorm, SwiGLU, no biases, an untied output head) with random float32
+weights and times `llm_jax.inference.decode.generate` greedily continuing a batch of random prompts
+by exactly `--new_tokens` tokens (no stop token), prefill included, `--repeats` times after a first
+call that compiles. `--quant int8[,int4]` times the same weights with weight-only integer kernels
+too (`saved_run.quantize_params`), each side called in turn with the float one so all see the same
+machine load. Progress goes to stderr; the last line of stdout is one JSON object:
 
   llm_jax_tokens_per_sec       new tokens per second (batch * new_tokens / median time)
   best_llm_jax_tokens_per_sec  the same from the fastest call
   llm_jax_s                    median seconds per generate call
+  llm_jax_weight_bytes         parameter bytes, int4 counted packed (two to a byte, as TPUs and GPUs
+                               store it; `quant.weight_bytes`)
+  llm_jax_weight_bytes_here    parameter bytes as stored on this backend (XLA on CPU: int4 a byte each)
+  llm_jax_mfu                  forward model FLOPs of every token fed (prompt and new) per second,
+                               over `peak_flops` (on CPU: a float32 matmul measured on the spot)
+  llm_jax_int8_... (--quant)   the same of each quantized side; `speedup_int8`: its tokens/s over float's
   first_call_s                 the first call: compilation + one run
-  config, devices, jax
+  config, params, peak_flops, devices, jax
 
 `experiments/decode_peer.py` runs the same size through Hugging Face `generate` in PyTorch,
 alternating with `Runner` from this module, and prints the ratio.
@@ -28,6 +38,7 @@ from absl import app, flags
 
 from llm_jax.inference import decode
 from llm_jax.models import family as family_lib
+from llm_jax.models import quant
 from llm_jax.models.model import ModelConfig, count_params
 
 
@@ -42,6 +53,10 @@ def define_flags():
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size.")
     flags.DEFINE_integer("max_len", 256, "Context length (position table).")
     flags.DEFINE_integer("repeats", 5, "Timed calls (alternating with the peer, if any).")
+    flags.DEFINE_enum("style", "gpt2", ["gpt2", "llama"], "gpt2: learned positions, LayerNorm, GELU, tied; "
+                      "llama: RoPE, RMSNorm, SwiGLU, no biases, untied head.")  # fmt: skip
+    flags.DEFINE_integer("mlp", 0, "MLP width (0: 4 x width for gpt2, 8/3 x width rounded up to 256 for llama).")
+    flags.DEFINE_list("quant", [], "Also time weight-only quantized kernels: int8, int4 or both (int8,int4).")
 
 
 def log(*args):
@@ -49,13 +64,18 @@ def log(*args):
 
 
 def model_config(f) -> ModelConfig:
-    """The benchmark's GPT-2 style model from the parsed flags `f`."""
+    """The benchmark's GPT-2 or Llama style model (`--style`) from the parsed flags `f`."""
     if f.prompt_len + f.new_tokens - 1 > f.max_len:
         raise app.UsageError(f"--prompt_len + --new_tokens - 1 must fit --max_len={f.max_len}")
+    if f.style == "llama":
+        mlp = f.mlp or -(-8 * f.width // 3 // 256) * 256
+        style = dict(positions="rope", norm="rmsnorm", mlp_activation="swiglu", use_bias=False, tie_embeddings=False)
+    else:
+        mlp = f.mlp or 4 * f.width
+        style = dict(positions="learned", norm="layernorm", mlp_activation="gelu", use_bias=True, tie_embeddings=True)
     return ModelConfig(
         vocab_size=f.vocab, vocab_multiple=1, num_layers=f.layers, num_heads=f.heads, embed_dim=f.width,
-        mlp_dim=4 * f.width, max_len=f.max_len, positions="learned", norm="layernorm", mlp_activation="gelu",
-        use_bias=True, tie_embeddings=True, dtype="float32", param_dtype="float32",
+        mlp_dim=mlp, max_len=f.max_len, dtype="float32", param_dtype="float32", **style,
     )  # fmt: skip
 
 
@@ -64,11 +84,21 @@ def prompts_of(f) -> np.ndarray:
     return np.random.default_rng(0).integers(1, f.vocab, size=(f.batch, f.prompt_len))
 
 
-def llm_jax_runner(cfg: ModelConfig, prompts: np.ndarray, new_tokens: int):
-    """(run, first_call_s): run() greedily generates `new_tokens` for `prompts` [b, p] and waits for it."""
+def init_model(cfg: ModelConfig):
+    """(model, random float params) of `cfg`."""
     model = family_lib.build(cfg)
     params = jax.jit(lambda: nn.meta.unbox(family_lib.init_params(model, jax.random.key(0), 8)))()
     log(f"llm_jax: {count_params(params):,} parameters")
+    return model, params
+
+
+def llm_jax_runner(cfg: ModelConfig, prompts: np.ndarray, new_tokens: int):
+    """(run, first_call_s): run() greedily generates `new_tokens` for `prompts` [b, p] and waits for it."""
+    return runner(*init_model(cfg), prompts, new_tokens)
+
+
+def runner(model, params, prompts: np.ndarray, new_tokens: int):
+    """`llm_jax_runner` of a given model and params."""
     tokens, start = decode.left_pad(prompts.tolist())
 
     def run():
@@ -94,6 +124,12 @@ def time_alternating(runners: dict, repeats: int) -> dict[str, list[float]]:
             times[name].append(time.perf_counter() - t0)
         log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
     return times
+
+
+def weights(name: str, params) -> dict:
+    """{name}_weight_bytes (int4 packed) and {name}_weight_bytes_here (as this backend stores them)."""
+    here = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return {f"{name}_weight_bytes": quant.weight_bytes(params), f"{name}_weight_bytes_here": here}
 
 
 def summary(name: str, times: list[float], new_tokens: int) -> dict:

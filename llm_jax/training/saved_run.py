@@ -6,6 +6,9 @@ benchmarks, notebooks):
     run = load_run("runs/default")
     with run.use_mesh():
         texts = decode.complete(run.model, run.params, run.tokenizer, ["def "], 200, context=run.context)
+
+`quantized(run, "int8")` is the same run with weight-only integer kernels (`--quant` of generate,
+translate and evaluate).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import ml_collections
 
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.models import family as family_lib
-from llm_jax.models import lora
+from llm_jax.models import lora, quant
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue, NotFound
 from llm_jax.training import checkpoint as ckpt_lib
@@ -115,3 +118,49 @@ def _load_lora_run(workdir, config, tokenizer, model, mesh, rules, boxed, step, 
         params = jax.device_get(params)
     context = trained_context(config, loop_data, model.cfg.max_len)
     return Run(workdir, config, tokenizer, model, params, mesh, rules, step, context, loop_data)
+
+
+QUANT_KINDS = ("none", "int8", "int4")
+
+
+def check_quant(kind: str) -> None:
+    """One line for a weight quantization that does not exist (commands check before loading)."""
+    if kind not in QUANT_KINDS:
+        raise BadValue(f"--quant={kind!r} is not a weight quantization: use none, int8 or int4")
+
+
+def quantized(run: Run, kind: str) -> Run:
+    """`run` with every dense kernel stored as `kind` ('int8' / 'int4') integers and a float32 scale
+    per output channel (`models/quant.py`), the model rebuilt with `weight_quant=kind`; 'none'
+    returns `run` itself. Embeddings, a separate lm_head and MoE experts stay as they are. A LoRA
+    run's adapters are merged into the kernels first (integers cannot take the sum; a QLoRA base is
+    dequantized for it), so the result is the plain model computing the adapted function, up to the
+    rounding."""
+    check_quant(kind)
+    if kind == "none":
+        return run
+    model, params = quantize_params(run.model, run.params, kind, run.mesh, run.rules)
+    return dataclasses.replace(run, model=model, params=params)
+
+
+def quantize_params(model: nn.Module, params: Any, kind: str, mesh: jax.sharding.Mesh, rules) -> tuple[nn.Module, Any]:
+    """(the model with `weight_quant=kind` and no adapters, its params) from a model and its params.
+
+    The kernels and scales are laid out by the quantized model's own logical shardings on `mesh`:
+    the quantization is one jitted program from the (sharded) float params with those
+    out_shardings, so no device holds more than its shards. Host (numpy) params come back as such.
+    """
+    cfg = model.cfg
+    qmodel = family_lib.build(dataclasses.replace(cfg, weight_quant=kind, lora_rank=0))
+    boxed = family_lib.abstract_params(qmodel)
+    abstract = nn.meta.unbox(boxed)
+
+    def quantize(params):
+        params = quant.dequantize(params)  # a no-op unless the base is stored as integers (QLoRA)
+        if cfg.lora_rank:
+            params = lora.merge(params, cfg.lora_alpha, cfg.lora_rank)
+        return quant.quantize(params, abstract, kind)
+
+    on_host = not isinstance(jax.tree.leaves(params)[0], jax.Array)
+    out = jax.jit(quantize, out_shardings=sharding.boxed_shardings(boxed, mesh, rules))(params)
+    return qmodel, jax.device_get(out) if on_host else out
