@@ -68,7 +68,7 @@ def main(argv):
     if not FLAGS[need].value:
         raise app.UsageError(f"{argv[1]} needs --{need}")
     if FLAGS.peft and (argv[1] != "to_hf" or FLAGS.dtype):
-        raise app.UsageError("--peft is an option of to_hf alone, without --dtype (the adapters are written as float32)")
+        raise app.UsageError("--peft is an option of to_hf alone, without --dtype (adapters are written in float32)")
     from llm_jax.interop import hf, lora_export  # after flag parsing: jax starts with the platform flags in force
     from llm_jax.training import workdir as workdir_lib
 

@@ -24,10 +24,12 @@ from test_hf_families import _tokenizer, make_model, tokens, torch_logits  # noq
 from llm_jax.interop import hf, hf_specs, lora_export  # noqa: E402
 from llm_jax.models import lora  # noqa: E402
 from llm_jax.runtime.errors import AlreadyExists, BadValue  # noqa: E402
+from llm_jax.training import config as config_lib  # noqa: E402
 from llm_jax.training import loop  # noqa: E402
 from llm_jax.training.saved_run import load_run  # noqa: E402
 
 TARGETS = "query,key,value,out,wi_0,wi_1,wo"
+HF_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the same, HF's names
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -85,7 +87,7 @@ def test_merged_run_and_export_give_the_adapted_logits(lora_run, tmp_path):
     assert (_files(work), _files(base)) == before  # neither the LoRA run nor its base was written
 
     run = load_run(str(out))
-    assert not run.model.cfg.lora_rank and run.config.lora.to_dict() == lora_export.config_lib.lora_section().to_dict()
+    assert not run.model.cfg.lora_rank and run.config.lora.to_dict() == config_lib.lora_section().to_dict()
     assert run.step == 0 and (out / "hf" / "config.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
     merged_diff = float(np.abs(_logits(run, toks) - adapted).max())
 
@@ -93,7 +95,9 @@ def test_merged_run_and_export_give_the_adapted_logits(lora_run, tmp_path):
     hf.export_run(str(work), str(hf_out), log=lambda *a: None)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(hf_out), attn_implementation="eager").eval()
     export_diff = float(np.abs(torch_logits(back, toks) - adapted).max())
-    print(f"\n{name}: adapters move logits by {moved:.3f}; merged run {merged_diff:.2e}; merged HF export {export_diff:.2e}")
+    print(
+        f"\n{name}: adapters move logits by {moved:.3f}; merged run {merged_diff:.2e}; merged export {export_diff:.2e}"
+    )
     assert merged_diff < 1e-5
     assert export_diff < 1e-4
 
@@ -106,12 +110,12 @@ def test_merged_run_and_export_give_the_adapted_logits(lora_run, tmp_path):
 
 
 def test_peft_adapters_load_in_peft_and_give_our_logits(lora_run, tmp_path):
-    peft = pytest.importorskip("peft", reason="PEFT's loader is in the `peft` extra: pip install -e '.[peft]'")
+    peft = pytest.importorskip("peft", reason="peft is in the hf extra: pip install -e '.[hf]'")
     name, src, base, work, toks, adapted, _ = lora_run
     out = tmp_path / "peft"
     lora_export.export_peft(str(work), str(out), log=lambda *a: None)
     settings = json.loads((out / "adapter_config.json").read_text())
-    assert settings["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert settings["target_modules"] == sorted(HF_MODULES)
     assert settings["base_model_name_or_path"] == os.path.realpath(src)
 
     tbase = transformers.AutoModelForCausalLM.from_pretrained(str(src), attn_implementation="eager")
@@ -151,4 +155,46 @@ def test_peft_rows_follow_the_tables():
                 got = rows[1].to_hf([b], dims) @ rows[0].to_hf([a], dims)
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
                 checked.add(entry.hf.rsplit(".", 2)[-2])
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= checked
+    assert set(HF_MODULES) <= checked
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "int4", "bfloat16"])
+def test_merged_quantized_or_half_base_gives_the_adapted_logits(base_dtype):
+    """QLoRA: the adapters are merged onto the dequantized kernels (a bfloat16 base: onto its
+    bfloat16 values in float32), so the plain model gives the LoRA model's logits."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from llm_jax.models import family, quant
+    from llm_jax.models.config import ModelConfig
+
+    quant_kind = base_dtype if base_dtype in quant.QMAX else "none"
+    sizes = dict(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4, mlp_dim=48, max_len=16)
+    cfg = ModelConfig(
+        **sizes, lora_rank=4, lora_alpha=8.0, lora_targets="query,value,out,wi,wo", weight_quant=quant_kind
+    )
+    model = family.build(cfg)
+    params = nn.meta.unbox(
+        family.init_params(family.build(dataclasses.replace(cfg, weight_quant="none")), jax.random.key(0), 8)
+    )
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape) if p[-1].key == "lora_b" else x, params
+    )
+    if quant_kind != "none":
+        params = quant.quantize(params, nn.meta.unbox(family.abstract_params(model)), quant_kind)
+    else:
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    toks = np.random.RandomState(0).randint(0, 61, (2, 16)).astype(np.int32)
+    adapted = np.asarray(model.apply({"params": params}, toks))
+    plain, merged = lora.merged(cfg, params)
+    assert not plain.lora_rank and plain.weight_quant == "none"
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(merged))
+    got = np.asarray(family.build(plain).apply({"params": merged}, toks))
+    base = np.asarray(model.apply({"params": lora.zeros_like_b(params)}, toks))
+    diff = float(np.abs(got - adapted).max())
+    print(f"\n{base_dtype} base: adapters move logits by {np.abs(adapted - base).max():.3f}; merged {diff:.2e}")
+    assert np.abs(adapted - base).max() > 0.1
+    assert diff < 1e-5

@@ -68,7 +68,7 @@ def check_target(workdir: str, hf_dir: str, overwrite: bool, base: str | None = 
     base run, kept apart like the run itself."""
     _check_apart(workdir, "--workdir", hf_dir)
     if base:
-        _check_apart(base, "config.lora.base", hf_dir, f"its base {base}")
+        _check_apart(base, "config.lora.base", hf_dir, f"config.lora.base={base}")
     run = _real(workdir)
     if not os.path.lexists(hf_dir):
         return None
@@ -97,9 +97,7 @@ def _write_failed(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def writing(
-    workdir: str, hf_dir: str, overwrite: bool, step: int, log=print, base: str | None = None
-) -> Iterator[str]:
+def writing(workdir: str, hf_dir: str, overwrite: bool, step: int, log=print, base: str | None = None) -> Iterator[str]:
     """Yields a temporary sibling of `hf_dir` to write the export into; once the block ends it gets the
     marker, is flushed to disk and renamed to `hf_dir` (see the module docstring). If the block raises,
     the temporary is removed and `hf_dir` is left as it was."""

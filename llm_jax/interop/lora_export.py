@@ -65,7 +65,7 @@ def _check_out(workdir: str, base: str, out: str) -> None:
     """`out` must be a new (or empty) directory apart from the LoRA run and its base."""
     for flag, run in (("--workdir", workdir), ("config.lora.base", base)):
         if _inside(out, run):
-            raise BadValue(f"--out_workdir={out} overlaps the LoRA run's {flag}={run}; merge into a directory of its own")
+            raise BadValue(f"--out_workdir={out} overlaps the LoRA run's {flag}={run}; merge into a new directory")
     if os.path.lexists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise AlreadyExists(f"--out_workdir={out} exists and is not empty; choose a new --out_workdir")
 

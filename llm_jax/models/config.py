@@ -194,6 +194,9 @@ class ModelConfig:
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r}: use one of {sorted(_DTYPES)}")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         self._check_moe(need)
+        self._check_post_training(need)
+
+    def _check_post_training(self, need):
         need(
             self.weight_quant in ("none", "int8", "int4"),
             f"weight_quant={self.weight_quant!r}: use 'none', 'int8' or 'int4'",
