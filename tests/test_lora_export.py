@@ -96,7 +96,8 @@ def test_merged_run_and_export_give_the_adapted_logits(lora_run, tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(str(hf_out), attn_implementation="eager").eval()
     export_diff = float(np.abs(torch_logits(back, toks) - adapted).max())
     print(
-        f"\n{name}: adapters move logits by {moved:.3f}; merged run {merged_diff:.2e}; merged export {export_diff:.2e}"
+        f"\n{name}: logits up to {np.abs(adapted).max():.2f}, the adapters move them by {moved:.3f}; "
+        f"merged run {merged_diff:.2e}; merged export {export_diff:.2e}"
     )
     assert merged_diff < 1e-5
     assert export_diff < 1e-4
@@ -198,3 +199,30 @@ def test_merged_quantized_or_half_base_gives_the_adapted_logits(base_dtype):
     print(f"\n{base_dtype} base: adapters move logits by {np.abs(adapted - base).max():.3f}; merged {diff:.2e}")
     assert np.abs(adapted - base).max() > 0.1
     assert diff < 1e-5
+
+
+@pytest.mark.slow
+def test_commands_answer_bad_input_in_one_line(lora_run, tmp_path):
+    """`convert merge` / `to_hf --peft` as a user runs them: the run, a wrong run, a taken directory."""
+    import runlib
+
+    name, src, base, work, *_ = lora_run
+    if name != "llama3":
+        pytest.skip("one architecture is enough for the command line")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    p = runlib.run_cli("llm_jax.convert", "merge", f"--workdir={work}", f"--out_workdir={taken}")
+    runlib.assert_one_line_error(p, "convert", "exists and is not empty; choose a new --out_workdir")
+    assert (taken / "notes.txt").read_text() == "mine"
+    p = runlib.run_cli("llm_jax.convert", "to_hf", f"--workdir={base}", f"--hf_dir={tmp_path / 'p'}", "--peft")
+    runlib.assert_one_line_error(p, "convert", r"to_hf --peft needs a LoRA run, and --workdir=.* is not one")
+    p = runlib.run_cli("llm_jax.convert", "to_hf", f"--workdir={work}", f"--hf_dir={src}", "--peft")
+    runlib.assert_one_line_error(p, "convert", r"is the directory config.lora.base=.* was imported from")
+    p = runlib.run_cli("llm_jax.convert", "to_hf", f"--workdir={work}", f"--hf_dir={tmp_path / 'peft'}", "--peft")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "peft")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "llm_jax_export.json",
+    ]

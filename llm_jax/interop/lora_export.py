@@ -37,6 +37,7 @@ from llm_jax.models.config import ModelConfig
 from llm_jax.runtime import files
 from llm_jax.runtime.errors import AlreadyExists, BadValue
 from llm_jax.training import config as config_lib
+from llm_jax.training import lora_base
 from llm_jax.training import saved_run as run_lib
 from llm_jax.training import workdir as workdir_lib
 
@@ -85,6 +86,7 @@ def merge_run(workdir: str, out: str, log=print) -> ml_collections.ConfigDict:
     config = lora_config(workdir, "convert merge")
     base = config.lora.base
     _check_out(workdir, base, out)
+    lora_base.base_config(config)  # the base is there and is this run's model: before `out` is created
     lock = workdir_lib.claim(out, 0.0, log, "llm_jax.convert merge", ", or merge into a new --out_workdir")
     try:
         run = run_lib.load_run(workdir)
