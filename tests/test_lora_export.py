@@ -226,3 +226,41 @@ def test_commands_answer_bad_input_in_one_line(lora_run, tmp_path):
         "adapter_model.safetensors",
         "llm_jax_export.json",
     ]
+
+
+def test_peft_adapters_of_gemma2_without_a_run(tmp_path):
+    """Gemma 2 (soft-capping, local layers, post-norms, GeGLU): random adapters on every projection of
+    the imported model, written by `peft_tensors`, give our LoRA model's logits in peft."""
+    peft = pytest.importorskip("peft", reason="peft is in the hf extra: pip install -e '.[hf]'")
+    import dataclasses
+
+    import flax.linen as nn
+    import ml_collections
+
+    from llm_jax.models import family
+    from llm_jax.runtime import files
+
+    src, out = tmp_path / "src", tmp_path / "peft"
+    tmodel = make_model(src, "gemma2")
+    model, params = hf.load_pretrained(str(src))
+    cfg = dataclasses.replace(model.cfg, lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS)
+    adapters, _ = lora.split(nn.meta.unbox(family.abstract_params(family.build(cfg))))
+    keys = iter(jax.random.split(jax.random.key(0), 100))
+    adapters = jax.tree.map(lambda s: 0.2 * jax.random.normal(next(keys), s.shape), adapters)
+    toks = tokens()
+    ours = np.asarray(family.build(cfg).apply({"params": lora.combine(params, adapters)}, toks))
+    spec = hf_specs.for_model(model.cfg)
+    tensors, modules = lora_export.peft_tensors(spec, cfg, jax.device_get(adapters))
+    lora_cfg = ml_collections.ConfigDict({"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0}})
+    out.mkdir()
+    lora_export.safetensors_io.write_file(str(out / lora_export.ADAPTER_WEIGHTS), tensors)
+    targets = lora_export.target_modules(spec, cfg, modules)
+    files.write_json(str(out / lora_export.ADAPTER_CONFIG), lora_export.adapter_config(lora_cfg, targets, str(src)))
+    assert targets == sorted(HF_MODULES)
+
+    before = torch_logits(tmodel, toks)
+    theirs = torch_logits(peft.PeftModel.from_pretrained(tmodel, str(out)).eval(), toks)
+    diff = float(np.abs(theirs - ours).max())
+    print(f"\ngemma2: adapters move logits by {np.abs(theirs - before).max():.3f}; PEFT vs ours {diff:.2e}")
+    assert np.abs(theirs - before).max() > 0.1
+    assert diff < 1e-4
