@@ -487,7 +487,7 @@ def _imported_model_config(hf_dir: str, hf_cfg: dict, config: ml_collections.Con
 
 def save_initial(workdir: str, config: ml_collections.ConfigDict, cfg: ModelConfig, params: dict, context: int):
     """workdir/checkpoints/0: TrainState(step=0, `params`, a fresh optimizer state), sharded as the
-    trainer shards it on `config.mesh` (`params` already placed there); `context`: the longest context
+    trainer shards it on `config.mesh` (`params` are placed there first); `context`: the longest context
     the weights were trained at, what decoding may use (saved_run.trained_context). `import_run`
     and `lora_export.merge_run` write their runs' first checkpoint with it."""
     mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
@@ -554,7 +554,7 @@ def export_run(
     """Writes a run's checkpoint (default: the latest) as a Hugging Face directory, whole or not at
     all, never over the run, its import source or another directory's files (`hf_export.py`). A
     LoRA run is exported merged (`lora.merged`: W + (alpha / r) A B, onto the dequantized base if
-    QLoRA) with its base's carried files; `hf_peft.py` writes the adapters alone."""
+    QLoRA) with its base's carried files; `lora_export.export_peft` writes the adapters alone."""
     if dtype is not None and dtype not in _CASTS:
         raise BadValue(f"dtype={dtype!r}: use one of {sorted(_CASTS)}")
     base_run = config_lib.load_run_config(workdir).lora.base or None

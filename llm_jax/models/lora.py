@@ -6,7 +6,9 @@ A LoRA model (`ModelConfig.lora_rank` > 0) has the base model's parameter tree p
 scanned layers every leaf has a leading layer axis [L, ...]). Training differentiates the adapters
 only (`split`): the base gets no gradient and no optimizer state, and a checkpoint holds the
 adapters. `combine` is the inverse of `split` (no arrays are copied); `merge` folds the adapters
-into the kernels, W + (alpha / r) A B, giving the base model's tree with the adapted function.
+into the kernels, W + (alpha / r) A B, giving the base model's tree with the adapted function;
+`merged` does it for a whole LoRA model (its config and params, a QLoRA base dequantized first), the
+step under `convert merge` and the merged `convert to_hf` (llm_jax/interop/lora_export.py).
 """
 
 from __future__ import annotations
