@@ -202,13 +202,12 @@ def test_merged_quantized_or_half_base_gives_the_adapted_logits(base_dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lora_run", ["llama3"], indirect=True)  # one architecture is enough for the commands
 def test_commands_answer_bad_input_in_one_line(lora_run, tmp_path):
     """`convert merge` / `to_hf --peft` as a user runs them: the run, a wrong run, a taken directory."""
     import runlib
 
     name, src, base, work, *_ = lora_run
-    if name != "llama3":
-        pytest.skip("one architecture is enough for the command line")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
