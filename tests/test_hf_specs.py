@@ -87,7 +87,7 @@ def test_table_is_one_inverse_mapping_of_every_param(spec):
             continue
         layers = [i for i in range(cfg.num_layers) if entry.layers(cfg, i)] if entry.per_layer else (None,)
         for layer in layers:
-            keys = [hf._param_key(p, layer, False) for p in entry.paths()]
+            keys = [hf.param_key(p, layer, False) for p in entry.paths()]
             seen += keys
             # A per-expert tensor is one row of our stacked [experts, ...] parameter.
             want = {k: targets[k].shape[1:] if entry.per_expert else targets[k].shape for k in keys}

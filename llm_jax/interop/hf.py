@@ -49,6 +49,7 @@ from llm_jax.interop import hf_export, hf_specs, safetensors_io
 from llm_jax.interop.hf_specs import HFError, Spec
 from llm_jax.interop.safetensors_io import INDEX_FILE, SafetensorsDir  # noqa: F401 - part of this module's API
 from llm_jax.models import family as family_lib
+from llm_jax.models import lora
 from llm_jax.models.model import RUNTIME_FIELDS, ModelConfig, TransformerLM
 from llm_jax.runtime import files, sharding
 from llm_jax.runtime.errors import AlreadyExists, BadValue, NotFound
@@ -70,6 +71,7 @@ _OLD_CARRIED = ("tokenizer_config.json", "special_tokens_map.json")
 _CASTS = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _DTYPE_NAMES = {np.dtype(t): name for name, t in _CASTS.items()}
 # ModelConfig fields a run chooses on import: config.json says nothing about them.
+# LoRA's ModelConfig fields live in the run config's `config.lora`, not `config.model` (config_lib.lora_section).
 _RUN_CHOICES = (*RUNTIME_FIELDS, "scan_layers", "param_dtype", "init_std")
 
 abstract_params = family_lib.abstract_params
@@ -185,14 +187,14 @@ def default_mesh() -> Mesh:
     return Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
 
 
-def _param_key(path: tuple[str, ...], layer: int | None, scan: bool) -> tuple[str, ...]:
+def param_key(path: tuple[str, ...], layer: int | None, scan: bool) -> tuple[str, ...]:
     """Our flat parameter key of a table path: top level, 'layers_{i}/...' or stacked 'layers/...'."""
     if layer is None:
         return path
     return ("layers",) + path if scan else (f"layers_{layer}",) + path
 
 
-def _table_rows(spec: Spec, cfg: ModelConfig) -> list[tuple[hf_specs.Tensor, int | None, int | None, str]]:
+def table_rows(spec: Spec, cfg: ModelConfig) -> list[tuple[hf_specs.Tensor, int | None, int | None, str]]:
     """(entry, layer or None, expert or None, HF name) of every tensor `cfg` has under `spec`."""
     rows = []
     for entry in spec.table:
@@ -213,7 +215,7 @@ def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], 
     (`_Stacked`). `where`: {tensor name: its file}, for messages.
     """
     bare = bool(tensors) and not any(n.startswith(spec.backbone) for n in tensors)  # old uploads: 'h.0.ln_1.weight'
-    rows = [(e, i, j, name.removeprefix(spec.backbone) if bare else name) for e, i, j, name in _table_rows(spec, cfg)]
+    rows = [(e, i, j, name.removeprefix(spec.backbone) if bare else name) for e, i, j, name in table_rows(spec, cfg)]
     missing = [name for *_, name in rows if name not in tensors]
     if missing:
         raise HFError(
@@ -238,7 +240,7 @@ def _import_views(spec: Spec, cfg: ModelConfig, tensors: dict[str, np.ndarray], 
                 f"(layout {entry.layout!r} with {dims}); the tensors do not fit config.json"
             )
         for path, view in zip(entry.paths(), entry.to_ours(x, dims)):
-            key = _param_key(path, i, cfg.scan_layers)
+            key = param_key(path, i, cfg.scan_layers)
             if j is not None:
                 experts.setdefault((key, i), []).append(view)
             elif i is not None and cfg.scan_layers:
@@ -333,10 +335,10 @@ def hf_tensors(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
     spec = hf_specs.for_model(cfg)
     flat = {p: np.asarray(v) for p, v in traverse_util.flatten_dict(jax.device_get(nn.meta.unbox(params))).items()}
     dims, out, used = hf_specs.sizes(cfg), {}, set()
-    for entry, i, j, name in _table_rows(spec, cfg):
+    for entry, i, j, name in table_rows(spec, cfg):
         arrays = []
         for path in entry.paths():
-            key = _param_key(path, i, cfg.scan_layers)
+            key = param_key(path, i, cfg.scan_layers)
             if key not in flat:
                 raise HFError(f"params lack {'/'.join(key)}, which {spec.architecture} needs for this ModelConfig")
             used.add(key)
@@ -481,13 +483,22 @@ def _imported_model_config(hf_dir: str, hf_cfg: dict, config: ml_collections.Con
     return cfg
 
 
-def _initial_state(cfg: ModelConfig, config: ml_collections.ConfigDict, params: dict, mesh: Mesh, rules):
-    """TrainState(step=0, params, fresh optimizer state), sharded as the trainer shards it."""
+def save_initial(workdir: str, config: ml_collections.ConfigDict, cfg: ModelConfig, params: dict, context: int):
+    """workdir/checkpoints/0: TrainState(step=0, `params`, a fresh optimizer state), sharded as the
+    trainer shards it on `config.mesh` (`params` are placed there first); `context`: the longest context
+    the weights were trained at, what decoding may use (saved_run.trained_context). `import_run`
+    and `lora_export.merge_run` write their runs' first checkpoint with it."""
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
     tx = optim.make_optimizer(config.optim)
     _, state_sh = state_lib.abstract_state(family_lib.build(cfg), tx, mesh, rules, 1)
+    params = jax.device_put(params, state_sh.params)  # as the trainer shards them (a no-op for an import)
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), state_sh.step)
-    return state_lib.TrainState(step=step, params=params, opt_state=opt_state)
+    state = state_lib.TrainState(step=step, params=params, opt_state=opt_state)
+    mngr = ckpt_lib.manager(workdir, config.train.keep_checkpoints, async_save=False)
+    ckpt_lib.save(mngr, 0, state, {"step": 0, "trained_context": context})
+    mngr.wait_until_finished()
+    mngr.close()
 
 
 def import_run(
@@ -520,7 +531,7 @@ def import_run(
     rules = sharding.logical_rules(config)
     layers = f"{cfg.num_layers} layers, vocab {cfg.vocab_size}"
     log(f"importing {hf_dir} ({spec.model_type}, {layers}) onto mesh {dict(mesh.shape)}")
-    state = _initial_state(cfg, config, load_params(hf_dir, cfg, mesh, rules, hf_cfg), mesh, rules)
+    params = load_params(hf_dir, cfg, mesh, rules, hf_cfg)
 
     workdir_lib.prepare(workdir, config)
     if jax.process_index() == 0:
@@ -530,11 +541,7 @@ def import_run(
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, "hf", name))
         hf_export.record_import(workdir, hf_dir)
-    mngr = ckpt_lib.manager(workdir, config.train.keep_checkpoints, async_save=False)
-    # The context it was pre-trained at: what decoding may use (llm_jax.training.saved_run.trained_context).
-    ckpt_lib.save(mngr, 0, state, {"step": 0, "trained_context": cfg.max_len})
-    mngr.wait_until_finished()
-    mngr.close()
+    save_initial(workdir, config, cfg, params, cfg.max_len)  # pre-trained at its whole position table
     log(f"wrote {workdir}: config.json, tokenizer/, hf/, checkpoints/0")
     return config
 
@@ -543,16 +550,22 @@ def export_run(
     workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = None, log=print, overwrite: bool = False
 ) -> None:
     """Writes a run's checkpoint (default: the latest) as a Hugging Face directory, whole or not at
-    all, never over the run, its import source or another directory's files (`hf_export.py`)."""
+    all, never over the run, its import source or another directory's files (`hf_export.py`). A
+    LoRA run is exported merged (`lora.merged`: W + (alpha / r) A B, onto the dequantized base if
+    QLoRA) with its base's carried files; `lora_export.export_peft` writes the adapters alone."""
     if dtype is not None and dtype not in _CASTS:
         raise BadValue(f"dtype={dtype!r}: use one of {sorted(_CASTS)}")
-    hf_export.check_target(workdir, hf_dir, overwrite)  # before the checkpoint is read
+    base_run = config_lib.load_run_config(workdir).lora.base or None
+    hf_export.check_target(workdir, hf_dir, overwrite, base_run)  # before the checkpoint is read
     run = run_lib.load_run(workdir, step, on_host=True)
-    carried = os.path.join(workdir, "hf")
+    carried = os.path.join(base_run or workdir, "hf")
     base = read_config(carried) if os.path.isfile(os.path.join(carried, "config.json")) else None
     names = (*CARRIED_FILES[1:], *_OLD_CARRIED)
     extra = {n: os.path.join(carried, n) for n in names if os.path.isfile(os.path.join(carried, n))}
-    cfg = run.model.cfg
-    with hf_export.writing(workdir, hf_dir, overwrite, run.step, log) as tmp:
-        save_pretrained(tmp, cfg, run.params, tokenizer=run.tokenizer, base_config=base, dtype=dtype, extra_files=extra)
+    cfg, params = run.model.cfg, run.params
+    if cfg.lora_rank:
+        cfg, params = lora.merged(cfg, params)
+        log(f"{workdir} is a LoRA run: exporting its base with the adapters merged (--peft: the adapters alone)")
+    with hf_export.writing(workdir, hf_dir, overwrite, run.step, log, base_run) as tmp:
+        save_pretrained(tmp, cfg, params, tokenizer=run.tokenizer, base_config=base, dtype=dtype, extra_files=extra)
     log(f"wrote {hf_dir} from {workdir}/checkpoints/{run.step} ({hf_specs.for_model(cfg).architecture})")

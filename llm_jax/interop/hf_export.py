@@ -47,20 +47,29 @@ def record_import(workdir: str, hf_dir: str) -> None:
     files.write_json(os.path.join(workdir, "hf", IMPORTED_FROM), {"hf_dir": _real(hf_dir)})
 
 
-def check_target(workdir: str, hf_dir: str, overwrite: bool) -> str | None:
-    """What is at `hf_dir` now: None (nothing, or an empty directory), 'export' (an earlier export of
-    this run: replaced) or 'foreign' (moved aside, `overwrite` only); a BadValue / AlreadyExists
-    naming the directory and the fix for a target that must not be written."""
-    target, run = _real(hf_dir), _real(workdir)
+def _check_apart(run_dir: str, flag: str, hf_dir: str, which: str = "this run") -> None:
+    """A BadValue if `hf_dir` is, holds or lies inside the run `run_dir` or is its import source."""
+    target, run = _real(hf_dir), _real(run_dir)
     if _within(target, run) or _within(run, target):
         where = "is" if target == run else "is inside" if _within(target, run) else "holds"
-        raise BadValue(f"--hf_dir={hf_dir} {where} the run's --workdir={workdir}; export to a directory of its own")
-    source = _read_json(os.path.join(workdir, "hf", IMPORTED_FROM)).get("hf_dir")
+        raise BadValue(f"--hf_dir={hf_dir} {where} the run's {flag}={run_dir}; export to a directory of its own")
+    source = _read_json(os.path.join(run_dir, "hf", IMPORTED_FROM)).get("hf_dir")
     if source == target:
         raise BadValue(
-            f"--hf_dir={hf_dir} is the directory this run was imported from; export to a new directory "
+            f"--hf_dir={hf_dir} is the directory {which} was imported from; export to a new directory "
             "(the original checkpoint is kept as it was)"
         )
+
+
+def check_target(workdir: str, hf_dir: str, overwrite: bool, base: str | None = None) -> str | None:
+    """What is at `hf_dir` now: None (nothing, or an empty directory), 'export' (an earlier export of
+    this run: replaced) or 'foreign' (moved aside, `overwrite` only); a BadValue / AlreadyExists
+    naming the directory and the fix for a target that must not be written. `base`: a LoRA run's
+    base run, kept apart like the run itself."""
+    _check_apart(workdir, "--workdir", hf_dir)
+    if base:
+        _check_apart(base, "config.lora.base", hf_dir, f"config.lora.base={base}")
+    run = _real(workdir)
     if not os.path.lexists(hf_dir):
         return None
     if not os.path.isdir(hf_dir):
@@ -88,11 +97,11 @@ def _write_failed(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def writing(workdir: str, hf_dir: str, overwrite: bool, step: int, log=print) -> Iterator[str]:
+def writing(workdir: str, hf_dir: str, overwrite: bool, step: int, log=print, base: str | None = None) -> Iterator[str]:
     """Yields a temporary sibling of `hf_dir` to write the export into; once the block ends it gets the
     marker, is flushed to disk and renamed to `hf_dir` (see the module docstring). If the block raises,
     the temporary is removed and `hf_dir` is left as it was."""
-    there = check_target(workdir, hf_dir, overwrite)
+    there = check_target(workdir, hf_dir, overwrite, base)
     hf_dir = hf_dir.rstrip(os.sep) or os.sep
     tmp = f"{hf_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export that had our pid

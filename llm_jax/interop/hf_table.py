@@ -15,7 +15,8 @@ A spec holds
   to several of ours along the letter `n` (GPT-2's c_attn: 'e (n h d) -> n e h d' is q, k, v).
 
 Letters: e = embed_dim, h = num_heads, k = kv heads, d = head dim, m = mlp_dim, v = vocab_size,
-x = num_experts, f = an expert's hidden size, n = how many of our parameters a fused tensor holds.
+x = num_experts, f = an expert's hidden size, n = how many of our parameters a fused tensor holds,
+r = a LoRA rank (`Tensor.lora_rows`: PEFT's adapters of an nn.Linear row, derived from its layout).
 Names with '{i}' repeat for every layer (or the layers `layers(cfg, i)` picks: MoE or dense ones), and
 their paths are relative to the layer ('layers_{i}/...', or stacked on 'layers/...' when scanned).
 Names with '{j}' repeat for every expert: expert j's tensor is row j of our stacked [experts, ...]
@@ -169,6 +170,27 @@ class Tensor:
         letters = "".join(self._src)
         x = np.stack(arrays) if len(self.ours) > 1 else arrays[0]
         return x.transpose([self._dst.index(c) for c in letters]).reshape(self.hf_shape(dims))
+
+    def lora_rows(self, num_in: int) -> tuple[Tensor, Tensor] | None:
+        """PEFT's two tensors for LoRA adapters on this row's nn.Linear weight [out, in]: lora_A
+        [r, in] <-> our `lora_a` [*in, r] and lora_B [out, r] <-> our `lora_b` [r, *out] (`num_in`:
+        how many of our kernel's leading axes are its input; letter r = the rank). Both derive from
+        this row's layout, e.g. '(h d) e -> e h d' (q_proj) gives 'r e -> e r' and '(h d) r -> r h d'.
+        None when the HF tensor is not an nn.Linear weight: GPT-2's Conv1D [in, out], a fused tensor."""
+        if len(self.ours) != 1 or len(self._src) != 2 or not self.ours[0].endswith("/kernel"):
+            return None
+        ins, outs = self._dst[:num_in], self._dst[num_in:]
+        src_out, src_in = self._src
+        if sorted(src_in) != sorted(ins) or sorted(src_out) != sorted(outs):
+            return None
+
+        def group(letters: str) -> str:
+            return letters if len(letters) == 1 else f"({' '.join(letters)})"
+
+        module, where = self.hf.removesuffix(".weight"), self.ours[0].removesuffix("kernel")
+        a = Tensor(f"{module}.lora_A.weight", where + "lora_a", f"r {group(src_in)} -> {' '.join(ins)} r", self.when)
+        b = Tensor(f"{module}.lora_B.weight", where + "lora_b", f"{group(src_out)} r -> r {' '.join(outs)}", self.when)
+        return a, b
 
 
 @dataclasses.dataclass(frozen=True)

@@ -226,6 +226,13 @@ def write(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int =
     return sorted(set(weight_map.values()))
 
 
+def write_file(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """One safetensors file of any name (a PEFT adapter's adapter_model.safetensors), atomically."""
+    import safetensors.numpy  # the `hf` extra; only writing needs it
+
+    _save(safetensors.numpy, {n: np.ascontiguousarray(v) for n, v in tensors.items()}, path)
+
+
 def _save(st_numpy, tensors: dict[str, np.ndarray], path: str) -> None:
     """One safetensors file, atomically: a killed export never leaves a truncated shard."""
     with files.atomic_path(path) as tmp:

@@ -6,15 +6,21 @@ A LoRA model (`ModelConfig.lora_rank` > 0) has the base model's parameter tree p
 scanned layers every leaf has a leading layer axis [L, ...]). Training differentiates the adapters
 only (`split`): the base gets no gradient and no optimizer state, and a checkpoint holds the
 adapters. `combine` is the inverse of `split` (no arrays are copied); `merge` folds the adapters
-into the kernels, W + (alpha / r) A B, giving the base model's tree with the adapted function.
+into the kernels, W + (alpha / r) A B, giving the base model's tree with the adapted function;
+`merged` does it for a whole LoRA model (its config and params, a QLoRA base dequantized first), the
+step under `convert merge` and the merged `convert to_hf` (llm_jax/interop/lora_export.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from llm_jax.models import quant
+from llm_jax.models.config import ModelConfig
 
 ADAPTERS = ("lora_a", "lora_b")
 
@@ -113,3 +119,26 @@ def adapter_names(adapters: dict) -> list[str]:
 
     walk(adapters, "")
     return sorted(names)
+
+
+def without_adapters(cfg: ModelConfig) -> ModelConfig:
+    """The base model of a LoRA model: no adapters (every LoRA field at its default), float kernels:
+    the model its base run saved."""
+    fields = dataclasses.fields(ModelConfig)
+    defaults = {f.name: f.default for f in fields if f.metadata.get("section") == "lora"}
+    return dataclasses.replace(cfg, weight_quant="none", **defaults)
+
+
+def merged(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+    """(the base model's ModelConfig, its params) computing what the LoRA model `cfg` computes with
+    `params` (adapters and frozen base together). A quantized base (QLoRA's int8 / int4 kernels) is
+    dequantized first: the adapters are merged onto the dequantized weights they were trained with.
+    Every float leaf is stored as the model's `param_dtype` before the sum (a bfloat16 base too), so
+    the merged kernels are W + (alpha / r) A B at that precision."""
+    if not cfg.lora_rank:
+        raise ValueError("merged: the model has no LoRA adapters (lora_rank=0)")
+    plain = without_adapters(cfg)
+    dtype = jnp.dtype(plain.weight_dtype)
+    tree = quant.dequantize(params) if cfg.weight_quant != "none" else params
+    tree = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return plain, merge(tree, cfg.lora_alpha, cfg.lora_rank)

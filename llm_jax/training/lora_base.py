@@ -10,7 +10,6 @@ run's model without adapters (the same `config.model`) and have the same tokeniz
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -88,7 +87,7 @@ def abstract_frozen(model: nn.Module, dtype: str, mesh, rules) -> Any:
 
 def float_model(cfg: ModelConfig) -> nn.Module:
     """The base model: `cfg` without adapters or quantization (what the base run saved)."""
-    return family_lib.build(dataclasses.replace(cfg, lora_rank=0, weight_quant="none"))
+    return family_lib.build(lora.without_adapters(cfg))
 
 
 def load(config, cfg: ModelConfig, mesh, rules, frozen: Any, step: int | None = None, tokenizer_id=None):
