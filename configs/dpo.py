@@ -12,11 +12,11 @@ chat template:
     python -m llm_jax.plot --workdir runs/qwen3_dpo
 
 The argument is the base run (a plain run: the imported checkpoint itself, or a LoRA run merged
-into one); it is configs/lora.py's recipe with the objective and data changed. The policy is the
-base plus new adapters; DPO's reference is the base with the adapters off, exactly (no second copy
-of the model). beta 0.1 (`config.pref.beta`), a learning rate ten times below supervised LoRA's, no
-adapter dropout (the rewards compare the policy with a deterministic reference). `BASE,tiny` is a
-seconds-long CPU smoke run.
+into one); the config is configs/lora.py's recipe with the objective and data changed. The policy
+is the base plus new adapters; DPO's reference is the base with the adapters off, exactly (no
+second copy of the model). `config.pref.beta` 0 takes the objective's default (0.1 for DPO, 2.0
+for SimPO); the learning rate is a quarter of supervised LoRA's; no adapter dropout (the rewards
+compare the policy with a deterministic reference). `BASE,tiny` is a seconds-long CPU smoke run.
 """
 
 import importlib.util
@@ -41,7 +41,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/dpo.py: unknown variant {variant!r}; use BASE or BASE,tiny")
     c = _lora_config(arg)
     c.train.objective = "dpo"
-    c.pref.beta = 0.1
     c.data.update(source="preference", path="")
     c.lora.dropout = 0.0
     c.optim.update(lr=5e-5, warmup_steps=10)
