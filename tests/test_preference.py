@@ -297,3 +297,17 @@ def test_tiny_lora_dpo_run_learns_its_pairs(tmp_path):
     # Measured: accuracy 0 -> 1.0 (a tie is no win), margin 0 -> 0.128, loss 0.693 -> 0.632.
     assert after["rewards/accuracy"] == 1.0 and after["rewards/margin"] > 0.08
     assert after["loss_sum"] < before["loss_sum"] - 0.03
+
+
+def test_plot_draws_the_preference_panels(tmp_path):
+    pytest.importorskip("matplotlib", reason="the pictures need the notebook extra")
+    from llm_jax.tools import plot
+
+    records = [{"step": s, "train/loss": 0.7 - s / 100, "train/rewards/margin": s / 10, "train/rewards/accuracy": s / 4,
+                "train/rewards/chosen": s / 20, "train/rewards/rejected": -s / 20} for s in (1, 2, 3)]  # fmt: skip
+    records.append({"step": 3, "eval/loss": 0.66, "eval/rewards/margin": 0.2, "eval/rewards/accuracy": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    axes = {ax.get_title(): ax for ax in plot.figure([str(tmp_path)]).axes if ax.get_visible()}
+    margin, accuracy = axes["reward margin (chosen - rejected)"], axes["preference accuracy"]
+    assert [len(line.get_xdata()) for line in margin.get_lines()] == [3, 1]  # training, then validation
+    assert list(accuracy.get_lines()[0].get_ydata()) == [0.25, 0.5, 0.75] and "rewards" in axes
