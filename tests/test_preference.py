@@ -263,6 +263,10 @@ def test_objective_errors_are_one_line(tmp_path):
     with pytest.raises(BadValue, match=r"config.train.batch_size=8 must be a multiple of 16"):
         state_lib.build(_dpo_config(tmp_path / "p.jsonl", grad_accum_steps=8), 257, jax.devices()[:1])
     assert config_lib.finalize(c).pref.beta == 0.1
+    simpo = ml_collections.ConfigDict(c.to_dict())  # SimPO needs no reference: full fine-tuning is allowed
+    simpo.train.objective, simpo.lora.rank, simpo.lora.base = "simpo", 0, ""
+    config_lib.check_values(simpo)
+    assert config_lib.finalize(simpo).pref.beta == 2.0
 
 
 def test_tiny_lora_dpo_run_learns_its_pairs(tmp_path):
