@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -237,7 +238,7 @@ def check_batch(config, mesh, model_cfg) -> None:
     if tc.batch_size % jax.process_count():
         raise BadValue(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
     if tc.objective != "lm":  # every micro-batch and every process's rows hold whole pairs
-        pairs = 2 * tc.grad_accum_steps * jax.process_count()
+        pairs = math.lcm(2 * tc.grad_accum_steps, 2 * jax.process_count())
         for key, n in (("batch_size", pairs), ("eval_batch_size", 2 * jax.process_count())):
             if tc[key] % n:
                 raise BadValue(
