@@ -212,14 +212,16 @@ def _first_end(text: str, start: int, stop: int, end_tokens: tuple[str, ...]) ->
     return min(found) if found else None
 
 
-def encode_conversation(tokenizer, chat: Chat, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def encode_conversation(
+    tokenizer, chat: Chat, messages: list[dict], first_turn: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A whole conversation as (ids int32 [n], learn bool [n]): the ids are apply_chat_template's
     (the rendered text encoded whole), `learn` is True on the tokens of the assistant turns, each
     with its end-of-turn token (a token that overlaps a turn's span counts, as transformers' own
-    assistant masks count it)."""
+    assistant masks count it), from the `first_turn`-th assistant turn on (0: all of them)."""
     full, spans = assistant_spans(chat, check_messages(messages))
     ids, offsets = tokenizer.encode_with_offsets(full)
     learn = np.zeros(len(ids), bool)
-    for start, end in spans:
+    for start, end in spans[first_turn:]:
         learn |= np.asarray([s < end and e > start for s, e in offsets], bool).reshape(-1)
     return np.asarray(ids, np.int32), learn

@@ -316,10 +316,11 @@ def batch_options(cfg) -> dict[str, bool]:
     """Which optional arrays the batches of the configured source (`config.data`) carry, as the
     keyword arguments of a family's `batch_spec` / `random_batch`: `weights` (jsonl prompt-completion
     learns the completions only; packed documents drop the target across each boundary; parallel
-    text weighs out padding) and `packed` (segment ids and positions: packing='documents', or
-    parallel text, whose pairs are always packed). jsonl rows are never packed by document."""
-    documents = cfg.packing == "documents" and cfg.source not in ("jsonl", "parallel")
-    weighted = cfg.source in ("jsonl", "parallel") or documents
+    text weighs out padding; preference pairs learn the responses only) and `packed` (segment ids
+    and positions: packing='documents', or parallel text, whose pairs are always packed). jsonl and
+    preference rows are never packed by document."""
+    documents = cfg.packing == "documents" and cfg.source not in ("jsonl", "parallel", "preference")
+    weighted = cfg.source in ("jsonl", "parallel", "preference") or documents
     return {"weights": weighted, "packed": cfg.source == "parallel" or documents}
 
 
@@ -335,20 +336,17 @@ class Conversation:
     where: str  # "FILE:LINE", for errors
 
 
-def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str] | Conversation]:
-    """The examples of every non-empty line of a JSONL file: (prompt, completion) of a
-    {"prompt", "completion"} line, a Conversation of a {"messages": [{"role", "content"}, ...]}
-    line; errors name the line and field."""
+def jsonl_objects(path: str, key: str, what: str):
+    """(where "FILE:LINE", object) of every non-empty line of a JSONL file, each line read bounded
+    (a huge line is never read whole), decoded as UTF-8 and checked to be a JSON object; `key` (the
+    config key of the path) and `what` (the fields a line holds) name the fix in errors."""
     if not path:
-        raise BadValue(
-            f'{key} is empty: give a JSONL file of {{"prompt": ..., "completion": ...}} or {{"messages": [...]}} lines'
-        )
+        raise BadValue(f"{key} is empty: give a JSONL file of {what} lines")
     if not os.path.isfile(path):
         raise NotFound(f"{key}={path!r} does not exist or is not a file; give a JSONL file")
-    examples = []
     bound = sources.MAX_LINE_BYTES
     with open(path, "rb") as f:
-        for n, raw in enumerate(iter(lambda: f.readline(bound + 1), b""), 1):  # a huge line is never read whole
+        for n, raw in enumerate(iter(lambda: f.readline(bound + 1), b""), 1):
             where = f"{path}:{n}"
             if len(raw) > bound:
                 raise BadValue(f"{where}: a line longer than {bound:,} bytes; split that example or leave it out")
@@ -360,19 +358,26 @@ def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[
             if obj is None:
                 continue
             if not isinstance(obj, dict):
-                raise BadValue(
-                    f"{where}: expected a JSON object with 'prompt' and 'completion' (or 'messages'), "
-                    f"got {type(obj).__name__}"
-                )
-            if "messages" in obj:
-                examples.append(Conversation(chat_lib.check_messages(obj["messages"], f"{where}: messages"), where))
-                continue
-            for field in ("prompt", "completion"):
-                if field not in obj:
-                    raise BadValue(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
-                if not isinstance(obj[field], str):
-                    raise BadValue(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
-            examples.append((obj["prompt"], obj["completion"]))
+                raise BadValue(f"{where}: expected a JSON object with {what}, got {type(obj).__name__}")
+            yield where, obj
+
+
+def read_jsonl_examples(path: str, key: str = "config.data.path") -> list[tuple[str, str] | Conversation]:
+    """The examples of every non-empty line of a JSONL file: (prompt, completion) of a
+    {"prompt", "completion"} line, a Conversation of a {"messages": [{"role", "content"}, ...]}
+    line; errors name the line and field."""
+    examples = []
+    what = '{"prompt": ..., "completion": ...} or {"messages": [...]}'
+    for where, obj in jsonl_objects(path, key, what):
+        if "messages" in obj:
+            examples.append(Conversation(chat_lib.check_messages(obj["messages"], f"{where}: messages"), where))
+            continue
+        for field in ("prompt", "completion"):
+            if field not in obj:
+                raise BadValue(f"{where}: missing field {field!r} (the object has {sorted(obj)})")
+            if not isinstance(obj[field], str):
+                raise BadValue(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+        examples.append((obj["prompt"], obj["completion"]))
     if not examples:
         raise BadValue(f"{key}={path!r} holds no examples; each line needs a 'prompt' and a 'completion'")
     return examples
@@ -520,7 +525,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
         )
 
     def encode(examples):
-        return [_encode_example(tokenizer, chat, e) for e in examples]
+        return [encode_example(tokenizer, chat, e) for e in examples]
 
     data = PromptCompletionData(tokenizer, encode(train), encode(val), log=log)
     n_tokens = sum(len(ids) for ids, _ in data.train_examples)
@@ -531,7 +536,7 @@ def load_prompt_completion_data(cfg, tokenizer_dir: str | None = None, log=print
     return data
 
 
-def _encode_example(tokenizer, chat, example) -> tuple[np.ndarray, np.ndarray]:
+def encode_example(tokenizer, chat, example) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [n], learn bool [n]) of a (prompt, completion) pair (completion + EOS learned) or
     of a Conversation (its assistant turns learned); a conversation's error names its line."""
     if isinstance(example, Conversation):

@@ -6,7 +6,9 @@ Seven panels, every run in its own colour and labelled: loss against steps and a
 (training solid, validation dashed with dots), learning rate, training tokens/s, MFU, BLEU
 when a run logged it (translation), else the gradient norm, and loss against wall-clock time; when
 a run has experts (mixture of experts), its router's losses (load-balancing solid, z-loss dashed)
-and each expert's load over training; the lm-eval task scores, when a run evaluated tasks while
+and each expert's load over training; when a run is preference-tuned (DPO, SimPO), its reward
+margin and preference accuracy (training solid, validation dashed) and the rewards of the chosen
+and rejected responses; the lm-eval task scores, when a run evaluated tasks while
 training (`config.train.eval_tasks`). Tokens seen = step x batch_size x
 seq_len of the run's config.json (for the encoder-decoder, target slots). In a notebook,
 `figure(["runs/a"])` returns the matplotlib Figure. matplotlib comes with the `notebook` extra.
@@ -29,6 +31,11 @@ PANELS = (  # (title, metric keys: solid line then dashed, y label)
 )
 WALL_TIME = ("loss against wall time", ("train/loss", "eval/loss"), "nats per token")
 ROUTER = ("router losses", ("train/aux_loss", "train/router_z_loss"), "loss")
+PREFERENCE = (  # a preference objective's metrics (llm_jax/models/preference.py)
+    ("reward margin (chosen - rejected)", ("train/rewards/margin", "eval/rewards/margin"), "reward"),
+    ("preference accuracy", ("train/rewards/accuracy", "eval/rewards/accuracy"), "share of pairs"),
+    ("rewards", ("train/rewards/chosen", "train/rewards/rejected"), "reward"),
+)
 
 
 def read_metrics(workdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -169,6 +176,7 @@ def figure(workdirs: list[str], labels: list[str] | None = None):
     runs = [(c, (n, read_metrics(w), tokens_per_step(w))) for c, n, w in zip(colors, names, workdirs)]
     tasks = sorted({k for _, (_, m, _) in runs for k in m if k.startswith("tasks/")})
     experts = any("train/expert_load" in m for _, (_, m, _) in runs)
+    preference = any("train/rewards/margin" in m for _, (_, m, _) in runs)
     has_bleu = any("eval/bleu" in m for _, (_, m, _) in runs)
     last = ("validation BLEU", ("eval/bleu",), "BLEU") if has_bleu else ("gradient norm", ("train/grad_norm",), "norm")
     # Each panel: a function of its axes.
@@ -176,6 +184,8 @@ def figure(workdirs: list[str], labels: list[str] | None = None):
     panels += [lambda ax: _draw_panel(ax, *last, runs), lambda ax: _draw_panel(ax, *WALL_TIME, runs, x="time")]
     if experts:
         panels += [lambda ax: _draw_panel(ax, *ROUTER, runs), lambda ax: _draw_load(ax, runs)]
+    if preference:
+        panels += [lambda ax, p=p: _draw_panel(ax, *p, runs) for p in PREFERENCE]
     if tasks:
         panels.append(lambda ax: _draw_tasks(ax, tasks, runs))
     rows = -(-len(panels) // 4)

@@ -30,6 +30,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
+from llm_jax.models import preference
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime.errors import BadValue, NotFound
 
@@ -105,12 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora = lora_section()
 
     c.data = d = ml_collections.ConfigDict()
-    d.source = "stdlib"  # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion) | 'parallel' (translation)
+    # 'stdlib' | 'text' | 'tfds' | 'jsonl' (prompt-completion) | 'parallel' (translation) | 'preference' (DPO)
+    d.source = "stdlib"
     # source='text': a UTF-8 file, a glob or a comma-separated list (.jsonl: a document per line, .gz read
-    # through gzip); 'jsonl': {"prompt", "completion"} lines; 'parallel': a directory (see below)
+    # through gzip); 'jsonl': {"prompt", "completion"} lines; 'parallel': a directory (see below);
+    # 'preference': {"prompt", "chosen", "rejected"} lines (llm_jax/data/preference.py)
     d.path = ""
     d.text_key = "text"  # source='text', .jsonl files: the field holding each document
-    d.val_path = ""  # source='jsonl': validation examples (default: the last val_fraction of path)
+    d.val_path = ""  # source='jsonl' / 'preference': validation examples (default: the last val_fraction of path)
     d.val_fraction = 0.1
     d.max_chars = 0  # >0: use at most this many characters of the source (quick runs)
     d.tfds_name = ""  # source='tfds': e.g. 'tiny_shakespeare', 'lm1b', 'c4/en'
@@ -152,7 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
     o.grad_clip = 1.0
 
     c.train = t = ml_collections.ConfigDict()
-    t.batch_size = 32  # global, across all devices and processes
+    # 'lm' (the family's loss) | 'dpo' (a LoRA run: the base is the reference) | 'simpo' (no reference);
+    # 'dpo' and 'simpo' train on source='preference' pairs (llm_jax/models/preference.py)
+    t.objective = "lm"
+    t.batch_size = 32  # global, across all devices and processes (preference objectives: 2 rows per pair)
     t.grad_accum_steps = 1  # micro-batches per update (batch_size must divide)
     t.num_steps = 1000
     t.log_every = 50
@@ -182,6 +188,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_tasks_every = 0  # >0: every this many steps and at the end; 0: at the end only
     t.eval_tasks_limit = 0  # examples per task at most; 0: all
     t.eval_tasks_include_path = ""  # a directory of extra task YAML files
+
+    # Preference tuning (config.train.objective 'dpo' / 'simpo').
+    c.pref = pf = ml_collections.ConfigDict()
+    pf.beta = 0.0  # the rewards' scale; 0: the objective's default (dpo 0.1, simpo 2.0)
+    pf.gamma = 1.0  # simpo: the target reward margin
 
     # Beam search (translation: llm_jax.translate and the trainer's BLEU).
     c.decode = dc = ml_collections.ConfigDict()
@@ -230,10 +241,10 @@ def cpu_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # that stream text; 'jsonl' and 'parallel' tokenize in memory.
 _STREAMED = ("stdlib", "text", "tfds")
 SOURCE_KEYS = {
-    "path": ("text", "jsonl", "parallel"),
+    "path": ("text", "jsonl", "parallel", "preference"),
     "text_key": ("text",),
-    "val_path": ("jsonl",),
-    "val_fraction": ("stdlib", "text", "jsonl"),
+    "val_path": ("jsonl", "preference"),
+    "val_fraction": ("stdlib", "text", "jsonl", "preference"),
     "max_chars": ("stdlib", "text"),
     "tfds_name": ("tfds",),
     "tfds_data_dir": ("tfds",),
@@ -251,7 +262,7 @@ SOURCE_KEYS = {
     "train_split": ("parallel",),
     "val_split": ("parallel",),
 }
-SOURCES = ("stdlib", "text", "tfds", "jsonl", "parallel")
+SOURCES = ("stdlib", "text", "tfds", "jsonl", "parallel", "preference")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +386,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     check_train(config.train)
     ModelConfig(**model_kwargs(config))  # its checks (dropout_rate, sizes) before the data is prepared
     check_lora(config.lora)
+    check_objective(config)
     flat = flatten(config.to_dict())
     for key in _POSITIVE:
         if not flat[key] > 0:
@@ -405,6 +417,32 @@ def check_lora(lora: ml_collections.ConfigDict) -> None:
         raise BadValue(f"config.lora.base_dtype={lora.base_dtype!r} is for a LoRA run: set config.lora.rank")
 
 
+def check_objective(config: ml_collections.ConfigDict) -> None:
+    """`config.train.objective` and `config.pref`: a preference objective trains a decoder-only model
+    on preference pairs (and those pairs need one); DPO's reference is a LoRA run's base."""
+    objective, source = config.train.objective, config.data.source
+    if objective not in preference.OBJECTIVES:
+        raise _value_error("train.objective", objective, f"must be one of {list(preference.OBJECTIVES)}")
+    if (objective == "lm") != (source != "preference"):
+        raise BadValue(
+            f"config.train.objective={objective!r} with config.data.source={source!r}: preference pairs train with "
+            "objective 'dpo' or 'simpo' (configs/dpo.py), and those objectives need source='preference'"
+        )
+    if objective != "lm" and (config.model.family or "lm") != "lm":
+        raise BadValue(f"config.train.objective={objective!r} trains a decoder-only model: config.model.family='lm'")
+    if objective == "dpo" and not config.lora.rank:
+        raise BadValue(
+            "config.train.objective='dpo' needs a LoRA run (config.lora.rank and config.lora.base; configs/dpo.py): "
+            "its reference policy is the frozen base with the adapters off. Full fine-tuning DPO is not supported; "
+            "objective='simpo' needs no reference"
+        )
+    for key in ("beta", "gamma"):
+        if not config.pref[key] >= 0:
+            raise _value_error(f"pref.{key}", config.pref[key], "must be >= 0")
+    if objective != "simpo" and config.pref.gamma != base_config().pref.gamma:
+        raise BadValue(f"config.pref.gamma={config.pref.gamma} is SimPO's margin; remove it or set objective='simpo'")
+
+
 def check_data(data: ml_collections.ConfigDict) -> None:
     """The values of `config.data` that shape what is prepared (llm_jax.prepare checks only these)."""
     for key in ("seq_len", "tokenizer_train_chars"):
@@ -415,7 +453,7 @@ def check_data(data: ml_collections.ConfigDict) -> None:
             raise _value_error(f"data.{key}", data[key], "must be >= 0")
     if data.tokenizer == "sentencepiece" and not data.vocab_size > 0:
         raise _value_error("data.vocab_size", data.vocab_size, "must be positive for tokenizer='sentencepiece'")
-    held_out = data.source in ("stdlib", "text") or (data.source == "jsonl" and not data.val_path)
+    held_out = data.source in ("stdlib", "text") or (data.source in ("jsonl", "preference") and not data.val_path)
     if held_out and not 0 < data.val_fraction < 1:
         raise _value_error(
             "data.val_fraction", data.val_fraction, "must be in (0, 1): the share of the text held out for validation"
@@ -436,6 +474,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.optim.decay_steps = c.train.num_steps
     if c.train.eval_batch_size <= 0:
         c.train.eval_batch_size = c.train.batch_size
+    if c.pref.beta <= 0:
+        c.pref.beta = preference.DEFAULT_BETA.get(c.train.objective, 0.0)
     c.lock()
     return c
 

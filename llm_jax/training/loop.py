@@ -26,6 +26,7 @@ import jax
 import ml_collections
 
 from llm_jax.data import lm_data as data_lib
+from llm_jax.data import preference as preference_data
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.inference import decode as decode_lib
 from llm_jax.inference import translate as translate_lib
@@ -44,9 +45,16 @@ from llm_jax.training.metrics import MetricsLog
 
 def evaluate(p_eval, params, eval_batches, mesh) -> float:
     """Mean validation loss per token over the fixed evaluation batches."""
+    return evaluate_metrics(p_eval, params, eval_batches, mesh)["loss"]
+
+
+def evaluate_metrics(p_eval, params, eval_batches, mesh) -> dict[str, float]:
+    """Every sum the eval step returns, per counted item (a token; a preference objective's pair)
+    over the fixed evaluation batches: 'loss' (of 'loss_sum') and any metrics (rewards/margin, ...)."""
     outs = [p_eval(params, sharding.host_to_global(b, mesh)) for b in eval_batches]
     got = jax.device_get(outs)
-    return math.fsum(float(m["loss_sum"]) for m in got) / math.fsum(float(m["count"]) for m in got)
+    count = math.fsum(float(m["count"]) for m in got)
+    return {k.removesuffix("_sum"): math.fsum(float(m[k]) for m in got) / count for k in got[0] if k != "count"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +191,10 @@ def _load_own_data(config, workdir: str, start_over: bool, log):
     tok_dir = workdir_lib.tokenizer_dir(workdir) if saved else None
     if tok_dir is None and config.lora.base and workdir_lib.has_tokenizer(config.lora.base):
         tok_dir = workdir_lib.tokenizer_dir(config.lora.base)  # a new LoRA run reads as its base did
-    data = data_lib.load_data(config.data, tokenizer_dir=tok_dir, log=log)
+    if config.data.source == "preference":  # pairs for DPO / SimPO (kept apart from lm_data: it builds on it)
+        data = preference_data.load_preference_data(config.data, tokenizer_dir=tok_dir, log=log)
+    else:
+        data = data_lib.load_data(config.data, tokenizer_dir=tok_dir, log=log)
     if saved and data.tokenizer.kind != config.data.tokenizer:
         raise BadValue(
             f"{workdir_lib.tokenizer_dir(workdir)} holds the {data.tokenizer.kind!r} tokenizer this run was trained "
@@ -391,6 +402,10 @@ def log_progress(trainer: Trainer, ls: LoopState) -> None:
     trainer.metrics.write(ls.step, ls.train_record)
     skipped = f" | {ls.window_skipped} skipped" if ls.window_skipped else ""
     mfu_text = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
+    if "train/rewards/margin" in ls.extra:  # a preference objective: its latest step's pairs
+        skipped += (
+            f" | margin {ls.extra['train/rewards/margin']:.4f} | accuracy {ls.extra['train/rewards/accuracy']:.2f}"
+        )
     trainer.log(
         f"step {ls.step:6d} | loss {loss:.4f}{skipped} | {tps:,.0f} tok/s{mfu_text} | eta {eta:.0f}s | "
         f"{now - trainer.t_start:.0f}s"
@@ -401,14 +416,17 @@ def log_progress(trainer: Trainer, ls: LoopState) -> None:
 def run_eval(trainer: Trainer, ls: LoopState) -> None:
     """Validation loss on the fixed evaluation batches; stops the run once it reaches the target."""
     fetch(trainer, ls)
-    loss = evaluate(trainer.p_eval, trainer.params(ls), trainer.eval_batches, trainer.mesh)
+    metrics = evaluate_metrics(trainer.p_eval, trainer.params(ls), trainer.eval_batches, trainer.mesh)
+    loss = metrics.pop("loss")
     elapsed = time.time() - trainer.t_start
-    ls.eval_record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "time_s": elapsed}
+    if metrics:  # a preference objective's: rewards, margin, accuracy on the validation pairs
+        ls.eval_record = {"eval/loss": loss, **{f"eval/{k}": v for k, v in metrics.items()}, "time_s": elapsed}
+        shown = f"margin {metrics['rewards/margin']:.4f} | accuracy {metrics['rewards/accuracy']:.3f}"
+    else:
+        ls.eval_record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "time_s": elapsed}
+        shown = f"perplexity {ls.eval_record['eval/perplexity']:.2f}"
     trainer.metrics.write(ls.step, ls.eval_record)
-    trainer.log(
-        f"step {ls.step:6d} | eval loss {loss:.4f} | perplexity {ls.eval_record['eval/perplexity']:.2f} | "
-        f"{elapsed:.1f}s"
-    )
+    trainer.log(f"step {ls.step:6d} | eval loss {loss:.4f} | {shown} | {elapsed:.1f}s")
     target = trainer.config.train.target_eval_loss
     if target > 0 and loss <= target:
         trainer.log(f"reached target eval loss {target} at step {ls.step} after {elapsed:.1f}s")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import optax
 
 from llm_jax.data import lm_data as data_lib
 from llm_jax.models import family as family_lib
-from llm_jax.models import kernels, lora
+from llm_jax.models import kernels, lora, preference
 from llm_jax.models.model import ModelConfig
 from llm_jax.runtime import sharding
 from llm_jax.runtime.errors import BadValue
@@ -51,7 +52,7 @@ class TrainState:
 
 def train_step(
     state: TrainState, batch: dict, base_rng: jax.Array, frozen: Any = None, *, model,
-    tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+    tx: optax.GradientTransformation, grad_accum_steps: int = 1, objective: preference.Objective | None = None,
 ) -> tuple[TrainState, dict]:  # fmt: skip
     """One optimizer update on `batch` ([B, t] arrays), split into `grad_accum_steps` micro-batches.
 
@@ -63,21 +64,33 @@ def train_step(
     changes memory, not the result. The family's extra metrics (`ModelFamily.train_loss`: an MoE's
     aux_loss, router_z_loss, expert_load) are the micro-batches' mean. Dropout's key is derived
     from (base_rng, step): a resumed run draws the same masks.
+
+    `objective`: a preference objective (`preference.Objective`: DPO, SimPO) instead of the
+    family's loss; the loss is then the mean over the batch's pairs, whose two rows stay in one
+    micro-batch, and its metrics (rewards, margin, accuracy) are returned beside it.
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    # The family's objective (the loss plus any auxiliary losses); `total` is the loss alone.
-    objective = family_lib.of(model).train_loss
-    grad_fn = jax.value_and_grad(
-        lambda m, trainable, b, r: objective(m, lora.combine(frozen or {}, trainable), b, r), argnums=1, has_aux=True
-    )
+    if objective is None:
+        # The family's objective (the loss plus any auxiliary losses); `total` is the loss alone.
+        family_loss = family_lib.of(model).train_loss
+        loss_fn = lambda m, trainable, b, r: family_loss(m, lora.combine(frozen or {}, trainable), b, r)  # noqa: E731
+    else:
+        loss_fn = lambda m, trainable, b, r: objective.train_loss(m, trainable, frozen or {}, b, r)  # noqa: E731
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+    group = 1 if objective is None else objective.rows_per_example
 
     if grad_accum_steps == 1:
         (_, (total, count, extra)), grads = grad_fn(model, state.params, batch, rng)
     else:
 
         def split(x):
-            # Strided split: micro-batch i takes rows i, i+k, ... so each keeps the batch's sharding.
-            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+            # Strided split: micro-batch i takes rows i, i+k, ... so each keeps the batch's sharding
+            # (a pair of rows: pairs i, i+k, ..., its rows side by side).
+            if group == 1:
+                x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+            else:
+                x = x.reshape(x.shape[0] // (grad_accum_steps * group), grad_accum_steps, group, *x.shape[1:])
+                x = x.swapaxes(0, 1).reshape(grad_accum_steps, -1, *x.shape[3:])
             return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
 
         def body(carry, xs):
@@ -100,8 +113,11 @@ def train_step(
     return new_state, {"loss": total / count, "grad_norm": grad_norm, **extra}
 
 
-def eval_step(params, batch: dict, *, model) -> dict:
-    """Summed loss and token count of one batch (sums, so that means over batches are exact)."""
+def eval_step(params, batch: dict, *, model, objective: preference.Objective | None = None) -> dict:
+    """Summed loss and token count of one batch (sums, so that means over batches are exact); a
+    preference objective's summed loss and metrics over the batch's pairs, and their count."""
+    if objective is not None:
+        return objective.eval_sums(model, params, batch)
     total, count = family_lib.of(model).loss_sum(model, params, batch, None, False)
     return {"loss_sum": total, "count": count}
 
@@ -162,7 +178,8 @@ def create_sharded_state(model, tx, mesh, rules, rng, seq_len, shardings=None, i
 
 
 def make_steps(
-    model, tx, mesh, rules, state_shardings, grad_accum_steps: int, on_nan: str = "stop", frozen_shardings=None
+    model, tx, mesh, rules, state_shardings, grad_accum_steps: int, on_nan: str = "stop", frozen_shardings=None,
+    objective: preference.Objective | None = None,
 ):  # fmt: skip
     """Jitted (train_step, eval_step) with explicit shardings; the train step donates the state (not
     `frozen`, whose shardings are `frozen_shardings`: {} without LoRA). The eval step takes the
@@ -174,7 +191,7 @@ def make_steps(
     batch_sh = sharding.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     frozen_shardings = frozen_shardings or {}
-    step_fn = functools.partial(train_step, model=model, tx=tx, grad_accum_steps=grad_accum_steps)
+    step_fn = functools.partial(train_step, model=model, tx=tx, grad_accum_steps=grad_accum_steps, objective=objective)
     if on_nan == "skip":
         step_fn = skip_nonfinite(step_fn)
     p_train = jax.jit(
@@ -184,7 +201,7 @@ def make_steps(
         donate_argnums=(0,),
     )
     p_eval = jax.jit(
-        functools.partial(eval_step, model=model),
+        functools.partial(eval_step, model=model, objective=objective),
         in_shardings=(lora.combine(frozen_shardings, state_shardings.params), batch_sh),
         out_shardings=replicated,
     )
@@ -220,6 +237,21 @@ def check_batch(config, mesh, model_cfg) -> None:
         )
     if tc.batch_size % jax.process_count():
         raise BadValue(f"config.train.batch_size={tc.batch_size} must divide over {jax.process_count()} processes")
+    if tc.objective != "lm":  # every micro-batch and every process's rows hold whole pairs
+        pairs = math.lcm(2 * tc.grad_accum_steps, 2 * jax.process_count())
+        for key, n in (("batch_size", pairs), ("eval_batch_size", 2 * jax.process_count())):
+            if tc[key] % n:
+                raise BadValue(
+                    f"config.train.{key}={tc[key]} must be a multiple of {n}: objective={tc.objective!r} reads "
+                    "pairs of rows, and each micro-batch and process needs whole pairs"
+                )
+
+
+def objective_of(config: ml_collections.ConfigDict) -> preference.Objective | None:
+    """The preference objective of a (finalized) config, None for the family's own loss."""
+    if config.train.objective == "lm":
+        return None
+    return preference.Objective(config.train.objective, config.pref.beta, config.pref.gamma)
 
 
 def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -280,7 +312,9 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, devices: Sequence 
     tx = optim.make_optimizer(config.optim)
     state, state_sh = abstract_state(model, tx, mesh, rules, seq_len)
     frozen, frozen_sh = _abstract(lora_base.init_frozen(model, config.lora.base_dtype, seq_len), mesh, rules)
-    p_train, p_eval = make_steps(model, tx, mesh, rules, state_sh, tc.grad_accum_steps, tc.on_nan, frozen_sh)
+    p_train, p_eval = make_steps(
+        model, tx, mesh, rules, state_sh, tc.grad_accum_steps, tc.on_nan, frozen_sh, objective_of(config)
+    )  # fmt: skip
     # The keys the configured data yields (weights, packing) decide the program: a jsonl run's step
     # reads weights that a plain text run's does not.
     spec = family_lib.get(model_cfg.family).batch_spec(
