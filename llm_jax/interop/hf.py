@@ -407,7 +407,8 @@ def model_keys(hf_cfg: dict, preset: str) -> dict:
     """`config.model` keys (every ModelConfig field) of the model this config.json describes: what
     `run_config` reads from a checkpoint and what the presets of published models (configs/llama3.py,
     qwen.py, gemma.py) are written as, so a preset and an imported checkpoint cannot disagree."""
-    return dataclasses.asdict(model_config_from_hf(hf_cfg, preset=preset))
+    keys = dataclasses.asdict(model_config_from_hf(hf_cfg, preset=preset))
+    return {k: v for k, v in keys.items() if k in config_lib.model_section()}  # LoRA's live in `config.lora`
 
 
 def pretraining_config(hf_cfg: dict, preset: str, seq_len: int, tiny: bool = False) -> ml_collections.ConfigDict:
