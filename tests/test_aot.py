@@ -299,7 +299,7 @@ def test_sweep_sorts_layouts_by_memory():
 
 def test_sweep_table_marks_what_does_not_fit():
     base = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "grad_accum_steps": 1, "remat": "none", "compile_s": 1.0}
-    base.update(params_bytes=2**30, opt_state_bytes=2**31, temp_bytes=None)
+    base.update(params_bytes=2**30, frozen_bytes=0, opt_state_bytes=2**31, temp_bytes=None)
     rows = [
         {**base, "layout": "as configured", "per_device_bytes": 20 * 2**30, "fits": False},
         {"layout": "grad_accum 8", "invalid": "batch does not split", "per_device_bytes": None, "fits": False},
