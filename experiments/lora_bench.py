@@ -7,7 +7,8 @@ Both steps are built by the trainer's own builder through `llm_jax.tools.bench.p
 side: `config.lora.rank` > 0, its random frozen base from `Built.create_frozen`, the real
 `train_step` that differentiates the adapters only). The timing alternates the two sides, `--steps`
 steps each per round, so a neighbour's load falls on both alike; each side's figure is the median
-over all its timed steps. The host's float32 matmul peak is measured once, in this run.
+over all its timed steps. The host's float32 matmul peak is measured once, in this run
+(`flops.peak_flops`; LLM_JAX_CPU_PEAK_FLOPS overrides it).
 
 MFU is given two ways. `mfu_6n`: the 6N count of `llm_jax.models.flops` on both sides (the base's
 N; what the trainer logs for a LoRA run too). `mfu_counted`: the LoRA step counted as it is done,
@@ -112,11 +113,10 @@ def main() -> None:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     full_config = model_config(args)
     sides = {"full": bench.prepare(full_config, log), "lora": bench.prepare(lora_config(full_config, args), log)}
-    peak = flops_lib.measure_cpu_matmul_flops(seconds=2.0)
+    peak, peak_source = flops_lib.peak_flops(jax.devices()[:1], "float32")  # this host's float32 matmul
     times = alternate(sides, args.rounds, args.steps, args.warmup)
-    peak_after = flops_lib.measure_cpu_matmul_flops(seconds=2.0)
 
-    out = {"peak_flops": peak, "peak_flops_after": peak_after, "rounds": args.rounds, "steps_per_round": args.steps}
+    out = {"peak_flops": peak, "peak_flops_source": peak_source, "rounds": args.rounds, "steps_per_round": args.steps}
     for name, p in sides.items():
         cfg, seq_len, batch = p.model_cfg, p.config.data.seq_len, p.config.train.batch_size
         adapters = lora.count(p.state.params) if cfg.lora_rank else 0
