@@ -3,14 +3,18 @@
     python -m llm_jax.aot --config configs/llama.py:7b --topology v5p-64
     python -m llm_jax.aot --config configs/gpt2.py:xl --topology v5e-8 --sweep
     python -m llm_jax.aot --config configs/llama.py:1b --topology v5p:2x2x1 --num_slices 2 --dump /tmp/hlo
+    python -m llm_jax.aot --config configs/llama3.py:8b --topology v5e-8 --config.train.batch_size=8 \
+        --config.lora.rank=16 --config.lora.base=planned --config.lora.base_dtype=int4   # QLoRA
 
 Builds the trainer's own jitted train step (same model, optimizer, mesh from `config.mesh`, logical
 rules, state shardings and donation as `llm_jax.main`), lowers it with abstract arguments (shapes
 and shardings only: no parameter is ever allocated) and compiles it with the TPU compiler for the
 named chips, which libtpu describes on any machine (`pip install -e '.[tpu]'`). The report: devices
 and mesh, parameters and optimizer state per device, temporaries, the total per device against the
-chip's HBM, compile time, and the collectives of the optimized HLO (`llm_jax.tools.hlo`). The last line of
-stdout is one JSON object. `--sweep` reports candidate layouts (mesh splits, expert-parallel sizes, remat policies,
+chip's HBM, compile time, and the collectives of the optimized HLO (`llm_jax.tools.hlo`). A LoRA
+run's frozen base is an abstract argument like the state (the base named by `config.lora.base` is
+never read): the report splits the trainable adapters from the frozen base, as stored (bfloat16,
+int8, int4 packed). The last line of stdout is one JSON object. `--sweep` reports candidate layouts (mesh splits, expert-parallel sizes, remat policies,
 gradient accumulation) as one table sorted by memory per device.
 
 A program larger than the chip is a result, not an error: the TPU compiler refuses it, and the
