@@ -14,8 +14,9 @@ and mesh, parameters and optimizer state per device, temporaries, the total per 
 chip's HBM, compile time, and the collectives of the optimized HLO (`llm_jax.tools.hlo`). A LoRA
 run's frozen base is an abstract argument like the state (the base named by `config.lora.base` is
 never read): the report splits the trainable adapters from the frozen base, as stored (bfloat16,
-int8, int4 packed). The last line of stdout is one JSON object. `--sweep` reports candidate layouts (mesh splits, expert-parallel sizes, remat policies,
-gradient accumulation) as one table sorted by memory per device.
+int8, int4 packed). The last line of stdout is one JSON object. `--sweep` reports candidate layouts
+(mesh splits, expert-parallel sizes, remat policies, gradient accumulation) as one table sorted by
+memory per device.
 
 A program larger than the chip is a result, not an error: the TPU compiler refuses it, and the
 report gives fits=false with the compiler's own numbers (exit status 0).
