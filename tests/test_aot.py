@@ -277,6 +277,27 @@ def test_dump_writes_stablehlo_and_optimized_hlo(dp_and_fsdp):
 
 
 @needs_libtpu
+def test_lora_reports_trainable_frozen_and_optimizer_bytes_per_chip():
+    # QLoRA int4 over FSDP on 4 chips: the adapters are trained, the base is held packed (half a byte a weight).
+    lora = {"lora.rank": 8, "lora.base": "unread", "lora.base_dtype": "int4", "mesh.data": 1, "mesh.fsdp": 4}
+    r = aot.report(_config("gpt2", "tiny", {**WIDE_TINY, **lora}), "v5p-8")
+    full = aot.build_train_step(_config("gpt2", "tiny", WIDE_TINY), aot.topology_devices(aot.parse_topology("v5p-8")))
+    assert (
+        r["num_params"]
+        == r["trainable_params"] + r["frozen_params"]
+        > sum(x.size for x in jax.tree.leaves(full.state.params))
+    )
+    # float32 adapters: A [in, r] splits over fsdp=4 with its kernel's input axis, B [r, out] is replicated.
+    assert 4 * r["trainable_params"] / 4 < r["params_bytes"] < 4 * r["trainable_params"]
+    assert r["opt_state_bytes"] == pytest.approx(2 * r["params_bytes"], rel=0.01)  # AdamW: two moments
+    # Mostly int4 kernels (packed) beside float32 embeddings and norms: under 1 byte a weight, over half.
+    assert r["frozen_params"] / 4 / 2 < r["frozen_bytes"] < r["frozen_params"] / 4
+    assert r["argument_bytes"] >= r["params_bytes"] + r["frozen_bytes"] + r["opt_state_bytes"] and r["fits"]
+    text = aot.format_report(r)
+    assert "LoRA adapter parameters, rank 8" in text and "stored as int4" in text
+
+
+@needs_libtpu
 def test_too_large_reports_fits_false_with_the_numbers():
     out = _run_cli("--config", "configs/llama.py:1b", "--topology", "v5e-1", "--config.train.batch_size=1")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -299,7 +320,7 @@ def test_sweep_sorts_layouts_by_memory():
 
 def test_sweep_table_marks_what_does_not_fit():
     base = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "grad_accum_steps": 1, "remat": "none", "compile_s": 1.0}
-    base.update(params_bytes=2**30, opt_state_bytes=2**31, temp_bytes=None)
+    base.update(params_bytes=2**30, frozen_bytes=0, opt_state_bytes=2**31, temp_bytes=None)
     rows = [
         {**base, "layout": "as configured", "per_device_bytes": 20 * 2**30, "fits": False},
         {"layout": "grad_accum 8", "invalid": "batch does not split", "per_device_bytes": None, "fits": False},

@@ -183,3 +183,15 @@ def test_long_context_script(tmp_path):
     ]  # fmt: skip
     assert all(r["temp_gib"] > 0 and r["tokens_per_s"] > 0 for r in steps)
     assert set(summary["temp_growth_per_doubling"]) == {"einsum", "blockwise"} and png.stat().st_size > 0
+
+
+def test_lora_bench_script_the_lora_step_skips_the_frozen_weight_gradients():
+    args = ["--layers=2", "--width=128", "--seq_len=64", "--batch_size=4", "--rank=4", "--rounds=2", "--steps=1"]
+    out = last_json(run([sys.executable, "experiments/lora_bench.py", *args, "--warmup=1"]))
+    full, lora, ratio = out["full"], out["lora"], out["lora_over_full"]
+    assert lora["frozen_params"] == full["trainable_params"] > 10 * lora["trainable_params"] > 0
+    assert lora["opt_state_bytes"] < full["opt_state_bytes"] / 10 and full["frozen_bytes"] == 0
+    # XLA's count of the compiled LoRA step follows the 4N count (no weight gradient of the base),
+    # well under the full step's 6N.
+    assert ratio["xla_flops"] == pytest.approx(ratio["counted_flops"], rel=0.1) and ratio["xla_flops"] < 0.8
+    assert 0 < lora["mfu_counted"] < lora["mfu_6n"] and full["mfu_counted"] == full["mfu_6n"]

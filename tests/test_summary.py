@@ -3,9 +3,11 @@
 import flax.linen as nn
 import jax
 import ml_collections
+import optax
 import pytest
 
 from llm_jax.models import family as family_lib
+from llm_jax.models import lora, quant
 from llm_jax.models.model import ModelConfig, count_params
 from llm_jax.runtime import sharding
 from llm_jax.training import summary
@@ -62,3 +64,39 @@ def test_summary_of_an_encoder_decoder_names_both_stacks(family):
     text = summary.summarize(model, seq_len=16)
     assert "2 encoder + 3 layers" in text and "encoder/layers_[0-1]/attn/query/kernel x2" in text
     assert "decoder/layers_[0-2]/cross_attn/key/kernel x3" in text and "mesh:" not in text
+
+
+@pytest.mark.parametrize("kind", ["float32", "int4"])
+def test_summary_memory_of_a_lora_model_trainable_frozen_and_optimizer(kind):
+    # A LoRA model's summary counts the adapters as trainable and the base as frozen, at its stored
+    # dtypes (int4 packed: `quant.weight_bytes`), per device under the shardings, plus the optimizer state.
+    quant_kind = "none" if kind == "float32" else kind
+    model = family_lib.build(ModelConfig(**CFG, lora_rank=4, weight_quant=quant_kind))
+    mesh, rules = _mesh(1, 4, 2), sharding.logical_rules()
+    params = jax.eval_shape(lambda: nn.meta.unbox(family_lib.init_params(model, jax.random.key(0), 8)))
+    adapters, base = lora.split(params)
+    opt_state = jax.eval_shape(optax.adam(1e-3).init, adapters)
+    d = summary.summary_dict(model, None, mesh, rules, seq_len=32, opt_state=opt_state)
+    m = d["memory"]
+    assert m["trainable"]["params"] == lora.count(adapters) > 0 and m["trainable"]["dtypes"] == ["float32"]
+    assert m["trainable"]["bytes"] == 4 * lora.count(adapters)
+    assert m["frozen"]["params"] == lora.count(base) == d["params"] - lora.count(adapters)
+    assert m["frozen"]["bytes"] == quant.weight_bytes(base) and ("int4" in m["frozen"]["dtypes"]) == (kind == "int4")
+    # The kernels and adapters split over fsdp x tensor: far less than all on one device, more than an 8th.
+    for part in ("trainable", "frozen"):
+        assert m[part]["bytes"] / 8 <= m[part]["bytes_per_device"] < m[part]["bytes"] / 2
+    # Adam: two float32 moments per adapter (and a step count); unsharded here, so whole on each device.
+    assert m["optimizer"]["bytes"] == m["optimizer"]["bytes_per_device"] == 2 * 4 * lora.count(adapters) + 4
+    text = summary.summarize(model, None, mesh, rules, seq_len=32, opt_state=opt_state)
+    assert f"{lora.count(adapters):,} parameters (LoRA adapters, rank 4, float32)" in text
+    assert f"{lora.count(base):,} parameters (the LoRA base" in text and "optimizer state" in text
+
+
+def test_summary_memory_of_full_training_is_all_trainable():
+    model = family_lib.build(ModelConfig(**CFG))
+    d = summary.summary_dict(model, seq_len=32)
+    m = d["memory"]
+    assert m["trainable"]["params"] == d["params"] and m["trainable"]["bytes"] == d["bytes"]
+    assert m["frozen"] == {"params": 0, "bytes": 0, "bytes_per_device": 0, "dtypes": []} and m["optimizer"] is None
+    text = summary.summarize(model, seq_len=32)
+    assert f"{d['params']:,} parameters (all parameters, float32)" in text and "optimizer state" not in text

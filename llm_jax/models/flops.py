@@ -77,13 +77,25 @@ def _layer_mlp_params(cfg, layer: int) -> int:
     return cfg.embed_dim * cfg.num_experts + cfg.experts_per_token * expert_params(cfg) + shared
 
 
+def decoder_matmul_params(cfg) -> int:
+    """The matmul weights a token of a decoder-only LM multiplies: attention, (active) MLP, output map."""
+    mlp = sum(_layer_mlp_params(cfg, i) for i in range(cfg.num_layers))
+    return cfg.num_layers * _attention_params(cfg) + mlp + cfg.embed_dim * cfg.vocab_size
+
+
 def decoder_flops_per_token(cfg, seq_len: int) -> float:
     """A decoder-only LM: 6 per matmul weight a token multiplies (MoE layers: its k experts, the router
     and the shared experts; the active parameters), and causal attention over `seq_len` positions."""
-    mlp = sum(_layer_mlp_params(cfg, i) for i in range(cfg.num_layers))
-    matmul_params = cfg.num_layers * _attention_params(cfg) + mlp + cfg.embed_dim * cfg.vocab_size
     attention = 6 * seq_len * cfg.num_heads * cfg.dim_per_head * cfg.num_layers  # causal: half of 12 * t * h * d
-    return 6.0 * matmul_params + attention
+    return 6.0 * decoder_matmul_params(cfg) + attention
+
+
+def lora_decoder_flops_per_token(cfg, seq_len: int, adapter_params: int) -> float:
+    """A LoRA step of a decoder-only LM, counted as it is done: the frozen weights cost 4 per token
+    (forward 2, the activations' gradient 2; no weight gradient), the adapters 6 (trained matmul
+    weights), attention as in `decoder_flops_per_token`. The trainer's MFU keeps the 6N count of
+    `decoder_flops_per_token` (the base's N, adapters left out), as PEFT benchmarks usually do."""
+    return decoder_flops_per_token(cfg, seq_len) - 2.0 * decoder_matmul_params(cfg) + 6.0 * adapter_params
 
 
 def encoder_decoder_flops_per_token(cfg, seq_len: int) -> float:

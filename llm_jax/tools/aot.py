@@ -3,15 +3,20 @@
     python -m llm_jax.aot --config configs/llama.py:7b --topology v5p-64
     python -m llm_jax.aot --config configs/gpt2.py:xl --topology v5e-8 --sweep
     python -m llm_jax.aot --config configs/llama.py:1b --topology v5p:2x2x1 --num_slices 2 --dump /tmp/hlo
+    python -m llm_jax.aot --config configs/llama3.py:8b --topology v5e-8 --config.train.batch_size=8 \
+        --config.lora.rank=16 --config.lora.base=planned --config.lora.base_dtype=int4   # QLoRA
 
 Builds the trainer's own jitted train step (same model, optimizer, mesh from `config.mesh`, logical
 rules, state shardings and donation as `llm_jax.main`), lowers it with abstract arguments (shapes
 and shardings only: no parameter is ever allocated) and compiles it with the TPU compiler for the
 named chips, which libtpu describes on any machine (`pip install -e '.[tpu]'`). The report: devices
 and mesh, parameters and optimizer state per device, temporaries, the total per device against the
-chip's HBM, compile time, and the collectives of the optimized HLO (`llm_jax.tools.hlo`). The last line of
-stdout is one JSON object. `--sweep` reports candidate layouts (mesh splits, expert-parallel sizes, remat policies,
-gradient accumulation) as one table sorted by memory per device.
+chip's HBM, compile time, and the collectives of the optimized HLO (`llm_jax.tools.hlo`). A LoRA
+run's frozen base is an abstract argument like the state (the base named by `config.lora.base` is
+never read): the report splits the trainable adapters from the frozen base, as stored (bfloat16,
+int8, int4 packed). The last line of stdout is one JSON object. `--sweep` reports candidate layouts
+(mesh splits, expert-parallel sizes, remat policies, gradient accumulation) as one table sorted by
+memory per device.
 
 A program larger than the chip is a result, not an error: the TPU compiler refuses it, and the
 report gives fits=false with the compiler's own numbers (exit status 0).
@@ -29,7 +34,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -39,6 +43,7 @@ from llm_jax.runtime import files, sharding
 from llm_jax.runtime.errors import BadValue, Unavailable
 from llm_jax.tools import bench, hlo
 from llm_jax.training import state as state_lib
+from llm_jax.training import summary
 
 GIB = 2**30
 # HBM per chip, from the Cloud TPU system-architecture pages (v4: 32 GiB; v5e: 16 GB; v5p: 95 GB;
@@ -170,6 +175,7 @@ class Step:
     batch: dict  # the family's batch_spec for the configured data: ShapeDtypeStructs [batch_size, seq_len]
     mesh: jax.sharding.Mesh
     model_cfg: ModelConfig
+    frozen: Any  # a LoRA run's frozen base (ShapeDtypeStructs with shardings, at its stored dtypes); {} otherwise
 
 
 def build_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> Step:
@@ -188,12 +194,13 @@ def build_train_step(config: ml_collections.ConfigDict, devices: Sequence) -> St
         with sharding.use_mesh(b.mesh, b.rules):  # the context the trainer's step is traced in
             return b.p_train.jitted.lower(b.state, b.batch, rng, b.frozen)
 
-    return Step(lower, b.state, b.batch, b.mesh, b.model_cfg)
+    return Step(lower, b.state, b.batch, b.mesh, b.model_cfg, b.frozen)
 
 
 def bytes_per_device(tree: Any) -> int:
-    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (its shard of each leaf)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (its shard of each leaf;
+    int4 packed two to a byte, as a TPU stores it)."""
+    return summary.tree_bytes(tree)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +274,9 @@ def report(
     """Compiles `config`'s train step for a TPU topology (a name, or `devices` directly); the report as a dict.
 
     Keys: topology, num_devices, device_kind, num_hosts, mesh, batch_size, seq_len, grad_accum_steps,
-    remat, num_params, params_bytes / opt_state_bytes / batch_bytes (what one device holds of each),
+    remat, lora_rank, base_dtype, num_params (the whole model), trainable_params, frozen_params (a LoRA
+    run's base, else 0), params_bytes (the trainable ones) / frozen_bytes (at their stored dtypes,
+    int4 packed) / opt_state_bytes / batch_bytes (what one device holds of each),
     argument/output/alias/temp/program/peak/buffer_sum_bytes (XLA), per_device_bytes (the total held
     against HBM, see `compiled_sizes`), hbm_bytes, headroom_bytes,
     fits, lower_s, compile_s, compile_cpu_s, collectives ({kind: {ops, count per step, bytes per step
@@ -295,6 +304,8 @@ def describe(config: ml_collections.ConfigDict, step: Step, devices: Sequence, t
     """What is known before compiling: devices, mesh, run shape, and the state one device holds (bytes)."""
     kind = devices[0].device_kind
     gen = topo.generation if topo else generation_of(kind)
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    trainable, frozen = count(step.state.params), count(step.frozen)
     return {
         "topology": topo.name if topo else f"{len(devices)} x {kind}",
         "topology_desc": f"{topo.libtpu_name} x {topo.num_slices} slice(s)" if topo else None,
@@ -307,8 +318,13 @@ def describe(config: ml_collections.ConfigDict, step: Step, devices: Sequence, t
         "seq_len": config.data.seq_len,
         "grad_accum_steps": config.train.grad_accum_steps,
         "remat": step.model_cfg.remat,
-        "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(step.state.params)),
+        "lora_rank": step.model_cfg.lora_rank,
+        "base_dtype": config.lora.base_dtype if step.model_cfg.lora_rank else None,
+        "num_params": trainable + frozen,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
         "params_bytes": bytes_per_device(step.state.params),
+        "frozen_bytes": bytes_per_device(step.frozen),
         "opt_state_bytes": bytes_per_device(step.state.opt_state),
         "batch_bytes": bytes_per_device(step.batch),
         "hbm_bytes": HBM_GIB[gen] * GIB if gen in HBM_GIB else None,
@@ -367,6 +383,18 @@ def gib(n: int | None) -> str:
     return f"{n / 1024**unit:.2f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
 
 
+def _parameter_lines(r: dict) -> list[str]:
+    """Trainable and frozen parameters per device (a LoRA run: the adapters, and the base as stored)."""
+    if not r.get("lora_rank"):
+        return [f"  parameters       {gib(r['params_bytes']):>12} per device ({r['num_params']:,} parameters, trained)"]
+    return [
+        f"  trainable        {gib(r['params_bytes']):>12} per device ({r['trainable_params']:,} LoRA adapter "
+        f"parameters, rank {r['lora_rank']})",
+        f"  frozen base      {gib(r['frozen_bytes']):>12} per device ({r['frozen_params']:,} parameters, "
+        f"stored as {r['base_dtype']})",
+    ]
+
+
 def format_report(r: dict) -> str:
     """The report as text (the dict of `report`)."""
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -375,7 +403,7 @@ def format_report(r: dict) -> str:
         f"{r['preset']} on {r['topology']}{desc}: {r['num_devices']} x {r['device_kind']}, {r['num_hosts']} host(s)",
         f"mesh {mesh}; batch {r['batch_size']} x {r['seq_len']} tokens, grad_accum_steps {r['grad_accum_steps']}, "
         f"remat {r['remat']}",
-        f"  parameters       {gib(r['params_bytes']):>12} per device ({r['num_params']:,} parameters)",
+        *_parameter_lines(r),
         f"  optimizer state  {gib(r['opt_state_bytes']):>12} per device",
         f"  batch            {gib(r['batch_bytes']):>12} per device",
     ]
@@ -516,7 +544,7 @@ def format_sweep(rows: list[dict]) -> str:
             lines.append(f"{r['layout']:<20} invalid: {r['invalid']}")
             continue
         mesh = sharding.mesh_label(r["mesh"])
-        state = r["params_bytes"] + r["opt_state_bytes"]
+        state = r["params_bytes"] + r["frozen_bytes"] + r["opt_state_bytes"]
         temps = gib(r.get("temp_bytes"))
         fits = {True: "yes", False: "NO", None: "?"}[r["fits"]]
         lines.append(

@@ -291,11 +291,12 @@ def setup(config, workdir: str, start_over: bool, lock, log, t_start: float, pre
 
 
 def _log_start(trainer: Trainer, ls: LoopState, latest) -> None:
-    """The model summary (parameters per module, FLOPs per token, mesh, each tensor's sharding)."""
+    """The model summary (parameters per module, FLOPs per token, mesh, memory, each tensor's sharding)."""
     log = trainer.log
     if jax.process_index() == 0:  # the only process that logs
         seq_len = trainer.config.data.seq_len
-        log(summary_lib.summarize(trainer.model, trainer.params(ls), trainer.mesh, trainer.rules, seq_len))
+        params, opt_state = trainer.params(ls), ls.state.opt_state  # the whole model; the adapters' optimizer
+        log(summary_lib.summarize(trainer.model, params, trainer.mesh, trainer.rules, seq_len, opt_state))
     if latest is not None:
         log(f"resumed from {trainer.mngr.directory}/{latest} (step {ls.step})")
     log(f"setup took {time.time() - trainer.t_start:.1f}s; training steps {ls.step}..{trainer.config.train.num_steps}")

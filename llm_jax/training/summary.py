@@ -22,6 +22,7 @@ import numpy as np
 
 from llm_jax.models import family as family_lib
 from llm_jax.models import flops as flops_lib
+from llm_jax.models import lora
 from llm_jax.runtime import sharding
 
 _LAYER = re.compile(r"layers_(\d+)")
@@ -51,6 +52,26 @@ def _per_device(shape, spec, mesh) -> int:
     return n
 
 
+def nbytes(elements: int, dtype) -> int:
+    """Bytes of `elements` values of `dtype`, int4 packed two to a byte (as `quant.weight_bytes`
+    counts them: TPUs and GPUs store them so; XLA on CPU keeps a byte each)."""
+    dtype = np.dtype(dtype)
+    return elements // 2 if dtype.name == "int4" else elements * dtype.itemsize
+
+
+def tree_bytes(tree) -> tuple[int, int]:
+    """(bytes in all, bytes one device holds) of a tree of arrays or ShapeDtypeStructs: each leaf's
+    shard under its own sharding (a leaf without one counts whole on every device)."""
+    total = per_device = 0
+    for x in jax.tree.leaves(tree):
+        shape = tuple(int(d) for d in x.shape)
+        sharding = getattr(x, "sharding", None)
+        shard = shape if sharding is None else tuple(sharding.shard_shape(shape))
+        total += nbytes(math.prod(shape), x.dtype)
+        per_device += nbytes(math.prod(shard), x.dtype)
+    return total, per_device
+
+
 def param_rows(model, params=None, mesh=None, rules=None) -> list[dict]:
     """One row per parameter: name, shape, dtype, logical axes, mesh PartitionSpec, per-device elements.
 
@@ -75,9 +96,29 @@ def param_rows(model, params=None, mesh=None, rules=None) -> list[dict]:
         rows.append({
             "name": name, "shape": shape, "dtype": str(np.dtype(x.dtype)), "logical": logical, "spec": spec,
             "per_device": _per_device(shape, spec, mesh_of), "size": math.prod(shape),
-            "bytes": math.prod(shape) * np.dtype(x.dtype).itemsize,
+            "bytes": nbytes(math.prod(shape), x.dtype),
         })  # fmt: skip
     return rows
+
+
+def memory(cfg, rows: list[dict], opt_state=None) -> dict:
+    """What training holds, in parameters and bytes, in all and per device: the trainable
+    parameters (a LoRA model's adapters, else all), the frozen ones (a LoRA model's base at its
+    stored dtypes: bfloat16, int8, int4 packed; else none) and the optimizer state (None when not given)."""
+    out = {}
+    for part in ("trainable", "frozen"):
+        frozen = part == "frozen"
+        mine = [r for r in rows if bool(cfg.lora_rank and r["name"].split("/")[-1] not in lora.ADAPTERS) == frozen]
+        out[part] = {
+            "params": sum(r["size"] for r in mine), "bytes": sum(r["bytes"] for r in mine),
+            "bytes_per_device": sum(nbytes(r["per_device"], r["dtype"]) for r in mine),
+            "dtypes": sorted({r["dtype"] for r in mine}),
+        }  # fmt: skip
+    out["optimizer"] = None
+    if opt_state is not None:
+        total, per_device = tree_bytes(opt_state)
+        out["optimizer"] = {"bytes": total, "bytes_per_device": per_device}
+    return out
 
 
 def _collapse(name: str) -> tuple[str, int | None]:
@@ -131,8 +172,10 @@ def module_counts(rows: list[dict]) -> list[tuple[str, int, int]]:
     return [(m, max(len(layers[m]), 1), n) for m, n in totals.items()]
 
 
-def summary_dict(model, params=None, mesh=None, rules=None, seq_len: int | None = None) -> dict:
-    """The summary's facts: totals, FLOPs per token, the mesh, modules and collapsed parameter rows."""
+def summary_dict(model, params=None, mesh=None, rules=None, seq_len: int | None = None, opt_state=None) -> dict:
+    """The summary's facts: totals, FLOPs per token, the mesh, memory (trainable, frozen, optimizer
+    state: `memory`), modules and collapsed parameter rows. `params` are the model's whole tree
+    (a LoRA run's base and adapters together, `lora.combine`)."""
     cfg = model.cfg
     rows = param_rows(model, params, mesh, rules)
     seq_len = seq_len or cfg.max_len
@@ -142,7 +185,8 @@ def summary_dict(model, params=None, mesh=None, rules=None, seq_len: int | None 
         "family": cfg.family, "preset": cfg.preset, "params": total,
         "active_params": total - flops_lib.inactive_params(cfg),  # what one token multiplies (MoE: k of E experts)
         "bytes": sum(r["bytes"] for r in rows),
-        "bytes_per_device": sum(r["per_device"] * np.dtype(r["dtype"]).itemsize for r in rows),
+        "bytes_per_device": sum(nbytes(r["per_device"], r["dtype"]) for r in rows),
+        "memory": memory(cfg, rows, opt_state),
         "flops_per_token": family_lib.flops_per_token(cfg, seq_len), "seq_len": seq_len, "mesh": mesh_shape,
         "devices": None if mesh is None else f"{mesh.devices.size} {mesh.devices.flat[0].platform}",
         "modules": module_counts(rows), "rows": collapsed_rows(rows),
@@ -166,12 +210,31 @@ def _experts_line(cfg, d: dict) -> str:
 
 
 def _mb(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:,.2f} GiB"
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
-def summarize(model, params=None, mesh=None, rules=None, seq_len: int | None = None) -> str:
-    """The summary as text: a header, parameters per module, and the parameter table."""
-    d = summary_dict(model, params, mesh, rules, seq_len)
+def _memory_lines(cfg, m: dict) -> list[str]:
+    """Trainable, frozen and optimizer-state bytes, per device and in all."""
+    what = f"LoRA adapters, rank {cfg.lora_rank}" if cfg.lora_rank else "all parameters"
+    lines = ["memory (per device, all devices):"]
+    for part, note in (("trainable", what), ("frozen", "the LoRA base" if cfg.lora_rank else "none")):
+        p = m[part]
+        dtypes = f", {'/'.join(p['dtypes'])}" if p["dtypes"] else ""
+        lines.append(
+            f"  {part:<16} {_mb(p['bytes_per_device']):>12} {_mb(p['bytes']):>12}  "
+            f"{p['params']:,} parameters ({note}{dtypes})"
+        )
+    opt = m["optimizer"]
+    if opt is not None:
+        lines.append(f"  {'optimizer state':<16} {_mb(opt['bytes_per_device']):>12} {_mb(opt['bytes']):>12}")
+    return lines
+
+
+def summarize(model, params=None, mesh=None, rules=None, seq_len: int | None = None, opt_state=None) -> str:
+    """The summary as text: a header, memory, parameters per module, and the parameter table."""
+    d = summary_dict(model, params, mesh, rules, seq_len, opt_state)
     cfg = model.cfg
     kv = f" ({cfg.kv_heads} kv)" if cfg.kv_heads != cfg.num_heads else ""
     enc = f"{cfg.encoder_layers} encoder + " if cfg.family == "encdec" else ""
@@ -189,6 +252,7 @@ def summarize(model, params=None, mesh=None, rules=None, seq_len: int | None = N
         axes = " x ".join(f"{k}={v}" for k, v in sharding.shown_axes(d["mesh"]).items())
         n = jax.process_count()
         lines.append(f"mesh: {axes} over {d['devices']} devices in {n} process{'es' if n > 1 else ''}")
+    lines += _memory_lines(cfg, d["memory"])
     lines.append("parameters per module:")
     width = max(len(m) + len(f" x{n}") for m, n, _ in d["modules"])
     for m, n, count in d["modules"]:
