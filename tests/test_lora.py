@@ -179,3 +179,10 @@ def test_bad_lora_configs_are_one_line_and_change_nothing(tmp_path_factory, extr
         loop.train_and_evaluate(R.tiny_config(R.tiny_overrides(corpus, 1, 1, **extra)), str(workdir))
     assert R.snapshot(base) == before
     assert not os.path.exists(workdir)  # refused before the workdir was claimed
+
+
+def test_a_relative_base_is_saved_as_an_absolute_path(tmp_path, monkeypatch):
+    """Later commands (resume, generate, merge) read the base from wherever they run."""
+    monkeypatch.chdir(tmp_path)
+    c = R.tiny_config({"lora.rank": 4, "lora.base": "base"})
+    assert state_lib.checked_config(c).lora.base == str(tmp_path / "base")

@@ -121,7 +121,7 @@ def identity(cfg) -> dict:
             "version": str(info.version), "full_name": info.full_name, "text_key": cfg.tfds_text_key,
             "max_docs": cfg.max_docs,
         }  # fmt: skip
-    raise BadValue(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
+    raise BadValue(f"config.data.source={cfg.source!r} is not a stream of documents: use 'stdlib', 'text' or 'tfds'")
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -245,7 +245,7 @@ def _plan(cfg, piece_bytes: int) -> list[Piece]:
                 hi = min(n, lo + _TFDS_RECORDS_PER_PIECE)
                 pieces.append(Piece("tfds", split, "", lo, hi, nbytes=(hi - lo) * 1000, args=args))
         return pieces
-    raise BadValue(f"config.data.source={cfg.source!r}: use 'stdlib', 'text', 'tfds' or 'jsonl'")
+    raise BadValue(f"config.data.source={cfg.source!r} is not a stream of documents: use 'stdlib', 'text' or 'tfds'")
 
 
 def _is_jsonl(path: str) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tok_lib
 from llm_jax.runtime import files
-from llm_jax.runtime.errors import NotFound
+from llm_jax.runtime.errors import BadValue, NotFound
 
 
 def special_token(tokenizer: tok_lib.Tokenizer, workdir: str | None, name: str) -> int | None:
@@ -97,6 +97,11 @@ def read_texts(pattern: str) -> list[str]:
 def validation_texts(data_config) -> list[str]:
     """The validation documents of a run's data source (`config.data`), as training held them out
     (llm_jax/data/sources.py: by file hash, or the end of a single file); NotFound if there are none."""
+    if data_config.source not in ("stdlib", "text", "tfds"):  # examples or pairs, not documents
+        raise BadValue(
+            f"--perplexity val: the run's data source {data_config.source!r} holds examples, not documents; "
+            "score a text file instead (--perplexity FILE)"
+        )
     texts: list[str] = []
     for piece in sources.plan(data_config, 1 << 62):  # one piece per document: no document is cut
         if piece.split not in ("val", ""):  # '': JSON lines, split document by document

@@ -99,7 +99,9 @@ def merge_run(workdir: str, out: str, log=print) -> ml_collections.ConfigDict:
         if jax.process_index() == 0:
             shutil.copytree(src_tok, workdir_lib.tokenizer_dir(out))
             if os.path.isdir(os.path.join(base, "hf")):  # so `to_hf` of the merged run writes the base's files
-                shutil.copytree(os.path.join(base, "hf"), os.path.join(out, "hf"))
+                # Not its record of the import: the merged weights are not the imported checkpoint's.
+                ignore = shutil.ignore_patterns(hf_export.IMPORTED_FROM)
+                shutil.copytree(os.path.join(base, "hf"), os.path.join(out, "hf"), ignore=ignore)
         hf.save_initial(out, out_config, cfg, params, run.context)
     finally:
         if lock is not None:
@@ -192,7 +194,15 @@ def export_peft(workdir: str, hf_dir: str, step: int | None = None, overwrite: b
     spec = hf_specs.for_model(cfg, (carried or {}).get("architectures", [None])[0])
     adapters, _ = lora.split(run.params)
     tensors, modules = peft_tensors(spec, run.model.cfg, adapters)
-    settings = adapter_config(config, target_modules(spec, cfg, modules), imported.get("hf_dir"))
+    # The import's directory is the adapters' base only while the base run still holds its weights
+    # (checkpoint 0 of an import); a base trained further has no Hugging Face name.
+    source = imported.get("hf_dir") if run.loop_data.get(lora_base.BASE_STEP) == 0 else None
+    if source is None:
+        log(
+            f"adapter_config.json names no base model: the base {base} is not an imported checkpoint's weights; "
+            f"export it too (to_hf --workdir {base}) and load the adapters on that export"
+        )
+    settings = adapter_config(config, target_modules(spec, cfg, modules), source)
     if config.lora.base_dtype != "float32":
         log(
             f"the adapters were trained on a {config.lora.base_dtype} base; PEFT applies them to the base's float "

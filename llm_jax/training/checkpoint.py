@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from llm_jax.runtime.distributed import agreed, all_processes, differing
 from llm_jax.runtime.errors import BadValue, NotFound, Unavailable
@@ -88,11 +89,19 @@ def manager(workdir: str, keep: int, async_save: bool = True, read_only: bool = 
         max_to_keep=None if read_only else keep,
         create=not read_only,
         read_only=read_only,
+        save_interval_steps=0 if read_only else 1,  # what orbax sets (with a warning) for read_only
         # Leftover `<step>.orbax-checkpoint-tmp` directories are saves that a crash interrupted.
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(), options=options)
+    if not read_only:
+        return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(), options=options)
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only directory is read only
+    try:
+        return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(), options=options)
+    finally:
+        logging.set_verbosity(level)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict) -> None:

@@ -474,6 +474,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.optim.decay_steps = c.train.num_steps
     if c.train.eval_batch_size <= 0:
         c.train.eval_batch_size = c.train.batch_size
+    if c.lora.base:  # read again by every later command, from any directory
+        c.lora.base = os.path.abspath(c.lora.base)
     if c.pref.beta <= 0:
         c.pref.beta = preference.DEFAULT_BETA.get(c.train.objective, 0.0)
     c.lock()
