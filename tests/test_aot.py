@@ -151,6 +151,65 @@ def test_loop_trip_counts():
     assert unknown == 1 and hlo.summarize(ops)["all-gather"]["count"] == 1
 
 
+# One all-gather that the TPU compiler splits into a chain of async collective fusions: the start
+# before a 3-trip loop, two continuations in its body, the done after it; every piece holds the
+# same instruction (channel 7, chain 0) with the full result shape.
+CHAIN_HLO = """HloModule chained
+
+%start (s: bf16[4,8]) -> bf16[16,8] {
+  %s = bf16[4,8]{1,0} parameter(0)
+  ROOT %ag.1 = bf16[16,8]{1,0} all-gather(%s), channel_id=7, dimensions={0}, frontend_attributes={chain_id="0"}
+}
+
+%async_collective_fusion.1 (s.1: bf16[4,8]) -> bf16[16,8] {
+  %s.1 = bf16[4,8]{1,0} parameter(0)
+  ROOT %ag.2 = bf16[16,8]{1,0} all-gather(%s.1), channel_id=7, dimensions={0}, frontend_attributes={chain_id="0"}
+}
+
+%async_collective_fusion.2 (s.2: bf16[4,8]) -> bf16[16,8] {
+  %s.2 = bf16[4,8]{1,0} parameter(0)
+  ROOT %ag.3 = bf16[16,8]{1,0} all-gather(%s.2), channel_id=7, dimensions={0}, frontend_attributes={chain_id="0"}
+}
+
+%done (s.3: bf16[4,8]) -> bf16[16,8] {
+  %s.3 = bf16[4,8]{1,0} parameter(0)
+  ROOT %ag.4 = bf16[16,8]{1,0} all-gather(%s.3), channel_id=7, dimensions={0}, frontend_attributes={chain_id="0"}
+}
+
+%cond (p: (s32[], bf16[4,8])) -> pred[] {
+  %p = (s32[], bf16[4,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p.1: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p.1 = (s32[], bf16[4,8]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %step = s32[]{:T(128)} constant(1)
+  %next = s32[] add(%i.1, %step)
+  %c.1 = bf16[16,8]{1,0} fusion(%x), kind=kCustom, calls=%async_collective_fusion.1
+  %c.2 = bf16[16,8]{1,0} fusion(%x), kind=kCustom, calls=%async_collective_fusion.2
+  %ag.5 = bf16[16,8]{1,0} all-gather(%x), channel_id=8, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t = (s32[], bf16[4,8]) tuple(%next, %x)
+}
+
+ENTRY %main (a: bf16[4,8]) -> bf16[16,8] {
+  %async-collective-start = bf16[16,8]{1,0} fusion(%a), kind=kCustom, calls=%start
+  %w = (s32[], bf16[4,8]) while(%init), condition=%cond, body=%body
+  ROOT %async-collective-done = bf16[16,8]{1,0} fusion(%a), kind=kCustom, calls=%done
+}
+"""
+
+
+def test_a_chain_of_async_collective_fusions_is_one_collective():
+    ops, _ = hlo.collective_ops(CHAIN_HLO)
+    s = hlo.summarize(ops)
+    # The chain once, at its start (not 1 + 2 x 3 + 1 times), beside a plain all-gather in the loop (3 times).
+    assert s["all-gather"] == {"ops": 2, "count": 1 + 3, "bytes": (1 + 3) * 16 * 8 * 2}
+    assert [(op.computation, op.per_step) for op in ops] == [("start", 1), ("body", 3)]
+
+
 def test_oom_messages_are_parsed():
     early = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (20.19G) "
@@ -295,6 +354,28 @@ def test_lora_reports_trainable_frozen_and_optimizer_bytes_per_chip():
     assert r["argument_bytes"] >= r["params_bytes"] + r["frozen_bytes"] + r["opt_state_bytes"] and r["fits"]
     text = aot.format_report(r)
     assert "LoRA adapter parameters, rank 8" in text and "stored as int4" in text
+
+
+@needs_libtpu
+def test_a_step_gathers_each_weight_at_most_twice():
+    # llama3-tiny as the 1b preset runs (layers scanned, remat 'dots', bfloat16 compute), FSDP over
+    # v5e-8, fully fine-tuned and as LoRA over a float32 and a bfloat16 base. Each weight is gathered
+    # once for the forward and at most once more for the backward, in bfloat16 whatever the base is
+    # stored as (cast before the gather): no step moves more than twice the model's bfloat16 bytes,
+    # plus the token ids. The TPU compiler overlaps some gathers with the layer loop as chains of
+    # async collective fusions (see llm_jax/tools/hlo.py), which counted piece by piece read 2.5 times that.
+    shape = {"model.scan_layers": True, "model.remat": "dots", "model.dtype": "bfloat16", "mesh.fsdp": 8}
+    shape |= {"model.attention": "dot_product"}
+    lora = {"lora.rank": 16, "lora.base": "unread"}
+    runs = {"full": {}, "f32": {**lora, "lora.base_dtype": "float32"}, "bf16": {**lora, "lora.base_dtype": "bfloat16"}}
+    gathered, bound = {}, {}
+    for name, extra in runs.items():
+        r = aot.report(_config("llama3", "tiny", {**shape, **extra}), "v5e-8")
+        gathered[name] = r["collectives"]["all-gather"]["bytes"]
+        bound[name] = 2 * 2 * r["num_params"] + 2 * r["batch_size"] * r["seq_len"] * 4
+        assert 0 < gathered[name] <= bound[name], name
+    adapters = 2 * 2 * r["trainable_params"]  # the adapters, gathered like their kernels
+    assert gathered["f32"] == gathered["bf16"] <= gathered["full"] + adapters
 
 
 @needs_libtpu
