@@ -11,7 +11,8 @@ Each row is what `python -m llm_jax.aot --config configs/FAMILY.py:SIZE --topolo
 (`--set KEY=VALUE` changes them for every row). `--variants` compiles each preset as full
 fine-tuning and as LoRA runs (rank 16 on the attention projections: `lora` a bfloat16 base,
 `qlora-int8` / `qlora-int4` integer kernels; the base is never read: planning needs only its shapes)
-and prints the LoRA table (trainable, frozen and optimizer bytes per chip) instead.
+and prints the LoRA table (trainable, frozen and optimizer bytes per chip, and the bytes the step's
+all-gathers, reduce-scatters and collective-permutes move) instead.
 Progress goes to stderr; stdout is the markdown table, then one JSON line with every report.
 """
 
@@ -76,8 +77,9 @@ def lora_table(reports: list[dict]) -> str:
 
     lines = [
         "| preset | fine-tuning | slice | mesh data/fsdp/tensor | batch x seq | trainable / chip | frozen / chip "
-        "| optimizer / chip | total / chip | HBM / chip | fits | compile: wall (CPU) |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| optimizer / chip | total / chip | HBM / chip | fits | compile: wall (CPU) "
+        "| all-gather / reduce-scatter / permute, per chip and step |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in reports:
         how = "full" if not r["lora_rank"] else f"LoRA r{r['lora_rank']}, {r['base_dtype']} base"
@@ -85,9 +87,20 @@ def lora_table(reports: list[dict]) -> str:
             f"| {r['preset']} | {how} | {r['topology']} | {mesh_label(r['mesh'])} | {r['batch_size']} x {r['seq_len']} "
             f"| {gib(r['params_bytes'])} | {gib(r['frozen_bytes'])} | {gib(r['opt_state_bytes'])} "
             f"| {gib(r['per_device_bytes'])} | {gib(r['hbm_bytes'])} | {'yes' if r['fits'] else '**no**'} "
-            f"| {r['compile_s']:.0f} s ({r['compile_cpu_s']:.0f} s) |"
+            f"| {r['compile_s']:.0f} s ({r['compile_cpu_s']:.0f} s) | {moved(r)} |"
         )
     return "\n".join(lines)
+
+
+def moved(report: dict) -> str:
+    """'all-gather / reduce-scatter / permute' bytes per chip and step (what FSDP moves: gathered weights,
+    scattered gradients, and both as the rings of windowed matmuls); '-' where the step did not compile."""
+    from llm_jax.tools.aot import gib
+
+    c = report.get("collectives")
+    if not c:
+        return "-"
+    return " / ".join(gib(c[k]["bytes"]) for k in ("all-gather", "reduce-scatter", "collective-permute"))
 
 
 def main() -> None:
