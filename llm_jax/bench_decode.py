@@ -13,7 +13,6 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from llm_jax.models import family as family_lib
 from llm_jax.models import flops
 from llm_jax.models.model import count_params
 from llm_jax.runtime import sharding
@@ -41,8 +40,7 @@ def main(argv):
         bd.log(f"{name}: first call (compilation + one run) {first:.1f}s")
     times = bd.time_alternating(runners, f.repeats)
     peak, peak_source = flops.peak_flops(jax.devices(), "float32")
-    fed = f.prompt_len + f.new_tokens - 1  # tokens each row goes through the model: prefill, then one a step
-    forward = family_lib.flops_per_token(cfg, fed) / 3  # the forward third of the training count
+    fed, forward = bd.decode_flops(cfg, f.prompt_len, f.new_tokens)
     result = {
         "batch": f.batch, "prompt_len": f.prompt_len, "new_tokens": f.new_tokens, "style": f.style,
         "config": {"layers": cfg.num_layers, "width": cfg.embed_dim, "heads": cfg.num_heads, "mlp": cfg.mlp_dim,

@@ -3,8 +3,9 @@ size, one or two steps each, through their command lines: none of them can rot u
 subset (-m "not slow") keeps the two that only need JAX and take seconds: the decode benchmark and
 the profiler's step breakdown.
 
-The PyTorch peers need the hf extra (torch, transformers); CI installs it on Python 3.11, where
-nothing may be skipped. On Python 3.12 CI has no torch and those tests skip, naming the extra.
+The PyTorch peers need the hf extra (torch, transformers), the qwix comparison the quant extra; CI
+installs both on Python 3.11, where nothing may be skipped. On Python 3.12 CI has neither and those
+tests skip, naming the extra.
 """
 
 import json
@@ -17,6 +18,7 @@ import pytest
 import runlib as R
 
 NEEDS_HF = "needs the hf extra (torch, transformers): pip install torch==2.13.0 transformers safetensors"
+NEEDS_QWIX = "needs the quant extra (qwix): pip install -e '.[quant]'"
 # A 1-layer GPT-2 of bench_cpu's kind (with its chunked loss): every script below runs it in seconds.
 TINY = {**R.BENCH_TINY, "model.loss_chunk": 16}
 TINY_DECODE = ["--layers=1", "--width=32", "--heads=2", "--vocab=256", "--max_len=32", "--batch=2"]
@@ -195,3 +197,25 @@ def test_lora_bench_script_the_lora_step_skips_the_frozen_weight_gradients():
     # well under the full step's 6N.
     assert ratio["xla_flops"] == pytest.approx(ratio["counted_flops"], rel=0.1) and ratio["xla_flops"] < 0.8
     assert 0 < lora["mfu_counted"] < lora["mfu_6n"] and full["mfu_counted"] == full["mfu_6n"]
+
+
+@pytest.mark.slow
+def test_qwix_compare_quantizes_the_same_kernels_both_ways():
+    """Ours and qwix's weight-only int8 / int4 of the same 1-layer Llama: the same seven kernels,
+    the same bytes, weight errors within 10% of each other (one scheme: per output channel, round
+    to nearest; qwix's levels span +-(qmax + 0.5) steps, ours +-qmax), int8 decoding as float's."""
+    pytest.importorskip("qwix", reason=NEEDS_QWIX)
+    args = [*TINY_DECODE, "--style=llama", "--qwix_tile=16", "--batches=1,2"]
+    out = last_json(run([sys.executable, "experiments/qwix_compare.py", *args]))
+    assert out["quantized_kernels"] == 7  # query, key, value, out, wi_0, wi_1, wo
+    for kind in ("int8", "int4"):
+        ours, qwix = out[f"ours_{kind}"], out[f"qwix_{kind}"]
+        assert ours["weight_bytes"] == qwix["weight_bytes"] < out["float"]["weight_bytes"], kind
+        assert 0 < ours["weight_rel_rms"] == pytest.approx(qwix["weight_rel_rms"], rel=0.1), kind
+    assert out["qwix_int4_g16"]["weight_bytes"] > out["qwix_int4"]["weight_bytes"]  # a scale per 16 inputs
+    for side in ("ours_int8", "qwix_int8"):
+        assert out[side]["greedy_match"] == out[side]["argmax_agreement"] == 1.0 and out[side]["max_dlogit_rel"] < 0.05
+    for batch in (1, 2):
+        timed = out[f"batch_{batch}"]
+        assert timed["peak_flops"] == 1e11 and timed["float"]["vs_float"] == 1.0
+        assert all(timed[side]["tokens_per_sec"] > 0 and timed[side]["mfu"] > 0 for side in out["sides"])

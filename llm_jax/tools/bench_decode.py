@@ -111,14 +111,16 @@ def runner(model, params, prompts: np.ndarray, new_tokens: int):
     return run, time.perf_counter() - t0
 
 
-def time_alternating(runners: dict, repeats: int) -> dict[str, list[float]]:
+def time_alternating(runners: dict, repeats: int, rotate: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each runner, the runners called in turn `repeats` times after a warm-up
-    call each (so all see the same machine load)."""
+    call each (so all see the same machine load); with `rotate`, round r starts at the r-th runner,
+    so no side always runs first."""
     for run in runners.values():
         run()
     times = {name: [] for name in runners}
     for r in range(repeats):
-        for name, run in runners.items():
+        order, first = list(runners.items()), r % len(runners) if rotate else 0
+        for name, run in order[first:] + order[:first]:
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
@@ -130,6 +132,13 @@ def weights(name: str, params) -> dict:
     """{name}_weight_bytes (int4 packed) and {name}_weight_bytes_here (as this backend stores them)."""
     here = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     return {f"{name}_weight_bytes": quant.weight_bytes(params), f"{name}_weight_bytes_here": here}
+
+
+def decode_flops(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> tuple[int, float]:
+    """(tokens each row goes through the model: the prompt, then one a step; forward model FLOPs per
+    such token, the forward third of the training count): the MFU of a generate call."""
+    fed = prompt_len + new_tokens - 1
+    return fed, family_lib.flops_per_token(cfg, fed) / 3
 
 
 def summary(name: str, times: list[float], new_tokens: int) -> dict:
